@@ -1,0 +1,5 @@
+import sys
+
+from sidserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""Configuration of the ADC-SID tokenizer: one dataclass, a reason per field.
+
+Unknown keys are an error naming the key (``TokenizerConfig.from_dict``), so a typo in
+a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+BEHAVIOR = "behavior"
+
+
+def config_from_dict(cls, data: dict[str, Any]):
+    """Build dataclass ``cls`` from a dict; unknown keys are an error naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+    data = dict(data)
+    if "modality_dims" in data:
+        if not isinstance(data["modality_dims"], dict):
+            raise ValueError(f"modality_dims must be a mapping, got {data['modality_dims']!r}")
+        data["modality_dims"] = {str(k): v for k, v in data["modality_dims"].items()}
+    return cls(**data).validate()
+
+
+@dataclass
+class TokenizerConfig:
+    # ---- inputs --------------------------------------------------------------------
+    # content modality -> embedding dim; any non-empty set, order fixes the SID layout
+    modality_dims: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 32})
+    # dim of the behavioral (collaborative) embedding; None = model without behavior
+    behavior_dim: int | None = 32
+
+    # ---- SID structure (paper §4.1.3 public setting: K=100, N_s=N_t=N_v=1, N_b=3) -----
+    codebook_size: int = 100  # K codewords per expert codebook
+    num_shared_experts: int = 1  # N_s: experts on [h_t, h_v, h_b]
+    num_content_experts: int = 1  # N_t = N_v: experts per content modality
+    num_behavior_experts: int = 3  # N_b: behavioral experts, one weight R(e_b)_i each
+
+    # ---- network sizes -------------------------------------------------------------
+    hidden_dim: int = 128  # width of h_m = D_m(e_m), the space where alignment happens
+    latent_dim: int = 32  # expert output / codeword dim (cosine codebooks)
+    expert_hidden_dim: int = 128  # hidden width of every expert / gate / decoder MLP
+
+    # ---- alignment (eq. 15-21) -------------------------------------------------------
+    alpha: float = 10.0  # controller steepness (paper's best: alpha=10, beta=9)
+    beta: float = 9.0  # controller threshold
+    tau: float = 0.07  # InfoNCE temperature
+    align_weight: float = 1.0  # weight of L_align_total in the total loss (paper: 1)
+
+    # ---- quantization ------------------------------------------------------------
+    commitment_weight: float = 0.25  # beta_c of ||z - sg(c)||^2, VQ-VAE's usual value
+    kmeans_init_samples: int = 20000  # items sampled to k-means-initialise codebooks
+    kmeans_iters: int = 25  # faiss k-means iterations for the init
+    restart_every: int = 50  # steps between dead-code checks
+    dead_code_threshold: float = 0.1  # a code is dead below this share of its fair usage (balances usage)
+
+    # ---- dynamic behavioral weighting + sparsity (eq. 22-23) -----------------------
+    gate_bias_init: float = 0.5  # initial b of relu(MLP(e_b)+b): gates start open
+    sparsity_theta: float = 0.5  # s_target = theta * (1 - N_norm) (MMQ-v2)
+    sparsity_lambda_init: float = 1e-3  # starting lambda of the L1 term
+    # multiplicative lambda update per step (ReMoE); ReMoE's 1.2 drives every gate to 0
+    # within a few epochs here (a dead relu gate gets no gradient back); 1.01 converges
+    sparsity_lambda_rate: float = 1.01
+    behavior_dropout: float = 0.15  # share of warm items trained as cold (content-only path)
+
+    # ---- ablations (paper Table 3) -------------------------------------------------
+    use_alignment_controller: bool = True  # False: w = 1 for every item
+    use_alignment_loss: bool = True  # False: no L_align_total
+    use_behavior_gate: bool = True  # False: R(e_b) = 1 (equal-weight behavioral SIDs)
+    use_sparsity: bool = True  # False: no L_reg
+
+    # ---- optimisation ------------------------------------------------------------
+    epochs: int = 20  # passes over the catalog
+    batch_size: int = 1024  # items per step (also the InfoNCE negatives pool)
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    seed: int = 0  # seeds init, shuffling, dropout and restarts
+
+    # ----------------------------------------------------------------------------
+    @property
+    def content_modalities(self) -> list[str]:
+        return list(self.modality_dims)
+
+    @property
+    def has_behavior(self) -> bool:
+        return self.behavior_dim is not None
+
+    @property
+    def sid_layout(self) -> list[dict[str, Any]]:
+        """One entry per SID position: which expert (group, index) produced it."""
+        layout = [{"group": "shared", "index": i} for i in range(self.num_shared_experts)]
+        for m in self.content_modalities:
+            layout += [{"group": m, "index": i} for i in range(self.num_content_experts)]
+        if self.has_behavior:
+            layout += [{"group": BEHAVIOR, "index": i} for i in range(self.num_behavior_experts)]
+        for pos, entry in enumerate(layout):
+            entry["position"] = pos
+        return layout
+
+    @property
+    def sid_length(self) -> int:
+        return len(self.sid_layout)
+
+    @property
+    def missing_code(self) -> int:
+        """Code written at behavioral positions of content-only items (weight 0)."""
+        return self.codebook_size
+
+    def validate(self) -> "TokenizerConfig":
+        if not self.modality_dims:
+            raise ValueError("modality_dims must name at least one content modality")
+        for name, dim in self.modality_dims.items():
+            if name == BEHAVIOR:
+                raise ValueError("'behavior' is reserved: set behavior_dim instead of modality_dims")
+            if not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"modality_dims[{name!r}] must be a positive int, got {dim!r}")
+        if self.behavior_dim is not None and (
+            not isinstance(self.behavior_dim, int) or self.behavior_dim <= 0
+        ):
+            raise ValueError(f"behavior_dim must be a positive int or None, got {self.behavior_dim!r}")
+        positive_ints = [
+            "codebook_size", "num_shared_experts", "num_content_experts", "hidden_dim",
+            "latent_dim", "expert_hidden_dim", "epochs", "batch_size", "kmeans_init_samples",
+            "kmeans_iters", "restart_every",
+        ]
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.has_behavior and self.num_behavior_experts <= 0:
+            raise ValueError(
+                f"num_behavior_experts must be positive with a behavior modality, "
+                f"got {self.num_behavior_experts!r}"
+            )
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        for name in ["tau", "lr", "sparsity_lambda_init"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.sparsity_lambda_rate > 1:
+            raise ValueError(f"sparsity_lambda_rate must be > 1, got {self.sparsity_lambda_rate}")
+        for name in ["behavior_dropout", "sparsity_theta", "dead_code_threshold"]:
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.beta):
+            raise ValueError(f"alpha and beta must be finite, got {self.alpha}, {self.beta}")
+        return self
+
+    # ---- (de)serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
+        return config_from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> "TokenizerConfig":
+        return self.from_dict({**self.to_dict(), **changes})

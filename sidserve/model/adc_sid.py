@@ -1,0 +1,248 @@
+"""ADC-SID behavior-content mixture-of-quantization network (paper §3.2-3.4).
+
+One forward pass, for a batch of B items:
+
+    h_m = D_m(e_m)                    content projections            (eq. 2)
+    h_b = D_b(e_b), or a learned "missing behavior" vector for cold items
+    z_s,i = E_s,i([h_t, h_v, h_b])    shared experts                 (eq. 3-4)
+    z_m,i = E_m,i(e_m), z_b,i = E_b,i(e_b)   specific experts        (eq. 6, typo fixed)
+    codes = argmax cosine per expert codebook                        (eq. 5, 7-9)
+    z  = sum z_s + sum g_m z_m + sum R(e_b) z_b,  z_q likewise       (eq. 10-13, 22)
+    L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14)
+    L_align = content pairs + w * behavior pairs                     (eq. 15-21)
+    L_reg   = lambda * load-balanced L1 of R(e_b)                    (eq. 23)
+
+Latents are unit-normalised before fusion, so z and z_q live on the same scale and the
+straight-through residual z_q - z is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sidserve.config import TokenizerConfig
+from sidserve.model.alignment import behavior_alignment_loss, content_alignment_loss
+from sidserve.model.codebook import CosineCodebook
+from sidserve.model.controller import alignment_strength, normalized_norm
+from sidserve.model.experts import MLP
+from sidserve.model.gates import BehaviorWeightingGate, ContentGate
+from sidserve.model.sparsity import SparsityRegularizer
+
+
+@dataclass
+class ModelInput:
+    """A batch as tensors. content: modality -> (B, d_m) float32; behavior: (B, d_b)
+    float32 with zero rows where missing (or None without a behavior modality);
+    has_behavior: (B,) bool."""
+
+    content: dict[str, torch.Tensor]
+    behavior: torch.Tensor | None
+    has_behavior: torch.Tensor
+
+    def to(self, device) -> "ModelInput":
+        return ModelInput(
+            {k: v.to(device) for k, v in self.content.items()},
+            None if self.behavior is None else self.behavior.to(device),
+            self.has_behavior.to(device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.has_behavior.shape[0]
+
+
+@dataclass
+class ModelOutput:
+    codes: torch.Tensor  # (B, L) int64, layout of config.sid_layout
+    behavior_weights: torch.Tensor  # (B, N_b) float32, 0 for items without behavior
+    # scalars incl. "total"; "align" and "reg" are 0 in eval mode (not computed)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    latents: list[torch.Tensor] = field(default_factory=list)  # per codebook (n_i, d), for restarts
+    gates_raw: torch.Tensor | None = None  # (B_b, N_b) R(e_b) of items with behavior (pre-dropout)
+    n_norm: torch.Tensor | None = None  # (B_b,) N_norm of items with behavior
+    recon: torch.Tensor | None = None  # (B,) per-item mean squared reconstruction error
+
+
+class ADCSIDModel(nn.Module):
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        c = config.validate()
+        self.config = c
+        H, D, X, K = c.hidden_dim, c.latent_dim, c.expert_hidden_dim, c.codebook_size
+        mods = c.content_modalities
+
+        def codebook():
+            return CosineCodebook(dim=D, codebook_size=K, commitment_weight=c.commitment_weight)
+
+        # projections D_m (eq. 2)
+        self.proj = nn.ModuleDict({m: MLP(c.modality_dims[m], H, H) for m in mods})
+        shared_in = H * len(mods)
+        if c.has_behavior:
+            self.proj_b = MLP(c.behavior_dim, H, H)
+            self.missing_h_b = nn.Parameter(torch.zeros(H))  # stands in for h_b of cold items
+            shared_in += H
+        # experts and their codebooks (eq. 4-9)
+        self.shared_experts = nn.ModuleList([MLP(shared_in, X, D) for _ in range(c.num_shared_experts)])
+        self.shared_codebooks = nn.ModuleList([codebook() for _ in range(c.num_shared_experts)])
+        self.content_experts = nn.ModuleDict(
+            {m: nn.ModuleList([MLP(c.modality_dims[m], X, D) for _ in range(c.num_content_experts)]) for m in mods}
+        )
+        self.content_codebooks = nn.ModuleDict(
+            {m: nn.ModuleList([codebook() for _ in range(c.num_content_experts)]) for m in mods}
+        )
+        self.content_gates = nn.ModuleDict(
+            {m: ContentGate(dim=c.modality_dims[m], num_experts=c.num_content_experts, hidden_dim=X) for m in mods}
+        )
+        if c.has_behavior:
+            Nb = c.num_behavior_experts
+            self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
+            self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
+            self.behavior_gate = BehaviorWeightingGate(
+                dim=c.behavior_dim, num_experts=Nb, hidden_dim=X, bias_init=c.gate_bias_init
+            )
+            self.sparsity = SparsityRegularizer(
+                theta=c.sparsity_theta, lambda_init=c.sparsity_lambda_init, rate=c.sparsity_lambda_rate
+            )
+        out_dim = sum(c.modality_dims.values()) + (c.behavior_dim or 0)
+        self.decoder = MLP(D, X, out_dim)
+        # catalog statistics (eq. 15), set before training from the whole catalog
+        self.register_buffer("n_min", torch.tensor(0.0))
+        self.register_buffer("n_max", torch.tensor(1.0))
+
+    # ------------------------------------------------------------------------------
+    @property
+    def codebooks(self) -> list[CosineCodebook]:
+        """All codebooks in SID layout order."""
+        books = list(self.shared_codebooks)
+        for m in self.config.content_modalities:
+            books += list(self.content_codebooks[m])
+        if self.config.has_behavior:
+            books += list(self.behavior_codebooks)
+        return books
+
+    def set_catalog_stats(self, n_min: float, n_max: float) -> None:
+        if not n_max > n_min:
+            raise ValueError(f"catalog stats need n_max > n_min, got n_min={n_min}, n_max={n_max}")
+        self.n_min.fill_(float(n_min))
+        self.n_max.fill_(float(n_max))
+
+    # ------------------------------------------------------------------------------
+    def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> ModelOutput:
+        c = self.config
+        B = x.batch_size
+        dev = x.has_behavior.device
+        h = {m: self.proj[m](x.content[m]) for m in c.content_modalities}  # (B, H) each
+
+        latents: list[torch.Tensor] = []
+        z_parts: list[torch.Tensor] = []
+        zq_parts: list[torch.Tensor] = []
+        codes: list[torch.Tensor] = []
+        vq = torch.zeros((), device=dev)
+
+        def quantize(book: CosineCodebook, z: torch.Tensor, weight: torch.Tensor | None):
+            nonlocal vq
+            z_hat, z_q, idx, loss = book(z)
+            vq = vq + loss
+            latents.append(z)
+            w = 1.0 if weight is None else weight.unsqueeze(-1)
+            z_parts.append(w * z_hat)
+            zq_parts.append(w * z_q)
+            codes.append(idx)
+
+        # behavior: which rows have e_b, which are fed to the shared experts (dropout)
+        has_b = x.has_behavior
+        r_full = None
+        gates_raw = n_norm = None
+        if c.has_behavior:
+            warm = has_b
+            if behavior_dropout > 0:
+                drop = torch.rand(B, generator=generator).to(dev) < behavior_dropout
+                warm = has_b & ~drop
+            h_b = self.proj_b(x.behavior)  # (B, H)
+            h_b_used = torch.where(warm.unsqueeze(-1), h_b, self.missing_h_b.expand(B, -1))
+            shared_in = torch.cat([h[m] for m in c.content_modalities] + [h_b_used], dim=-1)
+        else:
+            shared_in = torch.cat([h[m] for m in c.content_modalities], dim=-1)
+
+        for expert, book in zip(self.shared_experts, self.shared_codebooks):
+            quantize(book, expert(shared_in), None)
+        for m in c.content_modalities:
+            g = self.content_gates[m](x.content[m])  # (B, N_m)
+            for i, (expert, book) in enumerate(zip(self.content_experts[m], self.content_codebooks[m])):
+                quantize(book, expert(x.content[m]), g[:, i])
+
+        if c.has_behavior:
+            rows = torch.nonzero(has_b).flatten()
+            e_b = x.behavior[rows]  # (B_b, d_b)
+            n_norm = normalized_norm(e_b, float(self.n_min), float(self.n_max))  # (B_b,)
+            if c.use_behavior_gate:
+                gates_raw = self.behavior_gate(e_b, n_norm)  # (B_b, N_b)
+            else:
+                gates_raw = torch.ones(rows.numel(), c.num_behavior_experts, device=dev)
+            r_full = torch.zeros(B, c.num_behavior_experts, device=dev)
+            r_full = r_full.index_put((rows,), gates_raw)
+            r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
+            for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
+                z_hat, z_q, idx, loss = book(expert(e_b))
+                vq = vq + loss
+                latents.append(z_hat)
+                z_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_hat, rows, B))
+                zq_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_q, rows, B))
+                full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
+                codes.append(full_idx.index_put((rows,), idx))
+
+        z = torch.stack(z_parts).sum(0)  # (B, D)
+        z_q = torch.stack(zq_parts).sum(0)  # (B, D)
+        decoded = self.decoder(z + (z_q - z).detach())  # (B, sum d), eq. 14 straight-through
+
+        # reconstruction over the modalities each item has (behavior masked when missing)
+        targets = [x.content[m] for m in c.content_modalities]
+        masks = [torch.ones_like(t) for t in targets]
+        if c.has_behavior:
+            targets.append(x.behavior)
+            masks.append(has_b.unsqueeze(-1).float().expand_as(x.behavior))
+        target = torch.cat(targets, dim=-1)
+        mask = torch.cat(masks, dim=-1)
+        recon = (((decoded - target) ** 2) * mask).sum(-1) / mask.sum(-1)  # (B,)
+
+        losses = {"recon": recon.mean(), "vq": vq}
+        zero = torch.zeros((), device=dev)
+        if not self.training:  # inference: the O(B^2) contrastive terms are not needed
+            pass
+        elif c.use_alignment_loss:
+            align = content_alignment_loss(h, c.tau)
+            if c.has_behavior:
+                w = alignment_strength(n_norm, c.alpha, c.beta) if c.use_alignment_controller \
+                    else torch.ones_like(n_norm)
+                align = align + behavior_alignment_loss(
+                    {m: h[m][rows] for m in h}, h_b[rows], w.detach(), c.tau)
+            losses["align"] = align
+        else:
+            losses["align"] = zero
+        if self.training and c.has_behavior and c.use_sparsity and c.use_behavior_gate:
+            losses["reg"] = self.sparsity(gates_raw, n_norm)
+        else:
+            losses["reg"] = zero
+        losses.setdefault("align", zero)
+        losses["total"] = losses["recon"] + losses["vq"] + c.align_weight * losses["align"] + losses["reg"]
+
+        weights = r_full if r_full is not None else torch.zeros(B, 0, device=dev)
+        return ModelOutput(
+            codes=torch.stack(codes, dim=-1),
+            behavior_weights=weights,
+            losses=losses,
+            latents=latents,
+            gates_raw=gates_raw,
+            n_norm=n_norm,
+            recon=recon.detach(),
+        )
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """values (n_rows, d) placed at ``rows`` of a zero (n, d) tensor."""
+    out = values.new_zeros(n, values.shape[-1])
+    return out.index_put((rows,), values)

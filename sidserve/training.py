@@ -1,0 +1,147 @@
+"""One training step of the ADC-SID network, shared by the in-process ``fit`` and the
+Ray Train job, plus the pieces around it (catalog statistics, batch tensors, codebook
+initialisation, dead-code restarts).
+
+Data-parallel callers pass a ``Sync`` whose collectives make lambda updates and
+dead-code restarts identical on every worker; the default ``Sync`` is single-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sidserve.config import TokenizerConfig
+from sidserve.items import ItemArrays
+from sidserve.model.adc_sid import ADCSIDModel, ModelInput
+
+
+class Sync:
+    """Collectives used by ``train_step``; identity in one process."""
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(n_local, d) -> (n_total, d), same order on every worker."""
+        return tensor
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    seed: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    @classmethod
+    def create(cls, seed: int) -> "TrainState":
+        return cls(step=0, seed=seed, generator=torch.Generator().manual_seed(seed))
+
+
+def compute_catalog_stats(arrays: ItemArrays, config: TokenizerConfig) -> dict:
+    """N_min / N_max of behavior norms (eq. 15) and counts, over all given items."""
+    n = len(arrays)
+    stats = {"num_items": n, "num_with_behavior": int(arrays.has_behavior.sum())}
+    stats["null_behavior_share"] = 1.0 - stats["num_with_behavior"] / n if n else 0.0
+    if config.has_behavior:
+        if stats["num_with_behavior"] == 0:
+            raise ValueError(
+                "no item has a behavior embedding (behavior_emb is null everywhere): N_min/N_max "
+                "cannot be computed; set behavior_dim to null for a content-only tokenizer"
+            )
+        norms = np.linalg.norm(arrays.behavior[arrays.has_behavior].astype(np.float64), axis=1)
+        stats.update(n_min=float(norms.min()), n_max=float(norms.max()))
+        check_norm_range(stats["n_min"], stats["n_max"])
+    return stats
+
+
+def check_norm_range(n_min: float, n_max: float) -> None:
+    if not n_max > n_min * (1 + 1e-6) + 1e-12:
+        raise ValueError(
+            f"all behavior embeddings have the same L2 norm ({n_min:.6g}): they look normalised. "
+            "ADC-SID reads information richness from un-normalised behavioral embeddings "
+            "(e.g. SASRec item embeddings without L2 normalisation)"
+        )
+
+
+def to_model_input(arrays: ItemArrays, idx: np.ndarray | slice | None = None) -> ModelInput:
+    """Rows ``idx`` of dense arrays -> ModelInput on the CPU."""
+    sub = arrays if idx is None else arrays.take(idx)
+    return ModelInput(
+        content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in sub.content.items()},
+        behavior=None if sub.behavior is None else torch.from_numpy(np.ascontiguousarray(sub.behavior)),
+        has_behavior=torch.from_numpy(np.ascontiguousarray(sub.has_behavior)),
+    )
+
+
+@torch.no_grad()
+def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = None) -> None:
+    """k-means-initialise every codebook on the latents of ``sample`` (identical on all
+    workers when every worker passes the same sample)."""
+    c = model.config
+    was_training = model.training
+    model.eval()
+    out = model(sample)
+    for i, (book, z) in enumerate(zip(model.codebooks, out.latents)):
+        if z.shape[0] < c.codebook_size:
+            raise ValueError(
+                f"codebook {i} ({model.config.sid_layout[i]['group']}) needs at least "
+                f"codebook_size={c.codebook_size} items to initialise, got {z.shape[0]}"
+            )
+        book.init_from_kmeans(z, niter=c.kmeans_iters, seed=c.seed + i)
+    model.train(was_training)
+
+
+def train_step(
+    model: ADCSIDModel,
+    optimizer: torch.optim.Optimizer,
+    batch: ModelInput,
+    state: TrainState,
+    *,
+    forward=None,
+    sync: Sync | None = None,
+) -> dict[str, float]:
+    """One optimisation step -> scalar metrics. ``forward`` is the (possibly DDP-wrapped)
+    callable; ``model`` the bare module for lambda and codebook updates."""
+    c = model.config
+    sync = sync or Sync()
+    forward = forward or model
+    model.train()
+    out = forward(batch, behavior_dropout=c.behavior_dropout, generator=state.generator)
+    optimizer.zero_grad(set_to_none=True)
+    out.losses["total"].backward()
+    optimizer.step()
+    metrics = {k: float(v.detach()) for k, v in out.losses.items()}
+    if c.has_behavior and c.use_behavior_gate and out.gates_raw is not None:
+        target, actual = model.sparsity.sparsity_gap(out.gates_raw.detach(), out.n_norm)
+        target, actual = sync.mean([target, actual])
+        if c.use_sparsity:
+            model.sparsity.update_lambda(target, actual)
+        metrics.update(gate_sparsity=actual, sparsity_target=target, sparsity_lambda=float(model.sparsity.lam))
+    state.step += 1
+    if state.step % c.restart_every == 0:
+        metrics["restarted_codes"] = float(restart_dead_codes(model, out.latents, state, sync))
+    return metrics
+
+
+@torch.no_grad()
+def restart_dead_codes(model: ADCSIDModel, latents: list[torch.Tensor], state: TrainState, sync: Sync) -> int:
+    """Re-seed codewords used < dead_code_threshold x fair share since the last check with
+    latents of the current batch (gathered from all workers, drawn with a generator
+    seeded by (seed, step), so every worker makes the same restarts)."""
+    c = model.config
+    restarted = 0
+    gen = torch.Generator().manual_seed(c.seed * 1_000_003 + state.step)
+    for book, z in zip(model.codebooks, latents):
+        book.usage.copy_(sync.sum_(book.usage.clone()))
+        z_all = sync.gather(z.detach())
+        if z_all.shape[0] == 0:
+            book.usage.zero_()
+            continue
+        restarted += book.restart_dead_codes(z_all, threshold=c.dead_code_threshold, generator=gen)
+    return restarted

@@ -1,0 +1,146 @@
+"""The network: straight-through path, codebooks, fusion, content-only path."""
+
+import torch
+import torch.nn.functional as F
+
+from sidserve.config import TokenizerConfig
+from sidserve.model import ADCSIDModel, CosineCodebook, ModelInput
+
+
+def make_input(B=8, behavior=True, has=None):
+    torch.manual_seed(0)
+    has_b = torch.ones(B, dtype=torch.bool) if has is None else has
+    return ModelInput(
+        {"text": torch.randn(B, 6), "image": torch.randn(B, 5)},
+        torch.randn(B, 4) * 3 if behavior else None,
+        has_b if behavior else torch.zeros(B, dtype=torch.bool),
+    )
+
+
+def tiny_config(**kw):
+    base = dict(modality_dims={"text": 6, "image": 5}, behavior_dim=4, codebook_size=4,
+                hidden_dim=8, latent_dim=4, expert_hidden_dim=8, num_content_experts=2)
+    return TokenizerConfig(**{**base, **kw})
+
+
+def test_codebook_assigns_highest_cosine():
+    book = CosineCodebook(dim=2, codebook_size=3)
+    book.embed.data = torch.tensor([[1.0, 0.0], [0.0, 5.0], [-1.0, -1.0]])
+    z = torch.tensor([[2.0, 0.1], [0.1, 0.2], [-3.0, -2.0]])
+    assert book.assign(z).tolist() == [0, 1, 2]
+
+
+def test_straight_through_gradient_path():
+    model = ADCSIDModel(tiny_config()).train()
+    model.set_catalog_stats(0.5, 10.0)
+    out = model(make_input())
+    out.losses["recon"].backward()
+    # recon reaches the encoders and gates through the straight-through estimator ...
+    assert model.content_experts["text"][0][0].weight.grad.abs().sum() > 0
+    assert model.shared_experts[0][0].weight.grad.abs().sum() > 0
+    assert model.behavior_gate.mlp[0].weight.grad.abs().sum() > 0
+    # ... but not the codewords: those are trained by the codebook loss only
+    for book in model.codebooks:
+        assert book.embed.grad is None or book.embed.grad.abs().sum() == 0
+    model.zero_grad()
+    out = model(make_input())
+    out.losses["vq"].backward()
+    assert all(book.embed.grad.abs().sum() > 0 for book in model.codebooks)
+
+
+def test_decoder_sees_quantized_value():
+    """Eq. 14: the decoder's input equals z_q in value (z + sg(z_q - z))."""
+    model = ADCSIDModel(tiny_config()).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["x"] = inputs[0]
+
+    model.decoder.register_forward_hook(hook)
+    x = make_input()
+    out = model(x)
+    c = model.config
+    # rebuild z_q from codes, gates and codewords (eq. 11)
+    books = model.codebooks
+    z_q = sum(books[i].codewords()[out.codes[:, i]] for i in range(c.num_shared_experts))
+    pos = c.num_shared_experts
+    for m in c.content_modalities:
+        g = model.content_gates[m](x.content[m])
+        for i in range(c.num_content_experts):
+            z_q = z_q + g[:, i:i + 1] * books[pos].codewords()[out.codes[:, pos]]
+            pos += 1
+    for i in range(c.num_behavior_experts):
+        z_q = z_q + out.behavior_weights[:, i:i + 1] * books[pos].codewords()[out.codes[:, pos]]
+        pos += 1
+    assert torch.allclose(seen["x"], z_q, atol=1e-5)
+
+
+def test_content_gates_sum_to_one():
+    model = ADCSIDModel(tiny_config(num_content_experts=3))
+    g = model.content_gates["text"](torch.randn(5, 6))
+    assert torch.allclose(g.sum(-1), torch.ones(5))
+
+
+def test_cold_items_get_missing_code_and_zero_weight():
+    model = ADCSIDModel(tiny_config()).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    has = torch.tensor([True, False, True, False])
+    out = model(make_input(B=4, has=has))
+    c = model.config
+    nb = c.num_behavior_experts
+    assert out.codes[~has][:, -nb:].eq(c.missing_code).all()
+    assert out.codes[has][:, -nb:].lt(c.codebook_size).all()
+    assert out.behavior_weights[~has].eq(0).all()
+    assert out.codes.shape == (4, c.sid_length)
+
+
+def test_cold_path_uses_learned_missing_vector():
+    model = ADCSIDModel(tiny_config()).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    x = make_input(B=3, has=torch.zeros(3, dtype=torch.bool))
+    before = model(x).latents[0].clone()
+    model.missing_h_b.data += 1.0
+    after = model(x).latents[0]
+    assert not torch.allclose(before, after)  # shared experts read missing_h_b for cold items
+
+
+def test_behavior_dropout_zeroes_weights_of_dropped_items():
+    model = ADCSIDModel(tiny_config()).train()
+    model.set_catalog_stats(0.5, 10.0)
+    out = model(make_input(B=64), behavior_dropout=0.5, generator=torch.Generator().manual_seed(0))
+    dropped = out.behavior_weights.eq(0).all(-1)
+    assert 10 < int(dropped.sum()) < 54
+
+
+def test_ablated_gate_gives_equal_weights():
+    model = ADCSIDModel(tiny_config(use_behavior_gate=False)).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    out = model(make_input())
+    assert out.behavior_weights.eq(1).all()
+
+
+def test_codebook_restart_replaces_only_dead_codes():
+    torch.manual_seed(0)
+    book = CosineCodebook(dim=3, codebook_size=4)
+    book.train()
+    before = book.codewords().clone()
+    book.usage.copy_(torch.tensor([50.0, 50.0, 0.0, 1.0]))  # fair share 25.25 -> codes 2, 3 dead
+    z = torch.randn(10, 3)
+    n = book.restart_dead_codes(z, threshold=0.1, generator=torch.Generator().manual_seed(0))
+    after = book.codewords()
+    assert n == 2
+    assert torch.allclose(before[:2], after[:2])
+    zn = F.normalize(z, dim=-1)
+    for j in (2, 3):  # each restarted code sits next to one of the given latents
+        assert (zn @ after[j]).max() > 0.99
+    assert book.usage.sum() == 0
+
+
+def test_kmeans_init_uses_every_code():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(8, 5), dim=-1)
+    z = centers.repeat(50, 1) + 0.01 * torch.randn(400, 5)
+    book = CosineCodebook(dim=5, codebook_size=8)
+    book.init_from_kmeans(z, niter=20, seed=0)
+    assert book.assign(z).unique().numel() == 8
