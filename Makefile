@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/python -m sidserve demo
+	$(BIN)/python jobs/train.py --output outputs/model
 
 test: install
 	$(BIN)/ruff check sidserve jobs tests bench

@@ -96,8 +96,9 @@ class BaseTokenizer:
         """Version id of the artifact this tokenizer was saved as / loaded from."""
         return getattr(self, "version_", None)
 
-    def save_pretrained(self, uri: str, *, source: Any = None) -> str:
-        """Write the artifact directory; returns its version id."""
+    def save_pretrained(self, uri: str, *, source: Any = None, extra_files: dict[str, bytes] | None = None) -> str:
+        """Write the artifact directory; returns its version id. ``extra_files`` (e.g. a
+        job's ``metrics.json``) are covered by the manifest like the rest."""
         self._check_fitted()
         config = {
             "format_version": FORMAT_VERSION,
@@ -113,6 +114,10 @@ class BaseTokenizer:
             WEIGHTS_FILE: safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in self._tensors().items()}),
             STATS_FILE: json.dumps(getattr(self, "stats_", {}) or {}, indent=2, sort_keys=True).encode(),
         }
+        for name, data in (extra_files or {}).items():
+            if name in files:
+                raise ValueError(f"extra file {name!r} would overwrite a standard artifact file")
+            files[name] = data
         manifest = write_artifact(uri, files, source=source)
         self.version_ = manifest["version"]
         return self.version_

@@ -37,6 +37,7 @@ class TrainState:
     step: int = 0
     seed: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
+    last_codes: torch.Tensor | None = None  # (B, L) codes assigned by the last step
 
     @classmethod
     def create(cls, seed: int) -> "TrainState":
@@ -117,6 +118,7 @@ def train_step(
     out.losses["total"].backward()
     optimizer.step()
     metrics = {k: float(v.detach()) for k, v in out.losses.items()}
+    state.last_codes = out.codes.detach()
     if c.has_behavior and c.use_behavior_gate and out.gates_raw is not None:
         target, actual = model.sparsity.sparsity_gap(out.gates_raw.detach(), out.n_norm)
         target, actual = sync.mean([target, actual])

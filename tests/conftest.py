@@ -1,6 +1,12 @@
 import logging
+import os
 
 import pytest
+
+# Ray Train v2 retries an unschedulable worker group forever: make each wait short so a
+# resource problem fails the test instead of hanging it (pytest-timeout is the backstop).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 
@@ -35,3 +41,31 @@ def small_catalog():
 @pytest.fixture(scope="session")
 def fitted(small_config, small_catalog) -> SemanticIdTokenizer:
     return SemanticIdTokenizer(small_config).fit(small_catalog)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster (2 CPUs) for the whole test session, started on first use.
+
+    A test that needs its own cluster (``ray start --head``) calls ``ray.shutdown()``;
+    the next user of this fixture gets a fresh local cluster via ``ensure_ray``.
+    """
+    import ray
+
+    yield ensure_ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()
+
+
+def ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+                 log_to_driver=True, configure_logging=False)
+    return ray

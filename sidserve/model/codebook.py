@@ -3,11 +3,15 @@ codebook/commitment loss, k-means initialisation and dead-code restarts."""
 
 from __future__ import annotations
 
-import faiss
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import logging
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines read like errors
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 # helper functions
 

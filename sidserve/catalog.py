@@ -1,0 +1,160 @@
+"""Catalog-wide passes over a Ray Dataset of items: validation + statistics (the pre-pass
+of the training and refresh jobs) and the cleaned stream the trainers read.
+
+Fatal problems (the whole input is unusable) raise ``ValueError`` before any training:
+missing columns, embeddings of the wrong dimension, an empty input, behavior null
+everywhere. Row problems that are the data's, not the schema's (NaN/inf values, a null
+content embedding, a null item_id), are skipped and counted, never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sidserve.config import BEHAVIOR, TokenizerConfig
+from sidserve.items import ITEM_ID, check_items, column_name
+
+HAS_BEHAVIOR = "has_behavior"
+
+
+def required_columns(config: TokenizerConfig) -> list[str]:
+    return [column_name(m) for m in config.content_modalities]
+
+
+def check_schema(names: list[str], config: TokenizerConfig) -> None:
+    missing = [c for c in required_columns(config) if c not in names]
+    if missing:
+        raise ValueError(f"input is missing required column(s) {missing}; it has {sorted(names)}")
+    if config.has_behavior and column_name(BEHAVIOR) not in names:
+        raise ValueError(
+            f"input has no {column_name(BEHAVIOR)!r} column but the config has behavior_dim="
+            f"{config.behavior_dim}; set behavior_dim: null for a content-only tokenizer"
+        )
+
+
+@dataclass
+class CatalogStats:
+    """Whole-catalog statistics from the pre-pass."""
+
+    num_rows: int = 0  # input rows
+    num_valid: int = 0  # rows trained on
+    num_with_behavior: int = 0  # valid rows with a behavior embedding
+    n_min: float | None = None  # min ||e_b|| over valid rows (eq. 15)
+    n_max: float | None = None  # max ||e_b|| over valid rows
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped
+    wrong_dim: dict[str, int] = field(default_factory=dict)  # column -> rows of the wrong dim
+    wrong_dim_example: str | None = None  # one offending row, for the error message
+
+    @property
+    def null_behavior_share(self) -> float:
+        return 1.0 - self.num_with_behavior / self.num_valid if self.num_valid else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["null_behavior_share"] = self.null_behavior_share
+        d["num_skipped"] = sum(self.skipped.values())
+        return d
+
+    def merge(self, other: "CatalogStats") -> "CatalogStats":
+        def pick(f, a, b):
+            return b if a is None else a if b is None else f(a, b)
+
+        skipped = dict(self.skipped)
+        for k, v in other.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        wrong = dict(self.wrong_dim)
+        for k, v in other.wrong_dim.items():
+            wrong[k] = wrong.get(k, 0) + v
+        return CatalogStats(
+            self.num_rows + other.num_rows, self.num_valid + other.num_valid,
+            self.num_with_behavior + other.num_with_behavior,
+            pick(min, self.n_min, other.n_min), pick(max, self.n_max, other.n_max),
+            skipped, wrong, self.wrong_dim_example or other.wrong_dim_example,
+        )
+
+    def raise_if_unusable(self, config: TokenizerConfig) -> None:
+        if self.wrong_dim:
+            dims = {column_name(m): d for m, d in config.modality_dims.items()}
+            if config.has_behavior:
+                dims[column_name(BEHAVIOR)] = config.behavior_dim
+            detail = ", ".join(f"{c}: {n} row(s), expected dim {dims[c]}" for c, n in self.wrong_dim.items())
+            raise ValueError(f"embeddings of the wrong dimension ({detail}); e.g. {self.wrong_dim_example}")
+        if self.num_rows == 0:
+            raise ValueError("the input has no rows")
+        if self.num_valid == 0:
+            raise ValueError(f"no usable row: all {self.num_rows} rows were skipped ({self.skipped})")
+        if config.has_behavior and self.num_with_behavior == 0:
+            raise ValueError(
+                f"{column_name(BEHAVIOR)!r} is null (or invalid) in every row: N_min/N_max cannot be "
+                "computed; set behavior_dim: null for a content-only tokenizer"
+            )
+
+
+def batch_stats(table: pa.Table, config: TokenizerConfig) -> CatalogStats:
+    """Statistics of one batch (pyarrow Table) of raw input rows."""
+    checked = check_items(table, config)
+    reasons = checked.reasons
+    stats = CatalogStats(num_rows=table.num_rows)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    for i, r in enumerate(reasons):
+        if r is None:
+            continue
+        col, _, what = r.partition(": ")
+        if what.startswith("wrong dimension"):
+            stats.wrong_dim[col] = stats.wrong_dim.get(col, 0) + 1
+            if stats.wrong_dim_example is None:
+                item = table.column(ITEM_ID)[i].as_py() if ITEM_ID in table.column_names else f"row {i}"
+                stats.wrong_dim_example = f"item {item!r}: {r}"
+        else:
+            stats.skipped[r] = stats.skipped.get(r, 0) + 1
+    a = checked.arrays
+    stats.num_valid = int(ok.sum())
+    if config.has_behavior:
+        warm = a.has_behavior & ok
+        stats.num_with_behavior = int(warm.sum())
+        if warm.any():
+            norms = np.linalg.norm(a.behavior[warm].astype(np.float64), axis=1)
+            stats.n_min, stats.n_max = float(norms.min()), float(norms.max())
+    return stats
+
+
+def clean_batch(table: pa.Table, config: TokenizerConfig) -> dict[str, np.ndarray]:
+    """Raw rows -> the valid ones as dense columns: item_id, <m>_emb (n, d) float32,
+    behavior_emb (n, d_b) float32 (zeros when missing), has_behavior (n,) bool."""
+    checked = check_items(table, config)
+    keep = np.flatnonzero(checked.ok)
+    a = checked.arrays.take(keep)
+    out: dict[str, np.ndarray] = {}
+    if a.item_ids is not None:
+        out[ITEM_ID] = np.asarray([str(x) for x in a.item_ids], dtype=object)
+    for m in config.content_modalities:
+        out[column_name(m)] = a.content[m]
+    if config.has_behavior:
+        out[column_name(BEHAVIOR)] = a.behavior
+    out[HAS_BEHAVIOR] = a.has_behavior
+    return out
+
+
+def catalog_prepass(ds, config: TokenizerConfig, *, num_cpus: float = 0.25) -> CatalogStats:
+    """One Ray Data pass over the whole input -> CatalogStats (raises if unusable)."""
+    schema = ds.schema()
+    if schema is None:
+        raise ValueError("the input has no rows (empty dataset)")
+    check_schema(list(schema.names), config)
+    cfg = config.to_dict()
+
+    def per_batch(table: pa.Table) -> pa.Table:
+        s = batch_stats(table, TokenizerConfig.from_dict(cfg))
+        return pa.table({"stats": [json.dumps(asdict(s))]})  # JSON: per-batch keys differ
+
+    rows = ds.map_batches(per_batch, batch_format="pyarrow", batch_size=4096, num_cpus=num_cpus).take_all()
+    total = CatalogStats()
+    for row in rows:
+        total = total.merge(CatalogStats(**json.loads(row["stats"])))
+    total.raise_if_unusable(config)
+    return total

@@ -1,0 +1,526 @@
+"""Distributed fitting on Ray Train (``jobs/train.py``).
+
+    pre-pass (Ray Data)   validate the whole input, N_min/N_max, counts, skipped rows
+    k-means sample        one sample on the driver, the same object for every worker
+    TorchTrainer          N workers, each streams its shard of the cleaned dataset
+                          (get_dataset_shard), DDP; the step is ``training.train_step``,
+                          the same as the in-process fit
+    checkpoints           every epoch via ray.train.report (rank 0 writes); a restarted
+                          worker group or a rerun with --resume continues from the last one
+    artifact              SemanticIdTokenizer.save_pretrained + metrics.json
+
+Per-epoch metrics (every loss term, utilisation and entropy per SID position and the
+collision rate of the codes assigned during the epoch, items/s) go to the job log, to
+``ray.train.report`` and to ``metrics.json``; the final metrics come from an evaluation
+pass over every worker's shard with the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from sidserve.catalog import HAS_BEHAVIOR, CatalogStats, catalog_prepass, clean_batch
+from sidserve.config import BEHAVIOR, TokenizerConfig
+from sidserve.items import ITEM_ID, column_name
+from sidserve.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.training import Sync, TrainState, init_codebooks, train_step
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainJobConfig:
+    output: str  # artifact directory or URI
+    items: str | None = None  # Parquet file/dir/URI; None = built-in synthetic demo catalog
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 2  # Ray Train workers (data-parallel)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float | None = None  # CPUs per worker; None: 1, or less on a small cluster
+    # so that Ray Data keeps DATA_CPUS for reading (Train holding every CPU starves Data forever)
+    storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters)
+    name: str | None = None  # run name under storage_path
+    resume: bool = False  # continue the run `name` from its last checkpoint
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    demo_items: int = 20000  # size of the synthetic demo catalog
+    # test-only hooks, never set from the CLI
+    fault_injection: dict | None = None  # {"epoch": e, "rank": r, "marker": path}: die once
+    record_shards_dir: str | None = None  # each worker writes the item ids of its epoch-0 shard
+
+    def __post_init__(self):
+        if self.name is None:  # a new run each time unless named (and then --resume continues it)
+            base = os.path.basename(os.path.normpath(self.output)) or "model"
+            self.name = f"sidserve-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def storage(self) -> str:
+        path = self.storage_path or os.path.join(os.path.dirname(os.path.abspath(self.output)), "checkpoints")
+        return path if "://" in path else os.path.abspath(path)
+
+
+def load_tokenizer_config(path: str | None, **overrides) -> TokenizerConfig:
+    """A YAML file of TokenizerConfig fields (unknown keys are errors) + CLI overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config must be a mapping of TokenizerConfig fields")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TokenizerConfig.from_dict(data)
+
+
+# collectives -----------------------------------------------------------------------
+
+
+class DistSync(Sync):
+    """torch.distributed collectives (gloo or nccl) for train_step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def mean(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / dist.get_world_size()).tolist()
+
+    def sum_(self, tensor):
+        t = tensor.to(self.device, copy=True)
+        dist.all_reduce(t)
+        return t.to(tensor.device)
+
+    def gather(self, tensor):
+        local = tensor.to(self.device)
+        n = torch.tensor([local.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, n)
+        longest = int(max(s.item() for s in sizes))
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+
+class LocalSync(Sync):
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+
+# batches -----------------------------------------------------------------------------
+
+
+def batch_to_input(batch: dict[str, np.ndarray], config: TokenizerConfig, device) -> ModelInput:
+    """A numpy batch of the cleaned dataset -> ModelInput on ``device``."""
+    def t(x):  # Ray hands out read-only views: copy into a writable tensor
+        return torch.from_numpy(np.array(x, copy=True, order="C")).to(device)
+
+    return ModelInput(
+        {m: t(np.asarray(batch[column_name(m)], dtype=np.float32)) for m in config.content_modalities},
+        t(np.asarray(batch[column_name(BEHAVIOR)], dtype=np.float32)) if config.has_behavior else None,
+        t(np.asarray(batch[HAS_BEHAVIOR], dtype=bool)),
+    )
+
+
+def sid_hash(codes: np.ndarray) -> np.ndarray:
+    """(N, L) int codes -> (N,) int64 hash (collision counting across workers)."""
+    h = np.full(codes.shape[0], 1469598103934665603, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(codes.shape[1]):
+            h ^= codes[:, j].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+            h *= np.uint64(1099511628211)
+            h ^= h >> np.uint64(29)
+    return h.view(np.int64)
+
+
+class CodeStats:
+    """Counts of codes per position and SID hashes seen by one worker."""
+
+    def __init__(self, config: TokenizerConfig):
+        self.K = config.codebook_size
+        self.counts = np.zeros((config.sid_length, self.K + 1), dtype=np.int64)
+        self.hashes: list[np.ndarray] = []
+        self.items = 0
+
+    def add(self, codes: np.ndarray) -> None:
+        for j in range(codes.shape[1]):
+            self.counts[j] += np.bincount(codes[:, j], minlength=self.K + 1)
+        self.hashes.append(sid_hash(codes))
+        self.items += codes.shape[0]
+
+    def reduce(self, sync: Sync) -> dict[str, Any]:
+        counts = sync.sum_(torch.from_numpy(self.counts)).numpy()[:, : self.K]
+        local = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
+        hashes = sync.gather(torch.from_numpy(local)).numpy()
+        _, inv, cnt = np.unique(hashes, return_inverse=True, return_counts=True)
+        probs = [c / max(c.sum(), 1) for c in counts]
+        entropy = [float(-(p[p > 0] * np.log(p[p > 0])).sum()) for p in probs]
+        util = [float((c > 0).mean()) for c in counts]
+        return {
+            "num_items": int(hashes.shape[0]),
+            "entropy_per_position": entropy,
+            "entropy_mean": float(np.mean(entropy)),
+            "utilisation_per_position": util,
+            "utilisation_mean": float(np.mean(util)),
+            "collision_rate": float((cnt[inv] > 1).mean()) if hashes.size else 0.0,
+        }
+
+
+# the worker loop ----------------------------------------------------------------------
+
+
+def _save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, state: TrainState,
+                     history: list[dict]) -> None:
+    torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": state.step,
+                "generator": state.generator.get_state()}, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    tcfg = TokenizerConfig.from_dict(cfg["tokenizer"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    sync: Sync = DistSync(device) if world > 1 else LocalSync()
+    torch.manual_seed(tcfg.seed)
+
+    model = ADCSIDModel(tcfg)
+    if tcfg.has_behavior:
+        model.set_catalog_stats(cfg["n_min"], cfg["n_max"])
+    optimizer_state = None
+    start_epoch, history = 0, []
+    state = TrainState.create(tcfg.seed + 7919 * rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), weights_only=True))
+            saved = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+            with open(os.path.join(d, "history.json")) as f:
+                history = json.load(f)
+        optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
+        if rank == 0:
+            print(f"[sidserve] resuming from checkpoint after epoch {saved['epoch']}", flush=True)
+    else:
+        sample = ray.get(cfg["sample_ref"])
+        init_codebooks(model, batch_to_input(sample, tcfg, "cpu"))  # same sample, same seed: same init
+
+    model.to(device)
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # usage counters are per worker; train_step reduces them
+            find_unused_parameters=not tcfg.use_behavior_gate,
+        )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    shard = ray.train.get_dataset_shard("train")
+    fault = cfg.get("fault_injection")
+    for epoch in range(start_epoch, tcfg.epochs):
+        if fault and fault["epoch"] == epoch and fault["rank"] == rank and not os.path.exists(fault["marker"]):
+            # test hook: die hard mid-run, once. Wait first: the controller collects the
+            # previous report (and its checkpoint) on its next poll (every 2 s by default)
+            time.sleep(fault.get("delay_s", 6.0))
+            open(fault["marker"], "w").close()
+            print(f"[sidserve] fault injection: worker {rank} dies in epoch {epoch}", flush=True)
+            os._exit(1)
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        codes = CodeStats(tcfg)
+        seen: list[np.ndarray] = []
+        batches = iter(shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy",
+                                          local_shuffle_buffer_size=4 * tcfg.batch_size,
+                                          local_shuffle_seed=tcfg.seed + epoch))
+        while True:
+            batch = next(batches, None)
+            # every worker takes the same number of steps, or the collectives would hang
+            if not sync.all_true(batch is not None and len(batch[HAS_BEHAVIOR]) > 1):
+                break
+            x = batch_to_input(batch, tcfg, device)
+            metrics = train_step(model, optimizer, x, state, forward=forward, sync=sync)
+            codes.add(state.last_codes.cpu().numpy())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            if cfg.get("record_shards_dir") and epoch == start_epoch and ITEM_ID in batch:
+                seen.append(np.asarray(batch[ITEM_ID]).astype(str))
+        if seen:
+            path = os.path.join(cfg["record_shards_dir"], f"rank-{rank}-epoch-{epoch}.txt")
+            with open(path, "w") as f:
+                f.write("\n".join(np.concatenate(seen)))
+        loss_means = sync.mean([sums.get(k, 0.0) / max(steps, 1) for k in sorted(sums)])
+        record = dict(zip(sorted(sums), loss_means))
+        record.update(codes.reduce(sync))
+        elapsed = sync.mean([time.perf_counter() - t0])[0]
+        record.update(epoch=epoch, steps=steps, items_per_s=record["num_items"] / max(elapsed, 1e-9),
+                      started_at_epoch=start_epoch)  # > 0: this attempt resumed from a checkpoint
+        history.append(record)
+        if rank == 0:
+            print("[sidserve] epoch {}/{}  {}".format(epoch + 1, tcfg.epochs, "  ".join(
+                f"{k}={record[k]:.4g}" for k in ("recon", "vq", "align", "reg", "entropy_mean",
+                                                  "utilisation_mean", "collision_rate", "items_per_s")
+                if k in record)), flush=True)
+        flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(d, model, optimizer, epoch, state, history)
+                ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(flat)
+
+    # final metrics: the trained model over every worker's whole shard
+    final = evaluate_shard(model, shard, tcfg, sync, device)
+    if rank == 0:
+        print("[sidserve] final  " + "  ".join(f"{k}={final[k]:.4g}" for k in
+              ("recon", "entropy_mean", "utilisation_mean", "collision_rate")), flush=True)
+    if rank == 0:  # the final checkpoint carries the final metrics to the driver
+        with tempfile.TemporaryDirectory() as d:
+            _save_checkpoint(d, model, optimizer, tcfg.epochs - 1, state, history)
+            with open(os.path.join(d, "final.json"), "w") as f:
+                json.dump(final, f)
+            ray.train.report({"final_recon": final["recon"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"final_recon": final["recon"]})
+
+
+@torch.no_grad()
+def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync, device) -> dict[str, Any]:
+    """Quantization metrics of the trained model over all shards (one inference pass)."""
+    model.eval()
+    codes = CodeStats(tcfg)
+    recon_sum, n = 0.0, 0
+    batches = iter(shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"))
+    while True:
+        batch = next(batches, None)
+        if batch is None:
+            break
+        out = model(batch_to_input(batch, tcfg, device))
+        codes.add(out.codes.cpu().numpy())
+        recon_sum += float(out.recon.sum())
+        n += out.recon.shape[0]
+    report = codes.reduce(sync)
+    total_recon, total_n = sync.mean([recon_sum, float(n)])
+    report["recon"] = total_recon / max(total_n, 1.0)
+    return report
+
+
+# the driver ---------------------------------------------------------------------------
+
+
+DATA_CPUS = 0.5  # CPUs left to Ray Data's read/clean tasks while the trainers run
+
+
+def _check_resources(job: TrainJobConfig) -> None:
+    """Fail fast (Ray Train v2 would wait forever) and size cpus_per_worker if unset."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if job.cpus_per_worker is None:
+        room = (free.get("CPU", 0) - DATA_CPUS) / job.num_workers
+        job.cpus_per_worker = 1.0 if room >= 1.0 else max(0.1, round(room, 2))
+    if job.cpus_per_worker <= 0:
+        raise ValueError(f"--cpus-per-worker must be > 0, got {job.cpus_per_worker}")
+    need_cpu = job.num_workers * job.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ValueError(
+            f"--num-workers {job.num_workers} x {job.cpus_per_worker} CPU needs {need_cpu:g} CPUs but the "
+            f"cluster has {total.get('CPU', 0):g}; lower --num-workers / --cpus-per-worker or add nodes"
+        )
+    if job.use_gpu and total.get("GPU", 0) < job.num_workers:
+        raise ValueError(
+            f"--use-gpu with --num-workers {job.num_workers} needs {job.num_workers} GPUs but the cluster "
+            f"has {total.get('GPU', 0):g}"
+        )
+    if free.get("CPU", 0) < need_cpu + DATA_CPUS:
+        raise ValueError(
+            f"the job needs {need_cpu:g} free CPUs for {job.num_workers} workers plus {DATA_CPUS:g} for "
+            f"Ray Data, but only {free.get('CPU', 0):g} of {total.get('CPU', 0):g} are free (another job "
+            "or a Serve app holds the rest); Ray Train would wait for them forever. Lower "
+            "--num-workers / --cpus-per-worker or free the cluster"
+        )
+
+
+def _read_items(job: TrainJobConfig):
+    import ray.data
+
+    if job.items:
+        return ray.data.read_parquet(job.items)
+    from sidserve.synthetic import make_synthetic_catalog
+
+    t = job.tokenizer
+    table = make_synthetic_catalog(job.demo_items, modality_dims=t.modality_dims,
+                                   behavior_dim=t.behavior_dim, seed=t.seed)
+    step = max(1, table.num_rows // 8)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+
+def _kmeans_sample(clean_ds, stats: CatalogStats, config: TokenizerConfig) -> dict[str, np.ndarray]:
+    n = min(config.kmeans_init_samples, stats.num_valid)
+    fraction = min(1.0, 1.5 * n / stats.num_valid)
+    ds = clean_ds if fraction >= 1.0 else clean_ds.random_sample(fraction, seed=config.seed)
+    sample = ds.limit(n).take_batch(n, batch_format="numpy")
+    if len(sample[HAS_BEHAVIOR]) < config.codebook_size:
+        raise ValueError(
+            f"{stats.num_valid} usable items are too few for codebook_size={config.codebook_size}"
+        )
+    return sample
+
+
+def fit_distributed(job: TrainJobConfig):
+    """Pre-pass, TorchTrainer fit, artifact. Returns (tokenizer, version, metrics)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sidserve.tokenizer import SemanticIdTokenizer
+
+    tcfg = job.tokenizer.validate()
+    if job.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    if not ray.is_initialized():
+        ray.init()
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    _check_resources(job)
+    name, storage = job.name, job.storage()
+    run_dir = os.path.join(storage, name)
+    if "://" not in storage and os.path.exists(run_dir) and not job.resume:
+        raise ValueError(
+            f"a run named {name!r} already exists in {storage}; pass --resume to continue it "
+            "or --name to start a new one"
+        )
+    if job.resume and "://" not in storage and not os.path.exists(run_dir):
+        raise ValueError(f"--resume: no run named {name!r} in {storage}")
+
+    print(f"[sidserve] run {name!r} in {storage} (resume with --name {name} --resume): "
+          f"{job.num_workers} workers x {job.cpus_per_worker:g} CPU{' + 1 GPU' if job.use_gpu else ''}",
+          flush=True)
+    t0 = time.perf_counter()
+    ds = _read_items(job)
+    stats = catalog_prepass(ds, tcfg)
+    print(f"[sidserve] pre-pass: {stats.num_rows} rows, {stats.num_valid} usable, "
+          f"{sum(stats.skipped.values())} skipped {stats.skipped or ''}, "
+          f"null behavior {stats.null_behavior_share:.1%}, N_min={stats.n_min}, N_max={stats.n_max} "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    if tcfg.has_behavior:
+        from sidserve.training import check_norm_range
+
+        check_norm_range(stats.n_min, stats.n_max)
+    cfg_dict = tcfg.to_dict()
+    clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
+                           batch_format="pyarrow", batch_size=4096, num_cpus=0.25)
+    sample = _kmeans_sample(clean, stats, tcfg)
+
+    loop_config = {
+        "tokenizer": cfg_dict, "n_min": stats.n_min, "n_max": stats.n_max,
+        "sample_ref": ray.put(sample), "fault_injection": job.fault_injection,
+        "record_shards_dir": job.record_shards_dir,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": clean},
+    )
+    result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    with result.checkpoint.as_directory() as d:
+        model = ADCSIDModel(tcfg)
+        model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), weights_only=True))
+        with open(os.path.join(d, "history.json")) as f:
+            history = json.load(f)
+        with open(os.path.join(d, "final.json")) as f:
+            final = json.load(f)
+    catalog = stats.to_dict()
+    tok = SemanticIdTokenizer.from_model(model, {**catalog, "n_min": stats.n_min, "n_max": stats.n_max},
+                                         history)
+    tok.stats_["fit_metrics"] = final
+    metrics = {
+        "catalog": catalog,
+        "epochs": history,
+        "final": final,
+        "num_workers": job.num_workers,
+        "use_gpu": job.use_gpu,
+        "wall_s": time.perf_counter() - t0,
+        "run": {"name": name, "storage_path": storage},
+    }
+    source = {"items": job.items or f"synthetic demo catalog ({job.demo_items} items)",
+              "num_rows": stats.num_rows, "num_valid": stats.num_valid}
+    version = tok.save_pretrained(job.output, source=source,
+                                  extra_files={"metrics.json": json.dumps(metrics, indent=2).encode()})
+    print(f"[sidserve] model {version} written to {job.output}", flush=True)
+    return tok, version, metrics
+
+
+
+
+def run_cli(args) -> int:
+    """jobs/train.py: build the job from parsed flags, run it, map errors to exit codes."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        job = TrainJobConfig(
+            output=args.output, items=args.items,
+            tokenizer=load_tokenizer_config(args.config, epochs=args.epochs, batch_size=args.batch_size),
+            num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+            storage_path=args.storage_path, name=args.name, resume=args.resume,
+            max_failures=args.max_failures, demo_items=args.demo_items,
+        )
+        tok, version, metrics = fit_distributed(job)
+        if job.items is None:  # the demo: show what the artifact gives a few items
+            from sidserve.synthetic import make_synthetic_catalog
+
+            t = job.tokenizer
+            items = make_synthetic_catalog(job.demo_items, modality_dims=t.modality_dims,
+                                           behavior_dim=t.behavior_dim, seed=t.seed).slice(0, 40)
+            enc = type(tok).from_pretrained(job.output).encode(items)
+            rows = list(range(3)) + [int(i) for i in np.flatnonzero(enc.path == "content_only")[:1]]
+            print("[sidserve] SIDs of demo items (layout: " +
+                  ", ".join(f"{e['group']}{e['index']}" for e in t.sid_layout) + "):")
+            for i in rows:
+                print(f"    {enc.item_id[i]}  sid={enc.sid_str[i]:<22} path={enc.path[i]:<12} "
+                      f"behavior_weights={[round(float(w), 3) for w in enc.behavior_weights[i]]}")
+        final = metrics["final"]
+        print(f"[sidserve] final: recon={final['recon']:.4f} entropy={final['entropy_mean']:.3f} "
+              f"utilisation={final['utilisation_mean']:.3f} collision_rate={final['collision_rate']:.4f}; "
+              f"artifact {version} at {job.output} (metrics.json inside)")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,186 @@
+"""Distributed fitting on a local Ray: sharded Parquet, disjoint shards, fault recovery,
+resume, input validation, resource checks."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sidserve import SemanticIdTokenizer, TokenizerConfig, load_tokenizer, make_synthetic_catalog
+from sidserve.synthetic import embedding_array
+from sidserve.train_job import TrainJobConfig, fit_distributed, load_tokenizer_config
+
+TINY = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
+            latent_dim=16, expert_hidden_dim=32, epochs=3, batch_size=256, kmeans_init_samples=2000,
+            restart_every=4)
+
+
+def write_shards(table: pa.Table, directory, n_files: int = 4) -> str:
+    os.makedirs(directory, exist_ok=True)
+    step = -(-table.num_rows // n_files)
+    for i in range(n_files):
+        pq.write_table(table.slice(i * step, step), os.path.join(directory, f"part-{i}.parquet"))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return make_synthetic_catalog(3000, modality_dims=TINY["modality_dims"], behavior_dim=8,
+                                  n_clusters=32, cold_share=0.1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def items_dir(catalog, tmp_path_factory):
+    return write_shards(catalog, tmp_path_factory.mktemp("items"))
+
+
+def job(tmp_path, items, **kw):
+    base = dict(output=str(tmp_path / "model"), items=items, tokenizer=TokenizerConfig(**TINY),
+                num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "ckpt"))
+    return TrainJobConfig(**{**base, **kw})
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tmp_path):
+    ray_session()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tok, version, metrics = fit_distributed(job(tmp_path, items_dir, record_shards_dir=str(shards)))
+
+    loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
+    assert loaded.version == version
+    enc = loaded.encode(catalog)
+    assert enc.sid.shape == (catalog.num_rows, 6)
+    np.testing.assert_array_equal(enc.sid, tok.encode(catalog).sid)
+
+    # every worker saw a disjoint shard, together (up to the equal-split remainder) all items
+    seen = [set((shards / f"rank-{r}-epoch-0.txt").read_text().split()) for r in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) >= catalog.num_rows - 1
+
+    # metrics a person can follow: per epoch and final, in metrics.json inside the artifact
+    m = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["epochs"]] == [0, 1, 2]
+    for key in ("recon", "vq", "align", "reg", "entropy_per_position", "utilisation_per_position",
+                "collision_rate", "items_per_s"):
+        assert key in m["epochs"][-1]
+    assert len(m["final"]["utilisation_per_position"]) == 6
+    assert m["final"]["num_items"] == m["catalog"]["num_valid"] - m["catalog"]["num_valid"] % 2
+    assert m["catalog"]["num_rows"] == catalog.num_rows
+    # the catalog statistics are over the whole input, not a worker's shard
+    norms = [np.linalg.norm(v) for v in catalog.column("behavior_emb").to_pylist() if v is not None]
+    assert loaded.catalog_stats_["n_max"] == pytest.approx(max(norms), rel=1e-5)
+    assert loaded.catalog_stats_["n_min"] == pytest.approx(min(norms), rel=1e-5)
+
+
+@pytest.mark.timeout(400)
+def test_worker_killed_mid_run_recovers_from_checkpoint(ray_session, items_dir, tmp_path):
+    ray_session()
+    marker = tmp_path / "died"
+    tok, _, metrics = fit_distributed(job(tmp_path, items_dir, max_failures=1,
+                                          fault_injection={"epoch": 1, "rank": 1, "marker": str(marker)}))
+    assert marker.exists()  # the worker did die
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]  # epoch 0 not redone, 1-2 done
+    # epochs 1-2 ran in a new worker group that restored the checkpoint of epoch 0
+    assert [e["started_at_epoch"] for e in metrics["epochs"]] == [0, 1, 1]
+    assert load_tokenizer(str(tmp_path / "model")).config == tok.config
+
+
+@pytest.mark.timeout(400)
+def test_killed_run_resumes_with_same_name(ray_session, items_dir, tmp_path):
+    ray_session()
+    first = job(tmp_path, items_dir, max_failures=0, name="nightly",
+                fault_injection={"epoch": 2, "rank": 0, "marker": str(tmp_path / "died")})
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        fit_distributed(first)
+    assert not (tmp_path / "model" / "manifest.json").exists()
+    # a plain rerun under the same name is refused: it would silently mix two runs
+    with pytest.raises(ValueError, match="--resume"):
+        fit_distributed(job(tmp_path, items_dir, name="nightly"))
+    _, _, metrics = fit_distributed(job(tmp_path, items_dir, name="nightly", resume=True))
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
+    assert [e["started_at_epoch"] for e in metrics["epochs"]] == [0, 0, 2]
+    uninterrupted = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert uninterrupted["tokenizer_type"] == "adc-sid"
+    assert sorted(os.listdir(tmp_path / "model")) == [
+        "config.json", "manifest.json", "metrics.json", "model.safetensors", "stats.json"]
+
+
+def test_resume_without_a_run_is_an_error(ray_session, items_dir, tmp_path):
+    ray_session()
+    with pytest.raises(ValueError, match="no run named 'ghost'"):
+        fit_distributed(job(tmp_path, items_dir, name="ghost", resume=True))
+
+
+def test_too_few_resources_fail_fast(ray_session, items_dir, tmp_path):
+    ray_session()
+    with pytest.raises(ValueError, match="needs 3 CPUs but the cluster has 2"):
+        fit_distributed(job(tmp_path, items_dir, num_workers=3, cpus_per_worker=1.0))
+    with pytest.raises(ValueError, match="plus 0.5 for Ray Data"):
+        fit_distributed(job(tmp_path, items_dir, num_workers=2, cpus_per_worker=1.0))
+    with pytest.raises(ValueError, match="needs 2 GPUs"):
+        fit_distributed(job(tmp_path, items_dir, use_gpu=True))
+
+
+# input validation before any training --------------------------------------------------
+
+def _bad(tmp_path, table):
+    return write_shards(table, tmp_path / "bad", 2)
+
+
+def test_missing_column(ray_session, catalog, tmp_path):
+    ray_session()
+    with pytest.raises(ValueError, match=r"missing required column\(s\) \['image_emb'\]"):
+        fit_distributed(job(tmp_path, _bad(tmp_path, catalog.drop_columns(["image_emb"]))))
+
+
+def test_wrong_dims(ray_session, catalog, tmp_path):
+    ray_session()
+    t = catalog.set_column(catalog.schema.get_field_index("text_emb"), "text_emb",
+                           embedding_array(np.ones((catalog.num_rows, 5))))
+    with pytest.raises(ValueError, match=r"wrong dimension \(text_emb: 3000 row\(s\), expected dim 16\)"):
+        fit_distributed(job(tmp_path, _bad(tmp_path, t)))
+
+
+def test_all_null_behavior(ray_session, catalog, tmp_path):
+    ray_session()
+    t = catalog.set_column(catalog.schema.get_field_index("behavior_emb"), "behavior_emb",
+                           pa.nulls(catalog.num_rows, pa.list_(pa.float32())))
+    with pytest.raises(ValueError, match="null .*in every row"):
+        fit_distributed(job(tmp_path, _bad(tmp_path, t)))
+
+
+def test_empty_input(ray_session, catalog, tmp_path):
+    ray_session()
+    with pytest.raises(ValueError, match="no rows"):
+        fit_distributed(job(tmp_path, _bad(tmp_path, catalog.slice(0, 0))))
+
+
+def test_nan_rows_are_skipped_and_counted(ray_session, catalog, tmp_path):
+    ray_session()
+    import ray.data
+
+    from sidserve.catalog import catalog_prepass
+
+    rows = catalog.slice(0, 500).to_pylist()
+    for i in (3, 50, 120):
+        rows[i]["image_emb"][1] = float("nan")
+    rows[7]["behavior_emb"] = [float("inf")] * 8
+    rows[9]["text_emb"] = None
+    stats = catalog_prepass(ray.data.from_arrow(pa.Table.from_pylist(rows, schema=catalog.schema)),
+                            TokenizerConfig(**TINY))
+    assert stats.num_rows == 500 and stats.num_valid == 495
+    assert stats.skipped == {"image_emb: NaN or inf value": 3, "behavior_emb: NaN or inf value": 1,
+                             "text_emb: null (content modalities are required)": 1}
+
+
+def test_yaml_config_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("codebook_size: 32\nnum_behaviour_experts: 2\n")
+    with pytest.raises(ValueError, match="num_behaviour_experts"):
+        load_tokenizer_config(str(path))
+    path.write_text("codebook_size: 32\n")
+    assert load_tokenizer_config(str(path), epochs=5).epochs == 5
