@@ -56,6 +56,7 @@ class TrainJobConfig:
     resume: bool = False  # continue the run `name` from its last checkpoint
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     demo_items: int = 20000  # size of the synthetic demo catalog
+    cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
     # test-only hooks, never set from the CLI
     fault_injection: dict | None = None  # {"epoch": e, "rank": r, "marker": path}: die once
     record_shards_dir: str | None = None  # each worker writes the item ids of its epoch-0 shard
@@ -259,14 +260,19 @@ def train_loop(cfg: dict) -> None:
         batches = iter(shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy",
                                           local_shuffle_buffer_size=4 * tcfg.batch_size,
                                           local_shuffle_seed=tcfg.seed + epoch))
+        data_s = step_s = 0.0
         while True:
+            t_wait = time.perf_counter()
             batch = next(batches, None)
+            data_s += time.perf_counter() - t_wait
             # every worker takes the same number of steps, or the collectives would hang
             if not sync.all_true(batch is not None and len(batch[HAS_BEHAVIOR]) > 1):
                 break
+            t_step = time.perf_counter()
             x = batch_to_input(batch, tcfg, device)
             metrics = train_step(model, optimizer, x, state, forward=forward, sync=sync)
             codes.add(state.last_codes.cpu().numpy())
+            step_s += time.perf_counter() - t_step
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -279,7 +285,8 @@ def train_loop(cfg: dict) -> None:
         loss_means = sync.mean([sums.get(k, 0.0) / max(steps, 1) for k in sorted(sums)])
         record = dict(zip(sorted(sums), loss_means))
         record.update(codes.reduce(sync))
-        elapsed = sync.mean([time.perf_counter() - t0])[0]
+        elapsed, data_s, step_s = sync.mean([time.perf_counter() - t0, data_s, step_s])
+        record.update(data_wait_s=data_s, step_s=step_s)  # mean over workers: where the epoch went
         record.update(epoch=epoch, steps=steps, items_per_s=record["num_items"] / max(elapsed, 1e-9),
                       started_at_epoch=start_epoch)  # > 0: this attempt resumed from a checkpoint
         history.append(record)
@@ -335,6 +342,7 @@ def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync,
 # the driver ---------------------------------------------------------------------------
 
 
+CACHE_FRACTION = 0.25  # cache the cleaned catalog when it takes < this share of the object store
 DATA_CPUS = 0.5  # CPUs left to Ray Data's read/clean tasks while the trainers run
 
 
@@ -436,6 +444,12 @@ def fit_distributed(job: TrainJobConfig):
     cfg_dict = tcfg.to_dict()
     clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
                            batch_format="pyarrow", batch_size=4096, num_cpus=0.25)
+    row_bytes = 4 * (sum(tcfg.modality_dims.values()) + (tcfg.behavior_dim or 0)) + 64
+    fits = stats.num_valid * row_bytes < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
+    if job.cache_clean if job.cache_clean is not None else fits:
+        # small enough: clean once and keep it in the object store instead of re-reading
+        # and re-validating the input every epoch; larger catalogs stream each epoch
+        clean = clean.materialize()
     sample = _kmeans_sample(clean, stats, tcfg)
 
     loop_config = {

@@ -48,7 +48,9 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     ray_session()
     shards = tmp_path / "shards"
     shards.mkdir()
-    tok, version, metrics = fit_distributed(job(tmp_path, items_dir, record_shards_dir=str(shards)))
+    # cache_clean=False: the streaming path that large catalogs take (re-read every epoch)
+    tok, version, metrics = fit_distributed(job(tmp_path, items_dir, record_shards_dir=str(shards),
+                                                cache_clean=False))
 
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
     assert loaded.version == version
