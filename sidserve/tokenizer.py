@@ -137,11 +137,22 @@ class SemanticIdTokenizer(BaseTokenizer):
         return self
 
     # ---- inference ---------------------------------------------------------------
+    def to(self, device) -> "SemanticIdTokenizer":
+        """Move the network to ``device`` ('cpu', 'cuda', 'cuda:1', ...) for encoding."""
+        self._check_fitted()
+        self.model_.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_.n_min.device
+
     @torch.inference_mode()
     def _run(self, arrays: ItemArrays, batch_size: int):
         self._check_fitted()
         was_training = self.model_.training
         self.model_.eval()
+        device = self.device
         c = self.config
         n = len(arrays)
         L = c.sid_length
@@ -151,10 +162,10 @@ class SemanticIdTokenizer(BaseTokenizer):
         recon = np.empty(n, dtype=np.float64)
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
-            out = self.model_(to_model_input(arrays, np.arange(sl.start, sl.stop)))
-            sid[sl] = out.codes.numpy()
-            weights[sl] = out.behavior_weights.numpy()
-            recon[sl] = out.recon.numpy()
+            out = self.model_(to_model_input(arrays, np.arange(sl.start, sl.stop)).to(device))
+            sid[sl] = out.codes.cpu().numpy()
+            weights[sl] = out.behavior_weights.cpu().numpy()
+            recon[sl] = out.recon.cpu().numpy()
         self.model_.train(was_training)
         return sid, weights, recon
 

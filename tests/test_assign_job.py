@@ -1,0 +1,220 @@
+"""Batch assignment to versioned snapshots on a local Ray."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
+from sidserve.assign_job import (
+    FINAL_SCHEMA,
+    RESOLVED_SCHEMA,
+    AssignJobConfig,
+    assign_dedup,
+    partial_stats,
+    reduce_stats,
+    resolve_group,
+    run_assignment,
+)
+from sidserve.metrics import churn
+from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
+
+# a small codebook so that SID collisions are common and dedup has work to do
+CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=4, num_behavior_experts=1,
+           hidden_dim=32, latent_dim=8, expert_hidden_dim=32, epochs=2, batch_size=256)
+
+
+# unit: dedup and resolution on hand-made rows -------------------------------------------
+
+def _rows(schema, **cols):
+    n = len(next(iter(cols.values())))
+    return pa.table({name: cols.get(name, pa.nulls(n, f.type)) for name, f in zip(schema.names, schema)},
+                    schema=schema)
+
+
+def test_assign_dedup_keeps_unchanged_and_fills_lowest_free():
+    t = _rows(RESOLVED_SCHEMA,
+              item_id=pa.array(["a", "b", "c", "d", "e", "f"]),
+              sid_str=pa.array(["1-1", "1-1", "1-1", "1-1", "2-2", "3-3"]),
+              kind=pa.array(["cur"] * 6),
+              # a kept 0->? no: a unchanged with dedup 2; b unchanged with dedup 0; c moved in; d new
+              prev_sid_str=pa.array(["1-1", "1-1", "9-9", None, "2-2", "8-8"]),
+              prev_dedup=pa.array([2, 0, 0, None, 5, 1], pa.int32()))
+    out = {r["item_id"]: r for r in assign_dedup(t).to_pylist()}
+    assert out["a"]["dedup"] == 2 and out["b"]["dedup"] == 0  # unchanged SID: dedup kept
+    assert (out["c"]["dedup"], out["d"]["dedup"]) == (1, 3)  # lowest free suffixes, item_id order
+    assert out["e"]["dedup"] == 5  # a lone unchanged item keeps its suffix too
+    assert out["f"]["dedup"] == 0  # changed lone item starts at 0
+    assert out["a"]["group_size"] == 4 and out["f"]["group_size"] == 1
+
+
+def test_resolve_group_rejects_duplicates_and_attaches_previous():
+    cur = _rows(RESOLVED_SCHEMA, item_id=pa.array(["x", "y", "y", "z"]), kind=pa.array(["cur"] * 4),
+                sid_str=pa.array(["1", "2", "2", "3"]))
+    prev = _rows(RESOLVED_SCHEMA, item_id=pa.array(["x", "y", "gone"]), kind=pa.array(["prev"] * 3),
+                 prev_sid_str=pa.array(["1", "2", "7"]), prev_dedup=pa.array([0, 1, 0], pa.int32()))
+    out = resolve_group(pa.concat_tables([cur, prev])).to_pylist()
+    by_kind = {}
+    for r in out:
+        by_kind.setdefault(r["kind"], []).append(r)
+    cur_rows = {(r["item_id"], r["reason"]) for r in by_kind["cur"]}
+    assert cur_rows == {("x", None), ("y", "item_id: duplicate (2 rows)"), ("z", None)}
+    x = next(r for r in by_kind["cur"] if r["item_id"] == "x")
+    assert (x["prev_sid_str"], x["prev_dedup"]) == ("1", 0)
+    # removed: in the previous snapshot, not accepted now ("y" is rejected as a duplicate)
+    assert sorted(r["item_id"] for r in by_kind["removed"]) == ["gone", "y"]
+
+
+def test_churn_statistics_by_hand():
+    t = _rows(FINAL_SCHEMA,
+              item_id=pa.array(["a", "b", "c", "d", "e"]),
+              sid=pa.array([[0, 1], [0, 1], [2, 3], [1, 1], [3, 3]], pa.list_(pa.int32())),
+              sid_str=pa.array(["0-1", "0-1", "2-3", "1-1", "3-3"]),
+              path=pa.array(["full"] * 4 + ["content_only"]),
+              popularity=pa.array([0.0, 5.0, 50.0, 5.0, float("nan")]),
+              prev_sid_str=pa.array(["0-1", "0-0", "2-3", None, "3-3"]),
+              group_size=pa.array([2, 2, 1, 1, 1], pa.int64()))
+    s = reduce_stats([partial_stats(t, 2, 4).to_pylist()[0]], 2, 4, removed=3)
+    # common: a, b, c, e (d is new); changed: b only
+    assert s["churn"]["common"] == 4 and s["churn"]["changed"] == 1 and s["churn"]["churn"] == 0.25
+    assert s["churn"]["new"] == 1 and s["churn"]["removed"] == 3
+    assert s["churn"]["by_popularity"]["1-9"] == {"common": 1, "changed": 1, "churn": 1.0}
+    assert s["churn"]["by_popularity"]["0"] == {"common": 1, "changed": 0, "churn": 0.0}
+    assert s["collision_rate"] == pytest.approx(2 / 5)
+    assert s["utilisation_per_position"] == [1.0, 0.5]  # position 0 uses {0, 1, 2, 3}, position 1 {1, 3}
+    assert s["paths"] == {"full": 4, "content_only": 1}
+
+
+# end to end on a local Ray ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_session):
+    ray_session()
+    base = tmp_path_factory.mktemp("assign")
+    catalog = make_synthetic_catalog(3000, modality_dims=CFG["modality_dims"], behavior_dim=8, n_clusters=16,
+                                     seed=5)
+    tok = SemanticIdTokenizer(TokenizerConfig(**CFG)).fit(catalog)
+    tok.save_pretrained(str(base / "model"))
+
+    rows = catalog.slice(0, 12).to_pylist()
+    rows[1]["text_emb"] = rows[1]["text_emb"][:-1]  # missing dimension
+    rows[2]["image_emb"] = rows[2]["image_emb"] + [0.5]  # extra dimension
+    rows[3]["image_emb"][0] = float("nan")
+    rows[4]["behavior_emb"] = [float("inf")] * 8
+    rows[5]["item_id"] = None
+    rows[6]["item_id"] = rows[7]["item_id"]  # duplicate id
+    first = pa.concat_tables([pa.Table.from_pylist(rows, schema=catalog.schema), catalog.slice(12, 2488)])
+    os.makedirs(base / "night1")
+    pq.write_table(first.slice(0, 1300), base / "night1" / "a.parquet")
+    pq.write_table(first.slice(1300), base / "night1" / "b.parquet")
+
+    # night 2: items 12..411 get another item's content (their SID may change),
+    # items 2000..2499 disappear, 2500..2999 are new
+    second = catalog.slice(12, 2988).to_pylist()
+    donors = catalog.slice(1500, 400).to_pylist()
+    for r, d in zip(second[:400], donors):
+        r["text_emb"], r["image_emb"] = d["text_emb"], d["image_emb"]
+    second = [r for r in second if not ("item-00002000" <= r["item_id"] < "item-00002500")]
+    os.makedirs(base / "night2")
+    pq.write_table(pa.Table.from_pylist(second, schema=catalog.schema), base / "night2" / "a.parquet")
+
+    root = str(base / "snapshots")
+    s1 = run_assignment(AssignJobConfig(items=str(base / "night1"), model=str(base / "model"), output=root))
+    s2 = run_assignment(AssignJobConfig(items=str(base / "night2"), model=str(base / "model"), output=root))
+    return dict(base=base, catalog=catalog, root=root, s1=s1, s2=s2, first=first, second=second)
+
+
+def test_schema_counts_and_rejects(world):
+    root, s1 = SnapshotRoot(world["root"]), world["s1"]
+    items = root.read_items(s1["version"])
+    assert items.schema.equals(ITEMS_SCHEMA)
+    rejects = root.read_rejects(s1["version"])
+    assert s1["input_rows"] == world["first"].num_rows == items.num_rows + rejects.num_rows
+    reasons = sorted(rejects.column("reason").to_pylist())
+    assert reasons == sorted([
+        "text_emb: wrong dimension (expected 16)", "image_emb: wrong dimension (expected 8)",
+        "image_emb: NaN or inf value", "behavior_emb: NaN or inf value", "item_id: null",
+        "item_id: duplicate (2 rows)", "item_id: duplicate (2 rows)",
+    ])
+    assert s1["rejects_by_reason"]["item_id: duplicate"] == 2
+    assert set(items.column("path").to_pylist()) == {"full", "content_only"}
+    assert set(items.column("model_version").to_pylist()) == {s1["model_version"]}
+    assert all(s == "-".join(map(str, v)) for s, v in zip(items.column("sid_str").to_pylist()[:50],
+                                                          items.column("sid").to_pylist()[:50]))
+
+
+@pytest.mark.parametrize("which", ["s1", "s2"])
+def test_sid_dedup_unique(world, which):
+    items = SnapshotRoot(world["root"]).read_items(world[which]["version"])
+    keys = list(zip(items.column("sid_str").to_pylist(), items.column("dedup").to_pylist()))
+    assert len(set(keys)) == len(keys)
+    assert world[which]["collision_rate"] > 0  # K=4: collisions exist, dedup was exercised
+    assert len(set(items.column("item_id").to_pylist())) == items.num_rows
+
+
+def test_dedup_stable_across_snapshots(world):
+    root = SnapshotRoot(world["root"])
+    a = {r["item_id"]: r for r in root.read_items(world["s1"]["version"]).to_pylist()}
+    b = {r["item_id"]: r for r in root.read_items(world["s2"]["version"]).to_pylist()}
+    unchanged = [k for k in b if k in a and a[k]["sid_str"] == b[k]["sid_str"]]
+    changed = [k for k in b if k in a and a[k]["sid_str"] != b[k]["sid_str"]]
+    assert unchanged and changed
+    assert all(a[k]["dedup"] == b[k]["dedup"] for k in unchanged)
+    # moved/new items took the lowest suffixes not held by unchanged items of their SID
+    groups = {}
+    for k, r in b.items():
+        groups.setdefault(r["sid_str"], []).append(k)
+    for members in groups.values():
+        kept = {b[k]["dedup"] for k in members if k in unchanged}
+        others = sorted(b[k]["dedup"] for k in members if k not in unchanged)
+        free = [d for d in range(len(members) + len(kept)) if d not in kept][: len(others)]
+        assert others == free
+
+
+def test_churn_matches_reference(world):
+    root, s2 = SnapshotRoot(world["root"]), world["s2"]
+    a = root.read_items(world["s1"]["version"])
+    b = root.read_items(s2["version"])
+    ref = churn(a.column("item_id").to_pylist(), np.array(a.column("sid").to_pylist()),
+                b.column("item_id").to_pylist(), np.array(b.column("sid").to_pylist()))
+    assert s2["churn"]["common"] == ref["common"] and s2["churn"]["changed"] == ref["changed"]
+    assert s2["churn"]["new"] == ref["new"] == 500  # items 2500..2999
+    # gone: item 0, items 8..11 (night 2 starts at 12) and 2000..2499
+    assert s2["churn"]["removed"] == ref["removed"] == 1 + 4 + 500
+    assert sum(v["common"] for v in s2["churn"]["by_popularity"].values()) == ref["common"]
+    assert s2["previous_version"] == world["s1"]["version"]
+    assert root.summary()["version"] == s2["version"]
+
+
+def test_killed_run_leaves_latest(world):
+    root = SnapshotRoot(world["root"])
+    before = root.latest()
+    with pytest.raises(RuntimeError, match="fail_before_publish"):
+        run_assignment(AssignJobConfig(items=str(world["base"] / "night1"), model=str(world["base"] / "model"),
+                                       output=world["root"], version="zz-partial", fail_before_publish=True))
+    assert root.latest() == before
+    assert os.path.isdir(os.path.join(world["root"], "snapshots", "zz-partial", "items"))  # written, unread
+    assert root.read_items().num_rows == root.read_items(before).num_rows
+
+
+def test_rerun_is_deterministic_on_a_uri(world):
+    uri = f"file://{world['base']}/again"
+    s = run_assignment(AssignJobConfig(items=str(world["base"] / "night1"), model=str(world["base"] / "model"),
+                                       output=uri))
+    first = SnapshotRoot(world["root"]).read_items(world["s1"]["version"]).sort_by("item_id")
+    again = SnapshotRoot(uri).read_items(s["version"]).sort_by("item_id")
+    for col in ("item_id", "sid", "sid_str", "dedup", "path"):
+        assert first.column(col).equals(again.column(col)), col
+    # weights are floats from batches that Ray may cut differently: equal up to rounding
+    np.testing.assert_allclose(np.concatenate(first.column("behavior_weights").to_pylist()),
+                               np.concatenate(again.column("behavior_weights").to_pylist()), rtol=1e-5, atol=1e-6)
+    assert SnapshotRoot(uri).latest() == s["version"]
+
+
+def test_missing_item_id_column_is_fatal(world, tmp_path):
+    pq.write_table(world["catalog"].drop_columns(["item_id"]).slice(0, 10), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="item_id"):
+        run_assignment(AssignJobConfig(items=str(tmp_path / "x.parquet"), model=str(world["base"] / "model"),
+                                       output=str(tmp_path / "out")))
