@@ -360,7 +360,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     encoded.write_parquet(f"{staging}/encoded")
     enc_ds = ray.data.read_parquet(f"{staging}/encoded")
     n_input = enc_ds.count()
-    log.info("encoded %d rows in %.1f s", n_input, time.perf_counter() - t0)
+    stages = {"encode": time.perf_counter() - t0}
+    log.info("encoded %d rows in %.1f s", n_input, stages["encode"])
 
     # B. resolve duplicates and previous assignments, grouped by a hash bucket of item_id
     n_buckets = max(1, n_input // job.rows_per_bucket)
@@ -381,6 +382,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         .groupby("_bucket", num_partitions=n_partitions).map_groups(_drop_bucket(resolve_group), batch_format="pyarrow", num_cpus=cpu)
     resolved.write_parquet(f"{staging}/resolved")
     res_ds = ray.data.read_parquet(f"{staging}/resolved")
+    stages["resolve"] = time.perf_counter() - t0 - sum(stages.values())
 
     # rejects: bad rows from A (incl. null item_id) and duplicates from B
     null_id = enc_ds.map_batches(lambda t: t.filter(pc.is_null(t.column("item_id"))), batch_format="pyarrow",
@@ -398,8 +400,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                                   batch_format="pyarrow", num_cpus=cpu)
     final = accepted.map_batches(_with_bucket("sid_str", n_buckets), batch_format="pyarrow", num_cpus=cpu) \
         .groupby("_bucket", num_partitions=n_partitions).map_groups(_drop_bucket(assign_dedup), batch_format="pyarrow", num_cpus=cpu)
+    stages["rejects"] = time.perf_counter() - t0 - sum(stages.values())
     final.write_parquet(f"{staging}/final")
     fin_ds = ray.data.read_parquet(f"{staging}/final")
+    stages["dedup"] = time.perf_counter() - t0 - sum(stages.values())
 
     # D. write the snapshot, then its statistics and verification
     fin_ds.map_batches(
@@ -413,6 +417,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     removed = res_ds.map_batches(lambda t: t.filter(pc.equal(t.column("kind"), "removed")),
                                  batch_format="pyarrow", num_cpus=cpu).count()
     stats = reduce_stats(stat_rows, L, K, removed)
+    stages["write+stats"] = time.perf_counter() - t0 - sum(stages.values())
 
     for sub, schema in (("items", ITEMS_SCHEMA), ("rejects", REJECTS_SCHEMA)):
         _ensure_nonempty_dir(root, version, sub, schema)  # Ray writes no file for 0 rows
@@ -437,6 +442,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "rejects": n_rejects, "rejects_by_reason": reasons, "sid_layout": tok.sid_layout,
         **{k: v for k, v in stats.items() if k != "items"},
         "duration_s": time.perf_counter() - t0,
+        "stage_seconds": stages,
     }
     write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
     if job.fail_before_publish:

@@ -57,6 +57,7 @@ class TrainJobConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     demo_items: int = 20000  # size of the synthetic demo catalog
     cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
+    init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
     # test-only hooks, never set from the CLI
     fault_injection: dict | None = None  # {"epoch": e, "rank": r, "marker": path}: die once
     record_shards_dir: str | None = None  # each worker writes the item ids of its epoch-0 shard
@@ -226,6 +227,11 @@ def train_loop(cfg: dict) -> None:
         optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
         if rank == 0:
             print(f"[sidserve] resuming from checkpoint after epoch {saved['epoch']}", flush=True)
+    elif cfg.get("init_state_ref") is not None:  # warm start from the current model
+        state_dict = {k: torch.from_numpy(v.copy()) for k, v in ray.get(cfg["init_state_ref"]).items()}
+        model.load_state_dict(state_dict)
+        if tcfg.has_behavior:  # this catalog's statistics, not the old model's
+            model.set_catalog_stats(cfg["n_min"], cfg["n_max"])
     else:
         sample = ray.get(cfg["sample_ref"])
         init_codebooks(model, batch_to_input(sample, tcfg, "cpu"))  # same sample, same seed: same init
@@ -452,10 +458,20 @@ def fit_distributed(job: TrainJobConfig):
         clean = clean.materialize()
     sample = _kmeans_sample(clean, stats, tcfg)
 
+    init_state = None
+    if job.init_model:
+        from sidserve.base import load_tokenizer
+
+        previous = load_tokenizer(job.init_model)
+        if not isinstance(previous, SemanticIdTokenizer) or previous.config.replace(
+                epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr) != tcfg:
+            raise ValueError(f"--init-model {job.init_model}: not an ADC-SID model with this config; "
+                             "a warm start needs the same architecture")
+        init_state = ray.put(previous._tensors())
     loop_config = {
         "tokenizer": cfg_dict, "n_min": stats.n_min, "n_max": stats.n_max,
         "sample_ref": ray.put(sample), "fault_injection": job.fault_injection,
-        "record_shards_dir": job.record_shards_dir,
+        "record_shards_dir": job.record_shards_dir, "init_state_ref": init_state,
     }
     trainer = TorchTrainer(
         train_loop,

@@ -1,0 +1,121 @@
+"""The nightly refresh: metrics in a real Pushgateway, warm-started re-fit."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidserve import SemanticIdTokenizer, TokenizerConfig, load_tokenizer, make_synthetic_catalog
+from sidserve.refresh_job import RefreshJobConfig, push_failure, run_refresh
+from sidserve.snapshot import SnapshotRoot
+
+CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=8, num_behavior_experts=2,
+           hidden_dim=32, latent_dim=8, expert_hidden_dim=32, epochs=2, batch_size=256, kmeans_init_samples=2000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory):
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        pytest.fail("prometheus-pushgateway is not installed (.ci/run installs the Debian package)")
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the Pushgateway did not start")
+    yield f"127.0.0.1:{port}", url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def scrape(url: str) -> dict:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("job") == "sidserve_refresh":
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items()
+                                                 if k not in ("job", "instance"))))
+                out[key] = sample.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session):
+    ray_session()
+    base = tmp_path_factory.mktemp("refresh")
+    catalog = make_synthetic_catalog(2500, modality_dims=CFG["modality_dims"], behavior_dim=8, seed=9)
+    SemanticIdTokenizer(TokenizerConfig(**CFG)).fit(catalog).save_pretrained(str(base / "model"))
+    os.makedirs(base / "items")
+    pq.write_table(catalog, base / "items" / "part-0.parquet")
+    return base
+
+
+@pytest.mark.timeout(600)
+def test_refresh_pushes_metrics(setup, pushgateway):
+    addr, url = pushgateway
+    base = setup
+    s = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
+                                     output=str(base / "snap"), pushgateway=addr))
+    m = scrape(url)
+    assert m[("sidserve_refresh_items", ())] == s["items"] == 2500
+    assert m[("sidserve_refresh_rejects", ())] == s["rejects"] == 0
+    assert m[("sidserve_refresh_input_rows", ())] == 2500
+    assert m[("sidserve_refresh_collision_rate", ())] == pytest.approx(s["collision_rate"])
+    assert m[("sidserve_refresh_churn_ratio", ())] == 0.0  # first snapshot: nothing in common
+    assert m[("sidserve_refresh_new_items", ())] == 2500
+    assert m[("sidserve_refresh_duration_seconds", ())] > 0
+    assert abs(m[("sidserve_refresh_last_success_timestamp_seconds", ())] - time.time()) < 600
+    assert m[("sidserve_refresh_snapshot_info", (("model_version", s["model_version"]),
+                                                  ("version", s["version"])))] == 1
+    assert s["prepass"]["num_rows"] == 2500
+
+    # a failure adds its timestamp and keeps the last success
+    push_failure(addr)
+    m2 = scrape(url)
+    assert ("sidserve_refresh_last_failure_timestamp_seconds", ()) in m2
+    assert m2[("sidserve_refresh_last_success_timestamp_seconds", ())] == \
+        m[("sidserve_refresh_last_success_timestamp_seconds", ())]
+
+
+@pytest.mark.timeout(600)
+def test_refit_warm_start_publishes_with_new_model(setup, tmp_path):
+    base = setup
+    s = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
+                                     output=str(tmp_path / "snap"), refit=True, refit_epochs=1,
+                                     refit_output=str(tmp_path / "model-2")))
+    old, new = load_tokenizer(str(base / "model")), load_tokenizer(str(tmp_path / "model-2"))
+    assert new.version != old.version and s["model_version"] == new.version
+    assert SnapshotRoot(str(tmp_path / "snap")).read_items().column("model_version").to_pylist()[0] == new.version
+    # warm start: one epoch from the old weights stays close to the old assignment
+    a = old.encode(pq.read_table(base / "items")).sid
+    b = new.encode(pq.read_table(base / "items")).sid
+    assert (a == b).mean() > 0.5
+
+
+def test_refresh_failure_on_bad_input_is_an_error(setup, pushgateway, tmp_path):
+    addr, url = pushgateway
+    with pytest.raises((OSError, ValueError)):  # Ray: FileNotFoundError for a missing input
+        run_refresh(RefreshJobConfig(items=str(tmp_path / "missing"), model=str(setup / "model"),
+                                     output=str(tmp_path / "snap"), pushgateway=addr))
+    assert ("sidserve_refresh_last_failure_timestamp_seconds", ()) in scrape(url)
