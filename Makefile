@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean system-deps
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/python jobs/train.py --output outputs/model
 
-test: install
+# Prometheus and the Pushgateway are started by the monitoring tests (Debian packages).
+system-deps:
+	@if ! command -v prometheus-pushgateway >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
+	  else echo "install prometheus and prometheus-pushgateway (Debian/Ubuntu packages) first" >&2; exit 1; fi; \
+	fi
+
+test: install system-deps
 	$(BIN)/ruff check sidserve jobs tests bench
 	$(BIN)/python -m pytest
 

@@ -327,10 +327,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    t0 = time.perf_counter()
+    tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     if not ray.is_initialized():
         ray.init()
-    t0 = time.perf_counter()
-    tok = load_tokenizer(job.model)  # verifies the manifest before any work
     model_version = tok.version
     root = SnapshotRoot(job.output)
     version = job.version or new_version()
@@ -457,17 +457,15 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
 
 
 def run_cli(args) -> int:
-    import sys
+    """jobs/assign.py: run the assignment (exit code 2 on bad input)."""
+    from sidserve.cli import run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        summary = run_assignment(AssignJobConfig(
+    def body():
+        s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size))
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"[sidserve] snapshot {summary['version']} published at {args.output}: {summary['items']} items, "
-          f"{summary['rejects']} rejects, collision rate {summary['collision_rate']:.4f}, "
-          f"churn {summary['churn']['churn']:.4f} ({summary['duration_s']:.1f} s)")
-    return 0
+        print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
+              f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
+              f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")
+
+    return run_job(body)

@@ -33,6 +33,19 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_job(body) -> int:
+    """Run a job's body with the jobs' logging. Bad input (ValueError) or a missing/unreadable
+    file (OSError) ends it with exit code 2 and the message on stderr, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        body()
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sidserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

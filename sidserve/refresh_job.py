@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,18 +123,18 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
 
 
 def run_cli(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    """jobs/refresh.py: run the refresh (exit code 2 on bad input)."""
+    from sidserve.cli import run_job
+
+    def body():
         s = run_refresh(RefreshJobConfig(
             items=args.items, model=args.model, output=args.output, refit=args.refit,
             refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
             use_gpu=args.use_gpu, pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    c = s["churn"]
-    print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
-          f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common items, "
-          f"{c['new']} new, {c['removed']} removed, collision rate {s['collision_rate']:.4f}, "
-          f"{s['duration_s']:.1f} s")
-    return 0
+        c = s["churn"]
+        print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
+              f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common "
+              f"items, {c['new']} new, {c['removed']} removed, collision rate {s['collision_rate']:.4f}, "
+              f"{s['duration_s']:.1f} s")
+
+    return run_job(body)

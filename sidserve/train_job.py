@@ -519,12 +519,10 @@ def fit_distributed(job: TrainJobConfig):
 
 
 def run_cli(args) -> int:
-    """jobs/train.py: build the job from parsed flags, run it, map errors to exit codes."""
-    import sys
+    """jobs/train.py: build the job from parsed flags and run it (exit code 2 on bad input)."""
+    from sidserve.cli import run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
+    def body():
         job = TrainJobConfig(
             output=args.output, items=args.items,
             tokenizer=load_tokenizer_config(args.config, epochs=args.epochs, batch_size=args.batch_size),
@@ -550,7 +548,5 @@ def run_cli(args) -> int:
         print(f"[sidserve] final: recon={final['recon']:.4f} entropy={final['entropy_mean']:.3f} "
               f"utilisation={final['utilisation_mean']:.3f} collision_rate={final['collision_rate']:.4f}; "
               f"artifact {version} at {job.output} (metrics.json inside)")
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_job(body)

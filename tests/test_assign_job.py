@@ -218,3 +218,14 @@ def test_missing_item_id_column_is_fatal(world, tmp_path):
     with pytest.raises(ValueError, match="item_id"):
         run_assignment(AssignJobConfig(items=str(tmp_path / "x.parquet"), model=str(world["base"] / "model"),
                                        output=str(tmp_path / "out")))
+
+
+def test_cli_exits_2_with_a_message(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "jobs/assign.py", "--items", str(tmp_path / "none"), "--model",
+                           str(tmp_path / "no-model"), "--output", str(tmp_path / "out")],
+                          cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "not an artifact" in proc.stderr
