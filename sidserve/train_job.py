@@ -122,11 +122,6 @@ class DistSync(Sync):
         return bool(t.item())
 
 
-class LocalSync(Sync):
-    def all_true(self, flag: bool) -> bool:
-        return flag
-
-
 # batches -----------------------------------------------------------------------------
 
 
@@ -208,7 +203,7 @@ def train_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    sync: Sync = DistSync(device) if world > 1 else LocalSync()
+    sync: Sync = DistSync(device) if world > 1 else Sync()
     torch.manual_seed(tcfg.seed)
 
     model = ADCSIDModel(tcfg)

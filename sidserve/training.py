@@ -31,6 +31,10 @@ class Sync:
         """(n_local, d) -> (n_total, d), same order on every worker."""
         return tensor
 
+    def all_true(self, flag: bool) -> bool:
+        """True only if ``flag`` is True on every worker."""
+        return flag
+
 
 @dataclass
 class TrainState:
