@@ -3,15 +3,11 @@ codebook/commitment loss, k-means initialisation and dead-code restarts."""
 
 from __future__ import annotations
 
-import logging
-
-logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines read like errors
-
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import faiss  # the faiss.loader INFO noise is silenced in sidserve/__init__.py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 # helper functions
 
