@@ -1,4 +1,5 @@
-"""Command line: ``sidserve demo`` (in-process fit + encode on the synthetic catalog)."""
+"""Command line: ``sidserve demo`` (in-process fit + encode on the synthetic catalog),
+``sidserve serve`` (the tokenize service, on Ray Serve or ``--local`` under uvicorn)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    user_config = {"model_uri": args.model, "snapshot_root": args.snapshot,
+                   "snapshot_poll_s": args.snapshot_poll_s}
+    if args.local:
+        from sidserve.service.local import serve_local
+
+        return run_job(lambda: serve_local(user_config, args.host, args.port))
+    import ray
+    from ray import serve as ray_serve
+
+    from sidserve.service.deployment import SidServe
+
+    ray.init(address=args.address)
+    ray_serve.start(http_options={"host": args.host, "port": args.port})
+    ray_serve.run(SidServe.options(user_config=user_config).bind(), name="sidserve", route_prefix="/",
+                  blocking=True)
+    return 0
+
+
 def run_job(body) -> int:
     """Run a job's body with the jobs' logging. Bad input (ValueError) or a missing/unreadable
     file (OSError) ends it with exit code 2 and the message on stderr, never a traceback."""
@@ -55,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="outputs/demo-model", help="artifact directory or URI")
     p.set_defaults(func=demo)
+    p = sub.add_parser("serve", help="run POST /tokenize (Ray Serve, or --local under uvicorn)")
+    p.add_argument("--model", default=None, help="model artifact (default: $SIDSERVE_MODEL_URI, else the "
+                                                 "model of the published snapshot)")
+    p.add_argument("--snapshot", default=None, help="snapshot root for catalog lookups "
+                                                    "(default: $SIDSERVE_SNAPSHOT_ROOT; '' for none)")
+    p.add_argument("--snapshot-poll-s", type=float, default=30.0, help="seconds between checks of LATEST")
+    p.add_argument("--local", action="store_true", help="plain uvicorn in this process, no Ray")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.set_defaults(func=serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

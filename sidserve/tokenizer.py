@@ -151,7 +151,8 @@ class SemanticIdTokenizer(BaseTokenizer):
     def _run(self, arrays: ItemArrays, batch_size: int):
         self._check_fitted()
         was_training = self.model_.training
-        self.model_.eval()
+        if was_training:  # eval()/train() walk every module: skip when already in eval
+            self.model_.eval()
         device = self.device
         c = self.config
         n = len(arrays)
@@ -166,7 +167,8 @@ class SemanticIdTokenizer(BaseTokenizer):
             sid[sl] = out.codes.cpu().numpy()
             weights[sl] = out.behavior_weights.cpu().numpy()
             recon[sl] = out.recon.cpu().numpy()
-        self.model_.train(was_training)
+        if was_training:
+            self.model_.train()
         return sid, weights, recon
 
     def encode(self, items, *, batch_size: int = 8192) -> Encoding:

@@ -7,6 +7,10 @@ import pytest
 # resource problem fails the test instead of hanging it (pytest-timeout is the backstop).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the Serve configuration we ship (deploy/serve.yaml, docs/benchmarks.md): direct ingress
+# through HAProxy
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 
@@ -62,10 +66,21 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint of the session cluster
+
+
 def ensure_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=True, configure_logging=False, _metrics_export_port=METRICS_PORT)
     return ray

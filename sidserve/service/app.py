@@ -1,0 +1,112 @@
+"""The FastAPI app: routes, auth, error mapping and request metrics.
+
+The same app runs under Ray Serve (``sidserve.service.deployment``) and plain uvicorn
+(``sidserve serve --local``); ``get_service`` returns the host's ``TokenizeService``.
+
+    POST /tokenize   items -> SIDs (catalog lookup, or computed; content-only when cold)
+    GET  /healthz    the process answers
+    GET  /readyz     model (and snapshot, when configured) loaded: 200, else 503
+    GET  /v1/model   version, config summary, SID layout, snapshot in use
+    GET  /docs       OpenAPI docs
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from sidserve.service.core import NotReady, TokenizeService
+from sidserve.service.schema import RequestError, TokenizeRequest, TokenizeResponse
+from sidserve.service.state import API_KEY_ENV
+
+OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/metrics"}
+
+
+def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Callable[[], bytes] | None = None
+             ) -> FastAPI:
+    app = FastAPI(title="sidserve", version="1",
+                  description="Semantic IDs for recommender items (ADC-SID). "
+                              "Send embeddings, get SIDs; known items come from the published snapshot.")
+
+    @app.middleware("http")
+    async def auth_and_metrics(request: Request, call_next):
+        t0 = time.perf_counter()
+        key = os.environ.get(API_KEY_ENV)
+        if key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+                response = JSONResponse({"detail": "missing or wrong bearer token (Authorization: Bearer <key>)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                _record(get_service, request, response.status_code, t0)
+                return response
+        try:
+            response = await call_next(request)
+        except Exception:
+            _record(get_service, request, 500, t0)
+            raise
+        _record(get_service, request, response.status_code, t0)
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, err: RequestError):
+        return JSONResponse({"detail": err.detail}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError):
+        detail = []
+        for e in err.errors():
+            loc = list(e.get("loc", ()))
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".")
+            detail.append({"loc": loc, "msg": f"{where or 'body'}: {e.get('msg')}", "type": e.get("type")})
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(NotReady)
+    async def not_ready(_: Request, err: NotReady):
+        return JSONResponse({"detail": f"not ready: {err}"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.post("/tokenize", response_model=TokenizeResponse,
+              responses={413: {"description": "too many items"}, 422: {"description": "bad item field"},
+                         401: {"description": "bearer token required"}, 503: {"description": "not ready"}})
+    async def tokenize(body: TokenizeRequest):
+        """SIDs for a batch of items. An item whose ``item_id`` is in the published snapshot
+        gets its published SID and dedup (``path: catalog``) unless ``recompute`` is set."""
+        return JSONResponse(await get_service().tokenize(body))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        service = get_service()
+        state = service.state
+        if state is None:
+            return JSONResponse({"ready": False, "reason": service.last_error or "loading"}, status_code=503)
+        return {"ready": True, "model_version": state.model_version, "snapshot_version": state.snapshot_version,
+                "catalog_lookup": state.catalog_usable, "last_error": service.last_error}
+
+    @app.get("/v1/model")
+    async def model_info():
+        service = get_service()
+        info = service.current().describe()
+        info["service_config"] = service.config.to_dict()
+        return info
+
+    if metrics_route is not None:
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics():
+            return Response(metrics_route(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _record(get_service, request: Request, status: int, t0: float) -> None:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or "unmatched"
+    get_service().telemetry.request(path, status, (time.perf_counter() - t0) * 1e3)

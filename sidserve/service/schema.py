@@ -1,0 +1,139 @@
+"""The HTTP contract of ``POST /tokenize`` and the per-item checks that need the model.
+
+Pydantic checks the JSON shape (types, unknown top-level fields); ``prepare`` checks each
+item against the serving model's inputs (field names, dimensions, finite values) and
+names the item index and field of every problem, in FastAPI's 422 ``detail`` format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidserve.config import BEHAVIOR
+from sidserve.items import ITEM_ID, ItemArrays, column_name
+
+
+class TokenizeItem(BaseModel):
+    """One item: ``item_id`` (optional), one ``<modality>_emb`` per content modality of
+    the model (required), ``behavior_emb`` (null or absent for a cold item)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
+        "item_id": "item-42", "text_emb": [0.1, -0.3, 0.7], "image_emb": [0.2, 0.0, -0.5],
+        "behavior_emb": None}})
+    __pydantic_extra__: dict[str, list[float] | None] = Field(init=False)
+
+    item_id: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[TokenizeItem]
+    recompute: bool = Field(False, description="compute every item, even those in the published snapshot")
+
+
+class TokenizeResult(BaseModel):
+    item_id: str | None
+    sid: list[int]
+    sid_str: str
+    dedup: int | None = Field(description="suffix making (sid, dedup) unique in the snapshot; null if computed")
+    behavior_weights: list[float]
+    path: Literal["full", "content_only", "catalog"]
+
+
+class TokenizeResponse(BaseModel):
+    model_version: str
+    results: list[TokenizeResult]
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP ``status`` with FastAPI-style ``detail``."""
+
+    def __init__(self, status: int, detail: list[dict]):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
+    return {"loc": ["body", *loc], "msg": msg, "type": kind}
+
+
+@dataclass
+class Prepared:
+    item_ids: list[str | None]
+    arrays: ItemArrays  # all items of the request, validated
+
+
+def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
+    """Validate a request's items against the model ``config`` -> dense arrays.
+
+    Raises RequestError: 413 for more than ``max_items`` items, 422 listing every bad
+    field (up to 20) as ``items[i].field``.
+    """
+    items = request.items
+    n = len(items)
+    if n == 0:
+        raise RequestError(422, [_error(["items"], "items is empty: send at least one item")])
+    if n > max_items:
+        raise RequestError(413, [_error(["items"], f"{n} items in one request; the limit is {max_items}: "
+                                        f"split the batch")])
+    dims = {column_name(m): d for m, d in config.modality_dims.items()}
+    b_name = column_name(BEHAVIOR)
+    b_dim = config.behavior_dim if config.has_behavior else None
+    allowed = sorted([ITEM_ID, *dims, *([b_name] if b_dim else [])])
+    errors: list[dict] = []
+    content = {name: np.zeros((n, d), np.float32) for name, d in dims.items()}
+    behavior = np.zeros((n, b_dim), np.float32) if b_dim else None
+    has_b = np.zeros(n, bool)
+
+    def fill(i: int, name: str, values, dim: int, out: np.ndarray) -> bool:
+        if len(values) != dim:
+            errors.append(_error(["items", i, name], f"items[{i}].{name} has {len(values)} values, expected {dim}"))
+            return False
+        row = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(row).all():
+            j = int(np.flatnonzero(~np.isfinite(row))[0])
+            errors.append(_error(["items", i, name, j], f"items[{i}].{name}[{j}] is {row[j]}: values must be finite"))
+            return False
+        out[i] = row
+        return True
+
+    for i, item in enumerate(items):
+        extra = item.__pydantic_extra__ or {}
+        for name in extra:
+            if name not in allowed:
+                errors.append(_error(["items", i, name], f"items[{i}] has unknown field {name!r}; "
+                                     f"this model takes {allowed}", "extra_forbidden"))
+        for name, dim in dims.items():
+            values = extra.get(name)
+            if values is None:
+                errors.append(_error(["items", i, name], f"items[{i}].{name} is missing (content embeddings "
+                                     f"are required, {dim} values)", "missing"))
+            else:
+                fill(i, name, values, dim, content[name])
+        if b_dim and extra.get(b_name) is not None:
+            has_b[i] = fill(i, b_name, extra[b_name], b_dim, behavior)
+        if len(errors) >= 20:
+            break
+    if errors:
+        raise RequestError(422, errors[:20])
+    arrays = ItemArrays({m: content[column_name(m)] for m in config.modality_dims}, behavior, has_b,
+                        np.array([it.item_id for it in items], dtype=object))
+    return Prepared([it.item_id for it in items], arrays)
+
+
+def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:
+    """Stack several requests' items into one model call (same model for all parts)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return ItemArrays(
+        {m: np.concatenate([p.content[m] for p in parts]) for m in first.content},
+        None if first.behavior is None else np.concatenate([p.behavior for p in parts]),
+        np.concatenate([p.has_behavior for p in parts]),
+    )

@@ -1,0 +1,135 @@
+"""The service's parts without Ray: id index, settings, state loading, local mode over HTTP."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import free_port
+from test_serve import item_json, write_snapshot
+
+from sidserve.service.catalog_index import CatalogIndex, hash_ids
+from sidserve.service.state import ServiceConfig, load_state
+from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot_table(ids: list[str]) -> pa.Table:
+    n = len(ids)
+    return pa.table({
+        "item_id": pa.array(ids, pa.string()),
+        "sid": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int32())),
+        "sid_str": pa.array([f"{i}-{i + 1}" for i in range(n)]),
+        "dedup": pa.array([i % 3 for i in range(n)], pa.int32()),
+        "behavior_weights": pa.array([[0.5]] * n, pa.list_(pa.float32())),
+        "path": pa.array(["full"] * n),
+        "model_version": pa.array(["v1"] * n),
+    }, schema=ITEMS_SCHEMA)
+
+
+def test_hash_ids_equal_strings_hash_equal_and_slices_agree():
+    ids = pa.array(["a", "", "ab", "ba", "é", "\x00", "\x00\x00", "a" * 300])
+    h = hash_ids(ids)
+    assert len(set(h.tolist())) == len(ids)  # these all differ (incl. "" vs NUL vs NUL NUL)
+    assert (hash_ids(ids.slice(2, 3)) == h[2:5]).all()  # offsets of a sliced array
+    assert (hash_ids(pa.chunked_array([ids.slice(0, 4), ids.slice(4)])) == h).all()
+    assert hash_ids(pa.array(["ab"]))[0] == h[2]
+
+
+def test_catalog_index_matches_a_dict():
+    rng = np.random.default_rng(0)
+    ids = [f"item-{i}" for i in rng.permutation(5000)] + ["", "ünï", "x" * 50]
+    index = CatalogIndex(snapshot_table(ids), "v1")
+    truth = {v: i for i, v in enumerate(ids)}
+    queries = ids[::7] + ["item-5000", "missing", None, "ITEM-1", "x" * 49]
+    hits = index.lookup(queries)
+    for q, found, row in zip(queries, hits.found, hits.rows, strict=True):
+        assert found == (q in truth)
+        assert row == truth.get(q, -1)
+    rows = index.rows(hits.rows[hits.found])
+    assert rows["item_id"] == [q for q in queries if q in truth]
+    assert index.model_version == "v1"
+
+
+def test_catalog_index_refuses_null_ids():
+    with pytest.raises(ValueError, match="null item_id"):
+        CatalogIndex(snapshot_table(["a", "b"]).set_column(0, "item_id", pa.array(["a", None])), "v9")
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"modle_uri": "x"}, "unknown config key.*modle_uri"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"snapshot_poll_s": -1}, "snapshot_poll_s"),
+    ({"batch_wait_timeout_s": 60}, "batch_wait_timeout_s"),
+])
+def test_service_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ServiceConfig.from_dict(bad).validate()
+
+
+def test_load_state_names_what_is_missing(tmp_path, fitted, small_catalog, monkeypatch):
+    monkeypatch.delenv("SIDSERVE_MODEL_URI", raising=False)
+    monkeypatch.delenv("SIDSERVE_SNAPSHOT_ROOT", raising=False)
+    with pytest.raises(ValueError, match="no model"):
+        load_state(ServiceConfig())
+    with pytest.raises(ValueError, match="no published snapshot"):
+        load_state(ServiceConfig(snapshot_root=str(tmp_path / "empty")))
+    model = str(tmp_path / "model")
+    fitted.save_pretrained(model)
+    root = SnapshotRoot(str(tmp_path / "snaps"))
+    write_snapshot(root, fitted, model, small_catalog.slice(0, 100), "s1")
+    # no model_uri: the model that made the published snapshot
+    monkeypatch.setenv("SIDSERVE_SNAPSHOT_ROOT", root.uri)
+    state = load_state(ServiceConfig())
+    assert state.model_uri == model and state.catalog_usable and len(state.catalog) == 100
+    # the same config again reuses both pieces
+    again = load_state(ServiceConfig(), current=state)
+    assert again.tokenizer is state.tokenizer and again.catalog is state.catalog
+
+
+def test_local_mode_serves_the_same_app(tmp_path, fitted, small_catalog):
+    model = str(tmp_path / "model")
+    fitted.save_pretrained(model)
+    root = SnapshotRoot(str(tmp_path / "snaps"))
+    write_snapshot(root, fitted, model, small_catalog.slice(0, 100), "s1")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sidserve", "serve", "--local", "--model", model,
+                             "--snapshot", root.uri, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            time.sleep(0.1)
+        r = httpx.post(f"{base}/tokenize", json={"items": [item_json(small_catalog, 1),
+                                                           item_json(small_catalog, 200, behavior_emb=None)]})
+        assert r.status_code == 200, r.text
+        assert [x["path"] for x in r.json()["results"]] == ["catalog", "content_only"]
+        bad = httpx.post(f"{base}/tokenize", json={"items": [{"text_emb": [1.0]}]})
+        assert bad.status_code == 422 and "items[0].text_emb" in json.dumps(bad.json())
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'sidserve_requests_total{route="/tokenize",status="200"} 1.0' in metrics
+        assert 'sidserve_items_total{path="content_only"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_local_mode_bad_model_exits_with_the_reason(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sidserve", "serve", "--local", "--model", str(tmp_path / "nope"),
+                           "--snapshot", "", "--port", str(free_port())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "nope" in proc.stderr and "Traceback" not in proc.stderr
