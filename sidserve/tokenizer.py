@@ -148,7 +148,7 @@ class SemanticIdTokenizer(BaseTokenizer):
         return self.model_.n_min.device
 
     @torch.inference_mode()
-    def _run(self, arrays: ItemArrays, batch_size: int):
+    def _run(self, arrays: ItemArrays, batch_size: int, with_recon: bool = True):
         self._check_fitted()
         was_training = self.model_.training
         if was_training:  # eval()/train() walk every module: skip when already in eval
@@ -160,13 +160,15 @@ class SemanticIdTokenizer(BaseTokenizer):
         Nb = c.num_behavior_experts if c.has_behavior else 0
         sid = np.empty((n, L), dtype=np.int32)
         weights = np.zeros((n, Nb), dtype=np.float32)
-        recon = np.empty(n, dtype=np.float64)
+        recon = np.full(n, np.nan)  # filled only with_recon
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
-            out = self.model_(to_model_input(arrays, np.arange(sl.start, sl.stop)).to(device))
+            out = self.model_(to_model_input(arrays, np.arange(sl.start, sl.stop)).to(device),
+                              codes_only=not with_recon)
             sid[sl] = out.codes.cpu().numpy()
             weights[sl] = out.behavior_weights.cpu().numpy()
-            recon[sl] = out.recon.cpu().numpy()
+            if with_recon:
+                recon[sl] = out.recon.cpu().numpy()
         if was_training:
             self.model_.train()
         return sid, weights, recon
@@ -178,7 +180,7 @@ class SemanticIdTokenizer(BaseTokenizer):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._check_fitted()
         arrays = coerce_items(items, self.config)
-        sid, weights, _ = self._run(arrays, batch_size)
+        sid, weights, _ = self._run(arrays, batch_size, with_recon=False)
         if self.config.has_behavior:
             path = np.where(arrays.has_behavior, "full", "content_only").astype(object)
         else:

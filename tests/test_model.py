@@ -144,3 +144,22 @@ def test_kmeans_init_uses_every_code():
     book = CosineCodebook(dim=5, codebook_size=8)
     book.init_from_kmeans(z, niter=20, seed=0)
     assert book.assign(z).unique().numel() == 8
+
+
+def test_codes_only_inference_matches_the_full_forward():
+    model = ADCSIDModel(tiny_config(codebook_size=16)).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    has = torch.tensor([True, False, True, True, False, True, True, False])
+    x = make_input(B=8, has=has)
+    full = model(x)
+    fast = model(x, codes_only=True)
+    assert torch.equal(full.codes, fast.codes)
+    assert torch.equal(full.behavior_weights, fast.behavior_weights)
+    assert fast.recon is None and fast.losses == {}
+    model.train()
+    try:
+        model(x, codes_only=True)
+    except ValueError as err:
+        assert "inference" in str(err)
+    else:
+        raise AssertionError("codes_only in train mode must be refused")

@@ -176,8 +176,9 @@ def test_bad_requests_get_4xx_naming_the_field(setup, mutate, status, needles):
 
 
 @pytest.mark.parametrize("raw,needle", [
-    (b'{"items": [', "JSON decode error"),
-    (b'not json at all', "JSON decode error"),
+    (b'{"items": [', "Invalid JSON"),
+    (b'not json at all', "Invalid JSON"),
+    (b'', "Invalid JSON"),
     (float("nan"), "items[0].text_emb[3] is nan"),
     (float("inf"), "items[0].text_emb[3] is inf"),
     (float("-inf"), "items[0].text_emb[3] is -inf"),
@@ -221,7 +222,10 @@ def test_model_info_and_docs(setup):
     assert info["inputs"]["content"] == {"text_emb": 24, "image_emb": 16}
     assert info["snapshot"]["version"] == "v1" and info["snapshot"]["catalog_lookup"] is True
     assert c.get("/docs").status_code == 200
-    assert "/tokenize" in c.get("/openapi.json").json()["paths"]
+    spec = c.get("/openapi.json").json()
+    body = spec["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/TokenizeRequest"
+    assert {"TokenizeRequest", "TokenizeItem", "TokenizeResponse"} <= set(spec["components"]["schemas"])
 
 
 def test_concurrent_requests_share_model_calls(setup):

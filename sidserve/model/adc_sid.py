@@ -131,7 +131,10 @@ class ADCSIDModel(nn.Module):
 
     # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
-                generator: torch.Generator | None = None) -> ModelOutput:
+                generator: torch.Generator | None = None, codes_only: bool = False) -> ModelOutput:
+        """codes_only (inference): codes and behavior weights only; no decoder, no losses."""
+        if codes_only and self.training:
+            raise ValueError("codes_only is for inference: call model.eval() first")
         c = self.config
         B = x.batch_size
         dev = x.has_behavior.device
@@ -145,6 +148,9 @@ class ADCSIDModel(nn.Module):
 
         def quantize(book: CosineCodebook, z: torch.Tensor, weight: torch.Tensor | None):
             nonlocal vq
+            if codes_only:
+                codes.append(book.assign(z))
+                return
             z_hat, z_q, idx, loss = book(z)
             vq = vq + loss
             latents.append(z)
@@ -187,13 +193,20 @@ class ADCSIDModel(nn.Module):
             r_full = r_full.index_put((rows,), gates_raw)
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
             for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
+                full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
+                if codes_only:
+                    codes.append(full_idx.index_put((rows,), book.assign(expert(e_b))))
+                    continue
                 z_hat, z_q, idx, loss = book(expert(e_b))
                 vq = vq + loss
                 latents.append(z_hat)
                 z_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_hat, rows, B))
                 zq_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_q, rows, B))
-                full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
                 codes.append(full_idx.index_put((rows,), idx))
+
+        if codes_only:
+            weights = r_full if r_full is not None else torch.zeros(B, 0, device=dev)
+            return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights)
 
         z = torch.stack(z_parts).sum(0)  # (B, D)
         z_q = torch.stack(zq_parts).sum(0)  # (B, D)

@@ -19,12 +19,16 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from sidserve.service.core import NotReady, TokenizeService
 from sidserve.service.schema import RequestError, TokenizeRequest, TokenizeResponse
 from sidserve.service.state import API_KEY_ENV
 
+_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/TokenizeRequest"}}}}}
 OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/metrics"}
 
 
@@ -34,24 +38,7 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
                   description="Semantic IDs for recommender items (ADC-SID). "
                               "Send embeddings, get SIDs; known items come from the published snapshot.")
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        key = os.environ.get(API_KEY_ENV)
-        if key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
-                response = JSONResponse({"detail": "missing or wrong bearer token (Authorization: Bearer <key>)"},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                _record(get_service, request, response.status_code, t0)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception:
-            _record(get_service, request, 500, t0)
-            raise
-        _record(get_service, request, response.status_code, t0)
-        return response
+    app.add_middleware(AuthAndMetrics, get_service=get_service)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, err: RequestError):
@@ -70,12 +57,18 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     async def not_ready(_: Request, err: NotReady):
         return JSONResponse({"detail": f"not ready: {err}"}, status_code=503, headers={"Retry-After": "5"})
 
-    @app.post("/tokenize", response_model=TokenizeResponse,
+    @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=_REQUEST_BODY,
               responses={413: {"description": "too many items"}, 422: {"description": "bad item field"},
                          401: {"description": "bearer token required"}, 503: {"description": "not ready"}})
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(request: Request):
         """SIDs for a batch of items. An item whose ``item_id`` is in the published snapshot
         gets its published SID and dedup (``path: catalog``) unless ``recompute`` is set."""
+        # pydantic's own JSON parser on the raw body: about 3x faster than FastAPI's
+        # json.loads + validation for a request of float vectors
+        try:
+            body = TokenizeRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
         return JSONResponse(await get_service().tokenize(body))
 
     @app.get("/healthz")
@@ -98,6 +91,19 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
         info["service_config"] = service.config.to_dict()
         return info
 
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            request = TokenizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["TokenizeRequest"] = request
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     if metrics_route is not None:
         @app.get("/metrics", include_in_schema=False)
         async def metrics():
@@ -106,7 +112,42 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     return app
 
 
-def _record(get_service, request: Request, status: int, t0: float) -> None:
-    route = request.scope.get("route")
-    path = getattr(route, "path", None) or "unmatched"
-    get_service().telemetry.request(path, status, (time.perf_counter() - t0) * 1e3)
+class AuthAndMetrics:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs about a millisecond a
+    request): bearer-token check when $SIDSERVE_API_KEY is set, then one
+    requests/latency observation per request, labelled by route template and status."""
+
+    def __init__(self, app, get_service: Callable[[], TokenizeService]):
+        self.app = app
+        self.get_service = get_service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        key = os.environ.get(API_KEY_ENV)
+        if key and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:], key.encode())):
+                response = JSONResponse({"detail": "missing or wrong bearer token (Authorization: Bearer <key>)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                self._record(scope, 401, t0)
+                return
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._record(scope, status, t0)
+
+    def _record(self, scope, status: int, t0: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.get_service().telemetry.request(route, status, (time.perf_counter() - t0) * 1e3)

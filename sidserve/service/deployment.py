@@ -8,14 +8,13 @@ wait come from the ``user_config`` and change in place with it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ray import serve
 
 from sidserve.base import Encoding
 from sidserve.service.app import make_app
-from sidserve.service.core import EncodeJob, TokenizeService, encode_jobs
+from sidserve.service.core import EncodeJob, TokenizeService, run_encode
 from sidserve.service.telemetry import RayTelemetry
 
 log = logging.getLogger("sidserve.service")
@@ -56,11 +55,9 @@ class SidServe:
     async def _encode(self, job: EncodeJob) -> Encoding:
         return await self._encode_batch(job)
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)  # both set by reconfigure
     async def _encode_batch(self, jobs: list[EncodeJob]) -> list[Encoding]:
-        # in a worker thread: the event loop keeps accepting (and validating) requests
-        return await asyncio.to_thread(encode_jobs, jobs, self.service.telemetry,
-                                       self.service.config.encode_batch_size)
+        return await run_encode(jobs, self.service.telemetry, self.service.config.encode_batch_size)
 
     def __del__(self):
         if getattr(self, "service", None) is not None:

@@ -59,6 +59,9 @@ class RequestError(Exception):
         self.detail = detail
 
 
+MAX_ERRORS = 20  # problems listed in one 422
+
+
 def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
     return {"loc": ["body", *loc], "msg": msg, "type": kind}
 
@@ -72,8 +75,8 @@ class Prepared:
 def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
     """Validate a request's items against the model ``config`` -> dense arrays.
 
-    Raises RequestError: 413 for more than ``max_items`` items, 422 listing every bad
-    field (up to 20) as ``items[i].field``.
+    Raises RequestError: 413 for more than ``max_items`` items, 422 listing the bad
+    fields (up to MAX_ERRORS) as ``items[i].field``.
     """
     items = request.items
     n = len(items)
@@ -86,45 +89,51 @@ def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
     b_name = column_name(BEHAVIOR)
     b_dim = config.behavior_dim if config.has_behavior else None
     allowed = sorted([ITEM_ID, *dims, *([b_name] if b_dim else [])])
-    errors: list[dict] = []
-    content = {name: np.zeros((n, d), np.float32) for name, d in dims.items()}
-    behavior = np.zeros((n, b_dim), np.float32) if b_dim else None
-    has_b = np.zeros(n, bool)
-
-    def fill(i: int, name: str, values, dim: int, out: np.ndarray) -> bool:
-        if len(values) != dim:
-            errors.append(_error(["items", i, name], f"items[{i}].{name} has {len(values)} values, expected {dim}"))
-            return False
-        row = np.asarray(values, dtype=np.float64)
-        if not np.isfinite(row).all():
-            j = int(np.flatnonzero(~np.isfinite(row))[0])
-            errors.append(_error(["items", i, name, j], f"items[{i}].{name}[{j}] is {row[j]}: values must be finite"))
-            return False
-        out[i] = row
-        return True
-
-    for i, item in enumerate(items):
-        extra = item.__pydantic_extra__ or {}
+    extras = [item.__pydantic_extra__ or {} for item in items]
+    errors: list[tuple[int, dict]] = []
+    for i, extra in enumerate(extras):
         for name in extra:
             if name not in allowed:
-                errors.append(_error(["items", i, name], f"items[{i}] has unknown field {name!r}; "
-                                     f"this model takes {allowed}", "extra_forbidden"))
-        for name, dim in dims.items():
+                errors.append((i, _error(["items", i, name], f"items[{i}] has unknown field {name!r}; "
+                                         f"this model takes {allowed}", "extra_forbidden")))
+
+    def column(name: str, dim: int, required: bool) -> tuple[np.ndarray, np.ndarray]:
+        """-> (n, dim) float32 values, (n,) bool present-and-valid; one np.array per field."""
+        out = np.zeros((n, dim), np.float32)
+        ok = np.zeros(n, bool)
+        idx, rows = [], []
+        for i, extra in enumerate(extras):
             values = extra.get(name)
             if values is None:
-                errors.append(_error(["items", i, name], f"items[{i}].{name} is missing (content embeddings "
-                                     f"are required, {dim} values)", "missing"))
+                if required:
+                    errors.append((i, _error(["items", i, name], f"items[{i}].{name} is missing (content "
+                                             f"embeddings are required, {dim} values)", "missing")))
+            elif len(values) != dim:
+                errors.append((i, _error(["items", i, name],
+                                         f"items[{i}].{name} has {len(values)} values, expected {dim}")))
             else:
-                fill(i, name, values, dim, content[name])
-        if b_dim and extra.get(b_name) is not None:
-            has_b[i] = fill(i, b_name, extra[b_name], b_dim, behavior)
-        if len(errors) >= 20:
-            break
+                idx.append(i)
+                rows.append(values)
+        if rows:
+            with np.errstate(over="ignore"):
+                block = np.array(rows, dtype=np.float32)  # (n_ok, dim); beyond float32 -> inf
+            finite = np.isfinite(block)
+            for k in np.flatnonzero(~finite.all(axis=1)):
+                i, j = idx[k], int(np.flatnonzero(~finite[k])[0])
+                errors.append((i, _error(["items", i, name, j],
+                                         f"items[{i}].{name}[{j}] is {rows[k][j]}: values must be finite "
+                                         f"(and within float32 range)")))
+            out[idx] = block
+            ok[idx] = finite.all(axis=1)
+        return out, ok
+
+    content = {m: column(column_name(m), d, True)[0] for m, d in config.modality_dims.items()}
+    behavior, has_b = column(b_name, b_dim, False) if b_dim else (None, np.zeros(n, bool))
     if errors:
-        raise RequestError(422, errors[:20])
-    arrays = ItemArrays({m: content[column_name(m)] for m in config.modality_dims}, behavior, has_b,
-                        np.array([it.item_id for it in items], dtype=object))
-    return Prepared([it.item_id for it in items], arrays)
+        errors.sort(key=lambda e: e[0])  # by item, then in the order found
+        raise RequestError(422, [e for _, e in errors[:MAX_ERRORS]])
+    ids = [it.item_id for it in items]
+    return Prepared(ids, ItemArrays(content, behavior, has_b, np.array(ids, dtype=object)))
 
 
 def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:

@@ -38,7 +38,7 @@ class ServiceConfig:
     snapshot_poll_s: float = 30.0
     # @serve.batch: most requests merged into one model call, and how long the first one waits
     max_batch_size: int = 256
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0  # 0: batch what queued meanwhile, never delay a lone request
     # largest accepted request (413 above it): bounds a replica's memory per request
     max_items_per_request: int = 1024
     # items per forward pass inside one model call
