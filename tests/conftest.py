@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 
@@ -84,3 +85,85 @@ def ensure_ray():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
                  log_to_driver=True, configure_logging=False, _metrics_export_port=METRICS_PORT)
     return ray
+
+
+@contextlib.contextmanager
+def daemon(cmd: list[str], ready_url: str, name: str, timeout: float = 30.0):
+    """Run a server process (Prometheus, Pushgateway) until the block ends; fail the test
+    with the process' output if it does not answer ``ready_url`` in time."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which(cmd[0]) is None:
+        pytest.fail(f"{cmd[0]} is not installed (.ci/run installs the Debian package)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(ready_url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"{name} did not start: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.1)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def pushgateway():
+    """A real Pushgateway (Debian prometheus-pushgateway): (host:port, base url)."""
+    import shutil
+
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway") or "prometheus-pushgateway"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with daemon([binary, f"--web.listen-address=127.0.0.1:{port}"], f"{url}/-/ready", "the Pushgateway"):
+        yield f"127.0.0.1:{port}", url
+
+
+def serve_config(port: int, user_config: dict, env_vars: dict | None = None) -> dict:
+    """deploy/serve.yaml, as shipped, with this test's port, one replica and user_config."""
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    dep = config["applications"][0]["deployments"][0]
+    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    if env_vars:
+        dep["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
+    dep["user_config"].update(user_config)
+    return config
+
+
+def deploy_serve(config: dict) -> None:
+    """What `serve deploy` does with a config file, on the session's cluster; waits until RUNNING."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start(http_options=config["http_options"])
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"service not ready: {r.status_code} {r.text}")

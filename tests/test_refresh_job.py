@@ -1,9 +1,6 @@
 """The nightly refresh: metrics in a real Pushgateway, warm-started re-fit."""
 
 import os
-import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 
@@ -17,35 +14,6 @@ from sidserve.snapshot import SnapshotRoot
 
 CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=8, num_behavior_experts=2,
            hidden_dim=32, latent_dim=8, expert_hidden_dim=32, epochs=2, batch_size=256, kmeans_init_samples=2000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def pushgateway(tmp_path_factory):
-    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
-    if binary is None:
-        pytest.fail("prometheus-pushgateway is not installed (.ci/run installs the Debian package)")
-    port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("the Pushgateway did not start")
-    yield f"127.0.0.1:{port}", url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def scrape(url: str) -> dict:

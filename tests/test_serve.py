@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import METRICS_PORT, SMALL, free_port
+from conftest import METRICS_PORT, SMALL, deploy_serve, free_port, serve_config, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig
@@ -62,8 +62,6 @@ def item_json(table: pa.Table, i: int, **override) -> dict:
 def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     ray = ray_session()
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     tmp = tmp_path_factory.mktemp("serve")
     model_a = str(tmp / "model-a")
@@ -78,28 +76,12 @@ def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     snap_items = write_snapshot(root, tok_a, model_a, small_catalog.slice(0, 1000), "v1")
 
     port = free_port()
-    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    dep = config["applications"][0]["deployments"][0]
-    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-    dep["ray_actor_options"]["runtime_env"] = {"env_vars": {"SIDSERVE_API_KEY": API_KEY}}
-    dep["user_config"].update(model_uri=model_a, snapshot_root=root.uri, snapshot_poll_s=0.5,
-                              max_items_per_request=MAX_ITEMS)
-
-    def deploy(cfg):
-        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(config)
+    config = serve_config(port, dict(model_uri=model_a, snapshot_root=root.uri, snapshot_poll_s=0.5,
+                                     max_items_per_request=MAX_ITEMS), {"SIDSERVE_API_KEY": API_KEY})
+    deploy_serve(config)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
-    for _ in range(300):
-        r = client.get("/readyz")
-        if r.status_code == 200:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"service not ready: {r.status_code} {r.text}")
-    yield dict(ray=ray, client=client, config=config, deploy=deploy, tok_a=tok_a, tok_b=tok_b,
+    wait_ready(client)
+    yield dict(ray=ray, client=client, config=config, deploy=deploy_serve, tok_a=tok_a, tok_b=tok_b,
                model_a=model_a, model_b=model_b, root=root, snap=snap_items, catalog=small_catalog)
     client.close()
     serve.shutdown()
