@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (install + run the main job) and `make test`.
+# The README's two commands: `make demo` (install + fit, assign, serve, tokenize) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/python jobs/train.py --output outputs/model
+	$(BIN)/python jobs/demo.py --output outputs
 
 # Prometheus and the Pushgateway are started by the monitoring tests (Debian packages).
 system-deps:

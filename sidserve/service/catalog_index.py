@@ -1,9 +1,9 @@
 """Item-id lookup into a published snapshot, compact enough for tens of millions of items.
 
-The snapshot's columns stay in Arrow (about 60 bytes per item for L=6, N_b=3). The index
-is a sorted array of 64-bit hashes of the ids plus the row each belongs to (12 bytes per
-item), so a lookup is a binary search and a check that the stored id really matches;
-no Python object per item, unlike a dict (about 100 bytes per item).
+The columns a response needs stay in Arrow (about 66 bytes per item for L=6, N_b=3); the
+index is a sorted array of 64-bit hashes of the ids plus the row of each (16 bytes per
+item), so a lookup is a binary search and a check that the stored id really matches. No
+Python object per item, unlike a dict (over 100 bytes per item before the values).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
 
+KEEP = ["item_id", "sid", "dedup", "behavior_weights"]  # columns held in memory
 _PRIME = np.uint64(1099511628211)  # FNV-1 64-bit prime
 
 
@@ -69,7 +70,10 @@ class CatalogIndex:
         if not set(ITEMS_SCHEMA.names) <= set(table.column_names):
             raise ValueError(f"snapshot {version}: items have columns {table.column_names}, "
                              f"expected {ITEMS_SCHEMA.names}")
-        self.table = table.combine_chunks()
+        versions = pc.unique(table.column("model_version")).to_pylist() if table.num_rows else []
+        self.model_versions: list[str] = sorted(v for v in versions if v is not None)
+        # only what a response needs (sid_str is rebuilt from sid): about 70 bytes an item
+        self.table = table.select(KEEP).combine_chunks()
         self.version = version
         self.summary = summary or {}
         self.root_uri = root_uri
@@ -80,8 +84,6 @@ class CatalogIndex:
         self._order = np.argsort(hashes, kind="stable").astype(np.int64)
         self._hashes = hashes[self._order]
         self._ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-        versions = pc.unique(self.table.column("model_version")).to_pylist() if len(self.table) else []
-        self.model_versions: list[str] = sorted(v for v in versions if v is not None)
 
     @classmethod
     def load(cls, root: SnapshotRoot, version: str | None = None) -> CatalogIndex:
@@ -121,5 +123,6 @@ class CatalogIndex:
     def rows(self, rows: np.ndarray) -> dict[str, list]:
         """Columns of the given rows as Python lists (the response fields)."""
         sub = self.table.take(pa.array(rows, pa.int64()))
-        return {name: sub.column(name).to_pylist()
-                for name in ("item_id", "sid", "sid_str", "dedup", "behavior_weights")}
+        out = {name: sub.column(name).to_pylist() for name in KEEP}
+        out["sid_str"] = ["-".join(map(str, s)) for s in out["sid"]]  # the snapshot's sid_str format
+        return out
