@@ -76,6 +76,7 @@ def free_port() -> int:
 
 
 METRICS_PORT = free_port()  # Ray's Prometheus endpoint of the session cluster
+SERVE_PORT = free_port()  # Serve's HTTP port: one Serve instance serves every test module
 
 
 def ensure_ray():
@@ -131,7 +132,7 @@ def pushgateway():
         yield f"127.0.0.1:{port}", url
 
 
-def serve_config(port: int, user_config: dict, env_vars: dict | None = None) -> dict:
+def serve_config(user_config: dict, env_vars: dict | None = None, port: int = SERVE_PORT) -> dict:
     """deploy/serve.yaml, as shipped, with this test's port, one replica and user_config."""
     from pathlib import Path
 
@@ -155,6 +156,15 @@ def deploy_serve(config: dict) -> None:
 
     serve.start(http_options=config["http_options"])
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+def undeploy_serve() -> None:
+    """Delete the app (its replicas free their CPUs for Train) but keep Serve running:
+    with the HAProxy ingress, serve.shutdown() takes about 30 s (Ray 2.60), once per session
+    is enough (ray_session's teardown)."""
+    from ray import serve
+
+    serve.delete("sidserve")
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:

@@ -1,6 +1,7 @@
-"""k8s/ manifests against the KubeRay CRDs, Kubernetes and Prometheus Operator schemas in
-../shared/schemas (offline), and their agreement with deploy/ and docker/."""
+"""k8s/ manifests against the KubeRay CRDs, Kubernetes and Prometheus Operator schemas
+(offline; gzipped copies in tests/schemas/), and their agreement with deploy/ and docker/."""
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SHARED = ROOT.parent / "shared" / "schemas"  # the project's copy, when checked out beside it
 CRDS = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 CORE = {("batch/v1", "CronJob"): "cronjob-batch-v1.json", ("batch/v1", "Job"): "job-batch-v1.json",
         ("v1", "ConfigMap"): "configmap-v1.json", ("v1", "Service"): "service-v1.json",
@@ -27,8 +29,12 @@ def manifests() -> list[tuple[str, dict]]:
     return out
 
 
+def read_schema(name: str) -> str:
+    return gzip.decompress((SCHEMAS / f"{name}.gz").read_bytes()).decode()
+
+
 def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((SCHEMAS / CRDS[kind]).read_text())
+    crd = yaml.safe_load(read_schema(CRDS[kind]))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -61,16 +67,25 @@ def validate(doc: dict) -> list[str]:
         errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
         return errors + [f"unknown key {k}" for k in unknown_keys(doc, schema) if not k.startswith(".metadata")]
     if (api, kind) in CORE:
-        schema = json.loads((SCHEMAS / "k8s-v1.32.2-standalone-strict" / CORE[(api, kind)]).read_text())
+        schema = json.loads(read_schema(f"k8s-v1.32.2-standalone-strict/{CORE[(api, kind)]}"))
     elif kind in MONITORING:
         assert api == "monitoring.coreos.com/v1", api
-        schema = json.loads((SCHEMAS / "monitoring.coreos.com" / MONITORING[kind]).read_text())
+        schema = json.loads(read_schema(f"monitoring.coreos.com/{MONITORING[kind]}"))
     else:
         return [f"no schema for {api} {kind}"]
     return [f"{list(e.absolute_path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
 
 
 ALL = manifests()
+
+
+def test_vendored_schemas_equal_the_shared_ones():
+    names = [str(p.relative_to(SCHEMAS))[:-3] for p in SCHEMAS.rglob("*.gz")]
+    assert len(names) == 11
+    if not SHARED.is_dir():
+        pytest.skip("../shared/schemas is not checked out beside the repository")
+    for name in names:
+        assert read_schema(name) == (SHARED / name).read_text(), name
 
 
 @pytest.mark.parametrize("name,doc", ALL, ids=[n for n, _ in ALL])

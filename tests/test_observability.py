@@ -14,7 +14,15 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import METRICS_PORT, daemon, deploy_serve, free_port, serve_config, wait_ready
+from conftest import (
+    METRICS_PORT,
+    daemon,
+    deploy_serve,
+    free_port,
+    serve_config,
+    undeploy_serve,
+    wait_ready,
+)
 from test_serve import item_json
 
 from sidserve.refresh_job import RefreshJobConfig, run_refresh
@@ -55,7 +63,6 @@ def test_promtool_accepts_rules_and_config():
 @pytest.fixture(scope="module")
 def stack(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
     ray_session()
-    from ray import serve
 
     tmp = tmp_path_factory.mktemp("observability")
     model = str(tmp / "model")
@@ -81,15 +88,16 @@ def stack(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
     binary = shutil.which("prometheus") or "prometheus"
     with daemon([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{prom_port}"], f"{prom_url}/-/ready", "Prometheus"):
-        port = free_port()
-        deploy_serve(serve_config(port, {"model_uri": model, "snapshot_root": str(tmp / "snap")}))
+        config = serve_config({"model_uri": model, "snapshot_root": str(tmp / "snap")})
+        port = config["http_options"]["port"]
+        deploy_serve(config)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         wait_ready(client)
         try:
             yield dict(prom=prom_url, client=client, catalog=small_catalog)
         finally:
             client.close()
-            serve.shutdown()
+            undeploy_serve()
 
 
 def send_traffic(client, catalog, seconds: float) -> None:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import METRICS_PORT, SMALL, deploy_serve, free_port, serve_config, wait_ready
+from conftest import METRICS_PORT, SMALL, deploy_serve, serve_config, undeploy_serve, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig
@@ -61,7 +61,6 @@ def item_json(table: pa.Table, i: int, **override) -> dict:
 @pytest.fixture(scope="module")
 def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     ray = ray_session()
-    from ray import serve
 
     tmp = tmp_path_factory.mktemp("serve")
     model_a = str(tmp / "model-a")
@@ -75,16 +74,16 @@ def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     root = SnapshotRoot(str(tmp / "snapshots"))
     snap_items = write_snapshot(root, tok_a, model_a, small_catalog.slice(0, 1000), "v1")
 
-    port = free_port()
-    config = serve_config(port, dict(model_uri=model_a, snapshot_root=root.uri, snapshot_poll_s=0.5,
-                                     max_items_per_request=MAX_ITEMS), {"SIDSERVE_API_KEY": API_KEY})
+    config = serve_config(dict(model_uri=model_a, snapshot_root=root.uri, snapshot_poll_s=0.5,
+                               max_items_per_request=MAX_ITEMS), {"SIDSERVE_API_KEY": API_KEY})
+    port = config["http_options"]["port"]
     deploy_serve(config)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
     wait_ready(client)
     yield dict(ray=ray, client=client, config=config, deploy=deploy_serve, tok_a=tok_a, tok_b=tok_b,
                model_a=model_a, model_b=model_b, root=root, snap=snap_items, catalog=small_catalog)
     client.close()
-    serve.shutdown()
+    undeploy_serve()
 
 
 def test_serve_yaml_is_a_valid_deploy_config():
