@@ -58,12 +58,8 @@ def ray_session():
     import ray
 
     yield ensure_ray
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    except Exception:  # noqa: BLE001 - Serve may never have started
-        pass
+    # no serve.shutdown(): with the HAProxy ingress it takes about 30 s (Ray 2.60), and
+    # ray.shutdown() ends Serve's processes (HAProxy included) with the cluster
     ray.shutdown()
 
 
@@ -77,6 +73,15 @@ def free_port() -> int:
 
 METRICS_PORT = free_port()  # Ray's Prometheus endpoint of the session cluster
 SERVE_PORT = free_port()  # Serve's HTTP port: one Serve instance serves every test module
+
+SERVE_MODULES = ("test_observability.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The Serve modules run last, on one Serve instance that is never torn down: deleting
+    an app takes about 30 s with the HAProxy ingress, and Train tests need the CPUs a
+    replica holds."""
+    items.sort(key=lambda item: item.path.name in SERVE_MODULES)
 
 
 def ensure_ray():
@@ -156,15 +161,6 @@ def deploy_serve(config: dict) -> None:
 
     serve.start(http_options=config["http_options"])
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
-
-
-def undeploy_serve() -> None:
-    """Delete the app (its replicas free their CPUs for Train) but keep Serve running:
-    with the HAProxy ingress, serve.shutdown() takes about 30 s (Ray 2.60), once per session
-    is enough (ray_session's teardown)."""
-    from ray import serve
-
-    serve.delete("sidserve")
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:

@@ -21,8 +21,8 @@ def test_demo_runs_the_whole_story(tmp_path):
 
     if ray.is_initialized():  # the demo starts its own local cluster: free the 2 CPUs
         ray.shutdown()
-    proc = subprocess.run([sys.executable, "jobs/demo.py", "--output", str(tmp_path), "--items", "3000",
-                           "--epochs", "2", "--port", str(free_port())],
+    proc = subprocess.run([sys.executable, "jobs/demo.py", "--output", str(tmp_path), "--items", "2000",
+                           "--epochs", "1", "--port", str(free_port())],
                           cwd=ROOT, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[demo]")]
@@ -30,6 +30,6 @@ def test_demo_runs_the_whole_story(tmp_path):
     assert paths == ["catalog", "full", "content_only"], lines
     tok = load_tokenizer(str(tmp_path / "model"))
     root = SnapshotRoot(str(tmp_path / "snapshots"))
-    assert root.summary()["items"] == 3000 and root.summary()["model_version"] == tok.version
+    assert root.summary()["items"] == 2000 and root.summary()["model_version"] == tok.version
     assert f"(model {tok.version})" in proc.stdout  # the service answered with the fitted model
     assert str(tmp_path / "model") in lines[-1] and str(tmp_path / "snapshots") in lines[-1]

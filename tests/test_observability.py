@@ -20,7 +20,6 @@ from conftest import (
     deploy_serve,
     free_port,
     serve_config,
-    undeploy_serve,
     wait_ready,
 )
 from test_serve import item_json
@@ -96,8 +95,7 @@ def stack(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
         try:
             yield dict(prom=prom_url, client=client, catalog=small_catalog)
         finally:
-            client.close()
-            undeploy_serve()
+            client.close()  # the app stays up (see conftest.SERVE_MODULES)
 
 
 def send_traffic(client, catalog, seconds: float) -> None:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import METRICS_PORT, SMALL, deploy_serve, serve_config, undeploy_serve, wait_ready
+from conftest import METRICS_PORT, SMALL, deploy_serve, serve_config, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig
@@ -82,8 +82,7 @@ def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     wait_ready(client)
     yield dict(ray=ray, client=client, config=config, deploy=deploy_serve, tok_a=tok_a, tok_b=tok_b,
                model_a=model_a, model_b=model_b, root=root, snap=snap_items, catalog=small_catalog)
-    client.close()
-    undeploy_serve()
+    client.close()  # the app stays up: the next deploy replaces it, ray.shutdown() ends it
 
 
 def test_serve_yaml_is_a_valid_deploy_config():
