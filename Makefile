@@ -3,18 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean system-deps
+.PHONY: install demo test lint clean system-deps eval
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,eval]'
 	touch $@
 
 demo: install
 	$(BIN)/python jobs/demo.py --output outputs
+
+# The paper's comparison on Amazon Beauty (docs/evaluation.md); needs ../shared/data or DATA=<dir>.
+DATA ?= ../shared/data/amazon-beauty-5core
+eval: install
+	$(BIN)/python jobs/evaluate.py --data $(DATA) --output outputs/eval
 
 # Prometheus and the Pushgateway are started by the monitoring tests (Debian packages).
 system-deps:

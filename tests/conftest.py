@@ -173,3 +173,23 @@ def wait_ready(client, timeout: float = 60.0) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"service not ready: {r.status_code} {r.text}")
+
+
+@pytest.fixture(scope="session")
+def refreshed(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
+    """One real nightly refresh (Ray Data, 600 items) that pushed its metrics to the
+    session's Pushgateway; shared by the refresh and the observability tests (each Ray
+    Data run costs tens of seconds of fixed overhead on 2 CPUs)."""
+    import pyarrow.parquet as pq
+
+    from sidserve.refresh_job import RefreshJobConfig, run_refresh
+
+    ray_session()
+    base = tmp_path_factory.mktemp("refreshed")
+    fitted.save_pretrained(str(base / "model"))
+    os.makedirs(base / "items")
+    pq.write_table(small_catalog.slice(0, 600), base / "items" / "part-0.parquet")
+    summary = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
+                                           output=str(base / "snap"), pushgateway=pushgateway[0], num_workers=1))
+    return dict(base=base, model=str(base / "model"), items=str(base / "items"), snap=str(base / "snap"),
+                summary=summary)

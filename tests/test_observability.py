@@ -2,7 +2,6 @@
 the session's Ray (a running Serve app with traffic) and a Pushgateway (a real refresh run)."""
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -11,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import httpx
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import (
@@ -23,8 +21,6 @@ from conftest import (
     wait_ready,
 )
 from test_serve import item_json
-
-from sidserve.refresh_job import RefreshJobConfig, run_refresh
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidserve.json"
@@ -60,18 +56,11 @@ def test_promtool_accepts_rules_and_config():
 
 
 @pytest.fixture(scope="module")
-def stack(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
+def stack(ray_session, refreshed, small_catalog, pushgateway, tmp_path_factory):
     ray_session()
-
     tmp = tmp_path_factory.mktemp("observability")
-    model = str(tmp / "model")
-    fitted.save_pretrained(model)
-    os.makedirs(tmp / "items")
-    pq.write_table(small_catalog.slice(0, 600), tmp / "items" / "part-0.parquet")
+    model, snap = refreshed["model"], refreshed["snap"]  # a real refresh pushed its metrics
     addr, _ = pushgateway
-    # a real refresh run pushes its metrics (before Serve starts: they never share the CPUs)
-    run_refresh(RefreshJobConfig(items=str(tmp / "items"), model=model, output=str(tmp / "snap"),
-                                 pushgateway=addr, num_workers=1))
 
     # Prometheus with the shipped config: same jobs and rule file, this session's targets
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
@@ -87,7 +76,7 @@ def stack(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory):
     binary = shutil.which("prometheus") or "prometheus"
     with daemon([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{prom_port}"], f"{prom_url}/-/ready", "Prometheus"):
-        config = serve_config({"model_uri": model, "snapshot_root": str(tmp / "snap")})
+        config = serve_config({"model_uri": model, "snapshot_root": snap})
         port = config["http_options"]["port"]
         deploy_serve(config)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)

@@ -1,6 +1,5 @@
 """The nightly refresh: metrics in a real Pushgateway, warm-started re-fit."""
 
-import os
 import time
 import urllib.request
 
@@ -8,12 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidserve import SemanticIdTokenizer, TokenizerConfig, load_tokenizer, make_synthetic_catalog
+from sidserve import load_tokenizer
 from sidserve.refresh_job import RefreshJobConfig, push_failure, run_refresh
 from sidserve.snapshot import SnapshotRoot
-
-CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=8, num_behavior_experts=2,
-           hidden_dim=32, latent_dim=8, expert_hidden_dim=32, epochs=2, batch_size=256, kmeans_init_samples=2000)
 
 
 def scrape(url: str) -> dict:
@@ -28,35 +24,22 @@ def scrape(url: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, ray_session):
-    ray_session()
-    base = tmp_path_factory.mktemp("refresh")
-    catalog = make_synthetic_catalog(2500, modality_dims=CFG["modality_dims"], behavior_dim=8, seed=9)
-    SemanticIdTokenizer(TokenizerConfig(**CFG)).fit(catalog).save_pretrained(str(base / "model"))
-    os.makedirs(base / "items")
-    pq.write_table(catalog, base / "items" / "part-0.parquet")
-    return base
-
-
 @pytest.mark.timeout(600)
-def test_refresh_pushes_metrics(setup, pushgateway):
+def test_refresh_pushes_metrics(refreshed, pushgateway):
     addr, url = pushgateway
-    base = setup
-    s = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
-                                     output=str(base / "snap"), pushgateway=addr))
+    s = refreshed["summary"]  # conftest: one run_refresh(..., pushgateway=addr) on 600 items
     m = scrape(url)
-    assert m[("sidserve_refresh_items", ())] == s["items"] == 2500
+    assert m[("sidserve_refresh_items", ())] == s["items"] == 600
     assert m[("sidserve_refresh_rejects", ())] == s["rejects"] == 0
-    assert m[("sidserve_refresh_input_rows", ())] == 2500
+    assert m[("sidserve_refresh_input_rows", ())] == 600
     assert m[("sidserve_refresh_collision_rate", ())] == pytest.approx(s["collision_rate"])
     assert m[("sidserve_refresh_churn_ratio", ())] == 0.0  # first snapshot: nothing in common
-    assert m[("sidserve_refresh_new_items", ())] == 2500
+    assert m[("sidserve_refresh_new_items", ())] == 600
     assert m[("sidserve_refresh_duration_seconds", ())] > 0
     assert abs(m[("sidserve_refresh_last_success_timestamp_seconds", ())] - time.time()) < 600
     assert m[("sidserve_refresh_snapshot_info", (("model_version", s["model_version"]),
                                                   ("version", s["version"])))] == 1
-    assert s["prepass"]["num_rows"] == 2500
+    assert s["prepass"]["num_rows"] == 600
 
     # a failure adds its timestamp and keeps the last success
     push_failure(addr)
@@ -67,8 +50,8 @@ def test_refresh_pushes_metrics(setup, pushgateway):
 
 
 @pytest.mark.timeout(600)
-def test_refit_warm_start_publishes_with_new_model(setup, tmp_path):
-    base = setup
+def test_refit_warm_start_publishes_with_new_model(refreshed, tmp_path):
+    base = refreshed["base"]
     s = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
                                      output=str(tmp_path / "snap"), refit=True, refit_epochs=1,
                                      refit_output=str(tmp_path / "model-2")))
@@ -81,9 +64,9 @@ def test_refit_warm_start_publishes_with_new_model(setup, tmp_path):
     assert (a == b).mean() > 0.5
 
 
-def test_refresh_failure_on_bad_input_is_an_error(setup, pushgateway, tmp_path):
+def test_refresh_failure_on_bad_input_is_an_error(refreshed, pushgateway, tmp_path):
     addr, url = pushgateway
     with pytest.raises((OSError, ValueError)):  # Ray: FileNotFoundError for a missing input
-        run_refresh(RefreshJobConfig(items=str(tmp_path / "missing"), model=str(setup / "model"),
+        run_refresh(RefreshJobConfig(items=str(tmp_path / "missing"), model=refreshed["model"],
                                      output=str(tmp_path / "snap"), pushgateway=addr))
     assert ("sidserve_refresh_last_failure_timestamp_seconds", ()) in scrape(url)

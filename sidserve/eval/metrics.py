@@ -1,0 +1,81 @@
+"""Downstream metrics: Recall/NDCG@K of ranked lists, AUC, GAUC, Spearman correlation.
+
+One relevant item per user (leave-one-out), so Recall@K = hit@K and
+NDCG@K = 1 / log2(rank + 2) for a hit at 0-based ``rank`` < K, else 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def recall_ndcg(ranked: np.ndarray, target: np.ndarray, ks=(5, 10, 50)) -> dict[str, np.ndarray]:
+    """ranked: (U, B) item ids best first (-1 = no item); target: (U,) -> per-user
+    ``recall@k`` and ``ndcg@k`` arrays (U,) for each k (k may exceed B: hits stop at B)."""
+    ranked, target = np.asarray(ranked), np.asarray(target)
+    if ranked.ndim != 2 or target.shape != (ranked.shape[0],):
+        raise ValueError(f"ranked must be (U, B) and target (U,), got {ranked.shape} and {target.shape}")
+    hit = ranked == target[:, None]
+    rank = np.where(hit.any(1), hit.argmax(1), np.iinfo(np.int64).max)  # (U,)
+    out = {}
+    for k in ks:
+        found = rank < k
+        out[f"recall@{k}"] = found.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(found, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+    return out
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy's 'average')."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], xs.size]
+    avg = (starts + ends + 1) / 2.0  # mean of 1-based positions start+1..end
+    ranks = np.empty(x.size)
+    ranks[order] = avg[group]
+    return ranks
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC = P(score of a random positive > a random negative), ties count 1/2."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs positives and negatives, got {n_pos} and {n_neg}")
+    r = rankdata(scores)
+    return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Group AUC: per-group AUC averaged with weights = group size; groups with only
+    one class are skipped (they have no AUC)."""
+    groups, labels, scores = map(np.asarray, (groups, labels, scores))
+    order = np.argsort(groups, kind="mergesort")
+    g, y, s = groups[order], labels[order].astype(bool), scores[order]
+    bounds = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
+    total, weight = 0.0, 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yy = y[a:b]
+        if yy.all() or not yy.any():
+            continue
+        total += auc(yy, s[a:b]) * (b - a)
+        weight += b - a
+    if weight == 0:
+        raise ValueError("GAUC needs at least one group with both classes")
+    return total / weight
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks)."""
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+
+
+def mean_std(values) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}

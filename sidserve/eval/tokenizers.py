@@ -1,0 +1,132 @@
+"""The tokenizers compared by the evaluation, built on the same inputs with the same
+SID budget (paper's public setting: K = 100 codes per position, length 6).
+
+- ``adc_sid``: ADC-SID, N_s = 1 shared, 1 expert per content modality (text, meta),
+  N_b = 3 behavioral experts.
+- ``adc_sid_no_controller`` / ``_no_align`` / ``_no_gate`` / ``_no_sparsity``: the
+  paper's Table 3 ablations (one switch each).
+- ``rqvae`` (TIGER) and ``opq``: content-only, on [text, meta].
+- ``rqkmeans``: residual k-means on [text, meta, behavior] (behavior-aware baseline).
+- ``letter`` (optional): the 4 x 256 SIDs that LETTER published for Beauty, read from
+  ``items.jsonl`` (an external reference with its own budget; no reconstruction).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from sidserve.baselines import (
+    OPQConfig,
+    OPQTokenizer,
+    RQKmeansTokenizer,
+    RQVAEConfig,
+    RQVAETokenizer,
+)
+from sidserve.baselines.common import BaselineConfig
+from sidserve.config import BEHAVIOR, TokenizerConfig
+from sidserve.metrics import quantization_report
+from sidserve.tokenizer import SemanticIdTokenizer
+
+ABLATIONS = {
+    "adc_sid_no_controller": {"use_alignment_controller": False},
+    "adc_sid_no_align": {"use_alignment_loss": False},
+    "adc_sid_no_gate": {"use_behavior_gate": False},
+    "adc_sid_no_sparsity": {"use_sparsity": False},
+}
+DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
+ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, "letter"]
+LABELS = {
+    "adc_sid": "ADC-SID", "adc_sid_no_controller": "w/o alignment controller",
+    "adc_sid_no_align": "w/o alignment loss", "adc_sid_no_gate": "w/o behavioral weighting gate",
+    "adc_sid_no_sparsity": "w/o sparsity regularisation", "rqvae": "RQ-VAE", "rqkmeans": "RQ-Kmeans",
+    "opq": "OPQ", "letter": "LETTER (published SIDs)",
+}
+
+
+@dataclass
+class TokenizerBudget:
+    codebook_size: int = 100  # K (paper's public setting)
+    sid_length: int = 6  # L = N_s + N_t + N_v + N_b = 1 + 1 + 1 + 3
+    adc_epochs: int = 20  # ADC-SID passes over the catalog
+    rqvae_epochs: int = 20  # RQ-VAE passes over the catalog
+    batch_size: int = 1024  # items per step (ADC-SID, RQ-VAE)
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)  # extra TokenizerConfig fields for ADC-SID
+
+
+@dataclass
+class Tokenized:
+    """What the downstream stages read: sid (N, L) int32, weights (N, L) float32 (R(e_b)
+    at behavioral positions, 1 elsewhere), and the quantization metrics."""
+
+    sid: np.ndarray
+    weights: np.ndarray
+    quantization: dict
+    codebook_size: int
+    tokenizer: object | None = None  # the fitted tokenizer (None for 'letter')
+
+
+def _adc_config(dims: dict[str, int], behavior_dim: int, b: TokenizerBudget, **switches) -> TokenizerConfig:
+    content_positions = 1 + len(dims)  # 1 shared + 1 per content modality
+    nb = b.sid_length - content_positions
+    if nb <= 0:
+        raise ValueError(f"sid_length={b.sid_length} leaves no behavioral position with {len(dims)} modalities")
+    return replace(TokenizerConfig(modality_dims=dict(dims), behavior_dim=behavior_dim),
+                   codebook_size=b.codebook_size, num_shared_experts=1, num_content_experts=1,
+                   num_behavior_experts=nb, epochs=b.adc_epochs, batch_size=b.batch_size, seed=b.seed,
+                   **b.overrides, **switches).validate()
+
+
+def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: int, b: TokenizerBudget,
+                  letter_sids: list | None = None) -> Tokenized:
+    """items: the numpy item dict (``<modality>_emb`` (N, d), ``behavior_emb`` (N, d_b))."""
+    if name == "letter":
+        if letter_sids is None:
+            raise ValueError("tokenizer 'letter' needs items.jsonl entries with 'letter_sid'")
+        sid = parse_letter_sids(letter_sids)
+        k = int(sid.max()) + 1
+        return Tokenized(sid, np.ones(sid.shape, np.float32), quantization_report(sid, k), k)
+    if name == "adc_sid" or name in ABLATIONS:
+        tok = SemanticIdTokenizer(_adc_config(dims, behavior_dim, b, **ABLATIONS.get(name, {}))).fit(items)
+        enc = tok.encode(items)
+        weights = np.ones(enc.sid.shape, np.float32)
+        beh = [p["position"] for p in tok.sid_layout if p["group"] == BEHAVIOR]
+        weights[:, beh] = enc.behavior_weights
+        q = dict(tok.stats_["fit_metrics"])
+        q["behavior_weight_mean_per_position"] = enc.behavior_weights.mean(0).round(6).tolist()
+        return Tokenized(enc.sid, weights, q, b.codebook_size, tok)
+    base = dict(modality_dims=dict(dims), behavior_dim=behavior_dim, codebook_size=b.codebook_size,
+                num_levels=b.sid_length, seed=b.seed)
+    if name == "rqvae":
+        tok = RQVAETokenizer(RQVAEConfig(**base, epochs=b.rqvae_epochs, batch_size=b.batch_size))
+    elif name == "opq":
+        tok = OPQTokenizer(OPQConfig(**base))
+    elif name == "rqkmeans":
+        tok = RQKmeansTokenizer(BaselineConfig(**base, use_behavior=True))
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}; choose from {ALL_TOKENIZERS}")
+    tok.fit(items)
+    enc = tok.encode(items)
+    return Tokenized(enc.sid, np.ones(enc.sid.shape, np.float32), dict(tok.stats_["fit_metrics"]),
+                     b.codebook_size, tok)
+
+
+_LETTER = re.compile(r"<[a-z]_(\d+)>")
+
+
+def parse_letter_sids(values: list) -> np.ndarray:
+    """['<a_183>', '<b_70>', ...] per item -> (N, L) int32."""
+    rows = []
+    for i, v in enumerate(values):
+        if not v:
+            raise ValueError(f"item {i + 1} has no letter_sid")
+        codes = [_LETTER.fullmatch(x) for x in v]
+        if not all(codes):
+            raise ValueError(f"item {i + 1}: letter_sid {v!r} is not of the form '<a_N>'")
+        rows.append([int(m.group(1)) for m in codes])
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("letter_sid lengths differ between items")
+    return np.asarray(rows, dtype=np.int32)

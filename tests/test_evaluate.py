@@ -1,0 +1,98 @@
+"""jobs/evaluate.py --quick end to end on the vendored Beauty slice: every stage, the
+report, resuming from the cache, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")
+# one of each path: ADC-SID (weighted SIDs), a baseline, an external SID file (the other
+# ablations flip one switch of the same model; the baselines have tests of their own)
+TOKENIZERS = ["adc_sid", "rqkmeans", "letter"]
+
+
+def evaluate(*args, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval") / "quick")
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_complete_report(quick_run):
+    out, p = quick_run
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["dataset"] == {"name": "beauty-slice[250 users]", "users": 250, "items": 1766,
+                            "interactions": 2200, "quick": True}
+    assert r["seeds"] == [0, 1] and "--quick" in r["command"]
+    assert list(r["tokenizers"]) == TOKENIZERS
+    assert -1 <= r["sasrec"]["norm_popularity_spearman"] <= 1
+    for name, e in r["tokenizers"].items():
+        q = e["quantization"]
+        assert q["sid_length"] == (4 if name == "letter" else 6)
+        assert 0 < q["utilisation_mean"] <= 1 and 0 <= q["collision_rate"] <= 1
+        for g in ("all", "head", "tail"):
+            for task, metrics in (("retrieval", ["recall@5", "recall@10", "recall@50", "ndcg@50"]),
+                                  ("ranking", ["auc", "gauc"])):
+                for m in metrics:
+                    v = e[task][g][m]
+                    assert len(v["values"]) == 2 and 0 <= v["mean"] <= 1 and v["std"] >= 0
+            # recall can only grow with K
+            rec = e["retrieval"][g]
+            assert rec["recall@5"]["mean"] <= rec["recall@10"]["mean"] <= rec["recall@50"]["mean"]
+        assert e["retrieval"]["all"]["users"] == 250
+        assert e["retrieval"]["head"]["users"] + e["retrieval"]["tail"]["users"] <= 250
+        assert e["retrieval"]["valid_sid_share"] == 1.0  # 1,766 items >= 50 beams: always full
+    report = open(os.path.join(out, "report.md")).read()
+    assert "ADC-SID" in report and "long-tail" in report and r["command"] in report
+    for png in ("metrics.png", "head_tail.png", "codebook_usage.png"):
+        with open(os.path.join(out, "plots", png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "LETTER (published SIDs)" in p.stdout
+    # the fitted tokenizers are real artifacts
+    from sidserve.base import BaseTokenizer
+    tok = BaseTokenizer.from_pretrained(os.path.join(out, "tokenizers", "adc_sid", "artifact"))
+    assert tok.config.codebook_size == 100 and tok.config.sid_length == 6
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_cache_and_lost_stages_are_redone(quick_run):
+    out, _ = quick_run
+    before = json.load(open(os.path.join(out, "results.json")))
+    os.remove(os.path.join(out, "downstream", "rqkmeans", "ranking_seed1.json"))
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS))
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = json.load(open(os.path.join(out, "results.json")))
+    assert list(after["stage_seconds_this_invocation"]) == ["ranking"]  # only the lost stage ran
+    for g in ("all", "head", "tail"):  # the redone stage is seeded: same numbers
+        for m in ("auc", "gauc"):
+            assert after["tokenizers"]["rqkmeans"]["ranking"][g][m]["values"] == \
+                pytest.approx(before["tokenizers"]["rqkmeans"]["ranking"][g][m]["values"], abs=1e-6)
+    assert after["tokenizers"]["adc_sid"] == before["tokenizers"]["adc_sid"]
+
+
+@pytest.mark.slow
+def test_changed_settings_on_the_same_output_are_refused(quick_run):
+    out, _ = quick_run
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--quick-users", "100")
+    assert p.returncode == 2
+    assert "different settings" in p.stderr and "quick_users" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_arguments_exit_2_with_a_message(tmp_path):
+    p = evaluate("--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--quick")
+    assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
+    p = evaluate("--data", SLICE, "--output", str(tmp_path / "o"), "--tokenizers", "adc_sid,nope")
+    assert p.returncode == 2 and "unknown tokenizers ['nope']" in p.stderr
+    p = evaluate("--data", SLICE, "--output", str(tmp_path / "o"), "--seeds", "0,x")
+    assert p.returncode == 2 and "--seeds" in p.stderr
