@@ -77,6 +77,23 @@ class TokenizerConfig:
     use_behavior_gate: bool = True  # False: R(e_b) = 1 (equal-weight behavioral SIDs)
     use_sparsity: bool = True  # False: no L_reg
 
+    # ---- collision regulation (AdaSID-style, issue 8; sidserve/regulation.py) ----------
+    # off: no regulation; adaptive: w = (1 - compat) * load * schedule per overlap;
+    # static: the same repulsion with w = 1 for every overlap (the baseline)
+    collision_regulation: str = "off"
+    collision_hamming: int = 0  # h: overlaps are SIDs within this Hamming distance (0 = identical)
+    collision_weight: float = 0.1  # weight of the repulsion term in the total loss
+    collision_margin: float = 0.5  # latents repel until their cosine is below 1 - margin
+    collision_relaxation: bool = True  # stage 1: content-compatible pairs keep their code
+    collision_adaptive_pressure: bool = True  # stage 2: scale by collision load and progress
+    collision_compat_threshold: float = 0.9  # content cosine of a 50% compatible pair
+    collision_compat_temperature: float = 0.02  # sharpness of the compatibility sigmoid
+    collision_load_cap: float = 4.0  # the most a crowded region multiplies the pressure by
+    collision_schedule_floor: float = 0.1  # pressure left at the end of training (starts at 1)
+    collision_pairs_per_batch: int = 64  # overlapping pairs appended to every batch (2 rows each)
+    collision_max_pairs: int = 100_000  # pairs kept per refresh (a random sample beyond), bounds memory
+    collision_refresh_every: int = 1  # epochs between catalog-wide collision detections
+
     # ---- optimisation ------------------------------------------------------------
     epochs: int = 20  # passes over the catalog
     batch_size: int = 1024  # items per step (also the InfoNCE negatives pool)
@@ -151,6 +168,30 @@ class TokenizerConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.collision_regulation not in ("off", "adaptive", "static"):
+            raise ValueError(
+                f"collision_regulation must be 'off', 'adaptive' or 'static', got {self.collision_regulation!r}"
+            )
+        if not isinstance(self.collision_hamming, int) or not 0 <= self.collision_hamming < self.sid_length:
+            raise ValueError(
+                f"collision_hamming must be an int in [0, {self.sid_length - 1}] for SIDs of length "
+                f"{self.sid_length}, got {self.collision_hamming!r}"
+            )
+        for name in ["collision_pairs_per_batch", "collision_max_pairs", "collision_refresh_every"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ["collision_weight", "collision_compat_temperature"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.collision_margin <= 2:
+            raise ValueError(f"collision_margin must be in (0, 2], got {self.collision_margin!r}")
+        if not -1 <= self.collision_compat_threshold <= 1:
+            raise ValueError(f"collision_compat_threshold must be in [-1, 1], got {self.collision_compat_threshold!r}")
+        if not self.collision_load_cap >= 1:
+            raise ValueError(f"collision_load_cap must be >= 1, got {self.collision_load_cap!r}")
+        if not 0 <= self.collision_schedule_floor <= 1:
+            raise ValueError(f"collision_schedule_floor must be in [0, 1], got {self.collision_schedule_floor!r}")
         if not math.isfinite(self.alpha) or not math.isfinite(self.beta):
             raise ValueError(f"alpha and beta must be finite, got {self.alpha}, {self.beta}")
         return self

@@ -24,8 +24,10 @@ from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays, coerce_items
 from sidserve.metrics import quantization_report
 from sidserve.model.adc_sid import ADCSIDModel
+from sidserve.regulation import refresh_pair_set
 from sidserve.training import (
     TrainState,
+    assign_codes,
     check_norm_range,
     compute_catalog_stats,
     init_codebooks,
@@ -111,8 +113,14 @@ class SemanticIdTokenizer(BaseTokenizer):
         optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         state = TrainState.create(c.seed)
         history = []
+        pair_set, pair_step = None, 0
         for epoch in range(c.epochs):
             t0 = time.perf_counter()
+            refresh: dict[str, Any] = {}
+            if c.collision_regulation != "off" and epoch % c.collision_refresh_every == 0:
+                # catalog-wide overlaps under the current weights (issue 8)
+                pair_set, refresh = refresh_pair_set(assign_codes(model, arrays), arrays, c, epoch)
+                pair_step = 0
             order = rng.permutation(n)
             sums: dict[str, float] = {}
             steps = 0
@@ -120,14 +128,20 @@ class SemanticIdTokenizer(BaseTokenizer):
                 idx = order[start:start + c.batch_size]
                 if idx.size < 2 and steps:  # a lone leftover item has no in-batch negatives
                     continue
-                m = train_step(model, optimizer, to_model_input(arrays, idx), state)
+                pairs = None
+                if pair_set is not None and len(pair_set):
+                    pairs = pair_set.batch(pair_step, c.collision_pairs_per_batch)
+                    pair_step += 1
+                m = train_step(model, optimizer, to_model_input(arrays, idx), state, pairs=pairs)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
             record = {k: v / steps for k, v in sums.items()}
+            record.update(refresh)
             record.update(epoch=epoch, steps=steps, items_per_s=n / (time.perf_counter() - t0))
             history.append(record)
-            log.info("epoch %d %s", epoch, {k: round(v, 5) for k, v in record.items()})
+            log.info("epoch %d %s", epoch, {k: round(v, 5) for k, v in record.items()
+                                            if isinstance(v, float | int)})
 
         self.model_ = model.eval()
         self.catalog_stats_ = stats

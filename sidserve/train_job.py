@@ -32,8 +32,9 @@ import yaml
 
 from sidserve.catalog import HAS_BEHAVIOR, CatalogStats, catalog_prepass, clean_batch
 from sidserve.config import BEHAVIOR, TokenizerConfig
-from sidserve.items import ITEM_ID, column_name
+from sidserve.items import ITEM_ID, ItemArrays, column_name
 from sidserve.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.regulation import build_pair_set, plan_overlaps, progress_of, refresh_seed
 from sidserve.training import Sync, TrainState, init_codebooks, train_step
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ class DistSync(Sync):
         t = torch.tensor([1 if flag else 0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
+
+    def gather_object(self, obj) -> list:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
 
 # batches -----------------------------------------------------------------------------
@@ -245,6 +251,7 @@ def train_loop(cfg: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     fault = cfg.get("fault_injection")
+    pair_set, pair_step = None, 0
     for epoch in range(start_epoch, tcfg.epochs):
         if fault and fault["epoch"] == epoch and fault["rank"] == rank and not os.path.exists(fault["marker"]):
             # test hook: die hard mid-run, once. Wait first: the controller collects the
@@ -254,6 +261,15 @@ def train_loop(cfg: dict) -> None:
             print(f"[sidserve] fault injection: worker {rank} dies in epoch {epoch}", flush=True)
             os._exit(1)
         t0 = time.perf_counter()
+        refresh: dict[str, Any] = {}
+        if tcfg.collision_regulation != "off" and (pair_set is None or epoch % tcfg.collision_refresh_every == 0):
+            pair_set, refresh = regulation_refresh(model, shard, tcfg, sync, device, epoch)
+            pair_step = 0
+            if cfg.get("record_shards_dir") and len(pair_set):  # test hook: same pairs on every rank?
+                ids = pair_set.items.item_ids
+                with open(os.path.join(cfg["record_shards_dir"], f"rank-{rank}-pairs-epoch-{epoch}.json"), "w") as f:
+                    json.dump({"pairs": [[ids[a], ids[b]] for a, b in zip(pair_set.a, pair_set.b)],
+                               "weight": pair_set.weight.tolist()}, f)
         sums: dict[str, float] = {}
         steps = 0
         codes = CodeStats(tcfg)
@@ -271,7 +287,11 @@ def train_loop(cfg: dict) -> None:
                 break
             t_step = time.perf_counter()
             x = batch_to_input(batch, tcfg, device)
-            metrics = train_step(model, optimizer, x, state, forward=forward, sync=sync)
+            pairs = None
+            if pair_set is not None:  # same number of steps on every rank; a rank may get no pairs
+                pairs = pair_set.batch(pair_step, tcfg.collision_pairs_per_batch, rank, world)
+                pair_step += 1
+            metrics = train_step(model, optimizer, x, state, forward=forward, sync=sync, pairs=pairs)
             codes.add(state.last_codes.cpu().numpy())
             step_s += time.perf_counter() - t_step
             for k, v in metrics.items():
@@ -286,6 +306,7 @@ def train_loop(cfg: dict) -> None:
         loss_means = sync.mean([sums.get(k, 0.0) / max(steps, 1) for k in sorted(sums)])
         record = dict(zip(sorted(sums), loss_means))
         record.update(codes.reduce(sync))
+        record.update(refresh)
         elapsed, data_s, step_s = sync.mean([time.perf_counter() - t0, data_s, step_s])
         record.update(data_wait_s=data_s, step_s=step_s)  # mean over workers: where the epoch went
         record.update(epoch=epoch, steps=steps, items_per_s=record["num_items"] / max(elapsed, 1e-9),
@@ -294,7 +315,8 @@ def train_loop(cfg: dict) -> None:
         if rank == 0:
             print("[sidserve] epoch {}/{}  {}".format(epoch + 1, tcfg.epochs, "  ".join(
                 f"{k}={record[k]:.4g}" for k in ("recon", "vq", "align", "reg", "entropy_mean",
-                                                  "utilisation_mean", "collision_rate", "items_per_s")
+                                                  "utilisation_mean", "collision_rate", "collision",
+                                                  "catalog_collision_rate", "admissible_share", "items_per_s")
                 if k in record)), flush=True)
         flat = {k: v for k, v in record.items() if not isinstance(v, list)}
         if rank == 0:
@@ -317,6 +339,61 @@ def train_loop(cfg: dict) -> None:
             ray.train.report({"final_recon": final["recon"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report({"final_recon": final["recon"]})
+
+
+def regulation_refresh(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync, device,
+                       epoch: int):
+    """Collision regulation across workers -> (PairSet, metrics), identical on every rank.
+
+    Pass 1: every worker assigns SIDs to its shard; (item_id, SID) of all workers are
+    gathered and sorted by item_id, so the overlaps do not depend on which worker read
+    which item. Pass 2: every worker picks from its shard the rows of the items in a
+    selected pair and those rows are gathered; the pair set is then built from the
+    same inputs everywhere (``sidserve.regulation``)."""
+    model.eval()
+    ids, codes = [], []
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"):
+            if ITEM_ID not in batch:
+                raise ValueError("collision regulation needs an item_id column to match items across workers")
+            codes.append(model(batch_to_input(batch, tcfg, device), codes_only=True).codes.cpu().numpy()
+                         .astype(np.int32))
+            ids.append(np.asarray(batch[ITEM_ID]).astype(str))
+    model.train()
+    L = tcfg.sid_length
+    local = (np.concatenate(ids) if ids else np.zeros(0, str),
+             np.concatenate(codes) if codes else np.zeros((0, L), np.int32))
+    parts = sync.gather_object(local)
+    all_ids = np.concatenate([p[0] for p in parts])
+    all_codes = np.concatenate([p[1] for p in parts])
+    order = np.argsort(all_ids, kind="stable")
+    all_ids, all_codes = all_ids[order], all_codes[order]
+    if all_ids.size > 1 and (all_ids[1:] == all_ids[:-1]).any():
+        dup = all_ids[1:][all_ids[1:] == all_ids[:-1]][0]
+        raise ValueError(f"collision regulation needs unique item ids; {dup!r} appears more than once")
+    seed = refresh_seed(tcfg, epoch)
+    plan = plan_overlaps(all_codes, tcfg, seed=seed)
+    needed = set(all_ids[plan.needed].tolist())
+    mine: list[dict[str, np.ndarray]] = []
+    for batch in shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"):
+        keep = np.array([str(x) in needed for x in batch[ITEM_ID]], dtype=bool)
+        if keep.any():
+            mine.append({k: np.asarray(v)[keep] for k, v in batch.items()})
+    picked = {k: np.concatenate([m[k] for m in mine]) for k in mine[0]} if mine else None
+    rows = [p for p in sync.gather_object(picked) if p is not None]
+    got = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else None
+    if got is None:
+        items = ItemArrays({m: np.zeros((0, d), np.float32) for m, d in tcfg.modality_dims.items()},
+                           np.zeros((0, tcfg.behavior_dim), np.float32) if tcfg.has_behavior else None,
+                           np.zeros(0, bool))
+        index = np.zeros(0, np.int64)
+    else:
+        items = ItemArrays({m: np.asarray(got[column_name(m)], np.float32) for m in tcfg.content_modalities},
+                           np.asarray(got[column_name(BEHAVIOR)], np.float32) if tcfg.has_behavior else None,
+                           np.asarray(got[HAS_BEHAVIOR], bool), np.asarray(got[ITEM_ID]).astype(str))
+        index = np.searchsorted(all_ids, np.asarray(got[ITEM_ID]).astype(str))
+    pair_set = build_pair_set(plan, items, index, tcfg, progress=progress_of(epoch, tcfg.epochs), seed=seed)
+    return pair_set, {**plan.metrics, **pair_set.metrics}
 
 
 @torch.no_grad()
@@ -442,6 +519,9 @@ def fit_distributed(job: TrainJobConfig):
         from sidserve.training import check_norm_range
 
         check_norm_range(stats.n_min, stats.n_max)
+    if tcfg.collision_regulation != "off" and ITEM_ID not in ds.schema().names:
+        raise ValueError("collision_regulation needs an item_id column in the input (to match colliding "
+                         "items across workers); the input has none")
     cfg_dict = tcfg.to_dict()
     clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
                            batch_format="pyarrow", batch_size=4096, num_cpus=0.25)

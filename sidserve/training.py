@@ -16,6 +16,7 @@ import torch
 from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays
 from sidserve.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.regulation import PairBatch, concat_inputs, pair_repulsion
 
 
 class Sync:
@@ -34,6 +35,10 @@ class Sync:
     def all_true(self, flag: bool) -> bool:
         """True only if ``flag`` is True on every worker."""
         return flag
+
+    def gather_object(self, obj) -> list:
+        """Any picklable object -> [the object of rank 0, rank 1, ...] on every worker."""
+        return [obj]
 
 
 @dataclass
@@ -85,6 +90,20 @@ def to_model_input(arrays: ItemArrays, idx: np.ndarray | slice | None = None) ->
 
 
 @torch.no_grad()
+def assign_codes(model: ADCSIDModel, arrays: ItemArrays, batch_size: int = 8192) -> np.ndarray:
+    """(N, L) int32 SIDs of ``arrays`` under the current weights (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    device = model.n_min.device
+    out = np.empty((len(arrays), model.config.sid_length), dtype=np.int32)
+    for start in range(0, len(arrays), batch_size):
+        idx = np.arange(start, min(len(arrays), start + batch_size))
+        out[idx] = model(to_model_input(arrays, idx).to(device), codes_only=True).codes.cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
 def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = None) -> None:
     """k-means-initialise every codebook on the latents of ``sample`` (identical on all
     workers when every worker passes the same sample)."""
@@ -110,19 +129,29 @@ def train_step(
     *,
     forward=None,
     sync: Sync | None = None,
+    pairs: PairBatch | None = None,
 ) -> dict[str, float]:
     """One optimisation step -> scalar metrics. ``forward`` is the (possibly DDP-wrapped)
-    callable; ``model`` the bare module for lambda and codebook updates."""
+    callable; ``model`` the bare module for lambda and codebook updates. ``pairs``:
+    overlapping pairs to repel (collision regulation), appended to the batch."""
     c = model.config
     sync = sync or Sync()
     forward = forward or model
     model.train()
+    n = batch.batch_size
+    if pairs is not None:
+        batch = concat_inputs(batch, pairs.items)
     out = forward(batch, behavior_dropout=c.behavior_dropout, generator=state.generator)
-    optimizer.zero_grad(set_to_none=True)
-    out.losses["total"].backward()
-    optimizer.step()
+    total = out.losses["total"]
     metrics = {k: float(v.detach()) for k, v in out.losses.items()}
-    state.last_codes = out.codes.detach()
+    if pairs is not None:
+        repulsion = pair_repulsion(out, batch, n, pairs, c)
+        total = total + c.collision_weight * repulsion
+        metrics.update(collision=float(repulsion.detach()), total=float(total.detach()))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    state.last_codes = out.codes[:n].detach()
     if c.has_behavior and c.use_behavior_gate and out.gates_raw is not None:
         target, actual = model.sparsity.sparsity_gap(out.gates_raw.detach(), out.n_norm)
         target, actual = sync.mean([target, actual])

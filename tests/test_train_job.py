@@ -48,9 +48,12 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     ray_session()
     shards = tmp_path / "shards"
     shards.mkdir()
-    # cache_clean=False: the streaming path that large catalogs take (re-read every epoch)
+    # cache_clean=False: the streaming path that large catalogs take (re-read every epoch);
+    # with collision regulation, whose overlaps are found across both workers' shards
+    tcfg = TokenizerConfig(**TINY).replace(collision_regulation="adaptive", collision_hamming=1,
+                                           collision_refresh_every=2)
     tok, version, metrics = fit_distributed(job(tmp_path, items_dir, record_shards_dir=str(shards),
-                                                cache_clean=False))
+                                                cache_clean=False, tokenizer=tcfg))
 
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
     assert loaded.version == version
@@ -70,6 +73,19 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
                 "collision_rate", "items_per_s"):
         assert key in m["epochs"][-1]
     assert len(m["final"]["utilisation_per_position"]) == 6
+    for key in ("collision", "catalog_collision_rate", "catalog_collision_rate_h1", "catalog_collision_groups",
+                "admissible_share", "regulated_pairs", "catalog_utilisation_per_position"):
+        assert key in m["epochs"][0], key
+
+    # both workers regulate the same pairs (found over the whole catalog, not one shard),
+    # and the pairs are overlaps of the catalog's SIDs at the start of that epoch
+    for epoch in (0, 2):  # refreshed every 2 epochs
+        ranks = [json.loads((shards / f"rank-{r}-pairs-epoch-{epoch}.json").read_text()) for r in (0, 1)]
+        assert ranks[0] == ranks[1] and ranks[0]["pairs"]
+        assert len(ranks[0]["pairs"]) == m["epochs"][epoch]["regulated_pairs"]
+    assert not (shards / "rank-0-pairs-epoch-1.json").exists() and "regulated_pairs" not in m["epochs"][1]
+    crossing = [p for p in ranks[0]["pairs"] if (p[0] in seen[0]) != (p[1] in seen[0])]
+    assert crossing  # pairs whose items were trained by different workers were found
     assert m["final"]["num_items"] == m["catalog"]["num_valid"] - m["catalog"]["num_valid"] % 2
     assert m["catalog"]["num_rows"] == catalog.num_rows
     # the catalog statistics are over the whole input, not a worker's shard
