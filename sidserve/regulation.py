@@ -192,7 +192,8 @@ def build_pair_set(plan: OverlapPlan, items: ItemArrays, rows: np.ndarray, confi
         "admissible_share": float((compat > 0.5).float().mean()) if len(a) else 0.0,
         "collision_pair_weight_mean": float(weight.mean()) if len(a) else 0.0,
         "collision_load_mean": float(load.mean()) if len(a) else 0.0,
-        "collision_schedule": float(schedule) if c.collision_adaptive_pressure else 1.0,
+        "collision_schedule": float(schedule) if c.collision_regulation == "adaptive"
+        and c.collision_adaptive_pressure else 1.0,
     }
     return PairSet(items, a, b, weight.float().numpy(), plan.shared, seed=seed, metrics=metrics)
 

@@ -7,6 +7,9 @@
                           the same as the in-process fit
     checkpoints           every epoch via ray.train.report (rank 0 writes); a restarted
                           worker group or a rerun with --resume continues from the last one
+    collision regulation  (when on) every refresh epoch: SIDs of all shards gathered by
+                          item_id, the same overlapping pairs planned on every rank, each
+                          rank repels a disjoint share (``regulation_refresh``)
     artifact              SemanticIdTokenizer.save_pretrained + metrics.json
 
 Per-epoch metrics (every loss term, utilisation and entropy per SID position and the
@@ -60,7 +63,8 @@ class TrainJobConfig:
     cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
     init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
     # test-only hooks, never set from the CLI
-    fault_injection: dict | None = None  # {"epoch": e, "rank": r, "marker": path}: die once
+    # {"epoch": e, "rank": r, "marker": path}, or a list of them: die once at each
+    fault_injection: dict | list[dict] | None = None
     record_shards_dir: str | None = None  # each worker writes the item ids of its epoch-0 shard
 
     def __post_init__(self):
@@ -250,10 +254,12 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
 
     shard = ray.train.get_dataset_shard("train")
-    fault = cfg.get("fault_injection")
+    faults = cfg.get("fault_injection") or []
+    faults = [faults] if isinstance(faults, dict) else faults
     pair_set, pair_step = None, 0
     for epoch in range(start_epoch, tcfg.epochs):
-        if fault and fault["epoch"] == epoch and fault["rank"] == rank and not os.path.exists(fault["marker"]):
+        fault = next((f for f in faults if f["epoch"] == epoch and f["rank"] == rank), None)
+        if fault and not os.path.exists(fault["marker"]):
             # test hook: die hard mid-run, once. Wait first: the controller collects the
             # previous report (and its checkpoint) on its next poll (every 2 s by default)
             time.sleep(fault.get("delay_s", 6.0))

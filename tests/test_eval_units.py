@@ -168,6 +168,21 @@ def test_letter_sids_parse():
         parse_letter_sids([["<a_1>"], ["x"]])
 
 
+def test_regulated_variants_switch_exactly_their_stage():
+    from sidserve.eval.tokenizers import ADC_VARIANTS, LABELS, TokenizerBudget, _adc_config
+
+    def cfg(name):
+        return _adc_config({"text": 8, "meta": 4}, 4, TokenizerBudget(), **ADC_VARIANTS.get(name, {}))
+
+    base, reg = cfg("adc_sid"), cfg("adc_sid_adasid")
+    assert base.collision_regulation == "off" and reg.collision_regulation == "adaptive"
+    assert reg.replace(collision_regulation="off", collision_hamming=0) == base  # nothing else differs
+    assert cfg("adc_sid_adasid_static").collision_regulation == "static"
+    assert cfg("adc_sid_adasid_no_relaxation") == reg.replace(collision_relaxation=False)
+    assert cfg("adc_sid_adasid_no_pressure") == reg.replace(collision_adaptive_pressure=False)
+    assert all(name in LABELS for name in ADC_VARIANTS)
+
+
 # ---- retrieval ---------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from sidserve.collisions import find_overlaps
 from sidserve.eval.metrics import mean_std
 from sidserve.eval.tokenizers import LABELS
 
@@ -27,6 +28,9 @@ def collect(ev) -> dict:
         d = ev.path("downstream", name)
         entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json")),
                  "retrieval": {}, "ranking": {}}
+        # near collisions (issue 8), from the SIDs themselves so cached stages get it too
+        sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
+        entry["quantization"]["items_within_hamming_1"] = find_overlaps(sid, 1, max_group_pairs=10_000).overlap_rate
         runs = {"retrieval": [_load(os.path.join(d, f"retrieval_seed{s}.json")) for s in ev.c.seeds],
                 "ranking": [_load(os.path.join(d, f"ranking_seed{s}.json")) for s in ev.c.seeds]}
         for task, metrics in (("retrieval", RETRIEVAL_METRICS), ("ranking", RANKING_METRICS)):
@@ -87,13 +91,15 @@ def _markdown(r: dict, plots: list[str]) -> str:
              f"(full-catalog ranking). Spearman correlation of embedding L2 norm with training "
              f"popularity: **{s['norm_popularity_spearman']:.3f}** (norm quantiles {s['norm_quantiles']}).\n")
     L.append("## Quantization\n")
-    L.append("| tokenizer | K | L | recon | entropy | utilisation | collision rate | items sharing a SID |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append("| tokenizer | K | L | recon | entropy | utilisation | collision rate | items sharing a SID "
+             "| items within Hamming 1 |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for e in tok.values():
         q = e["quantization"]
         recon = f"{q['recon']:.4f}" if "recon" in q else "n/a"
         L.append(f"| {e['label']} | {q['codebook_size']} | {q['sid_length']} | {recon} | {q['entropy_mean']:.4f} | "
-                 f"{q['utilisation_mean']:.4f} | {q['collision_rate']:.4f} | {q['items_sharing_sid']:.4f} |")
+                 f"{q['utilisation_mean']:.4f} | {q['collision_rate']:.4f} | {q['items_sharing_sid']:.4f} | "
+                 f"{q['items_within_hamming_1']:.4f} |")
     L.append("\nrecon is each tokenizer's own reconstruction MSE per input element: ADC-SID over its "
              "modality embeddings, the baselines over their concatenated inputs; it is comparable "
              "within a family, not across. Entropy is per position in nats (max ln K).\n")

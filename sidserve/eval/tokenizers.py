@@ -7,6 +7,9 @@ SID budget (paper's public setting: K = 100 codes per position, length 6).
   paper's Table 3 ablations (one switch each).
 - ``rqvae`` (TIGER) and ``opq``: content-only, on [text, meta].
 - ``rqkmeans``: residual k-means on [text, meta, behavior] (behavior-aware baseline).
+- ``adc_sid_adasid`` / ``_static`` / ``_no_relaxation`` / ``_no_pressure`` (optional,
+  issue 8): ADC-SID with adaptive collision regulation, the static-repulsion baseline, and
+  each of its two stages switched off.
 - ``letter`` (optional): the 4 x 256 SIDs that LETTER published for Beauty, read from
   ``items.jsonl`` (an external reference with its own budget; no reconstruction).
 """
@@ -36,13 +39,26 @@ ABLATIONS = {
     "adc_sid_no_gate": {"use_behavior_gate": False},
     "adc_sid_no_sparsity": {"use_sparsity": False},
 }
+# issue 8: ADC-SID with collision regulation (overlaps within Hamming 1; identical SIDs
+# are rare for ADC-SID on Beauty), the static baseline and each stage ablated
+REGULATION = {"collision_regulation": "adaptive", "collision_hamming": 1}  # default weight 0.1
+REGULATED = {
+    "adc_sid_adasid": REGULATION,
+    "adc_sid_adasid_static": {**REGULATION, "collision_regulation": "static"},
+    "adc_sid_adasid_no_relaxation": {**REGULATION, "collision_relaxation": False},
+    "adc_sid_adasid_no_pressure": {**REGULATION, "collision_adaptive_pressure": False},
+}
+ADC_VARIANTS = {**ABLATIONS, **REGULATED}
 DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
-ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, "letter"]
+ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, "letter"]
 LABELS = {
     "adc_sid": "ADC-SID", "adc_sid_no_controller": "w/o alignment controller",
     "adc_sid_no_align": "w/o alignment loss", "adc_sid_no_gate": "w/o behavioral weighting gate",
     "adc_sid_no_sparsity": "w/o sparsity regularisation", "rqvae": "RQ-VAE", "rqkmeans": "RQ-Kmeans",
     "opq": "OPQ", "letter": "LETTER (published SIDs)",
+    "adc_sid_adasid": "ADC-SID + collision regulation", "adc_sid_adasid_static": "+ static repulsion",
+    "adc_sid_adasid_no_relaxation": "+ regulation w/o relaxation",
+    "adc_sid_adasid_no_pressure": "+ regulation w/o load/progress",
 }
 
 
@@ -89,8 +105,8 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         sid = parse_letter_sids(letter_sids)
         k = int(sid.max()) + 1
         return Tokenized(sid, np.ones(sid.shape, np.float32), quantization_report(sid, k), k)
-    if name == "adc_sid" or name in ABLATIONS:
-        tok = SemanticIdTokenizer(_adc_config(dims, behavior_dim, b, **ABLATIONS.get(name, {}))).fit(items)
+    if name == "adc_sid" or name in ADC_VARIANTS:
+        tok = SemanticIdTokenizer(_adc_config(dims, behavior_dim, b, **ADC_VARIANTS.get(name, {}))).fit(items)
         enc = tok.encode(items)
         weights = np.ones(enc.sid.shape, np.float32)
         beh = [p["position"] for p in tok.sid_layout if p["group"] == BEHAVIOR]

@@ -1,5 +1,5 @@
-"""AdaSID-style collision regulation, the pieces of the loss (issue 8; wiring into the
-fit is not done yet).
+"""AdaSID-style collision regulation, the pieces of the loss (issue 8; how pairs are found
+and fed to the training step: ``sidserve.regulation``).
 
 For an observed overlap (i, j) (``sidserve.collisions.find_overlaps``), the repulsion the
 pair receives is
