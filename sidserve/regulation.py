@@ -139,13 +139,16 @@ class PairSet:
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self._order = np.random.default_rng(self.seed).permutation(len(self))  # (P,) the seeded shuffle
+
     def __len__(self) -> int:
         return int(self.a.shape[0])
 
     def batch(self, step: int, per_batch: int, rank: int = 0, world: int = 1) -> PairBatch | None:
         """Pairs for ``step`` of this refresh period: rank r cycles through its share
         (pairs r, r + world, ... of a seeded shuffle), ``per_batch`` at a time."""
-        order = np.random.default_rng(self.seed).permutation(len(self))[rank::world]
+        order = self._order[rank::world]
         if order.size == 0:
             return None
         start = (step * per_batch) % order.size
