@@ -90,7 +90,8 @@ def plan_overlaps(codes: np.ndarray, config: TokenizerConfig, *, seed: int) -> O
         pairs, region = pairs[keep], region[keep]
     ca, cb = codes[pairs[:, 0]], codes[pairs[:, 1]]
     shared = (ca == cb) & (ca != c.missing_code)
-    useful = shared.any(axis=1)  # two cold items differing only... keep pairs with a latent to repel
+    # a pair whose only shared codes are the missing-behavior code has no latent to repel
+    useful = shared.any(axis=1)
     pairs, region, shared = pairs[useful], region[useful], shared[useful]
     util = utilisation_per_position(codes, c.codebook_size)
     ent = entropy_per_position(codes, c.codebook_size)
