@@ -356,33 +356,43 @@ def regulation_refresh(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: S
     which item. Pass 2: every worker picks from its shard the rows of the items in a
     selected pair and those rows are gathered; the pair set is then built from the
     same inputs everywhere (``sidserve.regulation``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     model.eval()
+    # ids as Arrow strings (about 4 bytes + the id per item, not numpy's fixed-width
+    # unicode), codes in the narrowest dtype: this is what every worker holds for the
+    # whole catalog
+    code_dtype = np.int16 if tcfg.codebook_size < np.iinfo(np.int16).max else np.int32
     ids, codes = [], []
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"):
             if ITEM_ID not in batch:
                 raise ValueError("collision regulation needs an item_id column to match items across workers")
             codes.append(model(batch_to_input(batch, tcfg, device), codes_only=True).codes.cpu().numpy()
-                         .astype(np.int32))
-            ids.append(np.asarray(batch[ITEM_ID]).astype(str))
+                         .astype(code_dtype))
+            ids.append(pa.array(np.asarray(batch[ITEM_ID]).astype(str), pa.string()))
     model.train()
     L = tcfg.sid_length
-    local = (np.concatenate(ids) if ids else np.zeros(0, str),
-             np.concatenate(codes) if codes else np.zeros((0, L), np.int32))
+    local = (pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+             np.concatenate(codes) if codes else np.zeros((0, L), code_dtype))
     parts = sync.gather_object(local)
-    all_ids = np.concatenate([p[0] for p in parts])
+    all_ids = pa.concat_arrays([p[0] for p in parts])
     all_codes = np.concatenate([p[1] for p in parts])
-    order = np.argsort(all_ids, kind="stable")
-    all_ids, all_codes = all_ids[order], all_codes[order]
-    if all_ids.size > 1 and (all_ids[1:] == all_ids[:-1]).any():
-        dup = all_ids[1:][all_ids[1:] == all_ids[:-1]][0]
-        raise ValueError(f"collision regulation needs unique item ids; {dup!r} appears more than once")
+    order = pc.sort_indices(all_ids)  # by id: the same catalog order on every rank
+    all_ids, all_codes = all_ids.take(order), all_codes[order.to_numpy()]
+    if len(all_ids) > 1:
+        same = pc.equal(all_ids.slice(1), all_ids.slice(0, len(all_ids) - 1)).to_numpy(zero_copy_only=False)
+        if same.any():
+            dup = all_ids[int(np.flatnonzero(same)[0]) + 1].as_py()
+            raise ValueError(f"collision regulation needs unique item ids; {dup!r} appears more than once")
     seed = refresh_seed(tcfg, epoch)
     plan = plan_overlaps(all_codes, tcfg, seed=seed)
-    needed = set(all_ids[plan.needed].tolist())
+    needed = all_ids.take(pa.array(plan.needed, pa.int64()))
     mine: list[dict[str, np.ndarray]] = []
     for batch in shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"):
-        keep = np.array([str(x) in needed for x in batch[ITEM_ID]], dtype=bool)
+        batch_ids = pa.array(np.asarray(batch[ITEM_ID]).astype(str), pa.string())
+        keep = pc.is_in(batch_ids, value_set=needed).to_numpy(zero_copy_only=False)
         if keep.any():
             mine.append({k: np.asarray(v)[keep] for k, v in batch.items()})
     picked = {k: np.concatenate([m[k] for m in mine]) for k in mine[0]} if mine else None
@@ -397,7 +407,8 @@ def regulation_refresh(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: S
         items = ItemArrays({m: np.asarray(got[column_name(m)], np.float32) for m in tcfg.content_modalities},
                            np.asarray(got[column_name(BEHAVIOR)], np.float32) if tcfg.has_behavior else None,
                            np.asarray(got[HAS_BEHAVIOR], bool), np.asarray(got[ITEM_ID]).astype(str))
-        index = np.searchsorted(all_ids, np.asarray(got[ITEM_ID]).astype(str))
+        got_ids = pa.array(np.asarray(got[ITEM_ID]).astype(str), pa.string())
+        index = pc.index_in(got_ids, value_set=all_ids).to_numpy(zero_copy_only=False).astype(np.int64)
     pair_set = build_pair_set(plan, items, index, tcfg, progress=progress_of(epoch, tcfg.epochs), seed=seed)
     return pair_set, {**plan.metrics, **pair_set.metrics}
 

@@ -214,3 +214,41 @@ def test_regulation_separates_incompatible_items_and_keeps_near_duplicates(near_
     (bad_off, dup_off), (bad_reg, dup_reg) = results["off"], results["adaptive"]
     assert bad_reg < 0.6 * bad_off  # far fewer incompatible items share a SID
     assert dup_reg >= dup_off - 0.1 and dup_reg > 0.6  # near duplicates still share theirs
+
+
+def test_distributed_refresh_plans_the_same_pairs_as_the_in_process_fit():
+    """The Ray Train job's refresh (SIDs gathered by item_id from shuffled shards) and the
+    in-process fit's refresh pick the same pairs with the same weights."""
+    from sidserve.catalog import clean_batch
+    from sidserve.regulation import refresh_pair_set
+    from sidserve.train_job import regulation_refresh
+    from sidserve.training import Sync, assign_codes, compute_catalog_stats, init_codebooks
+
+    c = TokenizerConfig(modality_dims={"text": 16, "image": 8}, behavior_dim=8, num_behavior_experts=1,
+                        codebook_size=8, hidden_dim=16, latent_dim=8, expert_hidden_dim=16,
+                        collision_regulation="adaptive", collision_hamming=1, collision_max_pairs=500)
+    table = make_synthetic_catalog(400, modality_dims=c.modality_dims, behavior_dim=8, seed=1)
+    arrays = coerce_items(table, c)
+    torch.manual_seed(0)
+    model = ADCSIDModel(c)
+    stats = compute_catalog_stats(arrays, c)
+    model.set_catalog_stats(stats["n_min"], stats["n_max"])
+    init_codebooks(model, to_model_input(arrays))
+    clean = clean_batch(table, c)
+
+    class ShuffledShard:  # what ray.train.get_dataset_shard yields: numpy batches, any order
+        def iter_batches(self, batch_size, batch_format):
+            perm = np.random.default_rng(7).permutation(400)
+            for i in range(0, 400, 96):
+                yield {k: v[perm[i:i + 96]] for k, v in clean.items()}
+
+    dist_set, dist_metrics = regulation_refresh(model, ShuffledShard(), c, Sync(), "cpu", epoch=0)
+    local_set, local_metrics = refresh_pair_set(assign_codes(model, arrays), arrays, c, epoch=0)
+
+    def pairs(ps):
+        ids = ps.items.item_ids
+        return sorted((str(ids[a]), str(ids[b]), round(float(w), 5)) for a, b, w in zip(ps.a, ps.b, ps.weight))
+
+    assert len(local_set) == 500  # capped: more overlaps exist
+    assert pairs(dist_set) == pairs(local_set)
+    assert dist_metrics["catalog_collision_rate_h1"] == local_metrics["catalog_collision_rate_h1"]
