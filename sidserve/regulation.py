@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sidserve.collisions import find_overlaps
 from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays
 from sidserve.metrics import entropy_per_position, utilisation_per_position
 from sidserve.model.adc_sid import ModelInput, ModelOutput
-from sidserve.model.collision_reg import compatibility, load_factor, progress_schedule
+from sidserve.model.collision_reg import compatibility, load_factor, progress_schedule, repulsion
 
 
 def content_signature(arrays: ItemArrays) -> np.ndarray:
@@ -230,8 +229,7 @@ def pair_repulsion(out: ModelOutput, batch: ModelInput, offset: int, pairs: Pair
     for pos, z in enumerate(out.latents):
         ia, ib = (rows_a, rows_b) if pos < k else (latent_row[rows_a], latent_row[rows_b])
         ia, ib = ia.clamp(min=0), ib.clamp(min=0)  # masked below where a side has no behavior
-        cos = F.cosine_similarity(z[ia], z[ib], dim=-1)
-        per_pos.append(F.relu(cos - (1.0 - config.collision_margin)))
+        per_pos.append(repulsion(z[ia], z[ib], config.collision_margin))
     hinge = torch.stack(per_pos, dim=1) * shared  # (p, L)
     per_pair = hinge.sum(1) / shared.sum(1).clamp(min=1)
     return (weight * per_pair).mean()

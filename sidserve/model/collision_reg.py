@@ -51,13 +51,11 @@ def progress_schedule(progress: float, start: float = 1.0, floor: float = 0.1) -
     return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def repulsion_loss(z_a: torch.Tensor, z_b: torch.Tensor, weight: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
-    """Margin repulsion on the latents that produced the shared codes.
+def repulsion(z_a: torch.Tensor, z_b: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Margin repulsion on the latents that produced a shared code.
 
-    z_a, z_b: (P, d) latents of the two sides at a shared position; weight: (P,).
-    -> scalar mean_p weight_p * relu(cos(z_a, z_b) - (1 - margin)): zero once the two
-    latents are at least ``margin`` apart in cosine."""
-    if z_a.shape[0] == 0:
-        return z_a.sum() * 0.0
-    cos = F.cosine_similarity(z_a, z_b, dim=-1)
-    return (weight * F.relu(cos - (1.0 - margin))).mean()
+    z_a, z_b: (P, d) latents of the two sides at one shared position -> (P,)
+    relu(cos(z_a, z_b) - (1 - margin)): zero once the two latents are at least ``margin``
+    apart in cosine. The training loss is mean_p w_p * (mean of this over the positions
+    pair p shares), ``sidserve.regulation.pair_repulsion``."""
+    return F.relu(F.cosine_similarity(z_a, z_b, dim=-1) - (1.0 - margin))
