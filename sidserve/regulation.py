@@ -154,13 +154,8 @@ class PairSet:
         start = (step * per_batch) % order.size
         pick = np.take(order, np.arange(start, start + min(per_batch, order.size)), mode="wrap")
         rows = np.concatenate([self.a[pick], self.b[pick]])
-        sub = self.items.take(rows)
         return PairBatch(
-            items=ModelInput(
-                {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in sub.content.items()},
-                None if sub.behavior is None else torch.from_numpy(np.ascontiguousarray(sub.behavior)),
-                torch.from_numpy(np.ascontiguousarray(sub.has_behavior)),
-            ),
+            items=ModelInput.from_arrays(self.items.take(rows)),
             weight=torch.from_numpy(self.weight[pick]),
             shared=torch.from_numpy(self.shared[pick]),
         )

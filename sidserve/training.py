@@ -81,12 +81,7 @@ def check_norm_range(n_min: float, n_max: float) -> None:
 
 def to_model_input(arrays: ItemArrays, idx: np.ndarray | slice | None = None) -> ModelInput:
     """Rows ``idx`` of dense arrays -> ModelInput on the CPU."""
-    sub = arrays if idx is None else arrays.take(idx)
-    return ModelInput(
-        content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in sub.content.items()},
-        behavior=None if sub.behavior is None else torch.from_numpy(np.ascontiguousarray(sub.behavior)),
-        has_behavior=torch.from_numpy(np.ascontiguousarray(sub.has_behavior)),
-    )
+    return ModelInput.from_arrays(arrays if idx is None else arrays.take(idx))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,15 @@ class ModelInput:
     @property
     def batch_size(self) -> int:
         return self.has_behavior.shape[0]
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ModelInput":
+        """Dense ``sidserve.items.ItemArrays`` -> ModelInput on the CPU."""
+        return cls(
+            content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in arrays.content.items()},
+            behavior=None if arrays.behavior is None else torch.from_numpy(np.ascontiguousarray(arrays.behavior)),
+            has_behavior=torch.from_numpy(np.ascontiguousarray(arrays.has_behavior)),
+        )
 
 
 @dataclass
