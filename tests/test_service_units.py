@@ -13,6 +13,8 @@ import pytest
 from conftest import free_port
 from test_serve import item_json, write_snapshot
 
+from sidserve.config import TokenizerConfig
+from sidserve.service import schema
 from sidserve.service.catalog_index import CatalogIndex, hash_ids
 from sidserve.service.state import ServiceConfig, load_state
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
@@ -133,3 +135,115 @@ def test_local_mode_bad_model_exits_with_the_reason(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _via_pydantic(body: bytes, config, max_items: int):
+    """read_request's fallback path alone: the pydantic models, then prepare."""
+    request = schema.TokenizeRequest.model_validate_json(body)
+    items = [{"item_id": it.item_id, **(it.__pydantic_extra__ or {})} for it in request.items]
+    return schema.prepare(items, request.recompute, config, max_items)
+
+
+def _outcome(fn):
+    try:
+        p = fn()
+    except schema.RequestError as err:
+        return ("error", err.status, json.dumps(err.detail))
+    except Exception as err:  # noqa: BLE001 - pydantic.ValidationError: compare its kind
+        return ("error", type(err).__name__)
+    a = p.arrays
+    return ("ok", p.item_ids, p.recompute, {m: v.tolist() for m, v in a.content.items()},
+            a.behavior.tolist(), a.has_behavior.tolist())
+
+
+def _item(rng, text=4, image=3, behavior=2, **kw):
+    item = {"item_id": "a", "text_emb": rng.standard_normal(text).tolist(),
+            "image_emb": rng.standard_normal(image).tolist(), "behavior_emb": rng.standard_normal(behavior).tolist()}
+    item.update(kw)
+    return item
+
+
+@pytest.mark.parametrize("case", [
+    "plain", "ints-and-bools", "null-behavior", "absent-behavior", "recompute", "null-id", "wrong-dim",
+    "unknown-field", "missing-content", "empty", "too-many", "numeric-strings", "word-in-vector",
+    "null-in-vector", "nested-vector", "huge-int", "beyond-float32", "nan-literal", "id-not-string",
+    "recompute-string", "items-not-list", "item-not-object", "top-level-extra", "malformed", "not-utf8",
+])
+def test_fast_json_path_matches_the_pydantic_models(case):
+    """read_request parses with orjson and falls back to the pydantic models for anything
+    but the plain shape: for every body both paths give the same arrays or the same error."""
+    cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2)
+    rng = np.random.default_rng(0)
+    items = [_item(rng), _item(rng, item_id="b")]
+    doc = {"items": items}
+    raw = None
+    if case == "ints-and-bools":
+        items[0]["text_emb"] = [1, 0, True, -2]
+    elif case == "null-behavior":
+        items[1]["behavior_emb"] = None
+    elif case == "absent-behavior":
+        del items[1]["behavior_emb"]
+    elif case == "recompute":
+        doc["recompute"] = True
+    elif case == "null-id":
+        items[0]["item_id"] = None
+    elif case == "wrong-dim":
+        items[1]["image_emb"] = [0.5]
+    elif case == "unknown-field":
+        items[0]["colour"] = [1.0]
+    elif case == "missing-content":
+        del items[0]["text_emb"]
+    elif case == "empty":
+        doc["items"] = []
+    elif case == "too-many":
+        doc["items"] = items * 3
+    elif case == "numeric-strings":
+        items[0]["text_emb"][1] = "1.5"
+    elif case == "word-in-vector":
+        items[0]["text_emb"][1] = "abc"
+    elif case == "null-in-vector":
+        items[0]["text_emb"][1] = None
+    elif case == "nested-vector":
+        items[0]["text_emb"][1] = [1.0]
+    elif case == "huge-int":
+        items[0]["text_emb"][1] = 10**30  # beyond int64: orjson gives an int numpy cannot hold
+    elif case == "beyond-float32":
+        items[0]["text_emb"][1] = 1e39
+    elif case == "nan-literal":
+        items[0]["text_emb"][1] = float("nan")  # json.dumps writes NaN, which only pydantic reads
+    elif case == "id-not-string":
+        items[0]["item_id"] = 5
+    elif case == "recompute-string":
+        doc["recompute"] = "true"
+    elif case == "items-not-list":
+        doc["items"] = {"0": items[0]}
+    elif case == "item-not-object":
+        doc["items"] = [items[0], [1, 2]]
+    elif case == "top-level-extra":
+        doc["version"] = 2
+    elif case == "malformed":
+        raw = b'{"items": [{"text_emb": [1, 2'
+    elif case == "not-utf8":
+        raw = b"\xff\xfe{}"
+    body = raw if raw is not None else json.dumps(doc).encode()
+    fast = _outcome(lambda: schema.read_request(body, cfg, 5))
+    slow = _outcome(lambda: _via_pydantic(body, cfg, 5))
+    assert fast == slow
+    accepted = {"plain", "ints-and-bools", "null-behavior", "absent-behavior", "recompute", "null-id",
+                "numeric-strings", "huge-int", "recompute-string"}  # the last three: pydantic's lax mode
+    assert fast[0] == ("ok" if case in accepted else "error"), fast
+
+
+def test_fast_json_path_is_taken_for_the_plain_shape(monkeypatch):
+    """The plain shape never reaches the pydantic models (else the fast path is dead code)."""
+    cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2)
+    rng = np.random.default_rng(1)
+    body = json.dumps({"items": [_item(rng), _item(rng, behavior_emb=None, item_id=None)],
+                       "recompute": False}).encode()
+
+    def refuse(*_a, **_k):
+        raise AssertionError("fell back to pydantic")
+
+    monkeypatch.setattr(schema.TokenizeRequest, "model_validate_json", refuse)
+    prepared = schema.read_request(body, cfg, 10)
+    assert prepared.item_ids == ["a", None] and prepared.arrays.has_behavior.tolist() == [True, False]

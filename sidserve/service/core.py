@@ -17,7 +17,7 @@ import numpy as np
 
 from sidserve.base import Encoding
 from sidserve.items import ItemArrays
-from sidserve.service.schema import Prepared, TokenizeRequest, concat_arrays, prepare
+from sidserve.service.schema import Prepared, concat_arrays, read_request
 from sidserve.service.state import ServiceConfig, ServingState, load_state
 from sidserve.service.telemetry import Telemetry
 from sidserve.snapshot import SnapshotRoot
@@ -155,13 +155,15 @@ class TokenizeService:
         return self.state
 
     # ---- requests ----------------------------------------------------------------
-    async def tokenize(self, request: TokenizeRequest) -> dict:
+    async def tokenize(self, body: bytes) -> dict:
+        """A raw request body -> the response dict. Raises pydantic.ValidationError or
+        RequestError for a bad request (see ``read_request``), NotReady before a model."""
         state = self.current()  # one state for the whole request
-        prepared: Prepared = prepare(request, state.tokenizer.config, self.config.max_items_per_request)
+        prepared: Prepared = read_request(body, state.tokenizer.config, self.config.max_items_per_request)
         n = len(prepared.item_ids)
         results: list[dict | None] = [None] * n
         hit = np.zeros(n, dtype=bool)
-        if state.catalog_usable and not request.recompute:
+        if state.catalog_usable and not prepared.recompute:
             hits = state.catalog.lookup(prepared.item_ids)
             if hits.found.any():
                 pos = np.flatnonzero(hits.found)

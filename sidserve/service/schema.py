@@ -1,8 +1,16 @@
 """The HTTP contract of ``POST /tokenize`` and the per-item checks that need the model.
 
-Pydantic checks the JSON shape (types, unknown top-level fields); ``prepare`` checks each
-item against the serving model's inputs (field names, dimensions, finite values) and
-names the item index and field of every problem, in FastAPI's 422 ``detail`` format.
+``read_request`` turns a raw body into validated dense arrays in two layers: the JSON
+shape (types, unknown top-level fields) and, in ``prepare``, each item against the
+serving model's inputs (field names, dimensions, finite values), naming the item index
+and field of every problem in FastAPI's 422 ``detail`` format.
+
+The JSON shape has a fast path: orjson parses the body and a few type checks accept the
+plain shape (numbers in the vectors, string ids, a boolean ``recompute``); anything else,
+from malformed JSON to a string among the floats, is parsed again by the pydantic models
+below, which are the contract and write the error messages. Both paths give the same
+result for every body the fast path accepts; for a 32-item request the fast path costs
+about half (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from sidserve.config import BEHAVIOR
@@ -70,15 +79,64 @@ def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
 class Prepared:
     item_ids: list[str | None]
     arrays: ItemArrays  # all items of the request, validated
+    recompute: bool = False
 
 
-def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
-    """Validate a request's items against the model ``config`` -> dense arrays.
+class _NotPlain(Exception):
+    """The fast path met something only the pydantic models can judge."""
+
+
+def _plain_items(body: bytes) -> tuple[list[dict], bool]:
+    """orjson parse + shape checks -> (items as {field: value}, recompute); _NotPlain
+    when the body is not the plain shape (the vectors' elements are checked in prepare)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _NotPlain from None
+    if type(doc) is not dict or not doc.keys() <= {"items", "recompute"}:
+        raise _NotPlain
+    items, recompute = doc.get("items"), doc.get("recompute", False)
+    if type(items) is not list or type(recompute) is not bool:
+        raise _NotPlain
+    for item in items:
+        if type(item) is not dict:
+            raise _NotPlain
+        for name, value in item.items():
+            if name == ITEM_ID:
+                if value is not None and type(value) is not str:
+                    raise _NotPlain
+            elif value is not None and type(value) is not list:
+                raise _NotPlain
+    return items, recompute
+
+
+def read_request(body: bytes, config, max_items: int) -> Prepared:
+    """A raw ``POST /tokenize`` body -> validated arrays for the model ``config``.
+
+    Raises pydantic.ValidationError for a body that is not the request's JSON shape
+    (FastAPI's 422), RequestError for items the model cannot take (see ``prepare``).
+    """
+    try:
+        items, recompute = _plain_items(body)
+        return prepare(items, recompute, config, max_items, plain=True)
+    except _NotPlain:
+        pass
+    request = TokenizeRequest.model_validate_json(body)
+    items = [{ITEM_ID: it.item_id, **(it.__pydantic_extra__ or {})} for it in request.items]
+    return prepare(items, request.recompute, config, max_items)
+
+
+_NUMERIC = frozenset("biuf")  # numpy kinds of a vector that holds only JSON numbers (and booleans)
+
+
+def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain: bool = False) -> Prepared:
+    """Validate items ({field: value}, shape already checked) against the model ``config``
+    -> dense arrays.
 
     Raises RequestError: 413 for more than ``max_items`` items, 422 listing the bad
-    fields (up to MAX_ERRORS) as ``items[i].field``.
+    fields (up to MAX_ERRORS) as ``items[i].field``. With ``plain`` (the fast path's raw
+    JSON values) raises _NotPlain for a vector holding anything but numbers.
     """
-    items = request.items
     n = len(items)
     if n == 0:
         raise RequestError(422, [_error(["items"], "items is empty: send at least one item")])
@@ -89,7 +147,7 @@ def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
     b_name = column_name(BEHAVIOR)
     b_dim = config.behavior_dim if config.has_behavior else None
     allowed = sorted([ITEM_ID, *dims, *([b_name] if b_dim else [])])
-    extras = [item.__pydantic_extra__ or {} for item in items]
+    extras = items
     errors: list[tuple[int, dict]] = []
     for i, extra in enumerate(extras):
         for name in extra:
@@ -115,8 +173,17 @@ def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
                 idx.append(i)
                 rows.append(values)
         if rows:
-            with np.errstate(over="ignore"):
-                block = np.array(rows, dtype=np.float32)  # (n_ok, dim); beyond float32 -> inf
+            if plain:  # raw JSON: accept numbers only (pydantic judges strings, nulls, nesting)
+                try:
+                    block = np.array(rows)  # (n_ok, dim)
+                except (ValueError, TypeError):
+                    raise _NotPlain from None
+                if block.dtype.kind not in _NUMERIC or block.ndim != 2:
+                    raise _NotPlain
+            else:
+                block = rows
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = np.asarray(block, dtype=np.float32)  # (n_ok, dim); beyond float32 -> inf
             finite = np.isfinite(block)
             for k in np.flatnonzero(~finite.all(axis=1)):
                 i, j = idx[k], int(np.flatnonzero(~finite[k])[0])
@@ -132,8 +199,8 @@ def prepare(request: TokenizeRequest, config, max_items: int) -> Prepared:
     if errors:
         errors.sort(key=lambda e: e[0])  # by item, then in the order found
         raise RequestError(422, [e for _, e in errors[:MAX_ERRORS]])
-    ids = [it.item_id for it in items]
-    return Prepared(ids, ItemArrays(content, behavior, has_b, np.array(ids, dtype=object)))
+    ids = [it.get(ITEM_ID) for it in items]
+    return Prepared(ids, ItemArrays(content, behavior, has_b, np.array(ids, dtype=object)), recompute)
 
 
 def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:
