@@ -80,8 +80,9 @@ SERVE_MODULES = ("test_observability.py", "test_serve.py")
 def pytest_collection_modifyitems(items):
     """The Serve modules run last, on one Serve instance that is never torn down: deleting
     an app takes about 30 s with the HAProxy ingress, and Train tests need the CPUs a
-    replica holds."""
-    items.sort(key=lambda item: item.path.name in SERVE_MODULES)
+    replica holds. test_serve.py goes last of all: test_observability may still need a
+    Ray Data refresh (its ``refreshed`` fixture), which starves next to a replica."""
+    items.sort(key=lambda item: (item.path.name in SERVE_MODULES, item.path.name == "test_serve.py"))
 
 
 def ensure_ray():
