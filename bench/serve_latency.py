@@ -9,6 +9,10 @@ The load generator (aiohttp, one process) runs on the same machine as the server
 small machine it takes CPU from both servers alike. Serve runs one replica (the yaml's
 autoscaling replaced by ``num_replicas: 1``) so both servers have one model process; its
 Ray environment flags are a setting (``--serve-env``), measured in separate Ray sessions.
+``--replicas 2`` (fixed) or ``--replicas auto`` (the shipped autoscaling config, each
+cell preceded by ``--autoscale-warmup`` seconds of load so the autoscaler can act; at
+concurrency 64 it asks for 64 / 32 = 2 replicas) measure more replicas; every row says
+how many replicas ran.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ def wait_port_free(port: int, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         with socket.socket() as s:
+            # SO_REUSEADDR as a server sets it: closed connections in TIME_WAIT do not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return
@@ -144,7 +150,16 @@ def rss_mib(pid: int) -> float:
         return float("nan")
 
 
-def measure(name: str, cmd: list[str], env: dict, port: int, grid, bodies, args, ray: bool = False) -> list[dict]:
+def count_replicas() -> int:
+    """Live replica processes of the sidserve deployment (Ray names them ServeReplica:...)."""
+    import psutil
+
+    return sum(any("ServeReplica:sidserve" in part for part in (p.info["cmdline"] or []))
+               for p in psutil.process_iter(["cmdline"]))
+
+
+def measure(name: str, cmd: list[str], env: dict, port: int, grid, bodies, args, ray: bool = False,
+            warmup: float | None = None) -> list[dict]:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -152,12 +167,14 @@ def measure(name: str, cmd: list[str], env: dict, port: int, grid, bodies, args,
     try:
         wait_ready(url, proc)
         for n_items, conc in grid:
-            r = asyncio.run(load(f"{url}/tokenize", bodies[n_items], conc, args.duration, args.warmup))
+            r = asyncio.run(load(f"{url}/tokenize", bodies[n_items], conc, args.duration,
+                                 args.warmup if warmup is None else warmup))
             r.update(server=name, items=n_items, concurrency=conc, items_per_s=r["req_per_s"] * n_items,
-                     server_rss_mib=rss_mib(proc.pid))
+                     server_rss_mib=rss_mib(proc.pid), replicas=count_replicas() if ray else 1)
             rows.append(r)
             print(f"  {name:<24} items={n_items:<3} c={conc:<3} p50 {r['p50_ms']:7.2f} ms  "
-                  f"p99 {r['p99_ms']:7.2f} ms  {r['req_per_s']:8.1f} req/s  errors {r['errors']}", flush=True)
+                  f"p99 {r['p99_ms']:7.2f} ms  {r['req_per_s']:8.1f} req/s  replicas {r['replicas']}  "
+                  f"errors {r['errors']}", flush=True)
     finally:
         try:
             os.killpg(proc.pid, 15)
@@ -178,6 +195,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--items", type=int, nargs="+", default=[1, 32], help="items per request")
     ap.add_argument("--serve-env", nargs="+", default=["optimized", "defaults"], choices=list(SERVE_ENVS))
+    ap.add_argument("--replicas", nargs="+", default=["1"],
+                    help="Serve replicas per session: a number (autoscaling off), or 'auto' for the "
+                         "shipped autoscaling_config, each cell then preceded by --autoscale-warmup")
+    ap.add_argument("--autoscale-warmup", type=float, default=45.0,
+                    help="load before each measured cell with 'auto' replicas (Serve's upscale delay is 30 s)")
     ap.add_argument("--batch-wait", type=float, default=None,
                     help="override the yaml's batch_wait_timeout_s")
     ap.add_argument("--port", type=int, default=8610)
@@ -201,16 +223,25 @@ def main() -> None:
     config = yaml.safe_load(open(os.path.join(ROOT, "deploy", "serve.yaml")))
     config["http_options"] = {"host": "127.0.0.1", "port": args.port}
     dep = config["applications"][0]["deployments"][0]
-    dep.pop("autoscaling_config", None)
-    dep["num_replicas"] = 1
+    autoscaling = dep.pop("autoscaling_config")
     if args.batch_wait is not None:
         dep["user_config"]["batch_wait_timeout_s"] = args.batch_wait
-    yaml_path = os.path.join(work, "serve.yaml")
-    yaml.safe_dump(config, open(yaml_path, "w"))
-    for env_name in args.serve_env:
-        env = {**base_env, **SERVE_ENVS[env_name]}
-        rows += measure(f"Ray Serve ({env_name})", [os.path.join(bin_dir, "serve"), "run", yaml_path],
-                        env, args.port, grid, bodies, args, ray=True)
+    for replicas in args.replicas:
+        if replicas == "auto":
+            dep.pop("num_replicas", None)
+            dep["autoscaling_config"] = autoscaling
+            label = "autoscaling"
+        else:
+            dep.pop("autoscaling_config", None)
+            dep["num_replicas"] = int(replicas)
+            label = f"{replicas} replica{'s' if int(replicas) > 1 else ''}"
+        yaml_path = os.path.join(work, f"serve-{replicas}.yaml")
+        yaml.safe_dump(config, open(yaml_path, "w"))
+        for env_name in args.serve_env:
+            env = {**base_env, **SERVE_ENVS[env_name]}
+            rows += measure(f"Ray Serve ({env_name}, {label})", [os.path.join(bin_dir, "serve"), "run", yaml_path],
+                            env, args.port, grid, bodies, args, ray=True,
+                            warmup=args.autoscale_warmup if replicas == "auto" else None)
 
     report(rows, cfg, dep["user_config"], args)
     if args.json:
@@ -229,12 +260,12 @@ def report(rows: list[dict], cfg: dict, user_config: dict, args) -> None:
     print(f"model: K={cfg['codebook_size']}, modalities {cfg['modality_dims']}, behavior {cfg['behavior_dim']}; "
           f"serve user_config {json.dumps(user_config)}; {args.duration:g} s per cell\n")
     base = {(r["items"], r["concurrency"]): r for r in rows if r["server"].startswith("plain")}
-    print("| server | items/req | concurrency | p50 ms | p99 ms | req/s | items/s | p50 vs plain | "
+    print("| server | items/req | concurrency | replicas | p50 ms | p99 ms | req/s | items/s | p50 vs plain | "
           "req/s vs plain | server RSS MiB | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = base[(r["items"], r["concurrency"])]
-        print(f"| {r['server']} | {r['items']} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+        print(f"| {r['server']} | {r['items']} | {r['concurrency']} | {r['replicas']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['req_per_s']:.1f} | {r['items_per_s']:.0f} | {r['p50_ms'] / b['p50_ms']:.2f}x | "
               f"{r['req_per_s'] / b['req_per_s']:.2f}x | {r['server_rss_mib']:.0f} | {r['errors']} |")
     print("\nGoals (issue 5): p50 at concurrency 1 within 2x of plain FastAPI; throughput at concurrency 64 "

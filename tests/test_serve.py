@@ -194,6 +194,31 @@ def test_auth(setup):
     assert httpx.get(f"{base}/readyz").status_code == 200
 
 
+def test_tokenize_route_is_documented_and_served_by_the_plain_asgi_endpoint():
+    """FastAPI documents POST /tokenize while requests go to TokenizeEndpoint directly
+    (app.py sets route.app); if FastAPI stopped honouring that, this says so."""
+    from fastapi.responses import PlainTextResponse
+    from fastapi.testclient import TestClient
+
+    from sidserve.service.app import TokenizeEndpoint, make_app
+
+    app = make_app(lambda: None)
+    (route,) = [r for r in app.routes if getattr(r, "path", None) == "/tokenize"]
+    assert isinstance(route.app, TokenizeEndpoint) and route.methods == {"POST"}
+    assert "post" in app.openapi()["paths"]["/tokenize"]
+    seen = []
+
+    async def recorder(scope, receive, send):  # stands in for the endpoint: is it called?
+        seen.append(scope["path"])
+        await PlainTextResponse("recorded")(scope, receive, send)
+
+    route.app = recorder
+    app.user_middleware.clear()  # the metrics middleware needs a service; not under test here
+    app.middleware_stack = None
+    r = TestClient(app).post("/tokenize", content=b"{}")
+    assert (r.status_code, r.text, seen) == (200, "recorded", ["/tokenize"])
+
+
 def test_model_info_and_docs(setup):
     c, tok = setup["client"], setup["tok_a"]
     info = c.get("/v1/model").json()

@@ -41,22 +41,15 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
 
     app.add_middleware(AuthAndMetrics, get_service=get_service)
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, err: RequestError):
-        return JSONResponse({"detail": err.detail}, status_code=err.status)
-
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError):
-        detail = []
-        for e in err.errors():
-            loc = list(e.get("loc", ()))
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".")
-            detail.append({"loc": loc, "msg": f"{where or 'body'}: {e.get('msg')}", "type": e.get("type")})
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": validation_detail(err.errors())}, status_code=422)
 
     @app.exception_handler(NotReady)
     async def not_ready(_: Request, err: NotReady):
-        return JSONResponse({"detail": f"not ready: {err}"}, status_code=503, headers={"Retry-After": "5"})
+        return not_ready_response(err)
+
+    endpoint = TokenizeEndpoint(get_service)
 
     @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=_REQUEST_BODY,
               responses={413: {"description": "too many items"}, 422: {"description": "bad item field"},
@@ -64,14 +57,14 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     async def tokenize(request: Request):
         """SIDs for a batch of items. An item whose ``item_id`` is in the published snapshot
         gets its published SID and dedup (``path: catalog``) unless ``recompute`` is set."""
-        # the raw body, not a pydantic parameter: read_request parses it with orjson and
-        # falls back to the pydantic models only for a body that is not the plain shape
-        try:
-            result = await get_service().tokenize(await request.body())
-        except ValidationError as err:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
-        # orjson: 0.01 ms instead of json.dumps' 0.2 ms for a 32-item response
-        return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+        return await endpoint.respond(await request.body())
+
+    # FastAPI documents the route; requests skip its request/dependency wrappers (about a
+    # tenth of a 32-item request's CPU, measured with py-spy) and go to the same
+    # endpoint.respond as a plain ASGI app. Should a FastAPI release stop honouring
+    # route.app, the declared handler above answers identically, only slower.
+    route = next(r for r in app.routes if getattr(r, "path", None) == "/tokenize")
+    route.app = endpoint
 
     @app.get("/healthz")
     async def healthz():
@@ -112,6 +105,53 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
             return Response(metrics_route(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def validation_detail(errors) -> list[dict]:
+    """Pydantic errors -> FastAPI's 422 ``detail``, each message led by the field path."""
+    detail = []
+    for e in errors:
+        loc = list(e.get("loc", ()))
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".")
+        detail.append({"loc": loc, "msg": f"{where or 'body'}: {e.get('msg')}", "type": e.get("type")})
+    return detail
+
+
+def not_ready_response(err: NotReady) -> JSONResponse:
+    return JSONResponse({"detail": f"not ready: {err}"}, status_code=503, headers={"Retry-After": "5"})
+
+
+class TokenizeEndpoint:
+    """``POST /tokenize`` as a plain ASGI app: raw body -> service -> JSON, every refusal
+    (bad JSON shape, bad item, not ready) as its 4xx/503 response."""
+
+    def __init__(self, get_service: Callable[[], TokenizeService]):
+        self.get_service = get_service
+
+    async def respond(self, body: bytes) -> Response:
+        try:
+            result = await self.get_service().tokenize(body)
+        except ValidationError as err:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
+            return JSONResponse({"detail": validation_detail(errors)}, status_code=422)
+        except RequestError as err:
+            return JSONResponse({"detail": err.detail}, status_code=err.status)
+        except NotReady as err:
+            return not_ready_response(err)
+        # orjson: 0.01 ms instead of json.dumps' 0.2 ms for a 32-item response
+        return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+    async def __call__(self, scope, receive, send):
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nothing to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        response = await self.respond(b"".join(chunks))
+        await response(scope, receive, send)
 
 
 class AuthAndMetrics:
