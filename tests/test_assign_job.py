@@ -67,6 +67,58 @@ def test_resolve_group_rejects_duplicates_and_attaches_previous():
     assert sorted(r["item_id"] for r in by_kind["removed"]) == ["gone", "y"]
 
 
+def test_resolve_and_dedup_on_random_rows_follow_the_rules():
+    """Bigger random buckets, checked against the rules themselves: duplicates rejected
+    with their count, previous SID/dedup attached by item_id, removed = previous items
+    not accepted now; then (sid, dedup) unique, unchanged items keep their dedup and the
+    others take the lowest free suffixes of their group in item_id order."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    ids = [f"i{k}" for k in rng.integers(0, 2600, n)]  # some ids repeat
+    sids = [f"{a}-{b}" for a, b in rng.integers(0, 12, (n, 2))]  # 144 SIDs: many collisions
+    cur = _rows(RESOLVED_SCHEMA, item_id=pa.array(ids), sid_str=pa.array(sids), kind=pa.array(["cur"] * n),
+                reason=pa.array([None if k % 50 else "text_emb: NaN or inf value" for k in range(n)], pa.string()))
+    prev_ids = [f"i{k}" for k in rng.permutation(3000)[:2000]]
+    prev_sids = [sids[ids.index(i)] if i in ids and rng.random() < 0.7 else f"{rng.integers(12)}-{rng.integers(12)}"
+                 for i in prev_ids]
+    prev_dedup, seen = [], {}
+    for sid in prev_sids:  # a valid previous snapshot: (sid, dedup) unique
+        prev_dedup.append(seen.get(sid, 0) * 2)  # even suffixes: leaves gaps to fill
+        seen[sid] = seen.get(sid, 0) + 1
+    prev = _rows(RESOLVED_SCHEMA, item_id=pa.array(prev_ids), kind=pa.array(["prev"] * len(prev_ids)),
+                 prev_sid_str=pa.array(prev_sids), prev_dedup=pa.array(prev_dedup, pa.int32()))
+    resolved = resolve_group(pa.concat_tables([prev, cur])).to_pylist()
+
+    count = {i: ids.count(i) for i in set(ids)}
+    old = dict(zip(prev_ids, zip(prev_sids, prev_dedup)))
+    cur_rows = [r for r in resolved if r["kind"] == "cur"]  # in input order
+    assert len(cur_rows) == n
+    for given, r in zip(cur.to_pylist(), cur_rows, strict=True):
+        assert r["item_id"] == given["item_id"]
+        k = count[r["item_id"]]  # a bad row keeps its own reason; a good duplicate gets one
+        assert r["reason"] == (given["reason"] or (f"item_id: duplicate ({k} rows)" if k > 1 else None))
+        assert (r["prev_sid_str"], r["prev_dedup"]) == old.get(r["item_id"], (None, None))
+    accepted = [r for r in cur_rows if r["reason"] is None]
+    assert sorted(r["item_id"] for r in resolved if r["kind"] == "removed") == \
+        sorted(set(prev_ids) - {r["item_id"] for r in accepted})
+
+    final = assign_dedup(pa.Table.from_pylist(accepted, schema=RESOLVED_SCHEMA)).to_pylist()
+    assert len(final) == len(accepted)
+    assert len({(r["sid_str"], r["dedup"]) for r in final}) == len(final)
+    groups = {}
+    for r in final:
+        groups.setdefault(r["sid_str"], []).append(r)
+    for rows in groups.values():
+        assert all(r["group_size"] == len(rows) for r in rows)
+        kept = [r for r in rows if r["prev_sid_str"] == r["sid_str"]]
+        assert all(r["dedup"] == r["prev_dedup"] for r in kept)
+        taken = {r["dedup"] for r in kept}
+        moved = sorted((r for r in rows if r["prev_sid_str"] != r["sid_str"]), key=lambda r: r["item_id"])
+        free = [d for d in range(len(rows) + len(taken)) if d not in taken][:len(moved)]
+        assert [r["dedup"] for r in moved] == free
+    assert any(len(rows) > 3 for rows in groups.values()) and any(r["dedup"] % 2 for r in final)
+
+
 def test_churn_statistics_by_hand():
     t = _rows(FINAL_SCHEMA,
               item_id=pa.array(["a", "b", "c", "d", "e"]),
