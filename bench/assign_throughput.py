@@ -4,8 +4,10 @@ sizes, in one run.
 
     .venv/bin/python bench/assign_throughput.py [--sizes 100000 1000000] [--workers 2]
 
-Each measurement runs in a fresh subprocess so that peak RSS is its own (the job's figure
-is the driver's plus every Ray worker's peak, read from the processes Ray started).
+Each measurement runs in a fresh subprocess so that peak RSS is its own. The job's figures
+are sums over the driver and every process Ray started, sampled every 0.5 s (PSS every 2 s): RSS (counts
+pages shared between processes, such as the object store's, once per process) and PSS
+(shares them out, so the sum is the memory really in use).
 """
 
 from __future__ import annotations
@@ -69,17 +71,23 @@ def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
 
         import threading
 
-        def sample():  # peak RSS of every process of this Ray session, sampled
+        def sample():  # peak RSS (every 0.5 s) and PSS (every 2 s) summed over this Ray session
             me = psutil.Process()
+            k = 0
             while not stop:
-                total = me.memory_info().rss
+                with_pss = k % 4 == 0  # PSS walks each process's pages: about 0.1 s for all of them
+                rss = pss = 0
                 for p in psutil.process_iter(["cmdline"]):
                     try:
-                        if p.pid != me.pid and any("ray" in c for c in (p.info["cmdline"] or [])[:2]):
-                            total += p.memory_info().rss
-                    except (psutil.Error, TypeError):
+                        if p.pid == me.pid or any("ray" in c for c in (p.info["cmdline"] or [])[:2]):
+                            m = p.memory_full_info() if with_pss else p.memory_info()
+                            rss += m.rss
+                            pss += m.pss if with_pss else 0
+                    except (psutil.Error, TypeError, AttributeError):
                         pass
-                peak["rss"] = max(peak.get("rss", 0), total)
+                peak["rss"] = max(peak.get("rss", 0), rss)
+                peak["pss"] = max(peak.get("pss", 0), pss)
+                k += 1
                 time.sleep(0.5)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -91,7 +99,7 @@ def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
         th.join()
         n = s["items"]
         rss = peak["rss"] / 2**20
-        print(json.dumps({"stages": s["stage_seconds"]}))
+        print(json.dumps({"stages": s["stage_seconds"], "peak_pss_mib": peak["pss"] / 2**20}))
     print(json.dumps({"mode": mode, "items": n, "wall_s": wall, "items_per_s": n / wall, "peak_rss_mib": rss}))
 
 
@@ -118,7 +126,9 @@ def main() -> None:
                                      capture_output=True, text=True, check=True).stdout
                 lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
                 row = lines[-1]
-                row["stages"] = next((x["stages"] for x in lines if "stages" in x), None)
+                extra = next((x for x in lines if "stages" in x), {})
+                row["stages"] = extra.get("stages")
+                row["peak_pss_mib"] = extra.get("peak_pss_mib")
                 row["size"] = n
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
@@ -127,17 +137,20 @@ def main() -> None:
     from train_throughput import hardware
 
     print(f"\nhardware: {hardware()}; job: {args.workers} encoder actors")
-    print("\n| catalog | bare encode, 1 process (bound) | job (Ray Data) | job / bound | peak RSS bare | peak RSS job |")
-    print("|---|---|---|---|---|---|")
+    print("\n| catalog | bare encode, 1 process (bound) | job (Ray Data) | job / bound | peak RSS bare | "
+          "peak RSS job (sum) | peak PSS job (sum) |")
+    print("|---|---|---|---|---|---|---|")
     by = {(r["size"], r["mode"]): r for r in results}
     for n in args.sizes:
         b, j = by[(n, "bare")], by[(n, "job")]
         print(f"| {n:,} | {b['items_per_s']:,.0f} items/s | {j['items_per_s']:,.0f} items/s ({j['wall_s']:.0f} s) | "
-              f"{j['items_per_s'] / b['items_per_s']:.0%} | {b['peak_rss_mib']:,.0f} MiB | {j['peak_rss_mib']:,.0f} MiB |")
+              f"{j['items_per_s'] / b['items_per_s']:.0%} | {b['peak_rss_mib']:,.0f} MiB | {j['peak_rss_mib']:,.0f} MiB | "
+              f"{j['peak_pss_mib']:,.0f} MiB |")
     if len(args.sizes) >= 2:
         lo, hi = args.sizes[0], args.sizes[-1]
-        print(f"\npeak RSS of the job at {hi:,} / at {lo:,}: "
-              f"{by[(hi, 'job')]['peak_rss_mib'] / by[(lo, 'job')]['peak_rss_mib']:.2f}x")
+        print(f"\npeak memory of the job at {hi:,} / at {lo:,}: RSS sum "
+              f"{by[(hi, 'job')]['peak_rss_mib'] / by[(lo, 'job')]['peak_rss_mib']:.2f}x, PSS sum "
+              f"{by[(hi, 'job')]['peak_pss_mib'] / by[(lo, 'job')]['peak_pss_mib']:.2f}x")
     for n in args.sizes:
         print(f"job stages at {n:,} (s): {json.dumps({k: round(v, 1) for k, v in by[(n, 'job')]['stages'].items()})}")
 

@@ -209,6 +209,9 @@ def bucket_names(popularity: np.ndarray) -> np.ndarray:
     return names
 
 
+STATS_COLUMNS = ["sid", "sid_str", "prev_sid_str", "popularity", "path", "group_size"]  # what partial_stats reads
+
+
 def partial_stats(table: pa.Table, sid_length: int, codebook_size: int) -> pa.Table:
     """Per-batch sums over final rows -> one JSON row (reduced on the driver)."""
     n = table.num_rows
@@ -390,10 +393,11 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     stages["resolve"] = time.perf_counter() - t0 - sum(stages.values())
 
     # rejects: bad rows from A (incl. null item_id) and duplicates from B
-    null_id = enc_ds.map_batches(lambda t: t.filter(pc.is_null(t.column("item_id"))), batch_format="pyarrow",
+    # the rejects, statistics and counts below read only the columns they use
+    null_id = ray.data.read_parquet(f"{staging}/encoded", columns=["item_id", "reason"]).map_batches(lambda t: t.filter(pc.is_null(t.column("item_id"))), batch_format="pyarrow",
                                  num_cpus=cpu)
-    rejected = res_ds.map_batches(lambda t: t.filter(pc.and_(pc.equal(t.column("kind"), "cur"),
-                                                           pc.is_valid(t.column("reason")))),
+    rejected = ray.data.read_parquet(f"{staging}/resolved", columns=["item_id", "reason", "kind"]).map_batches(
+        lambda t: t.filter(pc.and_(pc.equal(t.column("kind"), "cur"), pc.is_valid(t.column("reason")))),
                                   batch_format="pyarrow", num_cpus=cpu)
     rejects = null_id.select_columns(["item_id", "reason"]).union(rejected.select_columns(["item_id", "reason"]))
     rejects.map_batches(lambda t: t.cast(REJECTS_SCHEMA), batch_format="pyarrow", num_cpus=cpu) \
@@ -417,9 +421,9 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         batch_format="pyarrow", num_cpus=cpu,
     ).write_parquet(f"{snap}/items")
     L, K = len(tok.sid_layout), tok.codebook_size
-    stat_rows = fin_ds.map_batches(lambda t: partial_stats(t, L, K), batch_format="pyarrow",
-                                   num_cpus=cpu).take_all()
-    removed = res_ds.map_batches(lambda t: t.filter(pc.equal(t.column("kind"), "removed")),
+    stat_rows = ray.data.read_parquet(f"{staging}/final", columns=STATS_COLUMNS).map_batches(
+        lambda t: partial_stats(t, L, K), batch_format="pyarrow", num_cpus=cpu).take_all()
+    removed = ray.data.read_parquet(f"{staging}/resolved", columns=["kind"]).map_batches(lambda t: t.filter(pc.equal(t.column("kind"), "removed")),
                                  batch_format="pyarrow", num_cpus=cpu).count()
     stats = reduce_stats(stat_rows, L, K, removed)
     stages["write+stats"] = time.perf_counter() - t0 - sum(stages.values())
