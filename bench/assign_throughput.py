@@ -146,11 +146,12 @@ def main() -> None:
         print(f"| {n:,} | {b['items_per_s']:,.0f} items/s | {j['items_per_s']:,.0f} items/s ({j['wall_s']:.0f} s) | "
               f"{j['items_per_s'] / b['items_per_s']:.0%} | {b['peak_rss_mib']:,.0f} MiB | {j['peak_rss_mib']:,.0f} MiB | "
               f"{j['peak_pss_mib']:,.0f} MiB |")
-    if len(args.sizes) >= 2:
-        lo, hi = args.sizes[0], args.sizes[-1]
-        print(f"\npeak memory of the job at {hi:,} / at {lo:,}: RSS sum "
+    lo = args.sizes[0]
+    for hi in args.sizes[1:]:
+        print(f"peak memory of the job at {hi:,} / at {lo:,}: RSS sum "
               f"{by[(hi, 'job')]['peak_rss_mib'] / by[(lo, 'job')]['peak_rss_mib']:.2f}x, PSS sum "
               f"{by[(hi, 'job')]['peak_pss_mib'] / by[(lo, 'job')]['peak_pss_mib']:.2f}x")
+    print()
     for n in args.sizes:
         print(f"job stages at {n:,} (s): {json.dumps({k: round(v, 1) for k, v in by[(n, 'job')]['stages'].items()})}")
 

@@ -1,17 +1,22 @@
 """Batch SID assignment to a versioned snapshot (``jobs/assign.py``), on Ray Data.
 
-    A. encode    read_parquet -> map_batches(Encoder actor pool: model loaded once per
-                 actor) -> every input row with its SID or its reject reason  [staging]
-    B. resolve   union with the previous snapshot, hash-grouped by item_id: duplicate
-                 item_ids are rejected, each item gets its previous SID and dedup  [staging]
-    C. dedup     accepted rows hash-grouped by SID: an item whose SID did not change keeps
-                 its dedup, the others take the lowest free suffix (item_id order)  [staging]
-    D. write     snapshot items and rejects, summary (counts, collisions, utilisation,
-                 entropy, churn), verification (row counts, schema), then LATEST.
+    A. encode    read_parquet -> map_batches(EncodeAndScatter actor pool: model loaded
+                 once per actor): every input row with its SID or its reject reason,
+                 written to staging split by a hash partition of item_id
+    B. resolve   one task per item_id partition, with the previous snapshot's rows of
+                 the same partition: duplicate item_ids are rejected, each item gets its
+                 previous SID and dedup; rejects go to the snapshot, accepted rows to
+                 staging split by a hash partition of the SID
+    C. dedup     one task per SID partition: an item whose SID did not change keeps its
+                 dedup, the others take the lowest free suffix (item_id order); the rows
+                 go to the snapshot and the task returns its statistics
+    D. publish   verification (row counts, schema), summary (counts, collisions,
+                 utilisation, entropy, churn), then LATEST.
 
-Every stage streams (no stage collects rows on the driver; the shuffles are Ray Data's
-hash shuffles). Groups are formed by a hash bucket of the key, so one call handles many
-complete groups with vectorised code instead of one Python call per item.
+No stage collects rows on the driver, and no stage holds more than one partition
+(``rows_per_partition`` rows) per task: the groupings are shuffles through files (see
+"the job" below), so memory does not grow with the catalog. A partition holds many
+complete groups, handled with vectorised Arrow/numpy code.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sidserve.artifact import write_bytes
+from sidserve.artifact import resolve, write_bytes
 from sidserve.base import BaseTokenizer, load_tokenizer
 from sidserve.catalog import check_schema
 from sidserve.items import ITEM_ID, POPULARITY, check_items
@@ -57,9 +62,14 @@ class AssignJobConfig:
     output: str  # snapshot root dir/URI
     num_workers: int = 2  # encoder actors
     use_gpu: bool = False  # one GPU per encoder actor
+    cpus_per_worker: float = 1.0  # logical CPUs per encoder actor (CPU runs)
     batch_size: int = 8192  # rows per encode call
     version: str | None = None  # snapshot version (default: time + random suffix)
-    rows_per_bucket: int = 4096  # target rows per hash bucket in the grouping stages
+    rows_per_task: int = 65536  # rows per encoder call: each call writes one file per partition
+    rows_per_partition: int = 100_000  # rows one grouping task holds: bounds its memory
+    read_block_mib: int = 32  # target size of the blocks read from the catalog
+    read_ahead_mib: int = 256  # object store budget of the encode stage: without it, reads run ahead
+    #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
     fail_before_publish: bool = False  # test hook: die after writing, before LATEST
 
 
@@ -295,7 +305,145 @@ def _reason_counts(table: pa.Table) -> pa.Table:
     return pa.table({"s": [json.dumps({str(k): int(c) for k, c in zip(values, counts)})]})
 
 
-# the job -------------------------------------------------------------------------------
+# the job: a shuffle through files ----------------------------------------------------
+#
+# The two groupings (by item_id, then by SID) go through files instead of Ray Data's hash
+# shuffle, whose aggregators hold every shuffled row in memory until the input is consumed
+# (memory then grows with the catalog on one node). Each map task writes its rows split by
+# hash partition and returns a manifest (partition, path, rows); each reduce task reads one
+# partition's files, handles its complete groups and writes its output under a name derived
+# from the partition, so a retried task overwrites rather than duplicates. Only manifests
+# reach the driver, and only files named in a manifest are read: a failed attempt's files
+# are never seen. Memory per task is one partition (``rows_per_partition``), whatever the
+# catalog size.
+
+MANIFEST_SCHEMA = pa.schema([("part", pa.int64()), ("path", pa.string()), ("rows", pa.int64())])
+
+
+def scatter(table: pa.Table, parts: np.ndarray, n_parts: int, fs, directory: str, name: str) -> pa.Table:
+    """Write ``table``'s rows split by ``parts`` (n,) to ``<directory>/<part>/<name>.parquet``.
+
+    Returns the manifest (MANIFEST_SCHEMA): one row per file written, empty parts skipped.
+    """
+    import pyarrow.parquet as pq
+
+    out = []
+    if table.num_rows:
+        order = np.argsort(parts, kind="stable")
+        sorted_parts = parts[order]
+        table = table.take(pa.array(order))
+        bounds = np.searchsorted(sorted_parts, np.arange(n_parts + 1))
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            path = f"{directory}/{p:05d}/{name}.parquet"
+            fs.create_dir(f"{directory}/{p:05d}", recursive=True)
+            pq.write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]), path, filesystem=fs)
+            out.append((p, path, int(bounds[p + 1] - bounds[p])))
+    return pa.table({"part": [o[0] for o in out], "path": [o[1] for o in out], "rows": [o[2] for o in out]},
+                    schema=MANIFEST_SCHEMA)
+
+
+def item_parts(item_ids: pa.Array, n_parts: int) -> np.ndarray:
+    """Partition of each row by item_id; null item_ids go to partition 0 (they are rejects)."""
+    valid = pc.is_valid(item_ids).to_numpy(zero_copy_only=False)
+    parts = np.zeros(len(item_ids), np.int64)
+    if valid.any():
+        parts[valid] = bucket_of(item_ids.filter(pa.array(valid)), n_parts)
+    return parts
+
+
+class EncodeAndScatter(Encoder):
+    """Map side of the item_id grouping: encode a batch, write it split by item_id partition."""
+
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int):
+        super().__init__(model_uri, use_gpu, batch_size)
+        self.root = SnapshotRoot(staging)
+        self.n_parts = n_parts
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import uuid
+
+        enc = encode_table(self.tok, table, self.batch_size)
+        return scatter(enc, item_parts(enc.column("item_id"), self.n_parts), self.n_parts, self.root.fs,
+                       self.root.join("encoded"), uuid.uuid4().hex)
+
+
+def _scatter_previous(staging: str, n_parts: int):
+    def fn(table: pa.Table) -> pa.Table:
+        import uuid
+
+        root = SnapshotRoot(staging)
+        t = table.rename_columns(["item_id", "prev_sid_str", "prev_dedup"])
+        return scatter(t, item_parts(t.column("item_id"), n_parts), n_parts, root.fs, root.join("previous"),
+                       uuid.uuid4().hex)
+
+    return fn
+
+
+def _read(fs, paths: list[str], schema: pa.Schema) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    if not paths:
+        return schema.empty_table()
+    return pads.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()
+
+
+def _task(fn):
+    """Ray Data row function over JSON specs: {"spec": json} -> {"result": json}."""
+    def wrapped(row: dict) -> dict:
+        return {"result": json.dumps(fn(json.loads(row["spec"])))}
+
+    return wrapped
+
+
+def resolve_partition(spec: dict) -> dict:
+    """Reduce side of the item_id grouping, map side of the SID grouping.
+
+    Reads one item_id partition (current rows + previous snapshot rows), resolves it,
+    writes its rejects to the snapshot and its accepted rows split by SID partition.
+    """
+    import pyarrow.parquet as pq
+
+    staging, snap, p, n_parts = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"], \
+        spec["n_parts"]
+    fs = staging.fs
+    cur = _read(fs, spec["current"], ENCODED_SCHEMA)
+    null_id = pc.is_null(cur.column("item_id"))
+    rejects = [cur.filter(null_id).select(["item_id", "reason"])]
+    cur = _to_schema(RESOLVED_SCHEMA, kind="cur")(cur.filter(pc.invert(null_id)))
+    prev = _to_schema(RESOLVED_SCHEMA, kind="prev")(_read(fs, spec["previous"], PREVIOUS_SCHEMA))
+    resolved = resolve_group(pa.concat_tables([cur, prev]))
+    kind, reason = resolved.column("kind"), resolved.column("reason")
+    rejects.append(resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_valid(reason))).select(["item_id", "reason"]))
+    rejects = pa.concat_tables(rejects).cast(REJECTS_SCHEMA)
+    if rejects.num_rows:
+        snap.fs.create_dir(snap.join("rejects"), recursive=True)
+        pq.write_table(rejects, snap.join("rejects", f"part-{p:05d}.parquet"), filesystem=snap.fs)
+    accepted = resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_null(reason)))
+    manifest = scatter(accepted, bucket_of(accepted.column("sid_str"), n_parts), n_parts, fs,
+                       staging.join("resolved"), f"from-{p:05d}")  # named by partition: a retry overwrites
+    return {
+        "rejects": rejects.num_rows, "reasons": json.loads(_reason_counts(rejects).column("s")[0].as_py()),
+        "removed": int(pc.sum(pc.equal(kind, "removed")).as_py() or 0), "manifest": manifest.to_pylist(),
+    }
+
+
+def dedup_partition(spec: dict) -> dict:
+    """Reduce side of the SID grouping: dedup one SID partition, write it to the snapshot,
+    and return its statistics."""
+    import pyarrow.parquet as pq
+
+    staging, snap, q = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"]
+    final = assign_dedup(_read(staging.fs, spec["files"], RESOLVED_SCHEMA))
+    items = final.append_column("model_version", pa.array([spec["model_version"]] * final.num_rows, pa.string())) \
+        .select(ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
+    if items.num_rows:
+        snap.fs.create_dir(snap.join("items"), recursive=True)
+        pq.write_table(items, snap.join("items", f"part-{q:05d}.parquet"), filesystem=snap.fs)
+    stats = partial_stats(final.select(STATS_COLUMNS), spec["sid_length"], spec["codebook_size"])
+    return {"items": items.num_rows, "stats": stats.column("s")[0].as_py()}
+
+
+PREVIOUS_SCHEMA = pa.schema([("item_id", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32())])
 
 
 def _to_schema(schema: pa.Schema, **constants):
@@ -313,28 +461,68 @@ def _to_schema(schema: pa.Schema, **constants):
     return fn
 
 
-def _with_bucket(key: str, n_buckets: int):
-    def fn(table: pa.Table) -> pa.Table:
-        return table.append_column("_bucket", pa.array(bucket_of(table.column(key), n_buckets)))
+def _by_part(manifest: list[dict], n_parts: int) -> list[list[str]]:
+    files: list[list[str]] = [[] for _ in range(n_parts)]
+    for m in sorted(manifest, key=lambda m: m["path"]):  # a fixed order: reruns read the same way
+        files[m["part"]].append(m["path"])
+    return files
 
-    return fn
+
+def _encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int) -> list[dict]:
+    import ray.data
+
+    out = ds.select_columns(keep).map_batches(
+        EncodeAndScatter, fn_constructor_kwargs={
+            "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
+            "staging": staging, "n_parts": n_parts},
+        batch_size=job.rows_per_task, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers),
+        num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else job.cpus_per_worker,
+    )
+    options = out.context.execution_options  # this dataset's own copy of the context
+    options.resource_limits = options.resource_limits.copy(object_store_memory=job.read_ahead_mib * 2**20)
+    return out.take_all()
 
 
-def _drop_bucket(fn):
-    def wrapped(table: pa.Table) -> pa.Table:
-        return fn(table.drop_columns(["_bucket"]))
+def _read_catalog(uri: str, block_mib: int):
+    """``read_parquet`` with read units and blocks of about ``block_mib`` MiB.
 
-    return wrapped
+    Ray 2.60 packs up to 128 MiB of Parquet (uncompressed) into one read task, read as one
+    block. A read task's heap grows with that (about 950 MiB for 128 MiB of list<float>
+    columns, and the worker keeps it for its later tasks), and a few large blocks balance
+    badly over the encoder actors. The packing size is only settable through an environment
+    variable that ``read_parquet`` reads on the driver, so it is set around that call.
+    """
+    import os
+
+    import ray.data
+
+    name = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+    saved = os.environ.get(name)
+    os.environ[name] = str(block_mib * 2**20)
+    try:
+        ds = ray.data.read_parquet(uri)
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+    ds.context.target_max_block_size = block_mib * 2**20  # this dataset's own context
+    return ds
 
 
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     """Encode, dedup, write and publish a snapshot. Returns its summary."""
+    import pyarrow.dataset as pads
     import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    for name in ("rows_per_partition", "rows_per_task", "batch_size", "read_block_mib", "read_ahead_mib"):
+        if getattr(job, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(job, name)}")
     t0 = time.perf_counter()
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     if not ray.is_initialized():
@@ -345,9 +533,12 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     previous = root.latest()
     staging = root.staging_dir(version)
     snap = root.snapshot_dir(version)
-    cpu = 0.25  # fractional CPUs: the stages share a small machine with the encoder actors
+    stages: dict[str, float] = {}
 
-    ds = ray.data.read_parquet(job.items)
+    def lap(name: str) -> None:
+        stages[name] = time.perf_counter() - t0 - sum(stages.values())
+
+    ds = _read_catalog(job.items, job.read_block_mib)
     schema = ds.schema()
     if schema is None:
         raise ValueError(f"{job.items}: the input has no rows")
@@ -356,100 +547,71 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     if ITEM_ID not in names:
         raise ValueError(f"input is missing required column 'item_id'; it has {sorted(names)}")
     keep = [c for c in names if c == ITEM_ID or c == POPULARITY or c.endswith("_emb")]
+    fs, path = resolve(job.items)
+    n_input = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").count_rows()  # footers only
+    n_parts = max(1, -(-n_input // job.rows_per_partition))
 
-    # A. encode
-    encoded = ds.select_columns(keep).map_batches(
-        Encoder, fn_constructor_kwargs={"model_uri": job.model, "use_gpu": job.use_gpu,
-                                        "batch_size": job.batch_size},
-        batch_size=job.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers),
-        num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else 1,
-    )
-    encoded.write_parquet(f"{staging}/encoded")
-    enc_ds = ray.data.read_parquet(f"{staging}/encoded")
-    n_input = enc_ds.count()
-    stages = {"encode": time.perf_counter() - t0}
-    log.info("encoded %d rows in %.1f s", n_input, stages["encode"])
-
-    # B. resolve duplicates and previous assignments, grouped by a hash bucket of item_id
-    n_buckets = max(1, n_input // job.rows_per_bucket)
-    n_partitions = max(2, min(200, n_input // 100_000))  # shuffle partitions: ~100k rows each
-    cur = enc_ds.map_batches(lambda t: t.filter(pc.is_valid(t.column("item_id"))), batch_format="pyarrow",
-                             num_cpus=cpu)
-    cur = cur.map_batches(_to_schema(RESOLVED_SCHEMA, kind="cur"), batch_format="pyarrow", num_cpus=cpu)
-    parts = [cur]
+    # A. encode, each batch written split by item_id partition
+    enc_manifest = _encode_and_scatter(ds, keep, job, staging, n_parts)
+    encoded_rows = sum(m["rows"] for m in enc_manifest)
+    if encoded_rows != n_input:
+        raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
+    prev_manifest: list[dict] = []
     if previous is not None:
-        prev = ray.data.read_parquet(f"{root.snapshot_dir(previous)}/items", columns=["item_id", "sid_str", "dedup"])
-        prev = prev.map_batches(
-            lambda t: t.rename_columns(["item_id", "prev_sid_str", "prev_dedup"]), batch_format="pyarrow",
-            num_cpus=cpu).map_batches(_to_schema(RESOLVED_SCHEMA, kind="prev"), batch_format="pyarrow",
-                                      num_cpus=cpu)
-        parts.append(prev)
-    union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    resolved = union.map_batches(_with_bucket("item_id", n_buckets), batch_format="pyarrow", num_cpus=cpu) \
-        .groupby("_bucket", num_partitions=n_partitions).map_groups(_drop_bucket(resolve_group), batch_format="pyarrow", num_cpus=cpu)
-    resolved.write_parquet(f"{staging}/resolved")
-    res_ds = ray.data.read_parquet(f"{staging}/resolved")
-    stages["resolve"] = time.perf_counter() - t0 - sum(stages.values())
+        prev_manifest = ray.data.read_parquet(
+            f"{root.snapshot_dir(previous)}/items", columns=["item_id", "sid_str", "dedup"],
+        ).map_batches(_scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
+    lap("encode")
+    log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
 
-    # rejects: bad rows from A (incl. null item_id) and duplicates from B
-    # the rejects, statistics and counts below read only the columns they use
-    null_id = ray.data.read_parquet(f"{staging}/encoded", columns=["item_id", "reason"]).map_batches(lambda t: t.filter(pc.is_null(t.column("item_id"))), batch_format="pyarrow",
-                                 num_cpus=cpu)
-    rejected = ray.data.read_parquet(f"{staging}/resolved", columns=["item_id", "reason", "kind"]).map_batches(
-        lambda t: t.filter(pc.and_(pc.equal(t.column("kind"), "cur"), pc.is_valid(t.column("reason")))),
-                                  batch_format="pyarrow", num_cpus=cpu)
-    rejects = null_id.select_columns(["item_id", "reason"]).union(rejected.select_columns(["item_id", "reason"]))
-    rejects.map_batches(lambda t: t.cast(REJECTS_SCHEMA), batch_format="pyarrow", num_cpus=cpu) \
-        .write_parquet(f"{snap}/rejects")
+    # B. resolve duplicates and previous assignments, one item_id partition per task
+    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts}
+    cur_files, prev_files = _by_part(enc_manifest, n_parts), _by_part(prev_manifest, n_parts)
+    specs = [json.dumps({**common, "part": p, "current": cur_files[p], "previous": prev_files[p]})
+             for p in range(n_parts)]
+    resolved = [json.loads(r["result"]) for r in ray.data.from_items(
+        [{"spec": s} for s in specs], override_num_blocks=n_parts).map(_task(resolve_partition), num_cpus=1).take_all()]
+    lap("resolve")
 
-    # C. dedup over complete SID groups
-    accepted = res_ds.map_batches(lambda t: t.filter(pc.and_(pc.equal(t.column("kind"), "cur"),
-                                                           pc.is_null(t.column("reason")))),
-                                  batch_format="pyarrow", num_cpus=cpu)
-    final = accepted.map_batches(_with_bucket("sid_str", n_buckets), batch_format="pyarrow", num_cpus=cpu) \
-        .groupby("_bucket", num_partitions=n_partitions).map_groups(_drop_bucket(assign_dedup), batch_format="pyarrow", num_cpus=cpu)
-    stages["rejects"] = time.perf_counter() - t0 - sum(stages.values())
-    final.write_parquet(f"{staging}/final")
-    fin_ds = ray.data.read_parquet(f"{staging}/final")
-    stages["dedup"] = time.perf_counter() - t0 - sum(stages.values())
-
-    # D. write the snapshot, then its statistics and verification
-    fin_ds.map_batches(
-        lambda t: t.append_column("model_version", pa.array([model_version] * t.num_rows, pa.string()))
-        .select(ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA),
-        batch_format="pyarrow", num_cpus=cpu,
-    ).write_parquet(f"{snap}/items")
+    # C. dedup, one SID partition per task, written straight to the snapshot with its statistics
+    sid_files = _by_part([m for r in resolved for m in r["manifest"]], n_parts)
     L, K = len(tok.sid_layout), tok.codebook_size
-    stat_rows = ray.data.read_parquet(f"{staging}/final", columns=STATS_COLUMNS).map_batches(
-        lambda t: partial_stats(t, L, K), batch_format="pyarrow", num_cpus=cpu).take_all()
-    removed = ray.data.read_parquet(f"{staging}/resolved", columns=["kind"]).map_batches(lambda t: t.filter(pc.equal(t.column("kind"), "removed")),
-                                 batch_format="pyarrow", num_cpus=cpu).count()
-    stats = reduce_stats(stat_rows, L, K, removed)
-    stages["write+stats"] = time.perf_counter() - t0 - sum(stages.values())
+    specs = [json.dumps({**common, "part": q, "files": sid_files[q], "model_version": model_version,
+                         "sid_length": L, "codebook_size": K}) for q in range(n_parts)]
+    deduped = [json.loads(r["result"]) for r in ray.data.from_items(
+        [{"spec": s} for s in specs], override_num_blocks=n_parts).map(_task(dedup_partition), num_cpus=1).take_all()]
+    removed = sum(r["removed"] for r in resolved)
+    stats = reduce_stats([{"s": r["stats"]} for r in deduped], L, K, removed)
+    lap("dedup+write")
 
+    # D. verify what was written, then publish
     for sub, schema in (("items", ITEMS_SCHEMA), ("rejects", REJECTS_SCHEMA)):
-        _ensure_nonempty_dir(root, version, sub, schema)  # Ray writes no file for 0 rows
-    n_items = ray.data.read_parquet(f"{snap}/items").count()
-    rej_ds = ray.data.read_parquet(f"{snap}/rejects")
-    n_rejects = rej_ds.count()
+        _ensure_nonempty_dir(root, version, sub, schema)  # an empty side has no part file
+    items_ds = pads.dataset(root.join("snapshots", version, "items"), filesystem=root.fs, format="parquet")
+    n_items = items_ds.count_rows()
+    n_rejects = pads.dataset(root.join("snapshots", version, "rejects"), filesystem=root.fs,
+                             format="parquet").count_rows()
     reasons: dict[str, int] = {}
-    for row in rej_ds.map_batches(_reason_counts, batch_format="pyarrow", num_cpus=cpu).take_all():
-        for k, v in json.loads(row["s"]).items():
+    for r in resolved:
+        for k, v in r["reasons"].items():
             reasons[k] = reasons.get(k, 0) + v
-    written_schema = ray.data.read_parquet(f"{snap}/items").schema().base_schema
     if n_items + n_rejects != n_input:
         raise RuntimeError(f"row counts do not reconcile: {n_input} input != {n_items} items + {n_rejects} rejects")
-    if not written_schema.equals(ITEMS_SCHEMA):
-        raise RuntimeError(f"written schema {written_schema} != expected {ITEMS_SCHEMA}")
+    if n_items != sum(r["items"] for r in deduped) or n_rejects != sum(r["rejects"] for r in resolved):
+        raise RuntimeError(f"the snapshot holds {n_items} items and {n_rejects} rejects, the tasks wrote "
+                           f"{sum(r['items'] for r in deduped)} and {sum(r['rejects'] for r in resolved)}")
+    if not items_ds.schema.remove_metadata().equals(ITEMS_SCHEMA):
+        raise RuntimeError(f"written schema {items_ds.schema} != expected {ITEMS_SCHEMA}")
     if stats["items"] != n_items:
         raise RuntimeError(f"statistics saw {stats['items']} items, the snapshot has {n_items}")
+    lap("verify")
 
     summary = {
         "version": version, "previous_version": previous, "model_version": model_version,
         "model": job.model, "items_uri": job.items, "input_rows": n_input, "items": n_items,
         "rejects": n_rejects, "rejects_by_reason": reasons, "sid_layout": tok.sid_layout,
         **{k: v for k, v in stats.items() if k != "items"},
+        "partitions": n_parts,
         "duration_s": time.perf_counter() - t0,
         "stage_seconds": stages,
     }

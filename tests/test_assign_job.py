@@ -13,10 +13,12 @@ from sidserve.assign_job import (
     RESOLVED_SCHEMA,
     AssignJobConfig,
     assign_dedup,
+    item_parts,
     partial_stats,
     reduce_stats,
     resolve_group,
     run_assignment,
+    scatter,
 )
 from sidserve.metrics import churn
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
@@ -139,6 +141,33 @@ def test_churn_statistics_by_hand():
     assert s["paths"] == {"full": 4, "content_only": 1}
 
 
+def test_scatter_writes_each_partition_once_and_its_manifest_says_so(tmp_path):
+    import pyarrow.fs as pafs
+
+    ids = pa.array([f"item-{i}" for i in range(500)] + [None, None])
+    table = pa.table({"item_id": ids, "x": np.arange(502)})
+    parts = item_parts(ids, 7)
+    assert parts[-2:].tolist() == [0, 0]  # null item_ids go to partition 0
+    assert (item_parts(pa.array(["item-3", "item-3"]), 7) == parts[3]).all()  # a key always lands in one place
+    manifest = scatter(table, parts, 7, pafs.LocalFileSystem(), str(tmp_path), "m0").to_pylist()
+    assert sum(m["rows"] for m in manifest) == 502
+    seen = []
+    for m in manifest:
+        got = pq.read_table(m["path"])
+        assert got.num_rows == m["rows"] and m["path"].startswith(f"{tmp_path}/{m['part']:05d}/")
+        assert (parts[got.column("x").to_numpy()] == m["part"]).all()  # only its partition's rows
+        seen += got.column("x").to_pylist()
+    assert sorted(seen) == list(range(502))  # every row exactly once
+    assert scatter(table.slice(0, 0), parts[:0], 7, pafs.LocalFileSystem(), str(tmp_path), "m1").num_rows == 0
+
+
+def test_partition_settings_are_checked():
+    with pytest.raises(ValueError, match="rows_per_partition"):
+        run_assignment(AssignJobConfig(items="x", model="y", output="z", rows_per_partition=0))
+    with pytest.raises(ValueError, match="rows_per_task"):
+        run_assignment(AssignJobConfig(items="x", model="y", output="z", rows_per_task=0))
+
+
 # end to end on a local Ray ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -173,8 +202,10 @@ def world(tmp_path_factory, ray_session):
     pq.write_table(pa.Table.from_pylist(second, schema=catalog.schema), base / "night2" / "a.parquet")
 
     root = f"file://{base}/snapshots"  # a pyarrow filesystem URI, not a plain path
-    s1 = run_assignment(AssignJobConfig(items=str(base / "night1"), model=str(base / "model"), output=root))
-    s2 = run_assignment(AssignJobConfig(items=str(base / "night2"), model=str(base / "model"), output=root))
+    # small partitions and encoder calls: several files per partition, several partitions per grouping
+    small = dict(model=str(base / "model"), output=root, rows_per_partition=700, rows_per_task=512)
+    s1 = run_assignment(AssignJobConfig(items=str(base / "night1"), **small))
+    s2 = run_assignment(AssignJobConfig(items=str(base / "night2"), **small))
     return dict(base=base, catalog=catalog, root=root, root_path=str(base / "snapshots"), s1=s1, s2=s2,
                 first=first, second=second)
 
@@ -239,6 +270,27 @@ def test_churn_matches_reference(world):
     assert sum(v["common"] for v in s2["churn"]["by_popularity"].values()) == ref["common"]
     assert s2["previous_version"] == world["s1"]["version"]
     assert root.summary()["version"] == s2["version"]
+
+
+def test_snapshot_does_not_depend_on_the_partitioning(world, tmp_path):
+    """Night 2 again, against the same previous snapshot, with one partition instead of four."""
+    import shutil
+
+    s1, s2 = world["s1"], world["s2"]
+    assert s1["partitions"] == 4 and s2["partitions"] == 4
+    shutil.copytree(os.path.join(world["root_path"], "snapshots", s1["version"]),
+                    tmp_path / "snapshots" / s1["version"])
+    (tmp_path / "LATEST").write_text(s1["version"] + "\n")
+    s = run_assignment(AssignJobConfig(items=str(world["base"] / "night2"), model=str(world["base"] / "model"),
+                                       output=str(tmp_path)))
+    assert s["partitions"] == 1 and s["previous_version"] == s1["version"]
+    one = SnapshotRoot(str(tmp_path)).read_items(s["version"]).sort_by("item_id")
+    four = SnapshotRoot(world["root"]).read_items(s2["version"]).sort_by("item_id")
+    for col in ("item_id", "sid", "sid_str", "dedup", "path"):
+        assert one.column(col).equals(four.column(col)), col
+    for key in ("input_rows", "items", "rejects", "rejects_by_reason", "collision_rate", "churn",
+                "utilisation_per_position", "entropy_per_position"):
+        assert s[key] == s2[key], key
 
 
 def test_killed_run_leaves_latest_and_reruns_are_deterministic(world):
