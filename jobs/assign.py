@@ -14,7 +14,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="snapshot root dir or URI")
     p.add_argument("--num-workers", type=int, default=2, help="encoder actors")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor")
-    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per encode call")
+    p.add_argument("--rows-per-partition", type=int, default=100_000,
+                   help="rows per grouping task (bounds its memory; fewer, larger partitions write fewer files)")
     return p.parse_args(argv)
 
 

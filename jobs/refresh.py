@@ -19,6 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refit-epochs", type=int, help="epochs of the re-fit (default: the model's)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--rows-per-partition", type=int, default=100_000, help="rows per grouping task of the assignment")
     p.add_argument("--pushgateway", help="host:port of a Pushgateway (or SIDSERVE_PUSHGATEWAY)")
     return p.parse_args(argv)
 

@@ -634,7 +634,7 @@ def run_cli(args) -> int:
     def body():
         s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
-            use_gpu=args.use_gpu, batch_size=args.batch_size))
+            use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")

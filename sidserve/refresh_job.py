@@ -44,6 +44,7 @@ class RefreshJobConfig:
     num_workers: int = 2  # trainers (refit) and encoder actors (assignment)
     use_gpu: bool = False
     pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
+    rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
 
 
 def push_success(gateway: str, summary: dict[str, Any]) -> None:
@@ -106,7 +107,8 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                            num_workers=job.num_workers, use_gpu=job.use_gpu,
                                            init_model=job.model))
         summary = run_assignment(AssignJobConfig(items=job.items, model=model_uri, output=job.output,
-                                                 num_workers=job.num_workers, use_gpu=job.use_gpu))
+                                                 num_workers=job.num_workers, use_gpu=job.use_gpu,
+                                                 rows_per_partition=job.rows_per_partition))
         summary["prepass"] = prepass
         summary["refit_model"] = model_uri if job.refit else None
         summary["duration_s"] = time.perf_counter() - t0
@@ -130,7 +132,7 @@ def run_cli(args) -> int:
         s = run_refresh(RefreshJobConfig(
             items=args.items, model=args.model, output=args.output, refit=args.refit,
             refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
-            use_gpu=args.use_gpu, pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
+            use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition, pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
               f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common "
