@@ -132,6 +132,7 @@ class BaseTokenizer:
                 raise ValueError(f"{uri!r}: artifact lacks {name!r}")
         config = json.loads(files[CONFIG_FILE])
         kind = config.get("tokenizer_type")
+        _register_builtin_types()
         if kind not in _REGISTRY:
             raise ValueError(f"{uri!r}: unknown tokenizer_type {kind!r}; known: {sorted(_REGISTRY)}")
         target = _REGISTRY[kind]
@@ -142,6 +143,12 @@ class BaseTokenizer:
         tok.version_ = manifest["version"]
         tok.manifest_ = manifest
         return tok
+
+
+def _register_builtin_types() -> None:
+    """Import the tokenizer modules, which register their types (imports torch)."""
+    import sidserve.baselines  # noqa: F401
+    import sidserve.tokenizer  # noqa: F401
 
 
 def load_tokenizer(uri: str) -> BaseTokenizer:
