@@ -71,3 +71,18 @@ def test_opq_rotation_is_orthogonal(small_catalog):
     tok = OPQTokenizer(OPQConfig(modality_dims=DIMS, codebook_size=8, num_levels=3, opq_iters=2)).fit(small_catalog)
     r = tok.rotation_.astype(np.float64)
     np.testing.assert_allclose(r @ r.T, np.eye(r.shape[0]), atol=1e-5)
+
+
+def test_artifacts_load_in_a_process_that_imported_only_the_loader(baseline, tmp_path):
+    """`import sidserve` is lazy (no torch for the grouping tasks of the assignment); loading an
+    artifact must still find every tokenizer type, and the grouping module must not pull torch."""
+    import subprocess
+    import sys
+
+    baseline.save_pretrained(tmp_path / "b")
+    code = ("import sys; import sidserve.assign_job, sidserve.snapshot; assert 'torch' not in sys.modules, 'torch'; "
+            "from sidserve.base import load_tokenizer; "
+            f"print(type(load_tokenizer({str(tmp_path / 'b')!r})).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == type(baseline).__name__
