@@ -387,12 +387,19 @@ def _read(fs, paths: list[str], schema: pa.Schema) -> pa.Table:
     return pads.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()
 
 
-def _task(fn):
-    """Ray Data row function over JSON specs: {"spec": json} -> {"result": json}."""
-    def wrapped(row: dict) -> dict:
-        return {"result": json.dumps(fn(json.loads(row["spec"])))}
+def _run_tasks(fn, specs: list[dict]) -> list[dict]:
+    """``fn(spec)`` for every spec, one Ray Data task each (1 CPU); results in spec order.
 
-    return wrapped
+    Specs and results travel as JSON strings: small, and free of Arrow's type inference.
+    """
+    import ray.data
+
+    def task(row: dict) -> dict:
+        return {"i": row["i"], "result": json.dumps(fn(json.loads(row["spec"])))}
+
+    rows = ray.data.from_items([{"i": i, "spec": json.dumps(s)} for i, s in enumerate(specs)],
+                               override_num_blocks=max(1, len(specs))).map(task, num_cpus=1).take_all()
+    return [json.loads(r["result"]) for r in sorted(rows, key=lambda r: r["i"])]
 
 
 def resolve_partition(spec: dict) -> dict:
@@ -567,19 +574,16 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     # B. resolve duplicates and previous assignments, one item_id partition per task
     common = {"staging": staging, "snapshot": snap, "n_parts": n_parts}
     cur_files, prev_files = _by_part(enc_manifest, n_parts), _by_part(prev_manifest, n_parts)
-    specs = [json.dumps({**common, "part": p, "current": cur_files[p], "previous": prev_files[p]})
-             for p in range(n_parts)]
-    resolved = [json.loads(r["result"]) for r in ray.data.from_items(
-        [{"spec": s} for s in specs], override_num_blocks=n_parts).map(_task(resolve_partition), num_cpus=1).take_all()]
+    specs = [{**common, "part": p, "current": cur_files[p], "previous": prev_files[p]} for p in range(n_parts)]
+    resolved = _run_tasks(resolve_partition, specs)
     lap("resolve")
 
     # C. dedup, one SID partition per task, written straight to the snapshot with its statistics
     sid_files = _by_part([m for r in resolved for m in r["manifest"]], n_parts)
     L, K = len(tok.sid_layout), tok.codebook_size
-    specs = [json.dumps({**common, "part": q, "files": sid_files[q], "model_version": model_version,
-                         "sid_length": L, "codebook_size": K}) for q in range(n_parts)]
-    deduped = [json.loads(r["result"]) for r in ray.data.from_items(
-        [{"spec": s} for s in specs], override_num_blocks=n_parts).map(_task(dedup_partition), num_cpus=1).take_all()]
+    specs = [{**common, "part": q, "files": sid_files[q], "model_version": model_version, "sid_length": L,
+              "codebook_size": K} for q in range(n_parts)]
+    deduped = _run_tasks(dedup_partition, specs)
     removed = sum(r["removed"] for r in resolved)
     stats = reduce_stats([{"s": r["stats"]} for r in deduped], L, K, removed)
     lap("dedup+write")
