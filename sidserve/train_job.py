@@ -439,13 +439,32 @@ def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync,
 
 CACHE_FRACTION = 0.25  # cache the cleaned catalog when it takes < this share of the object store
 DATA_CPUS = 0.5  # CPUs left to Ray Data's read/clean tasks while the trainers run
+RESOURCE_SETTLE_S = 10.0  # how long to wait for CPUs still held by work that just ended
+
+
+def _available_after_settling(cpus: float, timeout_s: float = RESOURCE_SETTLE_S) -> dict:
+    """``ray.available_resources()`` once ``cpus`` CPUs are free, or after ``timeout_s``.
+
+    Ray returns the CPUs of tasks and actors that just ended asynchronously: a job started
+    right after another one (or after a failed Ray Data pass) can see them as still taken.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= cpus or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.2)
 
 
 def _check_resources(job: TrainJobConfig) -> None:
     """Fail fast (Ray Train v2 would wait forever) and size cpus_per_worker if unset."""
     import ray
 
-    total, free = ray.cluster_resources(), ray.available_resources()
+    total = ray.cluster_resources()
+    want = job.num_workers * (job.cpus_per_worker or 1.0) + DATA_CPUS
+    free = _available_after_settling(min(want, total.get("CPU", 0)))
     if job.cpus_per_worker is None:
         room = (free.get("CPU", 0) - DATA_CPUS) / job.num_workers
         job.cpus_per_worker = 1.0 if room >= 1.0 else max(0.1, round(room, 2))

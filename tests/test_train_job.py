@@ -134,6 +134,32 @@ def test_too_few_resources_fail_fast(ray_session, items_dir, tmp_path):
         fit_distributed(job(tmp_path, items_dir, use_gpu=True))
 
 
+def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):
+    """CPUs of work that just ended come back asynchronously; the fail-fast check must not
+    mistake them for CPUs held by someone else (seen: a job right after a failed one)."""
+    import threading
+
+    import ray
+
+    from sidserve.train_job import _available_after_settling
+
+    ray_session()
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ping(self):
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    total = ray.cluster_resources()["CPU"]
+    assert ray.available_resources().get("CPU", 0) <= total - 1
+    threading.Timer(1.0, ray.kill, args=(holder,)).start()
+    assert _available_after_settling(total, timeout_s=60).get("CPU", 0) >= total
+    # more than the cluster has: gives up after the timeout and reports what is free
+    assert _available_after_settling(total + 1, timeout_s=0.5).get("CPU", 0) == total
+
+
 # input validation before any training --------------------------------------------------
 
 def _bad(tmp_path, table):
