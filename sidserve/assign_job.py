@@ -68,7 +68,8 @@ class AssignJobConfig:
     rows_per_task: int = 65536  # rows per encoder call: each call writes one file per partition
     rows_per_partition: int = 100_000  # rows one grouping task holds: bounds its memory
     read_block_mib: int = 32  # target size of the blocks read from the catalog
-    read_ahead_mib: int = 256  # object store budget of the encode stage: without it, reads run ahead
+    read_ahead_mib: int = 256  # object store budget of the encode stage (raised to hold 2 calls' input per
+    #                            actor for wide embeddings): without it, reads run ahead
     #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
     fail_before_publish: bool = False  # test hook: die after writing, before LATEST
 
@@ -475,7 +476,15 @@ def _by_part(manifest: list[dict], n_parts: int) -> list[list[str]]:
     return files
 
 
-def _encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int) -> list[dict]:
+def encode_budget(job: AssignJobConfig, row_bytes: int) -> int:
+    """Object-store bytes the encode stage may fill: ``read_ahead_mib``, or two calls' input
+    per actor when the embeddings are wider than that allows (else the actors would wait)."""
+    return max(job.read_ahead_mib * 2**20, 2 * job.num_workers * job.rows_per_task * row_bytes)
+
+
+def _encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int,
+                        row_bytes: int) -> list[dict]:
+    """Stage A. ``row_bytes``: the input's size per row, to size the object-store budget."""
     import ray.data
 
     out = ds.select_columns(keep).map_batches(
@@ -487,7 +496,7 @@ def _encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str,
         num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else job.cpus_per_worker,
     )
     options = out.context.execution_options  # this dataset's own copy of the context
-    options.resource_limits = options.resource_limits.copy(object_store_memory=job.read_ahead_mib * 2**20)
+    options.resource_limits = options.resource_limits.copy(object_store_memory=encode_budget(job, row_bytes))
     return out.take_all()
 
 
@@ -559,7 +568,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     n_parts = max(1, -(-n_input // job.rows_per_partition))
 
     # A. encode, each batch written split by item_id partition
-    enc_manifest = _encode_and_scatter(ds, keep, job, staging, n_parts)
+    row_bytes = 4 * (sum(tok.config.modality_dims.values()) + (tok.config.behavior_dim or 0)) + 64  # float32s + id
+    enc_manifest = _encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes)
     encoded_rows = sum(m["rows"] for m in enc_manifest)
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")

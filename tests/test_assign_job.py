@@ -13,6 +13,7 @@ from sidserve.assign_job import (
     RESOLVED_SCHEMA,
     AssignJobConfig,
     assign_dedup,
+    encode_budget,
     item_parts,
     partial_stats,
     reduce_stats,
@@ -159,6 +160,12 @@ def test_scatter_writes_each_partition_once_and_its_manifest_says_so(tmp_path):
         seen += got.column("x").to_pylist()
     assert sorted(seen) == list(range(502))  # every row exactly once
     assert scatter(table.slice(0, 0), parts[:0], 7, pafs.LocalFileSystem(), str(tmp_path), "m1").num_rows == 0
+
+
+def test_encode_budget_holds_two_calls_per_actor():
+    job = AssignJobConfig(items="x", model="y", output="z", num_workers=4, rows_per_task=1000, read_ahead_mib=1)
+    assert encode_budget(job, 100) == 2**20  # narrow rows: the configured read-ahead
+    assert encode_budget(job, 4096) == 2 * 4 * 1000 * 4096  # wide rows: room for 2 calls per actor
 
 
 def test_partition_settings_are_checked():
