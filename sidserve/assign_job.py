@@ -319,6 +319,7 @@ def _reason_counts(table: pa.Table) -> pa.Table:
 # catalog size.
 
 MANIFEST_SCHEMA = pa.schema([("part", pa.int64()), ("path", pa.string()), ("rows", pa.int64())])
+PREVIOUS_SCHEMA = pa.schema([("item_id", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32())])
 
 
 def scatter(table: pa.Table, parts: np.ndarray, n_parts: int, fs, directory: str, name: str) -> pa.Table:
@@ -449,9 +450,6 @@ def dedup_partition(spec: dict) -> dict:
         pq.write_table(items, snap.join("items", f"part-{q:05d}.parquet"), filesystem=snap.fs)
     stats = partial_stats(final.select(STATS_COLUMNS), spec["sid_length"], spec["codebook_size"])
     return {"items": items.num_rows, "stats": stats.column("s")[0].as_py()}
-
-
-PREVIOUS_SCHEMA = pa.schema([("item_id", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32())])
 
 
 def _to_schema(schema: pa.Schema, **constants):
