@@ -22,7 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma-separated downstream model seeds (default: 0,1,2; --quick: 0,1)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
     p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
-    p.add_argument("--retrieval-epochs", type=int, help="override the retrieval model's epochs")
+    p.add_argument("--sasrec-variants", help="ID SASRec models to train: tied, untied, bce (default: tied,untied)")
+    p.add_argument("--behavior-embedding", choices=["tied", "untied-input", "untied-output", "bce"],
+                   help="SASRec table handed to the tokenizers as e_b (default: untied-input)")
+    p.add_argument("--retrieval-max-epochs", type=int, help="upper bound on the retrieval model's epochs")
+    p.add_argument("--history-tokens", choices=["item", "codes"],
+                   help="retrieval history: one token per item (default) or one per SID code (TIGER)")
     return p.parse_args(argv)
 
 

@@ -230,9 +230,13 @@ def test_retrieval_learns_a_deterministic_successor():
         start, n = rng.integers(1, 31), rng.integers(5, 9)
         seqs.append((start - 1 + np.arange(n)) % 30 + 1)
     d = Dataset(seqs, [{} for _ in range(30)])
-    c = RetrievalConfig(d_model=32, ff_dim=64, epochs=12, batch_size=64, lr=5e-3, dropout=0.0)
+    c = RetrievalConfig(d_model=32, ff_dim=64, max_epochs=12, patience=12, batch_size=64, lr=5e-3, dropout=0.0,
+                        warmup_steps=5)
     model, hist = train_retrieval(table, d.train_sequences(), d.targets("valid"), c)
     assert hist[-1]["loss"] < hist[0]["loss"]
+    # the kept epoch is the one with the best validation NDCG@10
+    es = model.early_stopping
+    assert es["best_value"] == max(h["valid_ndcg@10"] for h in hist) and len(hist) == 12
     h, tgt = d.targets("test")
     ranked = rank_items(model, PrefixTrie.build(table), h, beam_size=50)
     assert recall_ndcg(ranked, tgt, ks=(1,))["recall@1"].mean() > 0.9
@@ -254,8 +258,8 @@ def test_sasrec_learns_successors_and_exposes_raw_embeddings():
     rng = np.random.default_rng(0)
     seqs = [(s - 1 + np.arange(n)) % 40 + 1 for s, n in zip(rng.integers(1, 41, 400), rng.integers(6, 12, 400))]
     d = Dataset(seqs, [{} for _ in range(40)])
-    model, hist = train_sasrec(d.train_sequences(), 40, SASRecConfig(epochs=25, dropout=0.1, hidden_dim=32,
-                                                                    batch_size=64, lr=5e-3))
+    model, hist = train_sasrec(d.train_sequences(), 40, SASRecConfig(max_epochs=25, dropout=0.1, hidden_dim=32,
+                                                                    ff_dim=64, batch_size=64, lr=5e-3))
     assert hist[-1]["loss"] < hist[0]["loss"]
     m = evaluate_sasrec(model, *d.targets("test"), ks=(1,))
     assert m["recall@1"] > 0.8
@@ -277,7 +281,7 @@ def test_ranker_separates_true_successors_from_random_items():
     table = SIDTable.build(np.stack([np.arange(n) % 10, np.arange(n) // 10], 1))
     seqs = [(s - 1 + np.arange(k)) % n + 1 for s, k in zip(rng.integers(1, n + 1, 400), rng.integers(5, 9, 400))]
     d = Dataset(seqs, [{} for _ in range(n)])
-    model, hist = train_ranker(table, d.train_sequences(), RankingConfig(epochs=8, d_model=16, mlp_dim=32,
+    model, hist = train_ranker(table, d.train_sequences(), RankingConfig(max_epochs=8, d_model=16, mlp_dim=32,
                                                                           batch_size=128, lr=1e-2))
     assert hist[-1]["loss"] < hist[0]["loss"]
     h, tgt = d.targets("test")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +37,25 @@ def test_quick_run_writes_a_complete_report(quick_run):
                             "interactions": 2200, "quick": True}
     assert r["seeds"] == [0, 1] and "--quick" in r["command"]
     assert list(r["tokenizers"]) == TOKENIZERS
-    assert -1 <= r["sasrec"]["norm_popularity_spearman"] <= 1
+    # ID SASRec: a tied and an untied model, each table's norm/popularity correlation
+    assert set(r["sasrec"]) == {"tied", "untied"} and r["config"]["behavior_embedding"] == "untied-input"
+    for v, e in r["sasrec"].items():
+        assert e["tied"] == (v == "tied")
+        for table in ("input", "output"):
+            assert -1 <= e["tables"][table]["norm_popularity_spearman"] <= 1
+        assert 0 <= e["test"]["recall@10"] <= e["test"]["recall@50"] <= 1
+        es = e["early_stopping"]
+        assert 0 <= es["best_epoch"] < es["epochs_run"] <= es["max_epochs"]
+    e_b = np.load(os.path.join(out, "sasrec", "untied", "input_emb.npy"))
+    assert e_b.shape == (1766, 64)
     for name, e in r["tokenizers"].items():
         q = e["quantization"]
         assert q["sid_length"] == (4 if name == "letter" else 6)
         assert 0 < q["utilisation_mean"] <= 1 and 0 <= q["collision_rate"] <= 1
+        assert e["seeds"] == [0, 1]
         for g in ("all", "head", "tail"):
             for task, metrics in (("retrieval", ["recall@5", "recall@10", "recall@50", "ndcg@50"]),
+                                  ("sid_sasrec", ["recall@5", "recall@10", "recall@50", "ndcg@10"]),
                                   ("ranking", ["auc", "gauc"])):
                 for m in metrics:
                     v = e[task][g][m]
@@ -53,9 +66,22 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert e["retrieval"]["all"]["users"] == 250
         assert e["retrieval"]["head"]["users"] + e["retrieval"]["tail"]["users"] <= 250
         assert e["retrieval"]["valid_sid_share"] == 1.0  # 1,766 items >= 50 beams: always full
+        for task in ("sid_sasrec", "retrieval", "ranking"):  # early stopping kept an epoch it ran
+            assert all(0 <= b < n for b, n in zip(e[task]["best_epoch"], e[task]["epochs_run"]))
+        # the per-user arrays behind the bootstrap agree with the reported means
+        per_user = np.load(os.path.join(out, "downstream", name, "retrieval_seed0.npz"))["recall@10"]
+        assert per_user.shape == (250,) and per_user.mean() == pytest.approx(e["retrieval"]["all"]["recall@10"]["values"][0])
+    # every tokenizer is tested against ADC-SID on each headline metric
+    sig = r["significance"]
+    for task, metric in (("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"), ("ranking", "gauc")):
+        rows = [x for x in sig if x["task"] == task and x["metric"] == metric and x["b"] == "adc_sid"]
+        assert sorted(x["a"] for x in rows) == ["letter", "rqkmeans"]
+        assert all(x["ci_low"] <= x["diff"] <= x["ci_high"] and 0 < x["p_value"] <= 1 for x in rows)
+    assert set(r["stage_seconds_total"]) == {"embeddings", "sasrec", "tokenizers", "sid_sasrec", "retrieval", "ranking"}
     report = open(os.path.join(out, "report.md")).read()
     assert "ADC-SID" in report and "long-tail" in report and r["command"] in report
-    for png in ("metrics.png", "head_tail.png", "codebook_usage.png"):
+    assert "paired bootstrap" in report and "SID-SASRec" in report
+    for png in ("metrics.png", "head_tail.png", "codebook_usage.png", "norm_vs_popularity.png", "learning_curves.png"):
         with open(os.path.join(out, "plots", png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "LETTER (published SIDs)" in p.stdout

@@ -25,6 +25,18 @@ def recall_ndcg(ranked: np.ndarray, target: np.ndarray, ks=(5, 10, 50)) -> dict[
     return out
 
 
+def grouped_means(per_user: dict[str, np.ndarray], targets: np.ndarray, groups: dict[str, np.ndarray]) -> dict:
+    """Per-user metric arrays (U,) -> their means over all users and over the users whose
+    target item is in each group (``users`` = how many); an empty group's means are 0."""
+    out = {"all": {k: float(np.mean(v)) for k, v in per_user.items()}}
+    out["all"]["users"] = int(targets.size)
+    for g, items in groups.items():
+        sel = np.isin(targets, items)
+        out[g] = {k: float(v[sel].mean()) if sel.any() else 0.0 for k, v in per_user.items()}
+        out[g]["users"] = int(sel.sum())
+    return out
+
+
 def rankdata(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given their average rank (scipy's 'average')."""
     x = np.asarray(x)
@@ -79,3 +91,45 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def mean_std(values) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int = 2000, seed: int = 0,
+                     ci: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap over users of mean(a) - mean(b).
+
+    a, b: (U,) per-user metric values of two systems on the same users (e.g. NDCG@10 of
+    tokenizer A and B, each averaged over seeds). Users are resampled with replacement
+    ``num_samples`` times; returns the observed difference, the ``ci`` percentile interval
+    of the resampled differences and a two-sided p-value (twice the share of resampled
+    differences on the other side of 0, capped at 1; the floor is 1 / num_samples).
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty (U,) arrays of the same users, got {a.shape} and {b.shape}")
+    if num_samples < 100:
+        raise ValueError(f"num_samples must be >= 100, got {num_samples}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_samples)
+    for i in range(0, num_samples, 256):  # (chunk, U) index draws keep memory bounded
+        n = min(256, num_samples - i)
+        means[i:i + n] = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(1)
+    observed = float(diff.mean())
+    lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    if observed == 0 and np.all(means == 0):
+        p = 1.0
+    else:
+        other_side = (means <= 0).mean() if observed > 0 else (means >= 0).mean()
+        p = float(min(1.0, max(2 * other_side, 1.0 / num_samples)))
+    return {"diff": observed, "ci_low": float(lo), "ci_high": float(hi), "p_value": p,
+            "users": int(diff.size), "num_samples": num_samples}
+
+
+def per_user_auc(scores: np.ndarray) -> np.ndarray:
+    """scores (U, 1 + n_neg), column 0 the positive -> (U,) per-user AUC (ties 1/2).
+    With one positive and the same number of negatives per user, GAUC is their mean."""
+    scores = np.asarray(scores, np.float64)
+    pos, neg = scores[:, :1], scores[:, 1:]
+    return ((pos > neg).sum(1) + 0.5 * (pos == neg).sum(1)) / neg.shape[1]

@@ -1,12 +1,19 @@
 """The evaluation pipeline, stage by stage, each cached under the output directory so an
 interrupted run restarts where it stopped (a stage's result is written atomically last):
 
-    embeddings/{text,meta}.npy          1. sentence embeddings of item text
-    sasrec/                             2. SASRec behavioral embeddings + norm/popularity
-    tokenizers/<name>/                  3-4. fitted tokenizer, SIDs, quantization metrics
-    downstream/<name>/retrieval_seed<k>.json   5. generative retrieval
-    downstream/<name>/ranking_seed<k>.json     6. discriminative ranking
-    results.json, report.md, plots/     7. aggregation over seeds, head vs tail
+    embeddings/{text,meta}.npy              1. sentence embeddings of item text
+    sasrec/<variant>/                       2. ID SASRec (CE, tied / untied; BCE optional):
+                                               accuracy, norm vs popularity, item tables
+    tokenizers/<name>/                      3. fitted tokenizer, SIDs, quantization metrics
+    downstream/<name>/sid_sasrec_seed<k>.*  4. SID-SASRec: SASRec over SID-composed items
+    downstream/<name>/retrieval_seed<k>.*   5. generative retrieval
+    downstream/<name>/ranking_seed<k>.*     6. discriminative ranking
+    results.json, report.md, plots/         7. aggregation over seeds, head vs tail,
+                                               paired bootstrap, wall time per stage
+
+Every downstream model stops early on the validation split and restores its best epoch;
+the test split is read once per trained model, after training. Per-user test metrics
+(``.npz`` beside each stage's ``.json``) feed the paired bootstrap of the report.
 
 ``run_config.json`` records what the cache was built from; rerunning the same output
 directory with a different dataset or protocol is an error (use a new directory).
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from sidserve.eval.data import Dataset, load_dataset
-from sidserve.eval.metrics import spearman
+from sidserve.eval.metrics import grouped_means, per_user_auc, recall_ndcg, spearman
 from sidserve.eval.ranking import (
     RankingConfig,
     evaluate_ranking,
@@ -36,10 +43,16 @@ from sidserve.eval.ranking import (
     score,
     train_ranker,
 )
-from sidserve.eval.retrieval import RetrievalConfig, evaluate_retrieval, rank_items, train_retrieval
-from sidserve.eval.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
+from sidserve.eval.retrieval import RetrievalConfig, rank_items, train_retrieval
+from sidserve.eval.sasrec import (
+    SASRecConfig,
+    SIDItems,
+    evaluate_sasrec,
+    train_sasrec,
+)
 from sidserve.eval.sid_table import PrefixTrie, SIDTable
 from sidserve.eval.tokenizers import (
+    ABLATIONS,
     ALL_TOKENIZERS,
     DEFAULT_TOKENIZERS,
     TokenizerBudget,
@@ -48,6 +61,16 @@ from sidserve.eval.tokenizers import (
 
 log = logging.getLogger(__name__)
 EVAL_NEGATIVES_SEED = 12345  # one draw of ranking negatives shared by every tokenizer and seed
+VALID_NEGATIVES_SEED = 54321  # the validation draw (early stopping of the ranker)
+# ID SASRec variants: loss and table tying; each is trained once (seed 0)
+SASREC_VARIANTS = {"tied": {"loss": "ce", "tied": True}, "untied": {"loss": "ce", "tied": False},
+                   "bce": {"loss": "bce", "tied": True}}
+# which variant and table each EMBEDDINGS choice reads
+EMBEDDING_SOURCE = {"tied": ("tied", "input"), "untied-input": ("untied", "input"),
+                    "untied-output": ("untied", "output"), "bce": ("bce", "input")}
+TASKS = ("sid_sasrec", "retrieval", "ranking")
+# the metrics whose seed spread decides whether an ablation gets every seed
+HEADLINE = {"sid_sasrec": "ndcg@10", "retrieval": "recall@10", "ranking": "gauc"}
 
 
 @dataclass
@@ -56,10 +79,19 @@ class EvalConfig:
     output: str  # cache + report directory
     tokenizers: list[str] = field(default_factory=lambda: list(DEFAULT_TOKENIZERS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # downstream model seeds
+    # ablations run the first seed; the rest only where a headline metric is within
+    # 2 seed spreads of ADC-SID's (a difference the seeds cannot yet tell apart)
+    ablation_seeds_adaptive: bool = True
     quick: bool = False  # subsample users and shrink every stage (tests, smoke runs)
     quick_users: int = 1000  # users kept by --quick
     head_tail_share: float = 0.25  # head = top 25% items by training popularity, tail = bottom 25%
     ranking_negatives: int = 99  # sampled negatives per test user for AUC/GAUC
+    sasrec_variants: list[str] = field(default_factory=lambda: ["tied", "untied"])  # ID SASRec models trained
+    # the table handed to the tokenizers as e_b: the untied model's input table, whose norm
+    # tracks popularity; its accuracy is within the tied one's (docs/evaluation.md, "Selection")
+    behavior_embedding: str = "untied-input"
+    sid_sasrec_dedup: bool = False  # SID-SASRec: add the dedup code's embedding to the item vector
+    bootstrap_samples: int = 2000  # paired bootstrap resamples of users
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     budget: TokenizerBudget = field(default_factory=TokenizerBudget)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -76,17 +108,30 @@ class EvalConfig:
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if self.retrieval.beam_size < 50:
             raise ValueError(f"retrieval.beam_size must be >= 50 (Recall@50 is reported), got {self.retrieval.beam_size}")
+        bad = [v for v in self.sasrec_variants if v not in SASREC_VARIANTS]
+        if bad or not self.sasrec_variants:
+            raise ValueError(f"sasrec_variants must name some of {list(SASREC_VARIANTS)}, got {self.sasrec_variants}")
+        if self.behavior_embedding not in EMBEDDING_SOURCE:
+            raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {self.behavior_embedding!r}")
+        need = EMBEDDING_SOURCE[self.behavior_embedding][0]
+        if need not in self.sasrec_variants:
+            raise ValueError(f"behavior_embedding={self.behavior_embedding!r} needs the {need!r} SASRec variant; "
+                             f"sasrec_variants is {self.sasrec_variants}")
+        self.sasrec.validate()
+        self.retrieval.validate()
         return self
 
     @classmethod
     def quick_profile(cls, data: str, output: str, **kw) -> "EvalConfig":
         """Small everything: a smoke test of every stage, not a measurement."""
         kw.setdefault("seeds", [0, 1])
+        kw.setdefault("bootstrap_samples", 200)
         c = cls(data=data, output=output, quick=True, **kw)
-        c.sasrec = dataclasses.replace(c.sasrec, epochs=4, batch_size=64)
+        c.sasrec = dataclasses.replace(c.sasrec, max_epochs=4, patience=2, batch_size=64, max_len=20)
         c.budget = dataclasses.replace(c.budget, adc_epochs=3, rqvae_epochs=3, batch_size=256)
-        c.retrieval = dataclasses.replace(c.retrieval, epochs=1, d_model=32, ff_dim=64, batch_size=128)
-        c.ranking = dataclasses.replace(c.ranking, epochs=1, d_model=32, mlp_dim=32, batch_size=256)
+        c.retrieval = dataclasses.replace(c.retrieval, max_epochs=2, patience=1, d_model=32, ff_dim=64,
+                                          batch_size=128, valid_users=100, warmup_steps=10)
+        c.ranking = dataclasses.replace(c.ranking, max_epochs=2, patience=1, d_model=32, mlp_dim=32, batch_size=256)
         return c
 
 
@@ -103,6 +148,14 @@ def _atomic_npy(path: str, arr: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npy"
     np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _atomic_npz(path: str, **arrays) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
@@ -138,7 +191,8 @@ class Evaluation:
                "users": self.data.num_users, "items": self.data.num_items,
                "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget),
                "retrieval": dataclasses.asdict(self.c.retrieval), "ranking": dataclasses.asdict(self.c.ranking),
-               "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives}
+               "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
+               "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup}
         p = self.path("run_config.json")
         if os.path.exists(p):
             old = _read_json(p)
@@ -150,14 +204,18 @@ class Evaluation:
             _atomic_json(p, key)
 
     def _stage(self, name: str, done: str, fn):
-        """Run ``fn`` unless its final file ``done`` exists; time it."""
+        """Run ``fn`` unless its final file ``done`` exists; time it. ``fn`` returns the
+        dict written to ``done`` (its run time is added as ``stage_seconds``)."""
         if os.path.exists(done):
             log.info("stage %s: cached (%s)", name, done)
             return
         t0 = time.perf_counter()
         log.info("stage %s ...", name)
-        fn()
+        result = fn()
         dt = time.perf_counter() - t0
+        if result is not None:
+            result["stage_seconds"] = round(dt, 2)
+            _atomic_json(done, result)
         self.timer.add(name.split(":")[0], dt)
         log.info("stage %s done in %.1f s", name, dt)
 
@@ -170,30 +228,42 @@ class Evaluation:
                 uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
                 emb = embed_texts(list(uniq), model=model)[inv.ravel()]
                 _atomic_npy(self.path("embeddings", f"{modality}.npy"), emb)
-        self._stage("embeddings", self.path("embeddings", "meta.npy"), run)
+            return {"modalities": ["text", "meta"]}
+        self._stage("embeddings", self.path("embeddings", "done.json"), run)
         return {m: np.load(self.path("embeddings", f"{m}.npy")) for m in ("text", "meta")}
 
     # 2 ---------------------------------------------------------------------------------
-    def behavior(self) -> np.ndarray:
-        def run():
-            model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, self.c.sasrec,
-                                          valid=self.data.targets("valid"))
-            emb = model.item_vectors()
-            norms = np.linalg.norm(emb, axis=1)
-            pop = self.data.popularity()[1:]
-            report = {
-                "config": dataclasses.asdict(self.c.sasrec),
-                "history": history,
-                "test": evaluate_sasrec(model, *self.data.targets("test"), ks=(10, 50)),
-                "norm_popularity_spearman": spearman(norms, pop),
-                "norm_quantiles": np.quantile(norms, [0, 0.25, 0.5, 0.75, 1]).round(6).tolist(),
-            }
-            _atomic_npy(self.path("sasrec", "item_emb.npy"), emb)
-            _atomic_json(self.path("sasrec", "report.json"), report)
-        self._stage("sasrec", self.path("sasrec", "report.json"), run)
-        return np.load(self.path("sasrec", "item_emb.npy"))
+    def sasrec_variant(self, variant: str) -> None:
+        d = self.path("sasrec", variant)
 
-    # 3-4 -------------------------------------------------------------------------------
+        def run():
+            c = dataclasses.replace(self.c.sasrec, **SASREC_VARIANTS[variant])
+            model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, c,
+                                          valid=self.data.targets("valid"))
+            test = evaluate_sasrec(model, *self.data.targets("test"), ks=(5, 10, 50), per_user=True)
+            _atomic_npz(os.path.join(d, "test_per_user.npz"), **test)
+            pop = self.data.popularity()[1:]
+            tables = {}
+            for which in ("input", "output"):
+                emb = model.item_vectors(which)
+                _atomic_npy(os.path.join(d, f"{which}_emb.npy"), emb)
+                norms = np.linalg.norm(emb, axis=1)
+                tables[which] = {"norm_popularity_spearman": spearman(norms, pop),
+                                 "norm_quantiles": np.quantile(norms, [0, 0.25, 0.5, 0.75, 1]).round(6).tolist()}
+            return {"variant": variant, "config": dataclasses.asdict(c), "history": history,
+                    "early_stopping": model.early_stopping, "tied": c.tied,
+                    "valid": {k[len("valid_"):]: v for k, v in history[model.early_stopping["best_epoch"]].items()
+                              if k.startswith("valid_")},
+                    "test": {k: float(v.mean()) for k, v in test.items()}, "tables": tables}
+        self._stage(f"sasrec:{variant}", os.path.join(d, "report.json"), run)
+
+    def behavior(self) -> np.ndarray:
+        for v in self.c.sasrec_variants:
+            self.sasrec_variant(v)
+        variant, which = EMBEDDING_SOURCE[self.c.behavior_embedding]
+        return np.load(self.path("sasrec", variant, f"{which}_emb.npy"))
+
+    # 3 ---------------------------------------------------------------------------------
     def tokenize(self, name: str, items: dict, dims: dict[str, int]) -> SIDTable:
         d = self.path("tokenizers", name)
 
@@ -207,53 +277,97 @@ class Evaluation:
                 shutil.rmtree(os.path.join(d, "artifact"), ignore_errors=True)
                 os.makedirs(d, exist_ok=True)
                 os.replace(art, os.path.join(d, "artifact"))
-            os.makedirs(d, exist_ok=True)
-            np.savez(os.path.join(d, "sids.npz"), sid=tk.sid, weights=tk.weights)
+            _atomic_npz(os.path.join(d, "sids.npz"), sid=tk.sid, weights=tk.weights)
             q = dict(tk.quantization)
             q["codebook_size"] = tk.codebook_size
             q["sid_length"] = int(tk.sid.shape[1])
             q["items_sharing_sid"] = float(1 - np.unique(tk.sid, axis=0).shape[0] / tk.sid.shape[0])
-            _atomic_json(os.path.join(d, "quantization.json"), q)
+            return q
         self._stage(f"tokenizers:{name}", os.path.join(d, "quantization.json"), run)
         z = np.load(os.path.join(d, "sids.npz"))
         return SIDTable.build(z["sid"], z["weights"])
 
-    # 5-6 -------------------------------------------------------------------------------
-    def retrieval(self, name: str, table: SIDTable, trie: PrefixTrie, seed: int, groups) -> None:
-        p = self.path("downstream", name, f"retrieval_seed{seed}.json")
+    # 4-6 -------------------------------------------------------------------------------
+    def stage_path(self, name: str, task: str, seed: int, ext: str = "json") -> str:
+        return self.path("downstream", name, f"{task}_seed{seed}.{ext}")
 
+    def sid_sasrec(self, name: str, table: SIDTable, seed: int, groups) -> None:
+        def run():
+            c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
+            items = SIDItems(table, c.hidden_dim, use_dedup=self.c.sid_sasrec_dedup)
+            model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, c,
+                                          valid=self.data.targets("valid"), items=items)
+            hist, targets = self.data.targets("test")
+            per_user = evaluate_sasrec(model, hist, targets, ks=(5, 10, 50), per_user=True)
+            _atomic_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
+            res = grouped_means(per_user, targets, groups)
+            res.update(history=history, early_stopping=model.early_stopping)
+            return res
+        self._stage(f"sid_sasrec:{name}:{seed}", self.stage_path(name, "sid_sasrec", seed), run)
+
+    def retrieval(self, name: str, table: SIDTable, trie: PrefixTrie, seed: int, groups) -> None:
         def run():
             c = dataclasses.replace(self.c.retrieval, seed=seed)
-            model, history = train_retrieval(table, self.data.train_sequences(), self.data.targets("valid"), c)
+            model, history = train_retrieval(table, self.data.train_sequences(), self.data.targets("valid"), c,
+                                             trie=trie)
             t0 = time.perf_counter()
             hist, targets = self.data.targets("test")
             ranked = rank_items(model, trie, hist, c.beam_size)
-            res = evaluate_retrieval(ranked, targets, groups)
-            res["history"] = history
-            res["generate_seconds"] = time.perf_counter() - t0
-            res["valid_sid_share"] = float((ranked >= 0).mean())
-            _atomic_json(p, res)
-        self._stage(f"retrieval:{name}:{seed}", p, run)
+            per_user = recall_ndcg(ranked, targets, (5, 10, 50))
+            _atomic_npz(self.stage_path(name, "retrieval", seed, "npz"), **per_user)
+            res = grouped_means(per_user, targets, groups)
+            res.update(history=history, early_stopping=model.early_stopping,
+                       generate_seconds=time.perf_counter() - t0, valid_sid_share=float((ranked >= 0).mean()))
+            return res
+        self._stage(f"retrieval:{name}:{seed}", self.stage_path(name, "retrieval", seed), run)
 
-    def ranking(self, name: str, table: SIDTable, seed: int, groups, negatives: np.ndarray) -> None:
-        p = self.path("downstream", name, f"ranking_seed{seed}.json")
-
+    def ranking(self, name: str, table: SIDTable, seed: int, groups, negatives: dict) -> None:
         def run():
             c = dataclasses.replace(self.c.ranking, seed=seed)
-            model, history = train_ranker(table, self.data.train_sequences(), c)
+            v_hist, v_target = self.data.targets("valid")
+            model, history = train_ranker(table, self.data.train_sequences(), c,
+                                          valid=(v_hist, v_target, negatives["valid"]))
             hist, targets = self.data.targets("test")
-            cand = np.concatenate([targets[:, None], negatives], axis=1)
-            res = evaluate_ranking(score(model, hist, cand), targets, groups)
-            res["history"] = history
-            _atomic_json(p, res)
-        self._stage(f"ranking:{name}:{seed}", p, run)
+            scores = score(model, hist, np.concatenate([targets[:, None], negatives["test"]], axis=1))
+            _atomic_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))
+            res = evaluate_ranking(scores, targets, groups)
+            res.update(history=history, early_stopping=model.early_stopping)
+            return res
+        self._stage(f"ranking:{name}:{seed}", self.stage_path(name, "ranking", seed), run)
 
-    def negatives(self) -> np.ndarray:
-        p = self.path("ranking_negatives.npy")
-        if not os.path.exists(p):
-            rng = np.random.default_rng(EVAL_NEGATIVES_SEED)
-            _atomic_npy(p, sample_negatives(rng, self.data.sequences, self.data.num_items, self.c.ranking_negatives))
-        return np.load(p)
+    def negatives(self) -> dict[str, np.ndarray]:
+        """Sampled ranking candidates: 'test' avoids each user's whole sequence, 'valid'
+        its training + validation items (the test item is not looked at)."""
+        out = {}
+        for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
+                                  ("valid", VALID_NEGATIVES_SEED, [s[:-1] for s in self.data.sequences])):
+            p = self.path(f"ranking_negatives_{split}.npy" if split == "valid" else "ranking_negatives.npy")
+            if not os.path.exists(p):
+                rng = np.random.default_rng(seed)
+                _atomic_npy(p, sample_negatives(rng, seqs, self.data.num_items, self.c.ranking_negatives))
+            out[split] = np.load(p)
+        return out
+
+    def downstream(self, name: str, table: SIDTable, seeds: list[int], groups, negatives) -> None:
+        trie = PrefixTrie.build(table)
+        for seed in seeds:
+            self.sid_sasrec(name, table, seed, groups)
+            self.retrieval(name, table, trie, seed, groups)
+            self.ranking(name, table, seed, groups, negatives)
+
+    def seeds_for(self, name: str) -> list[int]:
+        """Seeds that ``name`` needs: every seed, except for an ablation whose first seed
+        is more than 2 seed spreads of ADC-SID from ADC-SID on every headline metric."""
+        if name not in ABLATIONS or not self.c.ablation_seeds_adaptive or "adc_sid" not in self.c.tokenizers:
+            return list(self.c.seeds)
+        first = self.c.seeds[0]
+        for task, metric in HEADLINE.items():
+            ref = [_read_json(self.stage_path("adc_sid", task, s))["all"][metric] for s in self.c.seeds]
+            mine = _read_json(self.stage_path(name, task, first))["all"][metric]
+            spread = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
+            if abs(mine - float(np.mean(ref))) <= 2 * spread:
+                return list(self.c.seeds)
+        return [first]
 
     # all -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -266,11 +380,14 @@ class Evaluation:
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
         tables = {name: self.tokenize(name, items, dims) for name in self.c.tokenizers}
-        for name, table in tables.items():
-            trie = PrefixTrie.build(table)
-            for seed in self.c.seeds:
-                self.retrieval(name, table, trie, seed, groups)
-                self.ranking(name, table, seed, groups, negatives)
+        # everything but the ablations first: their seed count depends on ADC-SID's spread
+        order = sorted(tables, key=lambda n: n in ABLATIONS)
+        self.seeds_run: dict[str, list[int]] = {}
+        for name in order:
+            if name in ABLATIONS and self.c.ablation_seeds_adaptive and "adc_sid" in tables:
+                self.downstream(name, tables[name], self.c.seeds[:1], groups, negatives)
+            self.seeds_run[name] = self.seeds_for(name)
+            self.downstream(name, tables[name], self.seeds_run[name], groups, negatives)
         from sidserve.eval.report import write_report
         results = write_report(self, wall_seconds=time.perf_counter() - t_start)
         return results
@@ -302,14 +419,23 @@ def run_cli(args, command: str = "") -> int:
             c = EvalConfig.quick_profile(args.data, args.output, quick_users=args.quick_users, **kw)
         else:
             c = EvalConfig(data=args.data, output=args.output, **kw)
-        if args.retrieval_epochs is not None:
-            c.retrieval = dataclasses.replace(c.retrieval, epochs=args.retrieval_epochs)
+        if args.sasrec_variants is not None:
+            c.sasrec_variants = [v.strip() for v in args.sasrec_variants.split(",") if v.strip()]
+        if args.behavior_embedding is not None:
+            c.behavior_embedding = args.behavior_embedding
+        if args.retrieval_max_epochs is not None:
+            c.retrieval = dataclasses.replace(c.retrieval, max_epochs=args.retrieval_max_epochs)
+        if args.history_tokens is not None:
+            c.retrieval = dataclasses.replace(c.retrieval, history_tokens=args.history_tokens)
         r = run_evaluation(c)
         print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers x {len(r['seeds'])} seeds on "
               f"{r['dataset']['name']}: {os.path.join(args.output, 'report.md')}")
+        for v, e in r["sasrec"].items():
+            print(f"  ID SASRec ({v}){'':<19} R@10 {e['test']['recall@10']:.4f}  N@10 {e['test']['ndcg@10']:.4f}")
         for e in r["tokenizers"].values():
-            ret, rk = e["retrieval"]["all"], e["ranking"]["all"]
-            print(f"  {e['label']:<32} R@10 {ret['recall@10']['mean']:.4f}  N@10 {ret['ndcg@10']['mean']:.4f}  "
-                  f"AUC {rk['auc']['mean']:.4f}  GAUC {rk['gauc']['mean']:.4f}")
+            ss, ret, rk = e["sid_sasrec"]["all"], e["retrieval"]["all"], e["ranking"]["all"]
+            print(f"  {e['label']:<32} SID-SASRec R@10 {ss['recall@10']['mean']:.4f}  "
+                  f"retrieval R@10 {ret['recall@10']['mean']:.4f}  N@10 {ret['ndcg@10']['mean']:.4f}  "
+                  f"GAUC {rk['gauc']['mean']:.4f}")
 
     return run_job(body)

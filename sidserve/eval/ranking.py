@@ -8,6 +8,10 @@ dot-product attention to the candidate (DIN-style target attention without DIN's
 which would cost 300+ GMAC to score Beauty's test candidates on 2 CPUs). Score:
 MLP([u, r, u * r]).
 
+Training runs until validation GAUC (the validation item against ``valid_negatives``
+sampled items per user, one fixed draw) has not improved for ``patience`` epochs, then
+the best epoch is restored.
+
 Evaluation: per test user, the held-out item against ``num_negatives`` items sampled
 from those the user never interacted with (one fixed draw shared by all tokenizers).
 AUC pools every (user, item) pair; GAUC averages per-user AUC weighted by pairs.
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidserve.eval.metrics import auc, gauc
+from sidserve.eval.early_stopping import EarlyStopping
+from sidserve.eval.metrics import auc, gauc, per_user_auc
 from sidserve.eval.sasrec import pad_left
 from sidserve.eval.sid_table import SIDTable
 
@@ -39,7 +44,9 @@ class RankingConfig:
     mlp_dim: int = 128  # hidden width of the scoring MLP
     max_history: int = 20  # most recent items pooled into the user representation
     negatives_per_positive: int = 4  # sampled negatives per training positive
-    epochs: int = 2  # passes over the training positives (~11 s each on 2 CPUs for Beauty)
+    max_epochs: int = 20  # upper bound; early stopping on validation GAUC ends runs before it
+    patience: int = 2  # epochs without a better validation GAUC before stopping
+    valid_negatives: int = 99  # sampled items per validation user (as at test time)
     batch_size: int = 1024
     lr: float = 2e-3  # AdamW
     weight_decay: float = 1e-5
@@ -90,10 +97,16 @@ def sample_negatives(rng: np.random.Generator, users_items: list[np.ndarray], nu
     return out
 
 
-def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig) -> tuple[SIDRanker, list[dict]]:
-    """Every training prefix's next item is a positive, with sampled negatives."""
+def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig,
+                 valid: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None) -> tuple[SIDRanker, list[dict]]:
+    """Every training prefix's next item is a positive, with sampled negatives.
+
+    valid: (histories, targets, negatives (U, n)) -> early stopping on validation GAUC;
+    without it ``max_epochs`` are run. ``model.early_stopping`` says what was kept."""
     from sidserve.eval.retrieval import length_buckets, training_examples
 
+    if c.max_epochs < 1 or c.patience < 1:
+        raise ValueError(f"max_epochs and patience must be >= 1, got {c.max_epochs}, {c.patience}")
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
     hist, target = training_examples(train_seqs, c.max_history)
@@ -101,8 +114,9 @@ def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig
     model = SIDRanker(table, c)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     n = table.num_items
+    stopper = EarlyStopping(c.patience, mode="max")
     history = []
-    for epoch in range(c.epochs):
+    for epoch in range(c.max_epochs):
         t0 = time.perf_counter()
         model.train()
         neg = rng.integers(1, n + 1, size=(target.size, c.negatives_per_positive))
@@ -119,17 +133,31 @@ def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig
             opt.step()
             total += loss.item()
             steps += 1
-        history.append({"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - t0})
+        rec = {"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - t0}
+        stop = False
+        if valid is not None:
+            v_hist, v_target, v_neg = valid
+            rec["valid_gauc"] = float(per_user_auc(score(model, v_hist, np.concatenate([v_target[:, None], v_neg], 1)))
+                                      .mean())
+            stop = stopper.update(epoch, rec["valid_gauc"], model)
+        history.append(rec)
         log.info("ranking epoch %d %s", epoch, history[-1])
+        if stop:
+            break
+    stopper.restore(model)
+    model.early_stopping = {**stopper.summary(), "epochs_run": len(history), "max_epochs": c.max_epochs}
     return model.eval(), history
 
 
 @torch.inference_mode()
 def score(model: SIDRanker, histories: list[np.ndarray], candidates: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """(U, C) candidate ids -> (U, C) scores."""
+    was = model.training
+    model.eval()
     hist = pad_left(histories, model.max_history)
     out = [model(torch.from_numpy(hist[s:s + batch_size]), torch.from_numpy(candidates[s:s + batch_size])).numpy()
            for s in range(0, hist.shape[0], batch_size)]
+    model.train(was)
     return np.concatenate(out)
 
 

@@ -1,20 +1,38 @@
-"""Aggregate the cached stage outputs into results.json, report.md and plots/."""
+"""Aggregate the cached stage outputs into results.json, report.md and plots/.
+
+Every figure is read from the stage files, so a report written after a resumed run
+covers all stages, cached or not (wall time per stage included). Comparisons between
+tokenizers carry a paired bootstrap over test users beside the seed spread.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 
 import numpy as np
 
 from sidserve.collisions import find_overlaps
-from sidserve.eval.metrics import mean_std
+from sidserve.eval.metrics import mean_std, paired_bootstrap
 from sidserve.eval.tokenizers import LABELS
 
 RETRIEVAL_METRICS = ["recall@5", "recall@10", "recall@50", "ndcg@5", "ndcg@10", "ndcg@50"]
 RANKING_METRICS = ["auc", "gauc"]
+TASK_METRICS = {"sid_sasrec": RETRIEVAL_METRICS, "retrieval": RETRIEVAL_METRICS, "ranking": RANKING_METRICS}
 GROUPS = ["all", "head", "tail"]
+# (task, metric in results, per-user array in the stage's .npz): the comparisons tested
+SIGNIFICANCE = [("sid_sasrec", "ndcg@10", "ndcg@10"), ("retrieval", "recall@10", "recall@10"),
+                ("retrieval", "ndcg@10", "ndcg@10"), ("ranking", "gauc", "auc")]
+# published figures on Beauty's leave-one-out split, full-catalog ranking, for orientation
+ANCHORS = {
+    "sasrec_ce": {"recall@10": 0.0688, "source": "SASRec with full-softmax CE (published; ~0.08 in a RecBole run)"},
+    "sasrec_bce": {"recall@10": 0.0605, "source": "SASRec (BCE) in the TIGER paper's table"},
+    "tiger": {"recall@5": 0.0454, "recall@10": 0.0648, "ndcg@5": 0.0321, "ndcg@10": 0.0384,
+              "source": "TIGER paper (RQ-VAE SIDs, 4+4-layer T5, d 128)"},
+}
 
 
 def _load(path):
@@ -22,38 +40,89 @@ def _load(path):
         return json.load(f)
 
 
+def seeds_present(ev, name: str, task: str) -> list[int]:
+    files = glob.glob(ev.path("downstream", name, f"{task}_seed*.json"))
+    return sorted(int(re.search(r"_seed(\d+)\.json$", f).group(1)) for f in files)
+
+
 def collect(ev) -> dict:
     out = {}
     for name in ev.c.tokenizers:
-        d = ev.path("downstream", name)
-        entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json")),
-                 "retrieval": {}, "ranking": {}}
+        entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json"))}
         # near collisions (issue 8), from the SIDs themselves so cached stages get it too
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
         entry["quantization"]["items_within_hamming_1"] = find_overlaps(sid, 1, max_group_pairs=10_000).overlap_rate
-        runs = {"retrieval": [_load(os.path.join(d, f"retrieval_seed{s}.json")) for s in ev.c.seeds],
-                "ranking": [_load(os.path.join(d, f"ranking_seed{s}.json")) for s in ev.c.seeds]}
-        for task, metrics in (("retrieval", RETRIEVAL_METRICS), ("ranking", RANKING_METRICS)):
+        seeds = seeds_present(ev, name, "ranking")
+        entry["seeds"] = seeds
+        for task, metrics in TASK_METRICS.items():
+            runs = [_load(ev.stage_path(name, task, s)) for s in seeds]
+            t = {}
             for g in GROUPS:
-                entry[task][g] = {m: dict(mean_std([r[g][m] for r in runs[task]]),
-                                          values=[r[g][m] for r in runs[task]]) for m in metrics}
-                entry[task][g]["users"] = runs[task][0][g]["users"]
-        entry["retrieval"]["valid_sid_share"] = float(np.mean([r["valid_sid_share"] for r in runs["retrieval"]]))
-        entry["retrieval"]["epochs_run"] = [len(r["history"]) for r in runs["retrieval"]]
-        entry["retrieval"]["best_epoch"] = [int(np.argmin([h["valid_loss"] for h in r["history"]]))
-                                            for r in runs["retrieval"]]
+                t[g] = {m: dict(mean_std([r[g][m] for r in runs]), values=[r[g][m] for r in runs]) for m in metrics}
+                t[g]["users"] = runs[0][g]["users"]
+            t["best_epoch"] = [r["early_stopping"]["best_epoch"] for r in runs]
+            t["epochs_run"] = [r["early_stopping"]["epochs_run"] for r in runs]
+            t["stage_seconds"] = [r.get("stage_seconds") for r in runs]
+            if task == "retrieval":
+                t["valid_sid_share"] = float(np.mean([r["valid_sid_share"] for r in runs]))
+                t["generate_seconds"] = [r["generate_seconds"] for r in runs]
+            entry[task] = t
         out[name] = entry
     return out
 
 
-def _fmt(ms: dict, digits: int = 4) -> str:
-    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+def per_user(ev, name: str, task: str, key: str) -> np.ndarray:
+    """(U,) the per-user test metric of ``name``, averaged over its seeds."""
+    arrs = [np.load(ev.stage_path(name, task, s, "npz"))[key] for s in seeds_present(ev, name, task)]
+    return np.mean(arrs, axis=0)
+
+
+def significance(ev, tok: dict) -> list[dict]:
+    """Paired bootstrap of each tokenizer against ADC-SID (when evaluated) and against the
+    best tokenizer of each tested metric."""
+    rows = []
+    for task, metric, key in SIGNIFICANCE:
+        means = {n: e[task]["all"][metric]["mean"] for n, e in tok.items()}
+        best = max(means, key=means.get)
+        refs = [r for r in dict.fromkeys(["adc_sid", best]) if r in tok]
+        for ref in refs:
+            b = per_user(ev, ref, task, key)
+            for name in tok:
+                if name == ref or (ref != refs[0] and name == refs[0]):  # self, or the mirror of a row above
+                    continue
+                bs = paired_bootstrap(per_user(ev, name, task, key), b, num_samples=ev.c.bootstrap_samples,
+                                      seed=0)
+                rows.append({"task": task, "metric": metric, "a": name, "b": ref, "b_is_best": ref == best,
+                             "a_std": tok[name][task]["all"][metric]["std"],
+                             "b_std": tok[ref][task]["all"][metric]["std"], **bs})
+    return rows
+
+
+def stage_seconds(ev) -> dict[str, float]:
+    """Seconds per stage kind summed over every stage file of the run (cached or not)."""
+    total: dict[str, float] = {}
+
+    def add(kind, path):
+        if os.path.exists(path):
+            s = _load(path).get("stage_seconds")
+            if s is not None:
+                total[kind] = total.get(kind, 0.0) + s
+    add("embeddings", ev.path("embeddings", "done.json"))
+    for v in ev.c.sasrec_variants:
+        add("sasrec", ev.path("sasrec", v, "report.json"))
+    for name in ev.c.tokenizers:
+        add("tokenizers", ev.path("tokenizers", name, "quantization.json"))
+        for task in TASK_METRICS:
+            for f in glob.glob(ev.path("downstream", name, f"{task}_seed*.json")):
+                add(task, f)
+    return {k: round(v, 1) for k, v in total.items()}
 
 
 def write_report(ev, wall_seconds: float) -> dict:
     tok = collect(ev)
-    sasrec = _load(ev.path("sasrec", "report.json"))
+    sasrec = {v: _load(ev.path("sasrec", v, "report.json")) for v in ev.c.sasrec_variants}
     d = ev.data
+    secs = stage_seconds(ev)
     results = {
         "command": ev.c.command,
         "dataset": {"name": d.name, "users": d.num_users, "items": d.num_items,
@@ -61,19 +130,30 @@ def write_report(ev, wall_seconds: float) -> dict:
         "seeds": list(ev.c.seeds),
         "config": {"sasrec": dataclasses.asdict(ev.c.sasrec), "budget": dataclasses.asdict(ev.c.budget),
                    "retrieval": dataclasses.asdict(ev.c.retrieval), "ranking": dataclasses.asdict(ev.c.ranking),
-                   "head_tail_share": ev.c.head_tail_share, "ranking_negatives": ev.c.ranking_negatives},
+                   "head_tail_share": ev.c.head_tail_share, "ranking_negatives": ev.c.ranking_negatives,
+                   "sasrec_variants": ev.c.sasrec_variants, "behavior_embedding": ev.c.behavior_embedding,
+                   "sid_sasrec_dedup": ev.c.sid_sasrec_dedup, "bootstrap_samples": ev.c.bootstrap_samples},
         "environment": ev.environment(),
-        "sasrec": {k: sasrec[k] for k in ("test", "norm_popularity_spearman", "norm_quantiles")},
+        "anchors": ANCHORS,
+        "sasrec": {v: {k: r[k] for k in ("test", "valid", "early_stopping", "tables", "tied", "stage_seconds")}
+                   for v, r in sasrec.items()},
         "tokenizers": tok,
+        "significance": significance(ev, tok),
+        "stage_seconds_total": secs,
+        "compute_seconds_total": round(sum(secs.values()), 1),
         "stage_seconds_this_invocation": {k: round(v, 1) for k, v in ev.timer.stages.items()},
         "wall_seconds_this_invocation": round(wall_seconds, 1),
     }
     with open(ev.path("results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plots = _plots(ev, tok)
+    plots = _plots(ev, tok, sasrec)
     with open(ev.path("report.md"), "w") as f:
         f.write(_markdown(results, plots))
     return results
+
+
+def _fmt(ms: dict, digits: int = 4) -> str:
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
 def _markdown(r: dict, plots: list[str]) -> str:
@@ -83,13 +163,27 @@ def _markdown(r: dict, plots: list[str]) -> str:
     L.append(f"# SID evaluation on {ds['name']}\n")
     L.append(f"{ds['users']:,} users, {ds['items']:,} items, {ds['interactions']:,} interactions"
              f"{' (--quick subsample: a smoke test, not a measurement)' if ds['quick'] else ''}. "
-             f"Leave-one-out split; downstream seeds {r['seeds']} (mean ± sample std over seeds).\n")
+             f"Leave-one-out split; downstream seeds {r['seeds']} (mean ± sample std over the seeds each "
+             f"tokenizer ran, listed per row). Every downstream model stops early on the validation split "
+             f"and restores its best epoch; test is read once per trained model.\n")
     L.append(f"Command: `{r['command']}`\n")
-    s = r["sasrec"]
-    L.append("## Behavioral embeddings (SASRec)\n")
-    L.append(f"Test Recall@10 {s['test']['recall@10']:.4f}, NDCG@10 {s['test']['ndcg@10']:.4f} "
-             f"(full-catalog ranking). Spearman correlation of embedding L2 norm with training "
-             f"popularity: **{s['norm_popularity_spearman']:.3f}** (norm quantiles {s['norm_quantiles']}).\n")
+
+    L.append("## Behavioral embeddings: ID SASRec\n")
+    L.append(f"The tokenizers receive `{r['config']['behavior_embedding']}` as e_b. Full-catalog ranking, "
+             f"history items excluded. Anchors: {ANCHORS['sasrec_ce']['source']}: R@10 "
+             f"{ANCHORS['sasrec_ce']['recall@10']}; {ANCHORS['sasrec_bce']['source']}: "
+             f"{ANCHORS['sasrec_bce']['recall@10']}.\n")
+    L.append("| variant | valid R@10 | valid N@10 | test R@10 | test N@10 | test R@50 | best epoch / run "
+             "| Spearman(norm, pop.) input table | output table | seconds |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for v, e in r["sasrec"].items():
+        es, t = e["early_stopping"], e["tables"]
+        out_s = "= input (tied)" if e["tied"] else f"{t['output']['norm_popularity_spearman']:.3f}"
+        L.append(f"| {v} | {e['valid']['recall@10']:.4f} | {e['valid']['ndcg@10']:.4f} | {e['test']['recall@10']:.4f} | "
+                 f"{e['test']['ndcg@10']:.4f} | {e['test']['recall@50']:.4f} | {es['best_epoch']} / {es['epochs_run']} | "
+                 f"{t['input']['norm_popularity_spearman']:.3f} | {out_s} | {e.get('stage_seconds', 0):.0f} |")
+    L.append("")
+
     L.append("## Quantization\n")
     L.append("| tokenizer | K | L | recon | entropy | utilisation | collision rate | items sharing a SID "
              "| items within Hamming 1 |")
@@ -103,28 +197,65 @@ def _markdown(r: dict, plots: list[str]) -> str:
     L.append("\nrecon is each tokenizer's own reconstruction MSE per input element: ADC-SID over its "
              "modality embeddings, the baselines over their concatenated inputs; it is comparable "
              "within a family, not across. Entropy is per position in nats (max ln K).\n")
+
+    ceiling = ", ".join(f"{v} R@10 {e['test']['recall@10']:.4f} / N@10 {e['test']['ndcg@10']:.4f}"
+                        for v, e in r["sasrec"].items())
     for g, title in (("all", "all test users"), ("head", "head items (top 25% by popularity)"),
                      ("tail", "long-tail items (bottom 25%)")):
         users = next(iter(tok.values()))["retrieval"][g]["users"]
         L.append(f"## Downstream, {title} ({users:,} users)\n")
-        L.append("| tokenizer | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in RETRIEVAL_METRICS)
-                 + " | AUC | GAUC |")
-        L.append("|---|" + "---|" * (len(RETRIEVAL_METRICS) + 2))
+        if g == "all":
+            L.append(f"SID-SASRec: SASRec whose item vectors are sums of SID code embeddings; its ceiling "
+                     f"is the ID SASRec ({ceiling}). Retrieval anchor: {ANCHORS['tiger']['source']} "
+                     f"R@10 {ANCHORS['tiger']['recall@10']} / N@10 {ANCHORS['tiger']['ndcg@10']}.\n")
+        L.append("| tokenizer | seeds | SID-SASRec R@10 | SID-SASRec N@10 | retrieval R@5 | R@10 | R@50 | N@10 "
+                 "| N@50 | AUC | GAUC |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for e in tok.values():
-            cells = [_fmt(e["retrieval"][g][m]) for m in RETRIEVAL_METRICS]
+            cells = [_fmt(e["sid_sasrec"][g]["recall@10"]), _fmt(e["sid_sasrec"][g]["ndcg@10"])]
+            cells += [_fmt(e["retrieval"][g][m]) for m in ("recall@5", "recall@10", "recall@50", "ndcg@10", "ndcg@50")]
             cells += [_fmt(e["ranking"][g][m]) for m in RANKING_METRICS]
-            L.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+            L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
         L.append("")
+
+    L.append("## Significance (paired bootstrap over test users)\n")
+    L.append(f"diff = mean(A) - mean(B) of the per-user metric (each tokenizer's seeds averaged per user), "
+             f"95% percentile interval of {r['config']['bootstrap_samples']} resamples of users, two-sided p. "
+             f"GAUC is the mean per-user AUC (one positive, the same number of negatives per user). "
+             f"B is ADC-SID or the best tokenizer on that metric (marked *). Seed spreads beside it.\n")
+    L.append("| task | metric | A | B | diff | 95% CI | p | std A | std B |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for s in r["significance"]:
+        L.append(f"| {s['task']} | {s['metric']} | {tok[s['a']]['label']} | {tok[s['b']]['label']}"
+                 f"{' *' if s['b_is_best'] else ''} | {s['diff']:+.4f} | [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | "
+                 f"{s['p_value']:.3g} | {s['a_std']:.4f} | {s['b_std']:.4f} |")
+    L.append("")
+
+    L.append("## Training to convergence\n")
+    L.append("Best epoch (0-based) / epochs run per seed; the run stops after `patience` epochs without a "
+             "better validation metric (SID-SASRec: NDCG@10; retrieval: "
+             f"{r['config']['retrieval']['valid_metric']} on {r['config']['retrieval']['valid_users']} validation "
+             "users; ranking: GAUC).\n")
+    L.append("| tokenizer | SID-SASRec | retrieval | ranking | retrieval s / run | generate s |")
+    L.append("|---|---|---|---|---|---|")
+    for e in tok.values():
+        cells = [", ".join(f"{b}/{n}" for b, n in zip(e[t]["best_epoch"], e[t]["epochs_run"])) for t in TASK_METRICS]
+        rs = [s for s in e["retrieval"]["stage_seconds"] if s is not None]
+        L.append(f"| {e['label']} | " + " | ".join(cells) +
+                 f" | {np.mean(rs) if rs else float('nan'):.0f} | {np.mean(e['retrieval']['generate_seconds']):.0f} |")
+    L.append("")
+
     L.append("## Plots\n")
     L += [f"![{p}](plots/{p})" for p in plots]
     L.append("\n## Run\n")
-    L.append(f"Environment: {r['environment']}. Stage seconds in the last invocation (cached stages "
-             f"are not counted): {r['stage_seconds_this_invocation']}; wall {r['wall_seconds_this_invocation']} s.\n")
+    L.append(f"Compute seconds per stage, all stages of this output directory: {r['stage_seconds_total']} "
+             f"(total {r['compute_seconds_total']} s). This invocation: {r['stage_seconds_this_invocation']}; "
+             f"wall {r['wall_seconds_this_invocation']} s. Environment: {r['environment']}.\n")
     L.append("Configuration:\n\n```json\n" + json.dumps(r["config"], indent=1) + "\n```\n")
     return "\n".join(L)
 
 
-def _plots(ev, tok: dict) -> list[str]:
+def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,14 +266,15 @@ def _plots(ev, tok: dict) -> list[str]:
     x = np.arange(len(names))
     files = []
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
-    for ax, (task, m) in zip(axes, [("retrieval", "recall@10"), ("retrieval", "ndcg@10"),
-                                    ("ranking", "auc"), ("ranking", "gauc")]):
+    panels = [("sid_sasrec", "recall@10"), ("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"),
+              ("retrieval", "ndcg@10"), ("ranking", "gauc")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.5))
+    for ax, (task, m) in zip(axes, panels):
         mean = [tok[n][task]["all"][m]["mean"] for n in names]
         std = [tok[n][task]["all"][m]["std"] for n in names]
         ax.bar(x, mean, yerr=std, capsize=3, color="tab:blue")
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(m)
+        ax.set_title(f"{task} {m}")
         lo = min(mean) - 3 * max(max(std), 1e-4)
         ax.set_ylim(max(0.0, lo), None)
     fig.tight_layout()
@@ -150,14 +282,14 @@ def _plots(ev, tok: dict) -> list[str]:
     plt.close(fig)
     files.append("metrics.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    for ax, (task, m) in zip(axes, [("retrieval", "recall@10"), ("ranking", "gauc")]):
+    fig, axes = plt.subplots(1, 3, figsize=(20, 4.5))
+    for ax, (task, m) in zip(axes, [("sid_sasrec", "recall@10"), ("retrieval", "recall@10"), ("ranking", "gauc")]):
         for j, g in enumerate(["head", "tail"]):
             mean = [tok[n][task][g][m]["mean"] for n in names]
             std = [tok[n][task][g][m]["std"] for n in names]
             ax.bar(x + (j - 0.5) * 0.4, mean, 0.4, yerr=std, capsize=2, label=g)
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{m}: head vs long tail")
+        ax.set_title(f"{task} {m}: head vs long tail")
         ax.legend()
     fig.tight_layout()
     fig.savefig(ev.path("plots", "head_tail.png"), dpi=110)
@@ -180,4 +312,42 @@ def _plots(ev, tok: dict) -> list[str]:
     fig.savefig(ev.path("plots", "codebook_usage.png"), dpi=110)
     plt.close(fig)
     files.append("codebook_usage.png")
+
+    # embedding norm vs training popularity, per SASRec variant and table
+    pop = ev.data.popularity()[1:]
+    tables = [(v, w) for v, r in sasrec.items() for w in (("input",) if r["tied"] else ("input", "output"))]
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.2), squeeze=False)
+    for ax, (v, w) in zip(axes[0], tables):
+        norms = np.linalg.norm(np.load(ev.path("sasrec", v, f"{w}_emb.npy")), axis=1)
+        ax.scatter(pop, norms, s=2, alpha=0.3)
+        ax.set_xscale("log")
+        rho = sasrec[v]["tables"][w]["norm_popularity_spearman"]
+        ax.set_title(f"SASRec {v}, {w} table: Spearman {rho:.2f}", fontsize=9)
+        ax.set_xlabel("training interactions (log)")
+        ax.set_ylabel("L2 norm")
+    fig.tight_layout()
+    fig.savefig(ev.path("plots", "norm_vs_popularity.png"), dpi=110)
+    plt.close(fig)
+    files.append("norm_vs_popularity.png")
+
+    # learning curves: the validation metric per epoch, first seed of each tokenizer
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
+    for v, rep in sasrec.items():
+        axes[0].plot([h["valid_ndcg@10"] for h in rep["history"]], marker=".", label=f"ID SASRec {v}")
+    for n in names:
+        s0 = tok[n]["seeds"][0]
+        for ax, task, key in ((axes[1], "sid_sasrec", "valid_ndcg@10"),
+                              (axes[2], "retrieval", f"valid_{ev.c.retrieval.valid_metric}"),
+                              (axes[3], "ranking", "valid_gauc")):
+            hist = _load(ev.stage_path(n, task, s0))["history"]
+            ax.plot([h[key] for h in hist], marker=".", label=tok[n]["label"])
+    for ax, title in zip(axes, ["ID SASRec valid NDCG@10", "SID-SASRec valid NDCG@10",
+                                f"retrieval valid {ev.c.retrieval.valid_metric}", "ranking valid GAUC"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(ev.path("plots", "learning_curves.png"), dpi=110)
+    plt.close(fig)
+    files.append("learning_curves.png")
     return files

@@ -2,20 +2,23 @@
 and generates the next item's SID code by code; beam search constrained to SIDs that
 exist; Recall@K / NDCG@K of the generated ranking.
 
-One deviation from TIGER, for a 2-CPU budget: each history item enters the encoder as
-one token (the sum of its SID codes' embeddings plus a recency embedding) instead of
-T tokens, so the encoder input is T = 7 times shorter. The decoder generates the T
-codes (SID + dedup suffix) autoregressively, as in TIGER. Behavioral-SID weights
-R(e_b) are the per-position loss weights (ADC-SID paper §4.1.3).
+History encoding (``history_tokens``): ``item`` (default, for a 2-CPU budget) gives each
+history item one encoder token, the sum of its SID codes' embeddings plus a recency
+embedding; ``codes`` gives it T tokens, one per code, as TIGER does (T times longer
+encoder input; its cost is measured in docs/evaluation.md). The decoder generates the T
+codes (SID + dedup suffix) autoregressively, as in TIGER. Behavioral-SID weights R(e_b)
+are the per-position loss weights (ADC-SID paper §4.1.3).
+
+Training runs until the validation metric (NDCG@10 of constrained beam search on a fixed
+sample of validation users, or the validation loss) has not improved for ``patience``
+epochs, and the best epoch's weights are restored (``sidserve.eval.early_stopping``).
 
 Shapes: U users, H history items, G beams per user, T code positions, d model width.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -24,11 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidserve.eval.metrics import recall_ndcg
+from sidserve.eval.early_stopping import EarlyStopping
+from sidserve.eval.metrics import grouped_means, recall_ndcg
 from sidserve.eval.sasrec import pad_left
 from sidserve.eval.sid_table import PrefixTrie, SIDTable
 
 log = logging.getLogger(__name__)
+
+
+VALID_METRICS = ("ndcg@10", "recall@10", "loss")
+HISTORY_TOKENS = ("item", "codes")
 
 
 @dataclass
@@ -39,15 +47,35 @@ class RetrievalConfig:
     # over the generated codes; 1 layer halves beam-search time (2-CPU budget, see docs/evaluation.md)
     num_decoder_layers: int = 1
     ff_dim: int = 128  # feed-forward width
-    dropout: float = 0.0  # few epochs + best epoch by validation loss; CPU dropout costs ~15%
+    dropout: float = 0.1  # TIGER's value; training now runs to convergence, so it regularises
     max_history: int = 20  # most recent items read (ADC-SID paper: sequences capped at 20)
-    epochs: int = 3  # passes over the ~131k Beauty training prefixes (~25 s each); best by validation loss
+    history_tokens: str = "item"  # 'item': one token per history item | 'codes': T per item (TIGER)
+    max_epochs: int = 40  # upper bound; early stopping ends runs before it
+    patience: int = 3  # epochs without a better validation metric before stopping
+    valid_metric: str = "ndcg@10"  # beam-search NDCG@10 on valid_users validation users, or 'loss'
+    valid_users: int = 3000  # fixed random sample of validation users scored every epoch (0 = all)
     batch_size: int = 1024  # examples per step
-    lr: float = 3e-3  # AdamW, one-cycle schedule
+    lr: float = 2e-3  # AdamW, linear warm-up then constant (early stopping decides the length)
+    warmup_steps: int = 300
     weight_decay: float = 1e-4
     beam_size: int = 50  # >= the largest K reported
     use_sid_weights: bool = True  # R(e_b) as loss weights (False: every position weight 1)
     seed: int = 0
+
+    def validate(self) -> "RetrievalConfig":
+        if self.valid_metric not in VALID_METRICS:
+            raise ValueError(f"valid_metric must be one of {VALID_METRICS}, got {self.valid_metric!r}")
+        if self.history_tokens not in HISTORY_TOKENS:
+            raise ValueError(f"history_tokens must be one of {HISTORY_TOKENS}, got {self.history_tokens!r}")
+        for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "ff_dim", "max_history",
+                     "max_epochs", "patience", "batch_size", "beam_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.valid_users < 0 or self.warmup_steps < 0:
+            raise ValueError(f"valid_users and warmup_steps must be >= 0, got {self.valid_users}, {self.warmup_steps}")
+        return self
 
 
 class DecoderLayer(nn.Module):
@@ -91,14 +119,16 @@ class DecoderLayer(nn.Module):
 class SIDSeq2Seq(nn.Module):
     def __init__(self, table: SIDTable, c: RetrievalConfig):
         super().__init__()
-        self.c = c
+        self.c = c.validate()
         T, d = table.length, c.d_model
         self.register_buffer("codes", torch.from_numpy(table.codes), persistent=False)  # (N+1, T)
         self.register_buffer("offsets", torch.from_numpy(table.offsets), persistent=False)  # (T,)
         self.vocab = [int(v) for v in table.vocab]
         total = int(table.vocab.sum())
         self.enc_tok = nn.Embedding(total, d)
-        self.enc_pos = nn.Embedding(c.max_history, d)
+        self.enc_pos = nn.Embedding(c.max_history, d)  # recency of the history item
+        # 'codes' history: which code of its item a token is
+        self.enc_code_pos = nn.Embedding(T, d) if c.history_tokens == "codes" else None
         layer = nn.TransformerEncoderLayer(d, c.num_heads, c.ff_dim, c.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, c.num_encoder_layers, enable_nested_tensor=False)
@@ -113,11 +143,18 @@ class SIDSeq2Seq(nn.Module):
 
     # ---- encoder -------------------------------------------------------------------
     def encode(self, hist: torch.Tensor):
-        """hist: (U, H) item ids right-aligned, 0 = padding -> memory (U, H, d), mask (U, 1, 1, H)."""
+        """hist: (U, H) item ids right-aligned, 0 = padding -> memory (U, S, d), mask
+        (U, 1, 1, S); S = H ('item' tokens) or H * T ('codes' tokens)."""
         pad = hist == 0
-        tok = self.enc_tok(self.codes[hist] + self.offsets).sum(-2)  # (U, H, d)
         H = hist.shape[1]
-        x = tok + self.enc_pos.weight[:H].flip(0)  # position 0 = most recent
+        tok = self.enc_tok(self.codes[hist] + self.offsets)  # (U, H, T, d)
+        recency = self.enc_pos.weight[:H].flip(0)  # (H, d), position 0 = most recent
+        if self.enc_code_pos is None:
+            x = tok.sum(-2) + recency
+        else:
+            T = tok.shape[2]
+            x = (tok + recency[:, None] + self.enc_code_pos.weight).flatten(1, 2)  # (U, H*T, d)
+            pad = pad.repeat_interleave(T, dim=1)
         x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
         return x, (~pad)[:, None, None, :]
 
@@ -231,8 +268,11 @@ def length_buckets(rng: np.random.Generator, lengths: np.ndarray, batch_size: in
 
 
 def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[list[np.ndarray], np.ndarray],
-                    c: RetrievalConfig) -> tuple[SIDSeq2Seq, list[dict]]:
-    """Fit on all training prefixes; keep the epoch with the lowest validation loss."""
+                    c: RetrievalConfig, trie: PrefixTrie | None = None) -> tuple[SIDSeq2Seq, list[dict]]:
+    """Fit on all training prefixes until the validation metric stops improving
+    (``patience`` epochs), then restore the best epoch. ``model.early_stopping`` says
+    which epoch was kept."""
+    c.validate()
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
     hist, target = training_examples(train_seqs, c.max_history)
@@ -240,13 +280,19 @@ def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[
         raise ValueError("no training examples: every user needs >= 2 training items")
     lengths = (hist > 0).sum(1)
     v_hist, v_target = pad_left(valid[0], c.max_history), np.asarray(valid[1])
+    if c.valid_metric != "loss" and 0 < c.valid_users < v_target.size:
+        pick = np.sort(np.random.default_rng(c.seed + 7919).choice(v_target.size, c.valid_users, replace=False))
+        v_hist_gen, v_target_gen = v_hist[pick], v_target[pick]
+    else:
+        v_hist_gen, v_target_gen = v_hist, v_target
+    trie = trie if trie is not None else PrefixTrie.build(table)
     weights = torch.from_numpy(table.weights) if c.use_sid_weights else None
     model = SIDSeq2Seq(table, c)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    steps_total = c.epochs * math.ceil(target.size / c.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps_total, pct_start=0.1)
-    best, best_state, history = math.inf, None, []
-    for epoch in range(c.epochs):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, c.warmup_steps)))
+    stopper = EarlyStopping(c.patience, mode="min" if c.valid_metric == "loss" else "max")
+    history = []
+    for epoch in range(c.max_epochs):
         t0 = time.perf_counter()
         model.train()
         total, steps = 0.0, 0
@@ -260,13 +306,21 @@ def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[
             sched.step()
             total += loss.item()
             steps += 1
-        vloss = validation_loss(model, v_hist, v_target, weights)
-        history.append({"epoch": epoch, "loss": total / steps, "valid_loss": vloss,
-                        "seconds": time.perf_counter() - t0})
-        log.info("retrieval epoch %d %s", epoch, history[-1])
-        if vloss < best:
-            best, best_state = vloss, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+        rec = {"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        rec["valid_loss"] = validation_loss(model, v_hist, v_target, weights)
+        if c.valid_metric != "loss":
+            ranked = rank_items(model, trie, v_hist_gen, c.beam_size, padded=True)
+            m = recall_ndcg(ranked, v_target_gen, (10,))
+            rec.update({f"valid_{k}": float(v.mean()) for k, v in m.items()})
+        rec["valid_seconds"] = time.perf_counter() - t1
+        history.append(rec)
+        log.info("retrieval epoch %d %s", epoch, {k: round(v, 4) for k, v in rec.items()})
+        if stopper.update(epoch, rec[f"valid_{c.valid_metric}"], model):
+            break
+    stopper.restore(model)
+    model.early_stopping = {**stopper.summary(), "metric": c.valid_metric, "epochs_run": len(history),
+                            "max_epochs": c.max_epochs, "valid_users_scored": int(v_target_gen.size)}
     return model.eval(), history
 
 
@@ -281,25 +335,22 @@ def validation_loss(model: SIDSeq2Seq, hist: np.ndarray, target: np.ndarray, wei
     return total / target.size
 
 
-def rank_items(model: SIDSeq2Seq, trie: PrefixTrie, histories: list[np.ndarray], beam_size: int,
-               batch_size: int = 128) -> np.ndarray:
-    """(U, beam_size) generated item ids per user, best first."""
+def rank_items(model: SIDSeq2Seq, trie: PrefixTrie, histories, beam_size: int,
+               batch_size: int = 128, padded: bool = False) -> np.ndarray:
+    """(U, beam_size) generated item ids per user, best first. histories: list of (n_u,)
+    arrays, or already a (U, max_history) right-aligned array when ``padded``."""
     model.eval()
-    hist = pad_left(histories, model.c.max_history)
+    hist = np.asarray(histories) if padded else pad_left(histories, model.c.max_history)
     children = [torch.from_numpy(c) for c in trie.children]
-    out = [model.generate(torch.from_numpy(hist[s:s + batch_size]), trie, beam_size, children).numpy()
-           for s in range(0, hist.shape[0], batch_size)]
+    out = []
+    for s in range(0, hist.shape[0], batch_size):
+        h = hist[s:s + batch_size]
+        width = max(1, int((h > 0).sum(1).max()))
+        out.append(model.generate(torch.from_numpy(h[:, -width:]), trie, beam_size, children).numpy())
     return np.concatenate(out)
 
 
 def evaluate_retrieval(ranked: np.ndarray, targets: np.ndarray, groups: dict[str, np.ndarray],
                        ks=(5, 10, 50)) -> dict[str, dict[str, float]]:
     """Metrics overall and for users whose target is in each popularity group."""
-    per_user = recall_ndcg(ranked, targets, ks)
-    out = {"all": {k: float(v.mean()) for k, v in per_user.items()}}
-    out["all"]["users"] = int(targets.size)
-    for name, items in groups.items():
-        sel = np.isin(targets, items)
-        out[name] = {k: float(v[sel].mean()) for k, v in per_user.items()}
-        out[name]["users"] = int(sel.sum())
-    return out
+    return grouped_means(recall_ndcg(ranked, targets, ks), targets, groups)
