@@ -260,3 +260,30 @@ def test_recall_ndcg_ranks_the_catalog_in_sasrec_order():
     ranked = rank_sasrec(model, hist, 9)
     assert not np.isin(ranked[0], [0, 1, 2, 3]).any() and not np.isin(ranked[1], [0, 4]).any()
     assert recall_ndcg(ranked, np.array([ranked[0, 0], 99]), (1,))["recall@1"].tolist() == [1, 0]
+
+
+# ---- selection on validation -----------------------------------------------------------------
+
+
+def test_select_overrides_are_typed_and_unknown_keys_named():
+    from sidserve.eval.selection import parse_overrides
+    assert parse_overrides(["lr=0.002", "tied=false", "max_len=30"], SASRecConfig) == \
+        {"lr": 0.002, "tied": False, "max_len": 30}
+    with pytest.raises(ValueError, match="unknown SASRecConfig field 'epochs'"):
+        parse_overrides(["epochs=3"], SASRecConfig)
+    with pytest.raises(ValueError, match="max_len must be a int"):
+        parse_overrides(["max_len=ten"], SASRecConfig)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"], SASRecConfig)
+
+
+def test_select_logs_validation_results(tmp_path):
+    from sidserve.eval.selection import select
+    _successor_data(users=100).save(str(tmp_path / "d"))
+    log = tmp_path / "sel.jsonl"
+    r = select(str(tmp_path / "d"), "sasrec", {"max_epochs": 2, "hidden_dim": 16, "ff_dim": 16, "max_len": 10},
+               log_path=str(log))
+    assert set(r["valid"]) == {"recall@10", "ndcg@10"} and r["early_stopping"]["epochs_run"] == 2
+    assert not any(k.startswith("test") for k in r)
+    logged = json.loads(log.read_text().splitlines()[-1])
+    assert logged["overrides"]["hidden_dim"] == 16 and logged["valid"] == r["valid"]

@@ -1,0 +1,39 @@
+"""Choose a downstream model's settings on the validation split (never test): train it
+with --set overrides, print and log its validation metrics.
+
+    python jobs/select.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
+    python jobs/select.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
+        --set lr=1e-3 --log docs/evaluation/selection.jsonl
+"""
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset dir with sequences.txt and items.jsonl")
+    p.add_argument("--model", required=True, choices=["sasrec", "sid_sasrec", "retrieval", "ranking"])
+    p.add_argument("--sids", default="letter",
+                   help="SIDs for sid_sasrec/retrieval/ranking: 'letter' or an evaluation's sids.npz (default: letter)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the model's config (repeatable)")
+    p.add_argument("--log", help="append the result as one JSON line to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sidserve.cli import run_job
+    from sidserve.eval.selection import MODELS, parse_overrides, select
+
+    def body():
+        overrides = parse_overrides(args.set, MODELS[args.model])
+        print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log)))
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
