@@ -20,6 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizers", default=DEFAULT_TOKENIZERS,
                    help="comma-separated; 'letter' adds LETTER's published SIDs (default: %(default)s)")
     p.add_argument("--seeds", help="comma-separated downstream model seeds (default: 0,1,2; --quick: 0,1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the stages cached so far (pending ones are listed)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
     p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
     p.add_argument("--sasrec-variants", help="ID SASRec models to train: tied, untied, bce (default: tied,untied)")

@@ -122,3 +122,20 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
     assert p.returncode == 2 and "unknown tokenizers ['nope']" in p.stderr
     p = evaluate("--data", SLICE, "--output", str(tmp_path / "o"), "--seeds", "0,x")
     assert p.returncode == 2 and "--seeds" in p.stderr
+
+
+@pytest.mark.slow
+def test_report_only_reports_a_run_part_way_through(quick_run, tmp_path):
+    import shutil
+    out = str(tmp_path / "partial")
+    shutil.copytree(quick_run[0], out)
+    shutil.rmtree(os.path.join(out, "downstream", "letter"))  # as if the run stopped before it
+    os.remove(os.path.join(out, "downstream", "rqkmeans", "retrieval_seed1.json"))  # and part-way through a seed
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS), "--report-only")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["pending"] == ["letter"] and list(r["tokenizers"]) == ["adc_sid", "rqkmeans"]
+    assert r["tokenizers"]["rqkmeans"]["seeds"] == [0] and r["tokenizers"]["adc_sid"]["seeds"] == [0, 1]
+    assert r["stage_seconds_this_invocation"] == {}  # nothing was trained
+    assert not os.path.exists(os.path.join(out, "downstream", "letter"))
+    assert "Interim report" in open(os.path.join(out, "report.md")).read()

@@ -348,8 +348,7 @@ class Evaluation:
             out[split] = np.load(p)
         return out
 
-    def downstream(self, name: str, table: SIDTable, seeds: list[int], groups, negatives) -> None:
-        trie = PrefixTrie.build(table)
+    def downstream(self, name: str, table: SIDTable, trie: PrefixTrie, seeds: list[int], groups, negatives) -> None:
         for seed in seeds:
             self.sid_sasrec(name, table, seed, groups)
             self.retrieval(name, table, trie, seed, groups)
@@ -370,8 +369,16 @@ class Evaluation:
         return [first]
 
     # all -------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, report_only: bool = False) -> dict:
+        """Run (or resume) every stage, then write the report. ``report_only``: train
+        nothing, report what the cache holds (a long run's interim state; stages not
+        finished yet are listed as pending)."""
         t_start = time.perf_counter()
+        if report_only:
+            if not os.path.exists(self.path("sasrec", EMBEDDING_SOURCE[self.c.behavior_embedding][0], "report.json")):
+                raise ValueError(f"{self.out} has no finished SASRec stage yet: nothing to report")
+            from sidserve.eval.report import write_report
+            return write_report(self, wall_seconds=time.perf_counter() - t_start)
         content = self.embeddings()
         behavior = self.behavior()
         items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
@@ -380,14 +387,19 @@ class Evaluation:
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
         tables = {name: self.tokenize(name, items, dims) for name in self.c.tokenizers}
-        # everything but the ablations first: their seed count depends on ADC-SID's spread
-        order = sorted(tables, key=lambda n: n in ABLATIONS)
-        self.seeds_run: dict[str, list[int]] = {}
-        for name in order:
-            if name in ABLATIONS and self.c.ablation_seeds_adaptive and "adc_sid" in tables:
-                self.downstream(name, tables[name], self.c.seeds[:1], groups, negatives)
-            self.seeds_run[name] = self.seeds_for(name)
-            self.downstream(name, tables[name], self.seeds_run[name], groups, negatives)
+        tries = {name: PrefixTrie.build(t) for name, t in tables.items()}
+        # seed-major, ablations last (their seed count depends on ADC-SID's spread): an
+        # interrupted run has every main tokenizer at the first seed before any second seed
+        adaptive = self.c.ablation_seeds_adaptive and "adc_sid" in tables
+        main = [n for n in tables if not (adaptive and n in ABLATIONS)]
+        for seed in self.c.seeds:
+            for name in main:
+                self.downstream(name, tables[name], tries[name], [seed], groups, negatives)
+        later = [n for n in tables if n not in main]
+        for name in later:
+            self.downstream(name, tables[name], tries[name], self.c.seeds[:1], groups, negatives)
+        for name in later:
+            self.downstream(name, tables[name], tries[name], self.seeds_for(name), groups, negatives)
         from sidserve.eval.report import write_report
         results = write_report(self, wall_seconds=time.perf_counter() - t_start)
         return results
@@ -398,9 +410,9 @@ class Evaluation:
                 "cuda": torch.cuda.is_available()}
 
 
-def run_evaluation(config: EvalConfig) -> dict:
+def run_evaluation(config: EvalConfig, report_only: bool = False) -> dict:
     """Run (or resume) the whole evaluation; returns results.json's content."""
-    return Evaluation(config).run()
+    return Evaluation(config).run(report_only=report_only)
 
 
 def run_cli(args, command: str = "") -> int:
@@ -427,7 +439,7 @@ def run_cli(args, command: str = "") -> int:
             c.retrieval = dataclasses.replace(c.retrieval, max_epochs=args.retrieval_max_epochs)
         if args.history_tokens is not None:
             c.retrieval = dataclasses.replace(c.retrieval, history_tokens=args.history_tokens)
-        r = run_evaluation(c)
+        r = run_evaluation(c, report_only=args.report_only)
         print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers x {len(r['seeds'])} seeds on "
               f"{r['dataset']['name']}: {os.path.join(args.output, 'report.md')}")
         for v, e in r["sasrec"].items():

@@ -45,14 +45,25 @@ def seeds_present(ev, name: str, task: str) -> list[int]:
     return sorted(int(re.search(r"_seed(\d+)\.json$", f).group(1)) for f in files)
 
 
+def pending(ev) -> list[str]:
+    """Tokenizers of the config without a fitted tokenizer or any finished downstream seed."""
+    return [n for n in ev.c.tokenizers
+            if not os.path.exists(ev.path("tokenizers", n, "quantization.json"))
+            or not all(seeds_present(ev, n, t) for t in TASK_METRICS)]
+
+
 def collect(ev) -> dict:
     out = {}
+    waiting = pending(ev)
     for name in ev.c.tokenizers:
+        if name in waiting:
+            continue
         entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json"))}
         # near collisions (issue 8), from the SIDs themselves so cached stages get it too
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
         entry["quantization"]["items_within_hamming_1"] = find_overlaps(sid, 1, max_group_pairs=10_000).overlap_rate
-        seeds = seeds_present(ev, name, "ranking")
+        # the seeds every task has finished (a resumed run may be part-way through one)
+        seeds = sorted(set.intersection(*(set(seeds_present(ev, name, t)) for t in TASK_METRICS)))
         entry["seeds"] = seeds
         for task, metrics in TASK_METRICS.items():
             runs = [_load(ev.stage_path(name, task, s)) for s in seeds]
@@ -71,9 +82,9 @@ def collect(ev) -> dict:
     return out
 
 
-def per_user(ev, name: str, task: str, key: str) -> np.ndarray:
-    """(U,) the per-user test metric of ``name``, averaged over its seeds."""
-    arrs = [np.load(ev.stage_path(name, task, s, "npz"))[key] for s in seeds_present(ev, name, task)]
+def per_user(ev, name: str, task: str, key: str, seeds: list[int]) -> np.ndarray:
+    """(U,) the per-user test metric of ``name``, averaged over ``seeds``."""
+    arrs = [np.load(ev.stage_path(name, task, s, "npz"))[key] for s in seeds]
     return np.mean(arrs, axis=0)
 
 
@@ -86,11 +97,12 @@ def significance(ev, tok: dict) -> list[dict]:
         best = max(means, key=means.get)
         refs = [r for r in dict.fromkeys(["adc_sid", best]) if r in tok]
         for ref in refs:
-            b = per_user(ev, ref, task, key)
+            b = per_user(ev, ref, task, key, tok[ref]["seeds"])
             for name in tok:
                 if name == ref or (ref != refs[0] and name == refs[0]):  # self, or the mirror of a row above
                     continue
-                bs = paired_bootstrap(per_user(ev, name, task, key), b, num_samples=ev.c.bootstrap_samples,
+                bs = paired_bootstrap(per_user(ev, name, task, key, tok[name]["seeds"]), b,
+                                      num_samples=ev.c.bootstrap_samples,
                                       seed=0)
                 rows.append({"task": task, "metric": metric, "a": name, "b": ref, "b_is_best": ref == best,
                              "a_std": tok[name][task]["all"][metric]["std"],
@@ -120,7 +132,9 @@ def stage_seconds(ev) -> dict[str, float]:
 
 def write_report(ev, wall_seconds: float) -> dict:
     tok = collect(ev)
-    sasrec = {v: _load(ev.path("sasrec", v, "report.json")) for v in ev.c.sasrec_variants}
+    waiting = pending(ev)
+    sasrec = {v: _load(ev.path("sasrec", v, "report.json")) for v in ev.c.sasrec_variants
+              if os.path.exists(ev.path("sasrec", v, "report.json"))}
     d = ev.data
     secs = stage_seconds(ev)
     results = {
@@ -138,7 +152,8 @@ def write_report(ev, wall_seconds: float) -> dict:
         "sasrec": {v: {k: r[k] for k in ("test", "valid", "early_stopping", "tables", "tied", "stage_seconds")}
                    for v, r in sasrec.items()},
         "tokenizers": tok,
-        "significance": significance(ev, tok),
+        "pending": waiting,
+        "significance": significance(ev, tok) if tok else [],
         "stage_seconds_total": secs,
         "compute_seconds_total": round(sum(secs.values()), 1),
         "stage_seconds_this_invocation": {k: round(v, 1) for k, v in ev.timer.stages.items()},
@@ -146,7 +161,7 @@ def write_report(ev, wall_seconds: float) -> dict:
     }
     with open(ev.path("results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plots = _plots(ev, tok, sasrec)
+    plots = _plots(ev, tok, sasrec) if tok else []
     with open(ev.path("report.md"), "w") as f:
         f.write(_markdown(results, plots))
     return results
@@ -167,6 +182,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
              f"tokenizer ran, listed per row). Every downstream model stops early on the validation split "
              f"and restores its best epoch; test is read once per trained model.\n")
     L.append(f"Command: `{r['command']}`\n")
+    if r["pending"]:
+        L.append(f"**Interim report**: not finished yet (no fitted tokenizer or no completed seed): "
+                 f"{', '.join(r['pending'])}. Rows below have the seeds listed in their `seeds` column.\n")
 
     L.append("## Behavioral embeddings: ID SASRec\n")
     L.append(f"The tokenizers receive `{r['config']['behavior_embedding']}` as e_b. Full-catalog ranking, "
@@ -184,6 +202,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
                  f"{t['input']['norm_popularity_spearman']:.3f} | {out_s} | {e.get('stage_seconds', 0):.0f} |")
     L.append("")
 
+    if not tok:
+        return "\n".join(L)
     L.append("## Quantization\n")
     L.append("| tokenizer | K | L | recon | entropy | utilisation | collision rate | items sharing a SID "
              "| items within Hamming 1 |")

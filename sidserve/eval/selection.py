@@ -6,8 +6,8 @@ read. Each call appends one JSON line (settings, validation metrics, epochs, sec
 a selection log, so the choices behind the defaults are on record
 (docs/evaluation/selection.jsonl) and can be re-run on another catalog.
 
-    python jobs/select.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
-    python jobs/select.py --data ... --model retrieval --sids letter --set lr=1e-3
+    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
+    python jobs/selection.py --data ... --model retrieval --sids letter --set lr=1e-3
 """
 
 from __future__ import annotations

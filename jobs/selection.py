@@ -1,8 +1,8 @@
 """Choose a downstream model's settings on the validation split (never test): train it
 with --set overrides, print and log its validation metrics.
 
-    python jobs/select.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
-    python jobs/select.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
+    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
+    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
         --set lr=1e-3 --log docs/evaluation/selection.jsonl
 """
 
