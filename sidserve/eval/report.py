@@ -339,11 +339,11 @@ def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
     fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.2), squeeze=False)
     for ax, (v, w) in zip(axes[0], tables):
         norms = np.linalg.norm(np.load(ev.path("sasrec", v, f"{w}_emb.npy")), axis=1)
-        ax.scatter(pop, norms, s=2, alpha=0.3)
+        ax.scatter(pop + 1, norms, s=2, alpha=0.3)  # + 1: items never seen in training stay on the plot
         ax.set_xscale("log")
         rho = sasrec[v]["tables"][w]["norm_popularity_spearman"]
         ax.set_title(f"SASRec {v}, {w} table: Spearman {rho:.2f}", fontsize=9)
-        ax.set_xlabel("training interactions (log)")
+        ax.set_xlabel("training interactions + 1 (log)")
         ax.set_ylabel("L2 norm")
     fig.tight_layout()
     fig.savefig(ev.path("plots", "norm_vs_popularity.png"), dpi=110)
