@@ -441,8 +441,9 @@ def run_cli(args, command: str = "") -> int:
         if args.history_tokens is not None:
             c.retrieval = dataclasses.replace(c.retrieval, history_tokens=args.history_tokens)
         r = run_evaluation(c, report_only=args.report_only)
-        print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers x {len(r['seeds'])} seeds on "
-              f"{r['dataset']['name']}: {os.path.join(args.output, 'report.md')}")
+        waiting = f", {len(r['pending'])} pending ({', '.join(r['pending'])})" if r["pending"] else ""
+        print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers{waiting} on {r['dataset']['name']} "
+              f"(seeds {r['seeds']}): {os.path.join(args.output, 'report.md')}")
         for v, e in r["sasrec"].items():
             print(f"  ID SASRec ({v}){'':<19} R@10 {e['test']['recall@10']:.4f}  N@10 {e['test']['ndcg@10']:.4f}")
         for e in r["tokenizers"].values():
