@@ -150,10 +150,6 @@ class SASRec(nn.Module):
             if p.dim() > 1 and not name.startswith("items."):
                 nn.init.xavier_normal_(p)
 
-    @property
-    def num_items(self) -> int:
-        return self.items.tables()[0].shape[0] - 1
-
     def forward(self, seq: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """seq: (B, T) item ids right-aligned, 0 = padding, T <= max_len -> (B, T, d)
         states (state t predicts item t+1). Positions count from the right, so a batch
