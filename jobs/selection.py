@@ -4,6 +4,8 @@ with --set overrides, print and log its validation metrics.
     python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
     python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
         --set lr=1e-3 --log docs/evaluation/selection.jsonl
+    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sid_sasrec \
+        --tokenizer adc_sid --eval-cache eval-out/ --tok-set richness_normalization=minmax
 """
 
 import argparse
@@ -19,6 +21,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SIDs for sid_sasrec/retrieval/ranking: 'letter' or an evaluation's sids.npz (default: letter)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the model's config (repeatable)")
+    p.add_argument("--tokenizer", help="fit this evaluation tokenizer (e.g. adc_sid) first and use its SIDs; "
+                   "needs --eval-cache")
+    p.add_argument("--eval-cache", help="an evaluation's --output directory (embeddings, SASRec tables)")
+    p.add_argument("--tok-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TokenizerConfig field of the --tokenizer candidate (repeatable)")
+    p.add_argument("--behavior-embedding", default="untied-input",
+                   help="SASRec table the candidate reads as e_b (default: untied-input)")
     p.add_argument("--log", help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -29,8 +38,20 @@ def main(argv=None) -> int:
     from sidserve.eval.selection import MODELS, parse_overrides, select
 
     def body():
+        from sidserve.config import TokenizerConfig
+
         overrides = parse_overrides(args.set, MODELS[args.model])
-        print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log)))
+        tokenizer = None
+        if args.tokenizer:
+            if not args.eval_cache:
+                raise ValueError("--tokenizer needs --eval-cache (an evaluation's output directory)")
+            tokenizer = {"name": args.tokenizer, "eval_cache": args.eval_cache,
+                         "overrides": parse_overrides(args.tok_set, TokenizerConfig),
+                         "behavior_embedding": args.behavior_embedding}
+        elif args.tok_set:
+            raise ValueError("--tok-set needs --tokenizer")
+        print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log,
+                                tokenizer=tokenizer)))
 
     return run_job(body)
 

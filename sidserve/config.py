@@ -50,10 +50,24 @@ class TokenizerConfig:
     expert_hidden_dim: int = 128  # hidden width of every expert / gate / decoder MLP
 
     # ---- alignment (eq. 15-21) -------------------------------------------------------
+    # how N_norm (eq. 16) is computed from ||e_b||: "minmax" (eq. 16) or "quantile" (the
+    # norm's rank in the catalog, from stored quantiles; sidserve/model/controller.py)
+    richness_normalization: str = "quantile"
+    richness_quantile_points: int = 1001  # quantiles stored in the artifact for "quantile"
     alpha: float = 10.0  # controller steepness (paper's best: alpha=10, beta=9)
     beta: float = 9.0  # controller threshold
     tau: float = 0.07  # InfoNCE temperature
     align_weight: float = 1.0  # weight of L_align_total in the total loss (paper: 1)
+    # L_recon of eq. 14 is a squared L2 norm: "sum" over the embedding's elements, as the
+    # paper writes it. "mean" (per element, sidserve < 0.3) divides it by sum(d) ~ 800 on
+    # Beauty, so InfoNCE outweighed reconstruction 2000:1 and the gates and codebooks were
+    # trained by alignment alone
+    recon_reduction: str = "sum"
+    # divide each modality's squared error by its mean squared norm over the fit sample, so
+    # every modality counts the same in L_recon. Without it the 64-d behavior embedding
+    # (norm ~0.35) was ~6% of the target's energy beside two unit 384-d text embeddings:
+    # the decoder did better ignoring the behavioral latents and closed every gate
+    recon_balance: bool = True
 
     # ---- quantization ------------------------------------------------------------
     commitment_weight: float = 0.25  # beta_c of ||z - sg(c)||^2, VQ-VAE's usual value
@@ -64,11 +78,28 @@ class TokenizerConfig:
 
     # ---- dynamic behavioral weighting + sparsity (eq. 22-23) -----------------------
     gate_bias_init: float = 0.5  # initial b of relu(MLP(e_b)+b): gates start open
+    # the fusion's gradient passes relu's zero side too (the sparsity loss does not): a gate
+    # the L1 pressure closed still sees the reconstruction gradient and can reopen when
+    # lambda falls. Off, ReMoE's schedule closed every gate of Beauty for good by epoch 10
+    gate_straight_through: bool = True
     sparsity_theta: float = 0.5  # s_target = theta * (1 - N_norm) (MMQ-v2)
-    sparsity_lambda_init: float = 1e-3  # starting lambda of the L1 term
-    # multiplicative lambda update per step (ReMoE); ReMoE's 1.2 drives every gate to 0
-    # within a few epochs here (a dead relu gate gets no gradient back); 1.01 converges
-    sparsity_lambda_rate: float = 1.01
+    # what holds the share of closed gates at the target: "threshold" (a per-expert gate
+    # offset under integral control, scaled by the logits' spread; immediate, scale-free) or
+    # "lambda" (ReMoE: only the L1 coefficient adapts; on Beauty and the synthetic catalog
+    # it overshot, closed every gate and recovered only slowly). Both keep eq. 23's L1
+    sparsity_control: str = "threshold"
+    # integral gain of the "threshold" control: offset step = gain * (target - closed) * std
+    # of the logits (0.5 lagged the target by 0.05-0.1 on the synthetic catalog; 2 holds it)
+    sparsity_threshold_gain: float = 2.0
+    # lambda starts small (a dense stage first, as in ReMoE) and is multiplied every step
+    # by rate^(gap) (below). ReMoE's own 1e-8 and 1.2 assume ~1e5 steps: on Beauty (~1,000
+    # steps) lambda reached 2 before the gates reacted and closed them all (sparsity 0.99
+    # against 0.25); 1e-4 and 1.05 reach the target by epoch 5 and hold it
+    sparsity_lambda_init: float = 1e-4
+    sparsity_lambda_rate: float = 1.05
+    # "sign": lambda *= rate^sign(gap) (ReMoE); "proportional": rate^clip(gap / target, -1, 1),
+    # full steps far from the target and small ones near it (less overshoot)
+    sparsity_lambda_update: str = "proportional"
     behavior_dropout: float = 0.15  # share of warm items trained as cold (content-only path)
 
     # ---- ablations (paper Table 3) -------------------------------------------------
@@ -168,6 +199,18 @@ class TokenizerConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.richness_normalization not in ("minmax", "quantile"):
+            raise ValueError(f"richness_normalization must be 'minmax' or 'quantile', got {self.richness_normalization!r}")
+        if not isinstance(self.richness_quantile_points, int) or self.richness_quantile_points < 2:
+            raise ValueError(f"richness_quantile_points must be an int >= 2, got {self.richness_quantile_points!r}")
+        if self.sparsity_control not in ("threshold", "lambda"):
+            raise ValueError(f"sparsity_control must be 'threshold' or 'lambda', got {self.sparsity_control!r}")
+        if not 0 < self.sparsity_threshold_gain <= 5:
+            raise ValueError(f"sparsity_threshold_gain must be in (0, 5], got {self.sparsity_threshold_gain!r}")
+        if self.sparsity_lambda_update not in ("sign", "proportional"):
+            raise ValueError(f"sparsity_lambda_update must be 'sign' or 'proportional', got {self.sparsity_lambda_update!r}")
+        if self.recon_reduction not in ("sum", "mean"):
+            raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}")
         if self.collision_regulation not in ("off", "adaptive", "static"):
             raise ValueError(
                 f"collision_regulation must be 'off', 'adaptive' or 'static', got {self.collision_regulation!r}"

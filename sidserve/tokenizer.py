@@ -26,6 +26,8 @@ from sidserve.metrics import quantization_report
 from sidserve.model.adc_sid import ADCSIDModel
 from sidserve.regulation import refresh_pair_set
 from sidserve.training import (
+    CodeStats,
+    Sync,
     TrainState,
     assign_codes,
     check_norm_range,
@@ -36,6 +38,9 @@ from sidserve.training import (
 )
 
 log = logging.getLogger(__name__)
+
+# buffers that artifacts written before sidserve 0.2 do not have (their defaults are right)
+LEGACY_BUFFERS = ("richness_quantiles", "recon_scale")
 
 
 class SemanticIdTokenizer(BaseTokenizer):
@@ -56,10 +61,16 @@ class SemanticIdTokenizer(BaseTokenizer):
 
     @classmethod
     def _restore(cls, config, tensors, stats):
+        config = dict(config)
+        legacy = "richness_normalization" not in config  # written before sidserve 0.2
+        if legacy:  # those models normalised with eq. 16 and had no fit-sample buffers
+            config["richness_normalization"] = "minmax"
         tok = cls(TokenizerConfig.from_dict(config))
         model = ADCSIDModel(tok.config)
         state = {k: torch.from_numpy(v.copy()) for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if legacy:
+            missing = [k for k in missing if k not in LEGACY_BUFFERS]
         if missing or unexpected:
             raise ValueError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
         tok.model_ = model.eval()
@@ -124,6 +135,7 @@ class SemanticIdTokenizer(BaseTokenizer):
             order = rng.permutation(n)
             sums: dict[str, float] = {}
             steps = 0
+            codes = CodeStats(c)  # codes of the training batches: utilisation, entropy per position
             for start in range(0, n, c.batch_size):
                 idx = order[start:start + c.batch_size]
                 if idx.size < 2 and steps:  # a lone leftover item has no in-batch negatives
@@ -133,15 +145,17 @@ class SemanticIdTokenizer(BaseTokenizer):
                     pairs = pair_set.batch(pair_step, c.collision_pairs_per_batch)
                     pair_step += 1
                 m = train_step(model, optimizer, to_model_input(arrays, idx), state, pairs=pairs)
+                codes.add(state.last_codes.numpy())
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
             record = {k: v / steps for k, v in sums.items()}
+            record.update(codes.reduce(Sync()))
             record.update(refresh)
             record.update(epoch=epoch, steps=steps, items_per_s=n / (time.perf_counter() - t0))
             history.append(record)
-            log.info("epoch %d %s", epoch, {k: round(v, 5) for k, v in record.items()
-                                            if isinstance(v, float | int)})
+            log.info("epoch %d %s", epoch, {k: (round(v, 5) if isinstance(v, float) else v)
+                                            for k, v in record.items() if k != "num_items"})
 
         self.model_ = model.eval()
         self.catalog_stats_ = stats

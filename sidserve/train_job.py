@@ -38,7 +38,7 @@ from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.items import ITEM_ID, ItemArrays, column_name
 from sidserve.model.adc_sid import ADCSIDModel, ModelInput
 from sidserve.regulation import build_pair_set, plan_overlaps, progress_of, refresh_seed
-from sidserve.training import Sync, TrainState, init_codebooks, train_step
+from sidserve.training import CodeStats, Sync, TrainState, init_codebooks, train_step
 
 log = logging.getLogger(__name__)
 
@@ -145,50 +145,6 @@ def batch_to_input(batch: dict[str, np.ndarray], config: TokenizerConfig, device
         t(np.asarray(batch[column_name(BEHAVIOR)], dtype=np.float32)) if config.has_behavior else None,
         t(np.asarray(batch[HAS_BEHAVIOR], dtype=bool)),
     )
-
-
-def sid_hash(codes: np.ndarray) -> np.ndarray:
-    """(N, L) int codes -> (N,) int64 hash (collision counting across workers)."""
-    h = np.full(codes.shape[0], 1469598103934665603, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(codes.shape[1]):
-            h ^= codes[:, j].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-            h *= np.uint64(1099511628211)
-            h ^= h >> np.uint64(29)
-    return h.view(np.int64)
-
-
-class CodeStats:
-    """Counts of codes per position and SID hashes seen by one worker."""
-
-    def __init__(self, config: TokenizerConfig):
-        self.K = config.codebook_size
-        self.counts = np.zeros((config.sid_length, self.K + 1), dtype=np.int64)
-        self.hashes: list[np.ndarray] = []
-        self.items = 0
-
-    def add(self, codes: np.ndarray) -> None:
-        for j in range(codes.shape[1]):
-            self.counts[j] += np.bincount(codes[:, j], minlength=self.K + 1)
-        self.hashes.append(sid_hash(codes))
-        self.items += codes.shape[0]
-
-    def reduce(self, sync: Sync) -> dict[str, Any]:
-        counts = sync.sum_(torch.from_numpy(self.counts)).numpy()[:, : self.K]
-        local = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
-        hashes = sync.gather(torch.from_numpy(local)).numpy()
-        _, inv, cnt = np.unique(hashes, return_inverse=True, return_counts=True)
-        probs = [c / max(c.sum(), 1) for c in counts]
-        entropy = [float(-(p[p > 0] * np.log(p[p > 0])).sum()) for p in probs]
-        util = [float((c > 0).mean()) for c in counts]
-        return {
-            "num_items": int(hashes.shape[0]),
-            "entropy_per_position": entropy,
-            "entropy_mean": float(np.mean(entropy)),
-            "utilisation_per_position": util,
-            "utilisation_mean": float(np.mean(util)),
-            "collision_rate": float((cnt[inv] > 1).mean()) if hashes.size else 0.0,
-        }
 
 
 # the worker loop ----------------------------------------------------------------------
@@ -320,7 +276,8 @@ def train_loop(cfg: dict) -> None:
         history.append(record)
         if rank == 0:
             print("[sidserve] epoch {}/{}  {}".format(epoch + 1, tcfg.epochs, "  ".join(
-                f"{k}={record[k]:.4g}" for k in ("recon", "vq", "align", "reg", "entropy_mean",
+                f"{k}={record[k]:.4g}" for k in ("recon", "vq", "align", "reg", "gate_sparsity",
+                                                  "sparsity_target", "align_w_above_half", "entropy_mean",
                                                   "utilisation_mean", "collision_rate", "collision",
                                                   "catalog_collision_rate", "admissible_share", "items_per_s")
                 if k in record)), flush=True)

@@ -9,6 +9,7 @@ dead-code restarts identical on every worker; the default ``Sync`` is single-pro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ import torch
 from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays
 from sidserve.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.model.controller import alignment_strength
+from sidserve.model.sparsity import threshold_step
 from sidserve.regulation import PairBatch, concat_inputs, pair_repulsion
 
 
@@ -51,6 +54,50 @@ class TrainState:
     @classmethod
     def create(cls, seed: int) -> "TrainState":
         return cls(step=0, seed=seed, generator=torch.Generator().manual_seed(seed))
+
+
+def sid_hash(codes: np.ndarray) -> np.ndarray:
+    """(N, L) int codes -> (N,) int64 hash (collision counting across workers)."""
+    h = np.full(codes.shape[0], 1469598103934665603, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(codes.shape[1]):
+            h ^= codes[:, j].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+            h *= np.uint64(1099511628211)
+            h ^= h >> np.uint64(29)
+    return h.view(np.int64)
+
+
+class CodeStats:
+    """Counts of codes per position and SID hashes seen by one worker."""
+
+    def __init__(self, config: TokenizerConfig):
+        self.K = config.codebook_size
+        self.counts = np.zeros((config.sid_length, self.K + 1), dtype=np.int64)
+        self.hashes: list[np.ndarray] = []
+        self.items = 0
+
+    def add(self, codes: np.ndarray) -> None:
+        for j in range(codes.shape[1]):
+            self.counts[j] += np.bincount(codes[:, j], minlength=self.K + 1)
+        self.hashes.append(sid_hash(codes))
+        self.items += codes.shape[0]
+
+    def reduce(self, sync: Sync) -> dict[str, Any]:
+        counts = sync.sum_(torch.from_numpy(self.counts)).numpy()[:, : self.K]
+        local = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
+        hashes = sync.gather(torch.from_numpy(local)).numpy()
+        _, inv, cnt = np.unique(hashes, return_inverse=True, return_counts=True)
+        probs = [c / max(c.sum(), 1) for c in counts]
+        entropy = [float(-(p[p > 0] * np.log(p[p > 0])).sum()) for p in probs]
+        util = [float((c > 0).mean()) for c in counts]
+        return {
+            "num_items": int(hashes.shape[0]),
+            "entropy_per_position": entropy,
+            "entropy_mean": float(np.mean(entropy)),
+            "utilisation_per_position": util,
+            "utilisation_mean": float(np.mean(util)),
+            "collision_rate": float((cnt[inv] > 1).mean()) if hashes.size else 0.0,
+        }
 
 
 def compute_catalog_stats(arrays: ItemArrays, config: TokenizerConfig) -> dict:
@@ -100,11 +147,13 @@ def assign_codes(model: ADCSIDModel, arrays: ItemArrays, batch_size: int = 8192)
 
 @torch.no_grad()
 def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = None) -> None:
-    """k-means-initialise every codebook on the latents of ``sample`` (identical on all
-    workers when every worker passes the same sample)."""
+    """Read the input statistics of ``sample`` (richness quantiles, reconstruction scales:
+    ``ADCSIDModel.fit_input_stats``) and k-means-initialise every codebook on its latents
+    (identical on all workers when every worker passes the same sample)."""
     c = model.config
     was_training = model.training
     model.eval()
+    model.fit_input_stats(sample)
     out = model(sample)
     for i, (book, z) in enumerate(zip(model.codebooks, out.latents)):
         if z.shape[0] < c.codebook_size:
@@ -152,7 +201,18 @@ def train_step(
         target, actual = sync.mean([target, actual])
         if c.use_sparsity:
             model.sparsity.update_lambda(target, actual)
+            logits = model.behavior_gate.last_logits
+            if c.sparsity_control == "threshold" and logits is not None and logits.shape[0] > 1:
+                gate = model.behavior_gate
+                step = threshold_step(logits, gate.threshold, target, c.sparsity_threshold_gain).cpu().tolist()
+                gate.threshold.add_(torch.tensor(sync.mean(step)).to(gate.threshold))  # same on every worker
         metrics.update(gate_sparsity=actual, sparsity_target=target, sparsity_lambda=float(model.sparsity.lam))
+    if c.has_behavior and out.gates_raw is not None and out.gates_raw.shape[0]:
+        # per-expert mean R(e_b) and share of items whose alignment weight w (eq. 17) > 0.5
+        for i, v in enumerate(out.gates_raw.detach().mean(0).tolist()):
+            metrics[f"gate_mean_expert_{i}"] = v
+        w = alignment_strength(out.n_norm.detach(), c.alpha, c.beta)
+        metrics["align_w_above_half"] = float((w > 0.5).float().mean())
     state.step += 1
     if state.step % c.restart_every == 0:
         metrics["restarted_codes"] = float(restart_dead_codes(model, out.latents, state, sync))

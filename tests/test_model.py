@@ -33,6 +33,7 @@ def test_codebook_assigns_highest_cosine():
 def test_straight_through_gradient_path():
     model = ADCSIDModel(tiny_config()).train()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     out = model(make_input())
     out.losses["recon"].backward()
     # recon reaches the encoders and gates through the straight-through estimator ...
@@ -52,6 +53,7 @@ def test_decoder_sees_quantized_value():
     """Eq. 14: the decoder's input equals z_q in value (z + sg(z_q - z))."""
     model = ADCSIDModel(tiny_config()).eval()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     seen = {}
 
     def hook(module, inputs, output):
@@ -85,6 +87,7 @@ def test_content_gates_sum_to_one():
 def test_cold_items_get_missing_code_and_zero_weight():
     model = ADCSIDModel(tiny_config()).eval()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     has = torch.tensor([True, False, True, False])
     out = model(make_input(B=4, has=has))
     c = model.config
@@ -98,6 +101,7 @@ def test_cold_items_get_missing_code_and_zero_weight():
 def test_cold_path_uses_learned_missing_vector():
     model = ADCSIDModel(tiny_config()).eval()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     x = make_input(B=3, has=torch.zeros(3, dtype=torch.bool))
     before = model(x).latents[0].clone()
     model.missing_h_b.data += 1.0
@@ -108,6 +112,7 @@ def test_cold_path_uses_learned_missing_vector():
 def test_behavior_dropout_zeroes_weights_of_dropped_items():
     model = ADCSIDModel(tiny_config()).train()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     out = model(make_input(B=64), behavior_dropout=0.5, generator=torch.Generator().manual_seed(0))
     dropped = out.behavior_weights.eq(0).all(-1)
     assert 10 < int(dropped.sum()) < 54
@@ -116,6 +121,7 @@ def test_behavior_dropout_zeroes_weights_of_dropped_items():
 def test_ablated_gate_gives_equal_weights():
     model = ADCSIDModel(tiny_config(use_behavior_gate=False)).eval()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     out = model(make_input())
     assert out.behavior_weights.eq(1).all()
 
@@ -149,6 +155,7 @@ def test_kmeans_init_uses_every_code():
 def test_codes_only_inference_matches_the_full_forward():
     model = ADCSIDModel(tiny_config(codebook_size=16)).eval()
     model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
     has = torch.tensor([True, False, True, True, False, True, True, False])
     x = make_input(B=8, has=has)
     full = model(x)

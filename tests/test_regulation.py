@@ -203,7 +203,8 @@ def test_regulation_separates_incompatible_items_and_keeps_near_duplicates(near_
     table = near_duplicate_catalog
     results = {}
     for mode in ("off", "adaptive"):
-        cfg = TokenizerConfig(**SYN, collision_regulation=mode, collision_weight=1.0)
+        # 5: the repulsion beside eq. 14's summed (not per-element) reconstruction loss
+        cfg = TokenizerConfig(**SYN, collision_regulation=mode, collision_weight=5.0)
         tok = SemanticIdTokenizer(cfg).fit(table)
         results[mode] = collisions_by_kind(tok, table)
         if mode == "adaptive":

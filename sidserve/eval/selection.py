@@ -55,7 +55,9 @@ def parse_overrides(pairs: list[str], config_cls) -> dict:
     return out
 
 
-def _sids(data, sids: str) -> SIDTable:
+def _sids(data, sids: str, table: SIDTable | None = None) -> SIDTable:
+    if table is not None:
+        return table
     if sids == "letter":
         return SIDTable.build(parse_letter_sids([it.get("letter_sid") for it in data.items]))
     if not os.path.isfile(sids):
@@ -64,8 +66,41 @@ def _sids(data, sids: str) -> SIDTable:
     return SIDTable.build(z["sid"], z["weights"])
 
 
-def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None) -> dict:
-    """Train ``model`` with ``overrides`` and return its validation result (no test)."""
+def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embedding: str = "untied-input",
+                  seed: int = 0) -> tuple[SIDTable, dict]:
+    """Fit tokenizer ``name`` (an evaluation tokenizer, e.g. 'adc_sid') with TokenizerConfig
+    ``overrides`` on the inputs an evaluation cached in ``eval_cache`` (its sentence
+    embeddings and SASRec item table) -> (its SIDs, its quantization metrics)."""
+    from sidserve.eval.pipeline import EMBEDDING_SOURCE
+    from sidserve.eval.tokenizers import TokenizerBudget, fit_tokenizer
+
+    if behavior_embedding not in EMBEDDING_SOURCE:
+        raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {behavior_embedding!r}")
+    variant, which = EMBEDDING_SOURCE[behavior_embedding]
+    paths = {m: os.path.join(eval_cache, "embeddings", f"{m}.npy") for m in ("text", "meta")}
+    paths["behavior"] = os.path.join(eval_cache, "sasrec", variant, f"{which}_emb.npy")
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{eval_cache} is not an evaluation cache with these inputs: missing {missing}")
+    arrays = {m: np.load(p) for m, p in paths.items()}
+    items = {"item_id": np.arange(1, len(arrays["text"]) + 1), "text_emb": arrays["text"],
+             "meta_emb": arrays["meta"], "behavior_emb": arrays["behavior"]}
+    dims = {"text": arrays["text"].shape[1], "meta": arrays["meta"].shape[1]}
+    tk = fit_tokenizer(name, items, dims, arrays["behavior"].shape[1], TokenizerBudget(seed=seed, overrides=overrides))
+    quant = {k: v for k, v in tk.quantization.items() if not isinstance(v, dict)}
+    history = getattr(tk.tokenizer, "history_", None)
+    if history:
+        last = history[-1]
+        quant["last_epoch"] = {k: v for k, v in last.items() if k.startswith(("gate_", "sparsity_", "align_w"))}
+    return SIDTable.build(tk.sid, tk.weights), quant
+
+
+def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
+           tokenizer: dict | None = None) -> dict:
+    """Train ``model`` with ``overrides`` and return its validation result (no test).
+
+    tokenizer: {"name", "eval_cache", "overrides", "behavior_embedding"} fits that
+    tokenizer candidate first and uses its SIDs (instead of ``sids``)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     data = load_dataset(data_dir)
@@ -73,6 +108,14 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
     c = MODELS[model](**overrides)
     t0 = time.perf_counter()
     result: dict = {"model": model, "data": data.name, "overrides": overrides}
+    table = None
+    if tokenizer is not None:
+        if model == "sasrec":
+            raise ValueError("a tokenizer candidate needs a SID model: sid_sasrec, retrieval or ranking")
+        table, quant = fit_candidate(tokenizer["eval_cache"], tokenizer["name"], tokenizer.get("overrides", {}),
+                                     tokenizer.get("behavior_embedding", "untied-input"))
+        result["tokenizer"] = {**tokenizer, "quantization": quant}
+        sids = f"tokenizer:{tokenizer['name']}"
     if model == "sasrec":
         m, history = train_sasrec(train, data.num_items, c, valid=valid)
         pop = data.popularity()[1:]
@@ -80,14 +123,14 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
             w: spearman(np.linalg.norm(m.item_vectors(w), axis=1), pop) for w in ("input", "output")}
     elif model == "sid_sasrec":
         result["sids"] = sids
-        m, history = train_sasrec(train, data.num_items, c, valid=valid, items=SIDItems(_sids(data, sids), c.hidden_dim))
+        m, history = train_sasrec(train, data.num_items, c, valid=valid, items=SIDItems(_sids(data, sids, table), c.hidden_dim))
     elif model == "retrieval":
         result["sids"] = sids
-        m, history = train_retrieval(_sids(data, sids), train, valid, c)
+        m, history = train_retrieval(_sids(data, sids, table), train, valid, c)
     else:
         result["sids"] = sids
         neg = sample_negatives(np.random.default_rng(54321), [s[:-1] for s in data.sequences], data.num_items, 99)
-        m, history = train_ranker(_sids(data, sids), train, c, valid=(*valid, neg))
+        m, history = train_ranker(_sids(data, sids, table), train, c, valid=(*valid, neg))
     best = m.early_stopping["best_epoch"]
     result.update(early_stopping=m.early_stopping,
                   valid={k[len("valid_"):]: v for k, v in history[best].items() if k.startswith("valid_")},

@@ -68,7 +68,10 @@ class TokenizerBudget:
     sid_length: int = 6  # L = N_s + N_t + N_v + N_b = 1 + 1 + 1 + 3
     adc_epochs: int = 20  # ADC-SID passes over the catalog
     rqvae_epochs: int = 20  # RQ-VAE passes over the catalog
-    batch_size: int = 1024  # items per step (ADC-SID, RQ-VAE)
+    batch_size: int = 1024  # items per step (RQ-VAE)
+    # items per step of ADC-SID: 256 gives ~1,000 steps on Beauty, which its sparsity
+    # controller needs to settle (at 1024, 240 steps: sparsity swung 0.1-0.9)
+    adc_batch_size: int = 256
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra TokenizerConfig fields for ADC-SID
 
@@ -90,10 +93,11 @@ def _adc_config(dims: dict[str, int], behavior_dim: int, b: TokenizerBudget, **s
     nb = b.sid_length - content_positions
     if nb <= 0:
         raise ValueError(f"sid_length={b.sid_length} leaves no behavioral position with {len(dims)} modalities")
-    return replace(TokenizerConfig(modality_dims=dict(dims), behavior_dim=behavior_dim),
-                   codebook_size=b.codebook_size, num_shared_experts=1, num_content_experts=1,
-                   num_behavior_experts=nb, epochs=b.adc_epochs, batch_size=b.batch_size, seed=b.seed,
-                   **b.overrides, **switches).validate()
+    fields = dict(codebook_size=b.codebook_size, num_shared_experts=1, num_content_experts=1,
+                  num_behavior_experts=nb, epochs=b.adc_epochs, batch_size=b.adc_batch_size, seed=b.seed)
+    fields.update(b.overrides)  # overrides win over the shared budget (e.g. batch_size)
+    fields.update(switches)
+    return replace(TokenizerConfig(modality_dims=dict(dims), behavior_dim=behavior_dim), **fields).validate()
 
 
 def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: int, b: TokenizerBudget,

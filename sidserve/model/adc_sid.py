@@ -8,7 +8,8 @@ One forward pass, for a batch of B items:
     z_m,i = E_m,i(e_m), z_b,i = E_b,i(e_b)   specific experts        (eq. 6, typo fixed)
     codes = argmax cosine per expert codebook                        (eq. 5, 7-9)
     z  = sum z_s + sum g_m z_m + sum R(e_b) z_b,  z_q likewise       (eq. 10-13, 22)
-    L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14)
+    L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14, summed over
+                                                                      elements; config.recon_reduction)
     L_align = content pairs + w * behavior pairs                     (eq. 15-21)
     L_reg   = lambda * load-balanced L1 of R(e_b)                    (eq. 23)
 
@@ -27,7 +28,12 @@ from torch import nn
 from sidserve.config import TokenizerConfig
 from sidserve.model.alignment import behavior_alignment_loss, content_alignment_loss
 from sidserve.model.codebook import CosineCodebook
-from sidserve.model.controller import alignment_strength, normalized_norm
+from sidserve.model.controller import (
+    alignment_strength,
+    catalog_quantiles,
+    normalized_norm,
+    quantile_normalized,
+)
 from sidserve.model.experts import MLP
 from sidserve.model.gates import BehaviorWeightingGate, ContentGate
 from sidserve.model.sparsity import SparsityRegularizer
@@ -111,16 +117,24 @@ class ADCSIDModel(nn.Module):
             self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
             self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
             self.behavior_gate = BehaviorWeightingGate(
-                dim=c.behavior_dim, num_experts=Nb, hidden_dim=X, bias_init=c.gate_bias_init
+                dim=c.behavior_dim, num_experts=Nb, hidden_dim=X, bias_init=c.gate_bias_init,
+                straight_through=c.gate_straight_through,
             )
             self.sparsity = SparsityRegularizer(
-                theta=c.sparsity_theta, lambda_init=c.sparsity_lambda_init, rate=c.sparsity_lambda_rate
+                theta=c.sparsity_theta, lambda_init=c.sparsity_lambda_init, rate=c.sparsity_lambda_rate,
+                update=c.sparsity_lambda_update,
             )
         out_dim = sum(c.modality_dims.values()) + (c.behavior_dim or 0)
         self.decoder = MLP(D, X, out_dim)
         # catalog statistics (eq. 15), set before training from the whole catalog
         self.register_buffer("n_min", torch.tensor(0.0))
         self.register_buffer("n_max", torch.tensor(1.0))
+        # ||e_b|| quantiles over the fit sample (richness_normalization="quantile")
+        self.register_buffer("richness_quantiles", torch.zeros(c.richness_quantile_points))
+        # per reconstructed part (content modalities, then behavior): 1 / mean ||e_m||^2
+        # over the fit sample (recon_balance); ones otherwise
+        n_parts = len(mods) + (1 if c.has_behavior else 0)
+        self.register_buffer("recon_scale", torch.ones(n_parts))
 
     # ------------------------------------------------------------------------------
     @property
@@ -138,6 +152,33 @@ class ADCSIDModel(nn.Module):
             raise ValueError(f"catalog stats need n_max > n_min, got n_min={n_min}, n_max={n_max}")
         self.n_min.fill_(float(n_min))
         self.n_max.fill_(float(n_max))
+
+    @torch.no_grad()
+    def fit_input_stats(self, sample: ModelInput) -> None:
+        """Statistics read from a uniform sample of the catalog before training: the
+        richness quantiles and the per-modality reconstruction scales."""
+        c = self.config
+        parts = [sample.content[m] for m in c.content_modalities]
+        if c.has_behavior:
+            e_b = sample.behavior[sample.has_behavior]
+            if e_b.shape[0] == 0:
+                raise ValueError("the fit sample has no item with a behavior embedding")
+            parts.append(e_b)
+            norms = torch.linalg.vector_norm(e_b.double(), dim=-1)
+            self.richness_quantiles.copy_(catalog_quantiles(norms, c.richness_quantile_points))
+        if c.recon_balance:
+            energy = torch.stack([(p.double() ** 2).sum(-1).mean() for p in parts])
+            if not bool((energy > 0).all()):
+                raise ValueError("an input modality is all zeros in the fit sample: cannot balance L_recon")
+            self.recon_scale.copy_((1.0 / energy).to(self.recon_scale))
+
+    def richness(self, e_b: torch.Tensor) -> torch.Tensor:
+        """e_b (B, d_b) -> N_norm (B,) in [0, 1] (eq. 16 or its quantile form)."""
+        if self.config.richness_normalization == "quantile":
+            if not bool(self.richness_quantiles[-1] > self.richness_quantiles[0]):
+                raise ValueError("richness quantiles are not set: call fit_input_stats (init_codebooks) first")
+            return quantile_normalized(torch.linalg.vector_norm(e_b, dim=-1), self.richness_quantiles)
+        return normalized_norm(e_b, float(self.n_min), float(self.n_max))
 
     # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
@@ -194,13 +235,13 @@ class ADCSIDModel(nn.Module):
         if c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
-            n_norm = normalized_norm(e_b, float(self.n_min), float(self.n_max))  # (B_b,)
+            n_norm = self.richness(e_b)  # (B_b,)
             if c.use_behavior_gate:
-                gates_raw = self.behavior_gate(e_b, n_norm)  # (B_b, N_b)
+                gates_raw, gates_fuse = self.behavior_gate(e_b, n_norm)  # (B_b, N_b) each
             else:
-                gates_raw = torch.ones(rows.numel(), c.num_behavior_experts, device=dev)
+                gates_raw = gates_fuse = torch.ones(rows.numel(), c.num_behavior_experts, device=dev)
             r_full = torch.zeros(B, c.num_behavior_experts, device=dev)
-            r_full = r_full.index_put((rows,), gates_raw)
+            r_full = r_full.index_put((rows,), gates_fuse)
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
             for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
                 full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
@@ -230,9 +271,12 @@ class ADCSIDModel(nn.Module):
             masks.append(has_b.unsqueeze(-1).float().expand_as(x.behavior))
         target = torch.cat(targets, dim=-1)
         mask = torch.cat(masks, dim=-1)
-        recon = (((decoded - target) ** 2) * mask).sum(-1) / mask.sum(-1)  # (B,)
+        sq = ((decoded - target) ** 2) * mask  # (B, sum d)
+        recon = sq.sum(-1) / mask.sum(-1)  # (B,) per element, the reported metric
+        scale = torch.repeat_interleave(self.recon_scale, torch.tensor([t.shape[-1] for t in targets], device=dev))
+        sq_sum = (sq * scale).sum(-1)  # (B,) ||e - e_hat||^2 over present parts, balanced
 
-        losses = {"recon": recon.mean(), "vq": vq}
+        losses = {"recon": sq_sum.mean() if c.recon_reduction == "sum" else recon.mean(), "vq": vq}
         zero = torch.zeros((), device=dev)
         if not self.training:  # inference: the O(B^2) contrastive terms are not needed
             pass
