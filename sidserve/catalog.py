@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from sidserve.config import BEHAVIOR, TokenizerConfig
-from sidserve.items import ITEM_ID, check_items, column_name
+from sidserve.items import ITEM_ID, POPULARITY, check_items, column_name
 
 HAS_BEHAVIOR = "has_behavior"
 
@@ -137,6 +137,8 @@ def clean_batch(table: pa.Table, config: TokenizerConfig) -> dict[str, np.ndarra
     if config.has_behavior:
         out[column_name(BEHAVIOR)] = a.behavior
     out[HAS_BEHAVIOR] = a.has_behavior
+    if a.popularity is not None and getattr(config, "richness_signal", "norm") == "popularity":
+        out[POPULARITY] = a.popularity
     return out
 
 

@@ -53,6 +53,10 @@ class TokenizerConfig:
     # how N_norm (eq. 16) is computed from ||e_b||: "minmax" (eq. 16) or "quantile" (the
     # norm's rank in the catalog, from stored quantiles; sidserve/model/controller.py)
     richness_normalization: str = "quantile"
+    # what measures an item's behavioral richness: "norm" (||e_b||, the paper's proxy) or
+    # "popularity" (log(1 + the catalog's `popularity` column), what the norm stands in for;
+    # then every item with behavior needs a popularity, online too)
+    richness_signal: str = "norm"
     richness_quantile_points: int = 1001  # quantiles stored in the artifact for "quantile"
     alpha: float = 10.0  # controller steepness (paper's best: alpha=10, beta=9)
     beta: float = 9.0  # controller threshold
@@ -199,6 +203,8 @@ class TokenizerConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.richness_signal not in ("norm", "popularity"):
+            raise ValueError(f"richness_signal must be 'norm' or 'popularity', got {self.richness_signal!r}")
         if self.richness_normalization not in ("minmax", "quantile"):
             raise ValueError(f"richness_normalization must be 'minmax' or 'quantile', got {self.richness_normalization!r}")
         if not isinstance(self.richness_quantile_points, int) or self.richness_quantile_points < 2:

@@ -181,6 +181,11 @@ def check_items(items, config: TokenizerConfig, *, require_item_id: bool = False
             behavior = np.zeros((n, config.behavior_dim), dtype=np.float32)
 
     popularity = getter(POPULARITY, kind="float") if POPULARITY in columns else None
+    if config.has_behavior and getattr(config, "richness_signal", "norm") == "popularity":
+        if popularity is None:
+            raise ValueError(f"richness_signal='popularity': the input needs a {POPULARITY!r} column "
+                             f"(interactions per item; null = 0); got columns {sorted(columns)}")
+        note(~np.isfinite(popularity) | (popularity < 0), f"{POPULARITY}: negative or not finite")
 
     for mask, reason in bad_masks:
         for i in np.flatnonzero(mask):

@@ -203,6 +203,8 @@ def concat_inputs(x: ModelInput, y: ModelInput) -> ModelInput:
         {m: torch.cat([x.content[m], y.content[m].to(dev)]) for m in x.content},
         None if x.behavior is None else torch.cat([x.behavior, y.behavior.to(dev)]),
         torch.cat([x.has_behavior, y.has_behavior.to(dev)]),
+        None if x.popularity is None or y.popularity is None
+        else torch.cat([x.popularity, y.popularity.to(dev)]),
     )
 
 

@@ -35,7 +35,7 @@ import yaml
 
 from sidserve.catalog import HAS_BEHAVIOR, CatalogStats, catalog_prepass, clean_batch
 from sidserve.config import BEHAVIOR, TokenizerConfig
-from sidserve.items import ITEM_ID, ItemArrays, column_name
+from sidserve.items import ITEM_ID, POPULARITY, ItemArrays, column_name
 from sidserve.model.adc_sid import ADCSIDModel, ModelInput
 from sidserve.regulation import build_pair_set, plan_overlaps, progress_of, refresh_seed
 from sidserve.training import CodeStats, Sync, TrainState, init_codebooks, train_step
@@ -144,6 +144,7 @@ def batch_to_input(batch: dict[str, np.ndarray], config: TokenizerConfig, device
         {m: t(np.asarray(batch[column_name(m)], dtype=np.float32)) for m in config.content_modalities},
         t(np.asarray(batch[column_name(BEHAVIOR)], dtype=np.float32)) if config.has_behavior else None,
         t(np.asarray(batch[HAS_BEHAVIOR], dtype=bool)),
+        t(np.asarray(batch[POPULARITY], dtype=np.float64)) if POPULARITY in batch else None,
     )
 
 

@@ -4,6 +4,7 @@ healthy through a fit on a synthetic catalog; every new field survives config.js
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -93,7 +94,8 @@ def test_a_new_item_gets_the_same_richness_and_weights_after_save_and_load(tok, 
 
 
 NEW_FIELDS = dict(recon_reduction="mean", recon_balance=False, richness_normalization="minmax",
-                  richness_quantile_points=11, gate_straight_through=False, sparsity_lambda_update="sign")
+                  richness_quantile_points=11, gate_straight_through=False, sparsity_lambda_update="sign",
+                  richness_signal="popularity", sparsity_control="lambda", sparsity_threshold_gain=1.0)
 
 
 def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
@@ -112,7 +114,9 @@ def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("recon_reduction", "max"), ("richness_normalization", "rank"),
-                                         ("richness_quantile_points", 1), ("sparsity_lambda_update", "pid")])
+                                         ("richness_quantile_points", 1), ("sparsity_lambda_update", "pid"),
+                                         ("richness_signal", "clicks"), ("sparsity_control", "pid"),
+                                         ("sparsity_threshold_gain", 0.0)])
 def test_bad_new_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         TokenizerConfig(**{field: value}).validate()
@@ -124,3 +128,24 @@ def test_minmax_normalisation_is_eq16(catalog):
     e_b = torch.tensor([[tok.catalog_stats_["n_min"], 0.0], [tok.catalog_stats_["n_max"], 0.0]]).float()
     e_b = torch.nn.functional.pad(e_b, (0, 14))
     assert tok.model_.richness(e_b).tolist() == pytest.approx([0.0, 1.0], abs=1e-5)
+
+
+def test_popularity_richness_signal(catalog):
+    cfg = TokenizerConfig(**{**FIT, "epochs": 2}, richness_signal="popularity")
+    tok = SemanticIdTokenizer(cfg).fit(catalog)
+    arrays = coerce_items(catalog, cfg)
+    x = to_model_input(arrays)
+    warm = x.has_behavior
+    u = tok.model_.richness(x.behavior[warm], x.popularity[warm]).numpy()
+    pop = arrays.popularity[arrays.has_behavior]
+    # N_norm is monotone in popularity (ties share a value) and spans the catalog's ranks
+    order = np.argsort(pop, kind="stable")
+    assert np.all(np.diff(u[order]) >= -1e-6)
+    assert u.min() < 0.3 and u.max() == pytest.approx(1.0)
+    # the same items without the column cannot be encoded: the error names it
+    with pytest.raises(ValueError, match="popularity"):
+        tok.encode(catalog.drop_columns(["popularity"]))
+    bad = catalog.set_column(catalog.schema.get_field_index("popularity"), "popularity",
+                             pa.array(np.full(catalog.num_rows, -1.0)))
+    with pytest.raises(ValueError, match="popularity: negative"):
+        tok.encode(bad)

@@ -140,7 +140,8 @@ def test_local_mode_bad_model_exits_with_the_reason(tmp_path):
 def _via_pydantic(body: bytes, config, max_items: int):
     """read_request's fallback path alone: the pydantic models, then prepare."""
     request = schema.TokenizeRequest.model_validate_json(body)
-    items = [{"item_id": it.item_id, **(it.__pydantic_extra__ or {})} for it in request.items]
+    items = [{"item_id": it.item_id, **({"popularity": it.popularity} if it.popularity is not None else {}),
+              **(it.__pydantic_extra__ or {})} for it in request.items]
     return schema.prepare(items, request.recompute, config, max_items)
 
 
@@ -247,3 +248,45 @@ def test_fast_json_path_is_taken_for_the_plain_shape(monkeypatch):
     monkeypatch.setattr(schema.TokenizeRequest, "model_validate_json", refuse)
     prepared = schema.read_request(body, cfg, 10)
     assert prepared.item_ids == ["a", None] and prepared.arrays.has_behavior.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("case", ["given", "int", "missing-warm", "missing-cold", "negative", "boolean", "string"])
+def test_popularity_field_of_a_popularity_model(case):
+    """richness_signal=popularity: an item with behavior needs a number >= 0 (both parsers
+    agree); a cold item may leave it out."""
+    cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2, richness_signal="popularity")
+    rng = np.random.default_rng(3)
+    item = _item(rng, popularity=12.5)
+    if case == "int":
+        item["popularity"] = 7
+    elif case in ("missing-warm", "missing-cold"):
+        del item["popularity"]
+        if case == "missing-cold":
+            item["behavior_emb"] = None
+    elif case == "negative":
+        item["popularity"] = -1
+    elif case == "boolean":
+        item["popularity"] = True
+    elif case == "string":
+        item["popularity"] = "12"
+    body = json.dumps({"items": [item]}).encode()
+    fast = _outcome(lambda: schema.read_request(body, cfg, 5))
+    slow = _outcome(lambda: _via_pydantic(body, cfg, 5))
+    assert fast[0] == slow[0]
+    if case in ("given", "int", "missing-cold"):
+        assert fast[0] == "ok"
+        got = schema.read_request(body, cfg, 5).arrays.popularity
+        assert got.tolist() == [{"given": 12.5, "int": 7.0, "missing-cold": 0.0}[case]]
+    else:
+        assert fast[0] == "error"
+        if case in ("missing-warm", "negative"):
+            assert fast[1] == 422 and "popularity" in fast[2]
+
+
+def test_popularity_is_an_unknown_field_for_a_norm_model():
+    cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2)
+    body = json.dumps({"items": [_item(np.random.default_rng(4), popularity=3)]}).encode()
+    for read in (schema.read_request, _via_pydantic):
+        with pytest.raises(schema.RequestError) as err:
+            read(body, cfg, 5)
+        assert err.value.status == 422 and "popularity" in json.dumps(err.value.detail)

@@ -382,7 +382,9 @@ class Evaluation:
         content = self.embeddings()
         behavior = self.behavior()
         items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                 "meta_emb": content["meta"], "behavior_emb": behavior}
+                 "meta_emb": content["meta"], "behavior_emb": behavior,
+                 # interactions per item in the training split (richness_signal="popularity")
+                 "popularity": self.data.popularity()[1:].astype(np.float64)}
         dims = {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()

@@ -67,7 +67,7 @@ def _sids(data, sids: str, table: SIDTable | None = None) -> SIDTable:
 
 
 def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embedding: str = "untied-input",
-                  seed: int = 0) -> tuple[SIDTable, dict]:
+                  seed: int = 0, data=None) -> tuple[SIDTable, dict]:
     """Fit tokenizer ``name`` (an evaluation tokenizer, e.g. 'adc_sid') with TokenizerConfig
     ``overrides`` on the inputs an evaluation cached in ``eval_cache`` (its sentence
     embeddings and SASRec item table) -> (its SIDs, its quantization metrics)."""
@@ -85,6 +85,8 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
     arrays = {m: np.load(p) for m, p in paths.items()}
     items = {"item_id": np.arange(1, len(arrays["text"]) + 1), "text_emb": arrays["text"],
              "meta_emb": arrays["meta"], "behavior_emb": arrays["behavior"]}
+    if data is not None:  # training-split interactions per item (richness_signal="popularity")
+        items["popularity"] = data.popularity()[1:].astype(np.float64)
     dims = {"text": arrays["text"].shape[1], "meta": arrays["meta"].shape[1]}
     tk = fit_tokenizer(name, items, dims, arrays["behavior"].shape[1], TokenizerBudget(seed=seed, overrides=overrides))
     quant = {k: v for k, v in tk.quantization.items() if not isinstance(v, dict)}
@@ -113,7 +115,7 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
         if model == "sasrec":
             raise ValueError("a tokenizer candidate needs a SID model: sid_sasrec, retrieval or ranking")
         table, quant = fit_candidate(tokenizer["eval_cache"], tokenizer["name"], tokenizer.get("overrides", {}),
-                                     tokenizer.get("behavior_embedding", "untied-input"))
+                                     tokenizer.get("behavior_embedding", "untied-input"), data=data)
         result["tokenizer"] = {**tokenizer, "quantization": quant}
         sids = f"tokenizer:{tokenizer['name']}"
     if model == "sasrec":

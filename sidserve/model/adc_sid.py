@@ -48,12 +48,14 @@ class ModelInput:
     content: dict[str, torch.Tensor]
     behavior: torch.Tensor | None
     has_behavior: torch.Tensor
+    popularity: torch.Tensor | None = None  # (B,) float64, read with richness_signal="popularity"
 
     def to(self, device) -> "ModelInput":
         return ModelInput(
             {k: v.to(device) for k, v in self.content.items()},
             None if self.behavior is None else self.behavior.to(device),
             self.has_behavior.to(device),
+            None if self.popularity is None else self.popularity.to(device),
         )
 
     @property
@@ -67,6 +69,8 @@ class ModelInput:
             content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in arrays.content.items()},
             behavior=None if arrays.behavior is None else torch.from_numpy(np.ascontiguousarray(arrays.behavior)),
             has_behavior=torch.from_numpy(np.ascontiguousarray(arrays.has_behavior)),
+            popularity=None if arrays.popularity is None
+            else torch.from_numpy(np.ascontiguousarray(arrays.popularity, dtype=np.float64)),
         )
 
 
@@ -164,21 +168,39 @@ class ADCSIDModel(nn.Module):
             if e_b.shape[0] == 0:
                 raise ValueError("the fit sample has no item with a behavior embedding")
             parts.append(e_b)
-            norms = torch.linalg.vector_norm(e_b.double(), dim=-1)
-            self.richness_quantiles.copy_(catalog_quantiles(norms, c.richness_quantile_points))
+            signal = self.richness_signal(e_b, _rows(sample.popularity, sample.has_behavior))
+            self.richness_quantiles.copy_(catalog_quantiles(signal.double(), c.richness_quantile_points))
         if c.recon_balance:
             energy = torch.stack([(p.double() ** 2).sum(-1).mean() for p in parts])
             if not bool((energy > 0).all()):
                 raise ValueError("an input modality is all zeros in the fit sample: cannot balance L_recon")
             self.recon_scale.copy_((1.0 / energy).to(self.recon_scale))
 
-    def richness(self, e_b: torch.Tensor) -> torch.Tensor:
-        """e_b (B, d_b) -> N_norm (B,) in [0, 1] (eq. 16 or its quantile form)."""
-        if self.config.richness_normalization == "quantile":
-            if not bool(self.richness_quantiles[-1] > self.richness_quantiles[0]):
-                raise ValueError("richness quantiles are not set: call fit_input_stats (init_codebooks) first")
-            return quantile_normalized(torch.linalg.vector_norm(e_b, dim=-1), self.richness_quantiles)
-        return normalized_norm(e_b, float(self.n_min), float(self.n_max))
+    def richness_signal(self, e_b: torch.Tensor, popularity: torch.Tensor | None) -> torch.Tensor:
+        """(B,) raw richness of items with behavior: ||e_b|| or log(1 + popularity)."""
+        if self.config.richness_signal == "popularity":
+            if popularity is None and e_b.shape[0] == 0:  # no item with behavior in this batch
+                return e_b.new_zeros(0)
+            if popularity is None:
+                raise ValueError("richness_signal='popularity' needs each item's 'popularity' (column or field)")
+            return torch.log1p(popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
+        return torch.linalg.vector_norm(e_b, dim=-1)
+
+    def richness(self, e_b: torch.Tensor, popularity: torch.Tensor | None = None) -> torch.Tensor:
+        """e_b (B, d_b) (and popularity (B,) for that signal) -> N_norm (B,) in [0, 1]:
+        eq. 16 or its quantile form, of ||e_b|| or log(1 + popularity)."""
+        c = self.config
+        q = self.richness_quantiles
+        if c.richness_normalization == "minmax" and c.richness_signal == "norm":
+            return normalized_norm(e_b, float(self.n_min), float(self.n_max))
+        if not bool(q[-1] > q[0]):
+            raise ValueError("richness quantiles are not set (or the signal is constant over the fit sample): "
+                             "call fit_input_stats (init_codebooks) first")
+        signal = self.richness_signal(e_b, popularity)
+        if c.richness_normalization == "quantile":
+            return quantile_normalized(signal, q)
+        # min-max of log-popularity over the fit sample's range (eq. 16's form)
+        return ((signal - q[0]) / (q[-1] - q[0])).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
@@ -235,7 +257,7 @@ class ADCSIDModel(nn.Module):
         if c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
-            n_norm = self.richness(e_b)  # (B_b,)
+            n_norm = self.richness(e_b, _rows(x.popularity, has_b))  # (B_b,)
             if c.use_behavior_gate:
                 gates_raw, gates_fuse = self.behavior_gate(e_b, n_norm)  # (B_b, N_b) each
             else:
@@ -307,6 +329,10 @@ class ADCSIDModel(nn.Module):
             n_norm=n_norm,
             recon=recon.detach(),
         )
+
+
+def _rows(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[mask]
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

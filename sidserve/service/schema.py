@@ -16,19 +16,21 @@ about half (docs/benchmarks.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from sidserve.config import BEHAVIOR
-from sidserve.items import ITEM_ID, ItemArrays, column_name
+from sidserve.items import ITEM_ID, POPULARITY, ItemArrays, column_name
 
 
 class TokenizeItem(BaseModel):
     """One item: ``item_id`` (optional), one ``<modality>_emb`` per content modality of
-    the model (required), ``behavior_emb`` (null or absent for a cold item)."""
+    the model (required), ``behavior_emb`` (null or absent for a cold item), ``popularity``
+    (interactions; required with behavior by a model whose richness_signal is popularity,
+    refused by others)."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
         "item_id": "item-42", "text_emb": [0.1, -0.3, 0.7], "image_emb": [0.2, 0.0, -0.5],
@@ -36,6 +38,7 @@ class TokenizeItem(BaseModel):
     __pydantic_extra__: dict[str, list[float] | None] = Field(init=False)
 
     item_id: str | None = None
+    popularity: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -105,6 +108,9 @@ def _plain_items(body: bytes) -> tuple[list[dict], bool]:
             if name == ITEM_ID:
                 if value is not None and type(value) is not str:
                     raise _NotPlain
+            elif name == POPULARITY:  # a JSON number (not a boolean); checked in prepare
+                if value is not None and type(value) not in (int, float):
+                    raise _NotPlain
             elif value is not None and type(value) is not list:
                 raise _NotPlain
     return items, recompute
@@ -122,7 +128,8 @@ def read_request(body: bytes, config, max_items: int) -> Prepared:
     except _NotPlain:
         pass
     request = TokenizeRequest.model_validate_json(body)
-    items = [{ITEM_ID: it.item_id, **(it.__pydantic_extra__ or {})} for it in request.items]
+    items = [{ITEM_ID: it.item_id, **({POPULARITY: it.popularity} if it.popularity is not None else {}),
+              **(it.__pydantic_extra__ or {})} for it in request.items]
     return prepare(items, request.recompute, config, max_items)
 
 
@@ -146,7 +153,8 @@ def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain
     dims = {column_name(m): d for m, d in config.modality_dims.items()}
     b_name = column_name(BEHAVIOR)
     b_dim = config.behavior_dim if config.has_behavior else None
-    allowed = sorted([ITEM_ID, *dims, *([b_name] if b_dim else [])])
+    wants_popularity = bool(b_dim) and getattr(config, "richness_signal", "norm") == "popularity"
+    allowed = sorted([ITEM_ID, *dims, *([b_name] if b_dim else []), *([POPULARITY] if wants_popularity else [])])
     extras = items
     errors: list[tuple[int, dict]] = []
     for i, extra in enumerate(extras):
@@ -196,11 +204,25 @@ def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain
 
     content = {m: column(column_name(m), d, True)[0] for m, d in config.modality_dims.items()}
     behavior, has_b = column(b_name, b_dim, False) if b_dim else (None, np.zeros(n, bool))
+    popularity = None
+    if wants_popularity:
+        popularity = np.zeros(n, np.float64)
+        for i, extra in enumerate(extras):
+            value = extra.get(POPULARITY)
+            if value is None:
+                if has_b[i]:
+                    errors.append((i, _error(["items", i, POPULARITY], f"items[{i}].{POPULARITY} is missing: "
+                                             "this model reads behavioral richness from popularity", "missing")))
+            elif not (np.isfinite(value) and value >= 0):
+                errors.append((i, _error(["items", i, POPULARITY],
+                                         f"items[{i}].{POPULARITY} is {value}: it must be a finite number >= 0")))
+            else:
+                popularity[i] = float(value)
     if errors:
         errors.sort(key=lambda e: e[0])  # by item, then in the order found
         raise RequestError(422, [e for _, e in errors[:MAX_ERRORS]])
     ids = [it.get(ITEM_ID) for it in items]
-    return Prepared(ids, ItemArrays(content, behavior, has_b, np.array(ids, dtype=object)), recompute)
+    return Prepared(ids, ItemArrays(content, behavior, has_b, np.array(ids, dtype=object), popularity), recompute)
 
 
 def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:
@@ -212,4 +234,5 @@ def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:
         {m: np.concatenate([p.content[m] for p in parts]) for m in first.content},
         None if first.behavior is None else np.concatenate([p.behavior for p in parts]),
         np.concatenate([p.has_behavior for p in parts]),
+        None if first.popularity is None else np.concatenate([p.popularity for p in parts]),
     )
