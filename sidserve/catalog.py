@@ -35,6 +35,9 @@ def check_schema(names: list[str], config: TokenizerConfig) -> None:
             f"input has no {column_name(BEHAVIOR)!r} column but the config has behavior_dim="
             f"{config.behavior_dim}; set behavior_dim: null for a content-only tokenizer"
         )
+    if config.has_behavior and getattr(config, "richness_signal", "norm") == "popularity" and POPULARITY not in names:
+        raise ValueError(f"input has no {POPULARITY!r} column but the config has richness_signal='popularity'; "
+                         f"add interactions per item or use richness_signal: norm")
 
 
 @dataclass

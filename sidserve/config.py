@@ -104,6 +104,13 @@ class TokenizerConfig:
     # "sign": lambda *= rate^sign(gap) (ReMoE); "proportional": rate^clip(gap / target, -1, 1),
     # full steps far from the target and small ones near it (less overshoot)
     sparsity_lambda_update: str = "proportional"
+    # the behavioral weights encode() reports (and downstream models read as importance):
+    # "raw" R(e_b) of eq. 22, or "unit_mean": R divided by its mean over the fit catalog's
+    # items with behavior, per expert, so an average behavioral SID weighs as much as a
+    # content SID (weight 1) while the ratios between items and zeros stay. R's scale is
+    # arbitrary (the decoder absorbs it): on Beauty raw R averaged ~0.1, which made the
+    # behavioral positions near-silent loss weights in generative retrieval
+    behavior_weight_scale: str = "raw"
     behavior_dropout: float = 0.15  # share of warm items trained as cold (content-only path)
 
     # ---- ablations (paper Table 3) -------------------------------------------------
@@ -209,6 +216,8 @@ class TokenizerConfig:
             raise ValueError(f"richness_normalization must be 'minmax' or 'quantile', got {self.richness_normalization!r}")
         if not isinstance(self.richness_quantile_points, int) or self.richness_quantile_points < 2:
             raise ValueError(f"richness_quantile_points must be an int >= 2, got {self.richness_quantile_points!r}")
+        if self.behavior_weight_scale not in ("raw", "unit_mean"):
+            raise ValueError(f"behavior_weight_scale must be 'raw' or 'unit_mean', got {self.behavior_weight_scale!r}")
         if self.sparsity_control not in ("threshold", "lambda"):
             raise ValueError(f"sparsity_control must be 'threshold' or 'lambda', got {self.sparsity_control!r}")
         if not 0 < self.sparsity_threshold_gain <= 5:

@@ -33,6 +33,7 @@ from sidserve.training import (
     check_norm_range,
     compute_catalog_stats,
     init_codebooks,
+    set_weight_scale,
     to_model_input,
     train_step,
 )
@@ -157,6 +158,7 @@ class SemanticIdTokenizer(BaseTokenizer):
             log.info("epoch %d %s", epoch, {k: (round(v, 5) if isinstance(v, float) else v)
                                             for k, v in record.items() if k != "num_items"})
 
+        set_weight_scale(model, arrays)
         self.model_ = model.eval()
         self.catalog_stats_ = stats
         self.history_ = history

@@ -377,18 +377,29 @@ def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync,
     model.eval()
     codes = CodeStats(tcfg)
     recon_sum, n = 0.0, 0
+    nb = tcfg.num_behavior_experts if tcfg.has_behavior else 0
+    r_sum, r_count = torch.zeros(nb), 0
     batches = iter(shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"))
     while True:
         batch = next(batches, None)
         if batch is None:
             break
-        out = model(batch_to_input(batch, tcfg, device))
+        x = batch_to_input(batch, tcfg, device)
+        out = model(x)
         codes.add(out.codes.cpu().numpy())
         recon_sum += float(out.recon.sum())
         n += out.recon.shape[0]
+        if nb:
+            r_sum += (out.behavior_weights * model.weight_scale)[x.has_behavior].sum(0).cpu()
+            r_count += int(x.has_behavior.sum())
     report = codes.reduce(sync)
     total_recon, total_n = sync.mean([recon_sum, float(n)])
     report["recon"] = total_recon / max(total_n, 1.0)
+    if nb:  # mean R(e_b) per expert over every worker's items with behavior
+        sums = sync.mean([*r_sum.tolist(), float(r_count)])
+        mean_r = torch.tensor(sums[:nb]) / max(sums[nb], 1e-12)
+        report["behavior_weight_mean_raw"] = mean_r.tolist()
+        model.set_weight_scale(mean_r)  # behavior_weight_scale="unit_mean"; same on every worker
     return report
 
 

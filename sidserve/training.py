@@ -146,6 +146,34 @@ def assign_codes(model: ADCSIDModel, arrays: ItemArrays, batch_size: int = 8192)
 
 
 @torch.no_grad()
+def behavior_weight_sums(model: ADCSIDModel, x: ModelInput) -> tuple[torch.Tensor, int]:
+    """-> (sum of R(e_b) per expert over the batch's items with behavior (N_b,), their count),
+    as the model reports them before any unit_mean scaling."""
+    was_training = model.training
+    model.eval()
+    out = model(x, codes_only=True)
+    model.train(was_training)
+    raw = out.behavior_weights * model.weight_scale  # undo a scale already set
+    return raw[x.has_behavior].sum(0).cpu(), int(x.has_behavior.sum())
+
+
+@torch.no_grad()
+def set_weight_scale(model: ADCSIDModel, arrays: ItemArrays, batch_size: int = 8192) -> None:
+    """behavior_weight_scale="unit_mean": divide reported weights by the catalog's mean R per expert."""
+    c = model.config
+    if not c.has_behavior or c.behavior_weight_scale != "unit_mean":
+        return
+    total, count = torch.zeros(c.num_behavior_experts), 0
+    device = model.n_min.device
+    for start in range(0, len(arrays), batch_size):
+        idx = np.arange(start, min(len(arrays), start + batch_size))
+        s, n = behavior_weight_sums(model, to_model_input(arrays, idx).to(device))
+        total += s
+        count += n
+    model.set_weight_scale(total / max(count, 1))
+
+
+@torch.no_grad()
 def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = None) -> None:
     """Read the input statistics of ``sample`` (richness quantiles, reconstruction scales:
     ``ADCSIDModel.fit_input_stats``) and k-means-initialise every codebook on its latents

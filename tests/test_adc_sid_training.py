@@ -95,7 +95,8 @@ def test_a_new_item_gets_the_same_richness_and_weights_after_save_and_load(tok, 
 
 NEW_FIELDS = dict(recon_reduction="mean", recon_balance=False, richness_normalization="minmax",
                   richness_quantile_points=11, gate_straight_through=False, sparsity_lambda_update="sign",
-                  richness_signal="popularity", sparsity_control="lambda", sparsity_threshold_gain=1.0)
+                  richness_signal="popularity", sparsity_control="lambda", sparsity_threshold_gain=1.0,
+                  behavior_weight_scale="unit_mean")
 
 
 def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
@@ -149,3 +150,19 @@ def test_popularity_richness_signal(catalog):
                              pa.array(np.full(catalog.num_rows, -1.0)))
     with pytest.raises(ValueError, match="popularity: negative"):
         tok.encode(bad)
+
+
+def test_unit_mean_weights_rescale_reported_weights_only(catalog):
+    """Same training, same codes; the reported weights are R divided by the catalog's mean
+    R per expert (mean 1 over items with behavior), so the ratios between items stay."""
+    small = catalog.slice(0, 1200)
+    raw = SemanticIdTokenizer(TokenizerConfig(**{**FIT, "epochs": 2})).fit(small)
+    unit = SemanticIdTokenizer(TokenizerConfig(**{**FIT, "epochs": 2}, behavior_weight_scale="unit_mean")).fit(small)
+    a, b = raw.encode(small), unit.encode(small)
+    np.testing.assert_array_equal(a.sid, b.sid)
+    warm = np.asarray(small.column("behavior_emb").is_valid())
+    mean_raw = a.behavior_weights[warm].mean(0)
+    assert (mean_raw > 0).all()
+    np.testing.assert_allclose(b.behavior_weights[warm].mean(0), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(b.behavior_weights, a.behavior_weights / mean_raw, rtol=1e-5, atol=1e-7)
+    assert (b.behavior_weights[~warm] == 0).all()

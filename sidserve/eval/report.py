@@ -218,6 +218,25 @@ def _markdown(r: dict, plots: list[str]) -> str:
              "modality embeddings, the baselines over their concatenated inputs; it is comparable "
              "within a family, not across. Entropy is per position in nats (max ln K).\n")
 
+    gated = {n: e for n, e in tok.items() if "gate_zero_share" in e["quantization"]}
+    if gated:
+        L.append("**Behavioral gates** (ADC-SID variants; items with behavior): share of gate outputs "
+                 "that are 0, mean R(e_b) per behavioral position, and at the last training epoch the "
+                 "realised gate sparsity against its target and the share of items whose alignment "
+                 "weight w exceeds 0.5.\n")
+        L.append("| tokenizer | gates at 0 | mean R(e_b) per position | sparsity / target (last epoch) "
+                 "| w > 0.5 |")
+        L.append("|---|---|---|---|---|")
+        for e in gated.values():
+            q = e["quantization"]
+            last = q.get("last_epoch", {})
+            sp = (f"{last['gate_sparsity']:.3f} / {last['sparsity_target']:.3f}"
+                  if "gate_sparsity" in last and "sparsity_target" in last else "n/a")
+            w = f"{last['align_w_above_half']:.3f}" if "align_w_above_half" in last else "n/a"
+            means = ", ".join(f"{v:.3f}" for v in q.get("behavior_weight_mean_per_position", []))
+            L.append(f"| {e['label']} | {q['gate_zero_share']:.3f} | {means} | {sp} | {w} |")
+        L.append("")
+
     ceiling = ", ".join(f"{v} R@10 {e['test']['recall@10']:.4f} / N@10 {e['test']['ndcg@10']:.4f}"
                         for v, e in r["sasrec"].items())
     for g, title in (("all", "all test users"), ("head", "head items (top 25% by popularity)"),

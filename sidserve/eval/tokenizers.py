@@ -117,6 +117,9 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         weights[:, beh] = enc.behavior_weights
         q = dict(tok.stats_["fit_metrics"])
         q["behavior_weight_mean_per_position"] = enc.behavior_weights.mean(0).round(6).tolist()
+        if tok.history_:  # the gates at the end of training (issue 17's per-epoch statistics)
+            q["last_epoch"] = {k: v for k, v in tok.history_[-1].items()
+                               if k.startswith(("gate_", "sparsity_", "align_w"))}
         return Tokenized(enc.sid, weights, q, b.codebook_size, tok)
     base = dict(modality_dims=dict(dims), behavior_dim=behavior_dim, codebook_size=b.codebook_size,
                 num_levels=b.sid_length, seed=b.seed)

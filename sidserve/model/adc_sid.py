@@ -139,6 +139,9 @@ class ADCSIDModel(nn.Module):
         # over the fit sample (recon_balance); ones otherwise
         n_parts = len(mods) + (1 if c.has_behavior else 0)
         self.register_buffer("recon_scale", torch.ones(n_parts))
+        # divisor of the reported behavioral weights (behavior_weight_scale="unit_mean"),
+        # set after training from the catalog; the fusion always uses R itself
+        self.register_buffer("weight_scale", torch.ones(c.num_behavior_experts if c.has_behavior else 0))
 
     # ------------------------------------------------------------------------------
     @property
@@ -175,6 +178,16 @@ class ADCSIDModel(nn.Module):
             if not bool((energy > 0).all()):
                 raise ValueError("an input modality is all zeros in the fit sample: cannot balance L_recon")
             self.recon_scale.copy_((1.0 / energy).to(self.recon_scale))
+
+    @torch.no_grad()
+    def set_weight_scale(self, mean_r: torch.Tensor) -> None:
+        """mean_r (N_b,): mean R(e_b) per expert over the catalog's items with behavior.
+        With behavior_weight_scale="unit_mean" the reported weights are divided by it (an
+        expert whose mean is 0, closed for every item, keeps divisor 1); no-op for "raw"."""
+        if self.config.behavior_weight_scale != "unit_mean":
+            return
+        mean_r = mean_r.to(self.weight_scale)
+        self.weight_scale.copy_(torch.where(mean_r > 0, mean_r, torch.ones_like(mean_r)))
 
     def richness_signal(self, e_b: torch.Tensor, popularity: torch.Tensor | None) -> torch.Tensor:
         """(B,) raw richness of items with behavior: ||e_b|| or log(1 + popularity)."""
@@ -278,7 +291,7 @@ class ADCSIDModel(nn.Module):
                 codes.append(full_idx.index_put((rows,), idx))
 
         if codes_only:
-            weights = r_full if r_full is not None else torch.zeros(B, 0, device=dev)
+            weights = r_full / self.weight_scale if r_full is not None else torch.zeros(B, 0, device=dev)
             return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights)
 
         z = torch.stack(z_parts).sum(0)  # (B, D)
@@ -319,7 +332,7 @@ class ADCSIDModel(nn.Module):
         losses.setdefault("align", zero)
         losses["total"] = losses["recon"] + losses["vq"] + c.align_weight * losses["align"] + losses["reg"]
 
-        weights = r_full if r_full is not None else torch.zeros(B, 0, device=dev)
+        weights = (r_full / self.weight_scale).detach() if r_full is not None else torch.zeros(B, 0, device=dev)
         return ModelOutput(
             codes=torch.stack(codes, dim=-1),
             behavior_weights=weights,
