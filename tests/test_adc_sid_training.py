@@ -107,7 +107,7 @@ def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
         saved = json.load(f)
     text = json.dumps(saved)
     for k, v in NEW_FIELDS.items():
-        assert f'"{k}"' in text, k
+        assert f'"{k}": {json.dumps(v)}' in text, k
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "m"))
     for k, v in NEW_FIELDS.items():
         assert getattr(loaded.config, k) == v, k
