@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from sidserve.artifact import resolve, write_bytes
 from sidserve.base import BaseTokenizer, load_tokenizer
 from sidserve.catalog import check_schema
-from sidserve.items import ITEM_ID, POPULARITY, check_items
+from sidserve.items import ITEM_ID, POPULARITY, check_items, column_name
 from sidserve.snapshot import ITEMS_SCHEMA, REJECTS_SCHEMA, SUMMARY, SnapshotRoot, new_version
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class AssignJobConfig:
     #                            actor for wide embeddings): without it, reads run ahead
     #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
     fail_before_publish: bool = False  # test hook: die after writing, before LATEST
+    # modality -> input column (--column); None: the mapping the model was fitted with, for the
+    # columns the input has under those names
+    columns: dict[str, str] | None = None
 
 
 # A. encode --------------------------------------------------------------------------
@@ -525,13 +528,24 @@ def _read_catalog(uri: str, block_mib: int):
     return ds
 
 
+def input_renames(columns: dict[str, str] | None, tok: BaseTokenizer, names: list[str]) -> dict[str, str]:
+    """Column renames for this input: the ``columns`` given (each must exist), else the model's
+    own mapping (``config.json`` "inputs") wherever the input has those columns."""
+    from sidserve.inputs import renames
+
+    if columns:
+        return renames(columns, names)
+    fitted = ((getattr(tok, "inputs_", None) or {}).get("columns")) or {}
+    usable = {m: c for m, c in fitted.items() if c in names and column_name(m) not in names}
+    return renames(usable, names) if usable else {}
+
+
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     """Encode, dedup, write and publish a snapshot. Returns its summary."""
     import pyarrow.dataset as pads
     import ray
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
     for name in ("rows_per_partition", "rows_per_task", "batch_size", "read_block_mib", "read_ahead_mib"):
@@ -557,6 +571,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     if schema is None:
         raise ValueError(f"{job.items}: the input has no rows")
     names = list(schema.names)
+    mapping = input_renames(job.columns, tok, names)
+    if mapping:
+        ds = ds.rename_columns(mapping)
+        names = list(ds.schema().names)
     check_schema(names, tok.config)
     if ITEM_ID not in names:
         raise ValueError(f"input is missing required column 'item_id'; it has {sorted(names)}")
@@ -640,13 +658,15 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
 
 
 def run_cli(args) -> int:
-    """jobs/assign.py: run the assignment (exit code 2 on bad input)."""
+    """``sidserve assign`` / jobs/assign.py: run the assignment (exit code 2 on bad input)."""
     from sidserve.cli import run_job
+    from sidserve.inputs import parse_columns
 
     def body():
         s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
-            use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition))
+            use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
+            columns=parse_columns(args.column) or None))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")

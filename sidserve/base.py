@@ -108,6 +108,8 @@ class BaseTokenizer:
             "codebook_size": self.codebook_size,
             "missing_code": self.codebook_size,
         }
+        if getattr(self, "inputs_", None):  # how the fit found its inputs (sidserve/inputs.py)
+            config["inputs"] = self.inputs_
         files = {
             # no sort_keys: modality order fixes the SID layout
             CONFIG_FILE: json.dumps(config, indent=2).encode(),
@@ -142,6 +144,7 @@ class BaseTokenizer:
         tok = target._restore(config["config"], tensors, json.loads(files[STATS_FILE]))
         tok.version_ = manifest["version"]
         tok.manifest_ = manifest
+        tok.inputs_ = config.get("inputs")
         return tok
 
 
@@ -149,6 +152,14 @@ def _register_builtin_types() -> None:
     """Import the tokenizer modules, which register their types (imports torch)."""
     import sidserve.baselines  # noqa: F401
     import sidserve.tokenizer  # noqa: F401
+
+
+def tokenizer_class(kind: str) -> type[BaseTokenizer]:
+    """'adc-sid' | 'rq-kmeans' | 'rq-vae' | 'opq' -> its class (``config_class`` names its config)."""
+    _register_builtin_types()
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown tokenizer {kind!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[kind]
 
 
 def load_tokenizer(uri: str) -> BaseTokenizer:

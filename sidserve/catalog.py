@@ -151,10 +151,10 @@ def catalog_prepass(ds, config: TokenizerConfig, *, num_cpus: float = 0.25) -> C
     if schema is None:
         raise ValueError("the input has no rows (empty dataset)")
     check_schema(list(schema.names), config)
-    cfg = config.to_dict()
+    cfg, config_class = config.to_dict(), type(config)  # ADC-SID's or a baseline's config
 
     def per_batch(table: pa.Table) -> pa.Table:
-        s = batch_stats(table, TokenizerConfig.from_dict(cfg))
+        s = batch_stats(table, config_class.from_dict(cfg))
         return pa.table({"stats": [json.dumps(asdict(s))]})  # JSON: per-batch keys differ
 
     rows = ds.map_batches(per_batch, batch_format="pyarrow", batch_size=4096, num_cpus=num_cpus).take_all()

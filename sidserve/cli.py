@@ -1,37 +1,149 @@
-"""Command line: ``sidserve demo`` (in-process fit + encode on the synthetic catalog),
-``sidserve serve`` (the tokenize service, on Ray Serve or ``--local`` under uvicorn)."""
+"""The ``sidserve`` command: one command line for every stage.
+
+    sidserve train    --items catalog/ --output model/ [--tokenizer adc-sid|rq-kmeans|rq-vae|opq]
+    sidserve assign   --items catalog/ --model model/ --output snapshots/
+    sidserve refresh  --items catalog/ --model model/ --output snapshots/ [--refit]
+    sidserve serve    --model model/ --snapshot snapshots/ [--local]
+    sidserve evaluate --data ../shared/data/amazon-beauty-5core --output eval/
+    sidserve demo     [--in-process]
+
+``jobs/*.py`` are the same commands as ``ray job submit`` entry points (``python
+jobs/train.py ...`` = ``sidserve train ...``). Each subcommand's ``--help`` lists its options
+with their defaults. Model fields go in one YAML (``--config``; an unknown key is an error
+naming it) and/or as flags; with no config the input dimensions come from the data.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import shlex
 import sys
 import time
 
+TOKENIZERS = ["adc-sid", "rq-kmeans", "rq-vae", "opq"]
 
-def demo(args: argparse.Namespace) -> int:
-    from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 
-    t0 = time.perf_counter()
-    items = make_synthetic_catalog(args.items, seed=args.seed)
-    print(f"demo catalog: {items.num_rows} synthetic items "
-          f"({sum(v is None for v in items.column('behavior_emb').to_pylist())} cold)")
-    config = TokenizerConfig(epochs=args.epochs, seed=args.seed)
-    tok = SemanticIdTokenizer(config).fit(items)
-    version = tok.save_pretrained(args.output, source="sidserve demo (synthetic catalog)")
-    loaded = SemanticIdTokenizer.from_pretrained(args.output)
-    enc = loaded.encode(items.slice(0, 5))
-    print("first items:")
-    for i in range(len(enc)):
-        print(f"  {enc.item_id[i]}  sid={enc.sid_str[i]:<24} path={enc.path[i]:<12} "
-              f"behavior_weights={[round(float(w), 3) for w in enc.behavior_weights[i]]}")
-    m = tok.stats_["fit_metrics"]
-    summary = {k: m[k] for k in ("entropy_mean", "utilisation_mean", "collision_rate", "recon",
-                                 "cold_path_agreement")}
-    print("metrics:", json.dumps({k: round(v, 4) for k, v in summary.items()}))
-    print(f"model {version} written to {args.output} in {time.perf_counter() - t0:.1f} s")
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (unless its help already says it, or it has none)
+    and keeps the docstrings' layout."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        if ("default" not in help_ and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            help_ += " (default: %(default)s)"
+        return help_
+
+
+def _logging() -> None:
+    # Ray Data's progress bars go to stderr on a terminal; off a TTY (CI, `ray job logs`)
+    # they would print one line per update, so the jobs log plain lines there instead
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def run_job(body) -> int:
+    """Run a job's body with the jobs' logging. Bad input (ValueError) or a missing/unreadable
+    file (OSError) ends it with exit code 2 and the message on stderr, never a traceback."""
+    _logging()
+    try:
+        body()
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+# ---- train ---------------------------------------------------------------------------
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", help="Parquet file/dir or URI (default: the built-in synthetic demo catalog)")
+    p.add_argument("--output", default="outputs/model", help="artifact directory or URI")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="adc-sid",
+                   help="what to fit; see docs/evaluation.md (`sidserve evaluate`) for how they compare")
+    p.add_argument("--config", help="YAML of the tokenizer's config fields (unknown keys are errors); "
+                                    "modality_dims/behavior_dim default to what the input holds")
+    p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
+                   help="read modality MODALITY from COLUMN (e.g. text=title_vec; behavior=cf_vec); repeatable")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ADC-SID)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (baselines: a GPU for the fit)")
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs per worker (default: 1, or less on a small cluster so Ray Data keeps 0.5 CPU)")
+    p.add_argument("--epochs", type=int, help="overrides the config's epochs (ADC-SID, rq-vae)")
+    p.add_argument("--batch-size", type=int, help="per-worker batch size; overrides the config")
+    p.add_argument("--sample-size", type=int, default=200_000,
+                   help="baselines: rows of the uniform sample they are fitted on")
+    p.add_argument("--storage-path", help="checkpoint storage (default: <output>/../checkpoints)")
+    p.add_argument("--name", help="run name under --storage-path (default: sidserve-<output>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue run --name from its last checkpoint")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+    p.add_argument("--demo-items", type=int, default=20000, help="size of the demo catalog (no --items)")
+
+
+def train(args: argparse.Namespace) -> int:
+    from sidserve.train_job import run_cli
+
+    return run_cli(args)
+
+
+# ---- assign / refresh ------------------------------------------------------------------
+
+def add_assign_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", required=True, help="catalog Parquet file/dir or URI")
+    p.add_argument("--model", required=True, help="tokenizer artifact dir or URI (any tokenizer)")
+    p.add_argument("--output", required=True, help="snapshot root dir or URI")
+    p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
+                   help="read MODALITY from COLUMN (default: the mapping the model was fitted with)")
+    p.add_argument("--num-workers", type=int, default=2, help="encoder actors")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor")
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per encode call")
+    p.add_argument("--rows-per-partition", type=int, default=100_000,
+                   help="rows per grouping task (bounds its memory; fewer, larger partitions write fewer files)")
+
+
+def assign(args: argparse.Namespace) -> int:
+    from sidserve.assign_job import run_cli
+
+    return run_cli(args)
+
+
+def add_refresh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", required=True, help="tonight's catalog: Parquet file/dir or URI")
+    p.add_argument("--model", required=True, help="current tokenizer artifact (any tokenizer)")
+    p.add_argument("--output", required=True, help="snapshot root dir or URI")
+    p.add_argument("--refit", action="store_true",
+                   help="re-fit first: ADC-SID warm-started from --model, a baseline from scratch with its config")
+    p.add_argument("--refit-output", help="artifact of the re-fitted model (default: <model>-refit-<time>)")
+    p.add_argument("--refit-epochs", type=int, help="epochs of the re-fit (default: the model's)")
+    p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
+                   help="read MODALITY from COLUMN (default: the mapping the model was fitted with)")
+    p.add_argument("--sample-size", type=int, default=200_000, help="baselines: rows the re-fit samples")
+    p.add_argument("--num-workers", type=int, default=2, help="trainers (re-fit) and encoder actors")
+    p.add_argument("--use-gpu", action="store_true", help="GPUs for the re-fit and the encoders")
+    p.add_argument("--rows-per-partition", type=int, default=100_000, help="rows per grouping task of the assignment")
+    p.add_argument("--pushgateway", help="host:port of a Pushgateway (default: $SIDSERVE_PUSHGATEWAY)")
+
+
+def refresh(args: argparse.Namespace) -> int:
+    from sidserve.refresh_job import run_cli
+
+    return run_cli(args)
+
+
+# ---- serve ---------------------------------------------------------------------------
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model artifact (default: $SIDSERVE_MODEL_URI, else the "
+                                                 "model of the published snapshot)")
+    p.add_argument("--snapshot", default=None, help="snapshot root for catalog lookups "
+                                                    "(default: $SIDSERVE_SNAPSHOT_ROOT; '' for none)")
+    p.add_argument("--snapshot-poll-s", type=float, default=30.0, help="seconds between checks of LATEST")
+    p.add_argument("--local", action="store_true", help="plain uvicorn in this process, no Ray")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -53,44 +165,121 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_job(body) -> int:
-    """Run a job's body with the jobs' logging. Bad input (ValueError) or a missing/unreadable
-    file (OSError) ends it with exit code 2 and the message on stderr, never a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        body()
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+# ---- evaluate ------------------------------------------------------------------------
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset dir with sequences.txt and items.jsonl")
+    p.add_argument("--output", required=True, help="cache + report dir (results.json, report.md, plots/)")
+    p.add_argument("--tokenizers", help="comma-separated (default: adc_sid, its four ablations, rqvae, rqkmeans, "
+                                        "opq); 'letter' adds LETTER's published SIDs")
+    p.add_argument("--seeds", help="comma-separated downstream model seeds (default: 0,1,2; --quick: 0,1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the stages cached so far (pending ones are listed)")
+    p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
+    p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
+    p.add_argument("--sasrec-variants", help="ID SASRec models to train: tied, untied, bce (default: tied,untied)")
+    p.add_argument("--behavior-embedding", choices=["tied", "untied-input", "untied-output", "bce"],
+                   help="SASRec table handed to the tokenizers as e_b (default: untied-input)")
+    p.add_argument("--retrieval-max-epochs", type=int, help="upper bound on the retrieval model's epochs")
+    p.add_argument("--history-tokens", choices=["item", "codes"],
+                   help="retrieval history: one token per item (default) or one per SID code (TIGER)")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from sidserve.eval.pipeline import run_cli
+
+    return run_cli(args, command=f"{args.prog} " + shlex.join(args.argv))
+
+
+# ---- demo ----------------------------------------------------------------------------
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="outputs", help="directory for the catalog, model, snapshots "
+                                                       "(--in-process: the model directory)")
+    p.add_argument("--items", type=int, default=20000, help="synthetic catalog size")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="--in-process: catalog and fit seed")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers and encoder actors")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keep-serving", action="store_true", help="leave the service running at the end")
+    p.add_argument("--in-process", action="store_true", help="only fit + encode in this process, no Ray (30 s)")
+
+
+def demo(args: argparse.Namespace) -> int:
+    if not args.in_process:
+        from sidserve.demo import DemoConfig, run_demo
+
+        return run_job(lambda: run_demo(DemoConfig(output=args.output, items=args.items, epochs=args.epochs,
+                                                   num_workers=args.num_workers, port=args.port,
+                                                   keep_serving=args.keep_serving)))
+    return run_job(lambda: _demo_in_process(args))
+
+
+def _demo_in_process(args: argparse.Namespace) -> None:
+    import json
+
+    from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
+
+    t0 = time.perf_counter()
+    items = make_synthetic_catalog(args.items, seed=args.seed)
+    print(f"demo catalog: {items.num_rows} synthetic items "
+          f"({sum(v is None for v in items.column('behavior_emb').to_pylist())} cold)")
+    tok = SemanticIdTokenizer(TokenizerConfig(epochs=args.epochs, seed=args.seed)).fit(items)
+    version = tok.save_pretrained(args.output, source="sidserve demo (synthetic catalog)")
+    enc = SemanticIdTokenizer.from_pretrained(args.output).encode(items.slice(0, 5))
+    print("first items:")
+    for i in range(len(enc)):
+        print(f"  {enc.item_id[i]}  sid={enc.sid_str[i]:<24} path={enc.path[i]:<12} "
+              f"behavior_weights={[round(float(w), 3) for w in enc.behavior_weights[i]]}")
+    m = tok.stats_["fit_metrics"]
+    keys = ("entropy_mean", "utilisation_mean", "collision_rate", "recon", "cold_path_agreement")
+    print("metrics:", json.dumps({k: round(m[k], 4) for k in keys}))
+    print(f"model {version} written to {args.output} in {time.perf_counter() - t0:.1f} s")
+
+
+COMMANDS = {
+    "train": (add_train_args, train, "fit a tokenizer (ADC-SID on Ray Train; baselines on a streamed sample)"),
+    "assign": (add_assign_args, assign, "assign every item its SID and publish a snapshot (Ray Data)"),
+    "refresh": (add_refresh_args, refresh, "nightly: optional re-fit, assignment, churn report, publish"),
+    "serve": (add_serve_args, serve, "run POST /tokenize (Ray Serve, or --local under uvicorn)"),
+    "evaluate": (add_evaluate_args, evaluate, "compare tokenizers on real interactions (docs/evaluation.md)"),
+    "demo": (add_demo_args, demo, "the whole pipeline on the synthetic catalog on a local Ray"),
+}
+
+
+def build_parser(prog: str = "sidserve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (add, func, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
+        add(p)
+        p.set_defaults(func=func)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sidserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="fit and encode the synthetic demo catalog in-process")
-    p.add_argument("--items", type=int, default=20000, help="synthetic catalog size")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="outputs/demo-model", help="artifact directory or URI")
-    p.set_defaults(func=demo)
-    p = sub.add_parser("serve", help="run POST /tokenize (Ray Serve, or --local under uvicorn)")
-    p.add_argument("--model", default=None, help="model artifact (default: $SIDSERVE_MODEL_URI, else the "
-                                                 "model of the published snapshot)")
-    p.add_argument("--snapshot", default=None, help="snapshot root for catalog lookups "
-                                                    "(default: $SIDSERVE_SNAPSHOT_ROOT; '' for none)")
-    p.add_argument("--snapshot-poll-s", type=float, default=30.0, help="seconds between checks of LATEST")
-    p.add_argument("--local", action="store_true", help="plain uvicorn in this process, no Ray")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
-    p.set_defaults(func=serve)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.prog, args.argv = "sidserve", argv
+    _logging()
     try:
         return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def job_main(command: str) -> int:
+    """``python jobs/<command>.py ARGS`` = ``sidserve <command> ARGS`` (the ray job submit entry points)."""
+    argv = sys.argv[1:]
+    prog = f"python {os.path.relpath(sys.argv[0])}" if sys.argv and sys.argv[0] else f"sidserve {command}"
+    parser = argparse.ArgumentParser(prog=prog, description=COMMANDS[command][2], formatter_class=_Formatter)
+    COMMANDS[command][0](parser)
+    args = parser.parse_args(argv)
+    args.prog, args.argv = prog, argv
+    _logging()
+    try:
+        return COMMANDS[command][1](args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,6 +32,14 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def serve_config_text() -> str:
+    """deploy/serve.yaml, as the package carries it (sidserve/service/serve.yaml; deploy/serve.yaml
+    links to it), so `sidserve demo` works from an installed wheel too."""
+    from importlib.resources import files
+
+    return files("sidserve.service").joinpath("serve.yaml").read_text()
+
+
 def _deploy(port: int, user_config: dict) -> None:
     """deploy/serve.yaml as shipped (one replica on a demo machine) with the demo's model."""
     import yaml
@@ -39,8 +47,7 @@ def _deploy(port: int, user_config: dict) -> None:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "serve.yaml")
-    config = yaml.safe_load(open(path))
+    config = yaml.safe_load(serve_config_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     dep = config["applications"][0]["deployments"][0]
     dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}

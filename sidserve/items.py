@@ -104,8 +104,9 @@ def numpy_to_dense(value, dim: int, name: str, n: int | None) -> DenseColumn:
         vals = np.ascontiguousarray(value, dtype=np.float32)
         N = vals.shape[0]
         nonfinite = ~np.isfinite(vals).all(axis=1)
-        vals = vals.copy() if nonfinite.any() else vals
-        vals[nonfinite] = 0.0
+        if nonfinite.any():  # never write into the caller's array (it may be read-only, e.g. Ray's)
+            vals = vals.copy()
+            vals[nonfinite] = 0.0
         z = np.zeros(N, bool)
         return DenseColumn(vals, z, z.copy(), nonfinite, np.full(N, dim, np.int64))
     rows = list(value)

@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, pushadd_to_gateway
 
-from sidserve.assign_job import AssignJobConfig, run_assignment
+from sidserve.assign_job import AssignJobConfig, input_renames, run_assignment
 from sidserve.base import load_tokenizer
 from sidserve.catalog import catalog_prepass
 from sidserve.config import TokenizerConfig
@@ -45,6 +45,8 @@ class RefreshJobConfig:
     use_gpu: bool = False
     pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
     rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
+    columns: dict[str, str] | None = None  # modality -> input column; None: the model's own mapping
+    sample_size: int = 200_000  # a baseline re-fit's sample (TrainJobConfig.sample_size)
 
 
 def push_success(gateway: str, summary: dict[str, Any]) -> None:
@@ -90,25 +92,36 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
             ray.init()
         tok = load_tokenizer(job.model)
         prepass = None
-        if isinstance(tok.config, TokenizerConfig):
-            stats = catalog_prepass(ray.data.read_parquet(job.items), tok.config)
+        columns = job.columns if job.columns is not None else (getattr(tok, "inputs_", None) or {}).get("columns", {})
+        adc = isinstance(tok.config, TokenizerConfig)
+        if adc:
+            ds = ray.data.read_parquet(job.items)
+            mapping = input_renames(job.columns, tok, list(ds.schema().names))
+            stats = catalog_prepass(ds.rename_columns(mapping) if mapping else ds, tok.config)
             prepass = stats.to_dict()
             model_range = (tok.catalog_stats_.get("n_min"), tok.catalog_stats_.get("n_max"))
             log.info("pre-pass: %s; model trained on N_min/N_max %s", prepass, model_range)
-        elif job.refit:
-            raise ValueError("--refit is for ADC-SID models; baselines are re-fitted in-process")
         model_uri = job.model
         if job.refit:
+            import dataclasses
+
             from sidserve.train_job import TrainJobConfig, fit_distributed
 
             model_uri = job.refit_output or f"{job.model.rstrip('/')}-refit-{time.strftime('%Y%m%d-%H%M%S')}"
-            cfg = tok.config.replace(epochs=job.refit_epochs) if job.refit_epochs else tok.config
+            cfg = tok.config
+            if job.refit_epochs:
+                if not any(f.name == "epochs" for f in dataclasses.fields(cfg)):
+                    raise ValueError(f"--refit-epochs: a {tok.tokenizer_type} model has no epochs")
+                cfg = dataclasses.replace(cfg, epochs=job.refit_epochs)
+            # ADC-SID continues from the current weights; a baseline is fitted anew with its config
             fit_distributed(TrainJobConfig(output=model_uri, items=job.items, tokenizer=cfg,
-                                           num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                           init_model=job.model))
+                                           tokenizer_type=tok.tokenizer_type, columns=dict(columns),
+                                           sample_size=job.sample_size, num_workers=job.num_workers,
+                                           use_gpu=job.use_gpu, init_model=job.model if adc else None))
         summary = run_assignment(AssignJobConfig(items=job.items, model=model_uri, output=job.output,
                                                  num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                                 rows_per_partition=job.rows_per_partition))
+                                                 rows_per_partition=job.rows_per_partition,
+                                                 columns=job.columns))
         summary["prepass"] = prepass
         summary["refit_model"] = model_uri if job.refit else None
         summary["duration_s"] = time.perf_counter() - t0
@@ -125,14 +138,17 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
 
 
 def run_cli(args) -> int:
-    """jobs/refresh.py: run the refresh (exit code 2 on bad input)."""
+    """``sidserve refresh`` / jobs/refresh.py: run the refresh (exit code 2 on bad input)."""
     from sidserve.cli import run_job
+    from sidserve.inputs import parse_columns
 
     def body():
         s = run_refresh(RefreshJobConfig(
             items=args.items, model=args.model, output=args.output, refit=args.refit,
             refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
-            use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition, pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
+            use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
+            columns=parse_columns(args.column) or None, sample_size=args.sample_size,
+            pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
               f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common "

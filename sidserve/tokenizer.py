@@ -46,6 +46,7 @@ LEGACY_BUFFERS = ("richness_quantiles", "recon_scale")
 
 class SemanticIdTokenizer(BaseTokenizer):
     tokenizer_type = "adc-sid"
+    config_class = TokenizerConfig
 
     def __init__(self, config: TokenizerConfig | None = None):
         self.config = config if config is not None else TokenizerConfig()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import yaml
@@ -50,7 +51,15 @@ STATE_FILE = "train_state.pt"
 class TrainJobConfig:
     output: str  # artifact directory or URI
     items: str | None = None  # Parquet file/dir/URI; None = built-in synthetic demo catalog
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # a config object is used as given (its input dims checked against the data); a mapping of
+    # config fields (YAML + flags) or None is completed from the data: modality_dims and
+    # behavior_dim (and a baseline's use_behavior) from the input's <modality>_emb columns
+    tokenizer: Any = None
+    tokenizer_type: str = "adc-sid"  # adc-sid | rq-kmeans | rq-vae | opq
+    columns: dict[str, str] = field(default_factory=dict)  # modality -> input column, when not <m>_emb
+    # baselines (rq-kmeans, opq, rq-vae) are fitted on one uniform sample of the cleaned catalog
+    # of at most this many rows, streamed from the input (k-means needs ~K x 256 points per level)
+    sample_size: int = 200_000
     num_workers: int = 2  # Ray Train workers (data-parallel)
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float | None = None  # CPUs per worker; None: 1, or less on a small cluster
@@ -77,17 +86,33 @@ class TrainJobConfig:
         return path if "://" in path else os.path.abspath(path)
 
 
-def load_tokenizer_config(path: str | None, **overrides) -> TokenizerConfig:
-    """A YAML file of TokenizerConfig fields (unknown keys are errors) + CLI overrides."""
+def load_config_options(path: str | None, kind: str = "adc-sid", **overrides) -> dict[str, Any]:
+    """A YAML file of config fields + flag overrides -> a mapping of the ``kind`` tokenizer's
+    config fields (unknown keys are errors naming them; the input fields may be absent)."""
+    import dataclasses
+
+    from sidserve.base import tokenizer_class
+
     data: dict[str, Any] = {}
     if path:
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the config must be a mapping of TokenizerConfig fields")
+            raise ValueError(f"{path}: the config must be a mapping of config fields")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return TokenizerConfig.from_dict(data)
+    config_class = tokenizer_class(kind).config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    data.update({k: v for k, v in overrides.items() if v is not None})  # flags win over the YAML
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind} config key(s) {unknown}{' in ' + path if path else ''}; "
+                         f"known keys: {sorted(known)}")
+    return data
+
+
+def load_tokenizer_config(path: str | None, **overrides) -> TokenizerConfig:
+    """A YAML file of TokenizerConfig fields (unknown keys are errors) + CLI overrides."""
+    return TokenizerConfig.from_dict(load_config_options(path, "adc-sid", **overrides))
 
 
 # collectives -----------------------------------------------------------------------
@@ -459,18 +484,71 @@ def _check_resources(job: TrainJobConfig) -> None:
         )
 
 
+def demo_catalog(job: TrainJobConfig):
+    """The built-in synthetic catalog, with the dimensions the job's config names (or the defaults)."""
+    from sidserve.synthetic import make_synthetic_catalog
+
+    t = job.tokenizer
+    given = (t if isinstance(t, dict) else vars(t)) if t is not None else {}
+    default = TokenizerConfig()
+    return make_synthetic_catalog(job.demo_items, modality_dims=given.get("modality_dims", default.modality_dims),
+                                  behavior_dim=given.get("behavior_dim", default.behavior_dim),
+                                  seed=given.get("seed", default.seed))
+
+
 def _read_items(job: TrainJobConfig):
     import ray.data
 
     if job.items:
         return ray.data.read_parquet(job.items)
-    from sidserve.synthetic import make_synthetic_catalog
-
-    t = job.tokenizer
-    table = make_synthetic_catalog(job.demo_items, modality_dims=t.modality_dims,
-                                   behavior_dim=t.behavior_dim, seed=t.seed)
+    table = demo_catalog(job)
     step = max(1, table.num_rows // 8)
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+
+def resolve_inputs(job: TrainJobConfig, ds):
+    """Rename mapped columns, find the inputs in the data and complete/check the config.
+
+    -> (dataset with standard column names, validated config, InputSpec, inferred field names).
+    """
+    from sidserve.base import tokenizer_class
+    from sidserve.inputs import PEEK_ROWS, check_config, infer_inputs, reconcile, renames
+
+    schema = ds.schema()
+    if schema is None:
+        raise ValueError("the input has no rows (empty dataset)")
+    mapping = renames(job.columns, list(schema.names))
+    if mapping:
+        ds = ds.rename_columns(mapping)
+    schema = ds.schema().base_schema
+    peek = None
+    if any(f.name.endswith("_emb") and not isinstance(f.type, pa.FixedSizeListType) for f in schema):
+        import ray
+
+        blocks = [t for t in ray.get(ds.limit(PEEK_ROWS).to_arrow_refs()) if t.num_rows]
+        if not blocks:
+            raise ValueError("the input has no rows")
+        peek = pa.concat_tables(blocks)
+    spec = infer_inputs(schema, peek, job.columns)
+    config_class = tokenizer_class(job.tokenizer_type).config_class
+    if job.tokenizer is None or isinstance(job.tokenizer, dict):
+        options, inferred = reconcile(job.tokenizer, spec)
+        if job.tokenizer_type != "adc-sid" and "use_behavior" not in options:
+            # a behavior-aware baseline when the catalog has behavior (what docs/evaluation.md measures)
+            options["use_behavior"] = options.get("behavior_dim") is not None
+            inferred.append("use_behavior")
+        config = config_class.from_dict(options)
+    else:
+        if not isinstance(job.tokenizer, config_class):
+            raise ValueError(f"tokenizer_type {job.tokenizer_type!r} takes a {config_class.__name__}, "
+                             f"got a {type(job.tokenizer).__name__}")
+        check_config(job.tokenizer, spec)
+        config, inferred = job.tokenizer.validate(), []
+    if inferred:
+        log.info("inputs inferred from the data: %s", {k: getattr(config, k) for k in inferred})
+        print("[sidserve] inputs from the data: " + ", ".join(f"{k}={getattr(config, k)}" for k in inferred)
+              + (f" (columns {job.columns})" if job.columns else ""), flush=True)
+    return ds, config, spec, inferred
 
 
 def _kmeans_sample(clean_ds, stats: CatalogStats, config: TokenizerConfig) -> dict[str, np.ndarray]:
@@ -491,30 +569,36 @@ def fit_distributed(job: TrainJobConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from sidserve.base import tokenizer_class
     from sidserve.tokenizer import SemanticIdTokenizer
 
-    tcfg = job.tokenizer.validate()
+    tokenizer_class(job.tokenizer_type)  # an unknown type fails before anything starts
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
     if not ray.is_initialized():
         ray.init()
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-    _check_resources(job)
     name, storage = job.name, job.storage()
-    run_dir = os.path.join(storage, name)
-    if "://" not in storage and os.path.exists(run_dir) and not job.resume:
-        raise ValueError(
-            f"a run named {name!r} already exists in {storage}; pass --resume to continue it "
-            "or --name to start a new one"
-        )
-    if job.resume and "://" not in storage and not os.path.exists(run_dir):
-        raise ValueError(f"--resume: no run named {name!r} in {storage}")
-
-    print(f"[sidserve] run {name!r} in {storage} (resume with --name {name} --resume): "
-          f"{job.num_workers} workers x {job.cpus_per_worker:g} CPU{' + 1 GPU' if job.use_gpu else ''}",
-          flush=True)
+    if job.tokenizer_type == "adc-sid":
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+        _check_resources(job)
+        run_dir = os.path.join(storage, name)
+        if "://" not in storage and os.path.exists(run_dir) and not job.resume:
+            raise ValueError(
+                f"a run named {name!r} already exists in {storage}; pass --resume to continue it "
+                "or --name to start a new one"
+            )
+        if job.resume and "://" not in storage and not os.path.exists(run_dir):
+            raise ValueError(f"--resume: no run named {name!r} in {storage}")
+        print(f"[sidserve] run {name!r} in {storage} (resume with --name {name} --resume): "
+              f"{job.num_workers} workers x {job.cpus_per_worker:g} CPU{' + 1 GPU' if job.use_gpu else ''}",
+              flush=True)
     t0 = time.perf_counter()
-    ds = _read_items(job)
+    ds, tcfg, spec, inferred = resolve_inputs(job, _read_items(job))
+    inputs = {"columns": dict(job.columns), "inferred": inferred}
+    if job.tokenizer_type != "adc-sid":
+        from sidserve.baseline_job import fit_sampled
+
+        return fit_sampled(job, ds, tcfg, inputs, t0)
     stats = catalog_prepass(ds, tcfg)
     print(f"[sidserve] pre-pass: {stats.num_rows} rows, {stats.num_valid} usable, "
           f"{sum(stats.skipped.values())} skipped {stats.skipped or ''}, "
@@ -579,6 +663,7 @@ def fit_distributed(job: TrainJobConfig):
     tok = SemanticIdTokenizer.from_model(model, {**catalog, "n_min": stats.n_min, "n_max": stats.n_max},
                                          history)
     tok.stats_["fit_metrics"] = final
+    tok.inputs_ = inputs
     metrics = {
         "catalog": catalog,
         "epochs": history,
@@ -599,28 +684,30 @@ def fit_distributed(job: TrainJobConfig):
 
 
 def run_cli(args) -> int:
-    """jobs/train.py: build the job from parsed flags and run it (exit code 2 on bad input)."""
+    """``sidserve train`` / jobs/train.py: build the job from parsed flags and run it (exit code 2
+    on bad input)."""
     from sidserve.cli import run_job
+    from sidserve.inputs import parse_columns
 
     def body():
         job = TrainJobConfig(
-            output=args.output, items=args.items,
-            tokenizer=load_tokenizer_config(args.config, epochs=args.epochs, batch_size=args.batch_size),
+            output=args.output, items=args.items, tokenizer_type=args.tokenizer,
+            tokenizer=load_config_options(args.config, args.tokenizer, epochs=args.epochs,
+                                          batch_size=args.batch_size),
+            columns=parse_columns(args.column), sample_size=args.sample_size,
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=args.name, resume=args.resume,
             max_failures=args.max_failures, demo_items=args.demo_items,
         )
         tok, version, metrics = fit_distributed(job)
         if job.items is None:  # the demo: show what the artifact gives a few items
-            from sidserve.synthetic import make_synthetic_catalog
+            from sidserve.base import load_tokenizer
 
-            t = job.tokenizer
-            items = make_synthetic_catalog(job.demo_items, modality_dims=t.modality_dims,
-                                           behavior_dim=t.behavior_dim, seed=t.seed).slice(0, 40)
-            enc = type(tok).from_pretrained(job.output).encode(items)
+            items = demo_catalog(job).slice(0, 40)
+            enc = load_tokenizer(job.output).encode(items)
             rows = list(range(3)) + [int(i) for i in np.flatnonzero(enc.path == "content_only")[:1]]
             print("[sidserve] SIDs of demo items (layout: " +
-                  ", ".join(f"{e['group']}{e['index']}" for e in t.sid_layout) + "):")
+                  ", ".join(f"{e['group']}{e['index']}" for e in tok.sid_layout) + "):")
             for i in rows:
                 print(f"    {enc.item_id[i]}  sid={enc.sid_str[i]:<22} path={enc.path[i]:<12} "
                       f"behavior_weights={[round(float(w), 3) for w in enc.behavior_weights[i]]}")

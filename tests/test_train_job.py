@@ -168,7 +168,7 @@ def _bad(tmp_path, table):
 
 def test_missing_column(ray_session, catalog, tmp_path):
     ray_session()
-    with pytest.raises(ValueError, match=r"missing required column\(s\) \['image_emb'\]"):
+    with pytest.raises(ValueError, match=r"modality_dims names 'image' but the input has no 'image_emb' column"):
         fit_distributed(job(tmp_path, _bad(tmp_path, catalog.drop_columns(["image_emb"]))))
 
 
@@ -176,8 +176,14 @@ def test_wrong_dims(ray_session, catalog, tmp_path):
     ray_session()
     t = catalog.set_column(catalog.schema.get_field_index("text_emb"), "text_emb",
                            embedding_array(np.ones((catalog.num_rows, 5))))
-    with pytest.raises(ValueError, match=r"wrong dimension \(text_emb: 3000 row\(s\), expected dim 16\)"):
+    # every row 5-d: the config contradicts the data, and the error names both
+    with pytest.raises(ValueError, match=r"modality_dims\['text'\]=16 contradicts the input, whose 'text_emb' "
+                                         r"holds 5-d vectors"):
         fit_distributed(job(tmp_path, _bad(tmp_path, t)))
+    # some rows 5-d: the pre-pass counts them and names one
+    mixed = pa.concat_tables([catalog.slice(0, 100), t.slice(100)])
+    with pytest.raises(ValueError, match=r"wrong dimension \(text_emb: 2900 row\(s\), expected dim 16\)"):
+        fit_distributed(job(tmp_path, write_shards(mixed, tmp_path / "mixed", 1)))
 
 
 def test_all_null_behavior(ray_session, catalog, tmp_path):

@@ -70,8 +70,32 @@ class BaselineTokenizer(BaseTokenizer):
     config_class = BaselineConfig
     group = "level"  # sid_layout group name
 
+    device_ = "cpu"  # where encode (and fit) compute; ``to(device)`` moves it
+
     def __init__(self, config: BaselineConfig | None = None):
         self.config = config if config is not None else self.config_class()
+
+    def to(self, device) -> "BaselineTokenizer":
+        """Compute on ``device`` ('cpu', 'cuda', 'cuda:1', ...): nearest-centroid search in torch
+        on that GPU, k-means training on faiss-gpu, RQ-VAE's network on the device. Works before
+        fit (to fit on the GPU) and after it (to encode there)."""
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device on this machine")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+        self.device_ = str(dev)
+        self._moved(dev)
+        return self
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_.startswith("cuda")
+
+    def _moved(self, device) -> None:
+        """Subclasses with device state (torch modules) move it here."""
 
     # subclasses implement --------------------------------------------------------
     def _fit_features(self, x: np.ndarray) -> None:

@@ -8,12 +8,16 @@ need K = 2^nbits; the paper's K = 100 is not, hence this small loop over faiss k
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from sidserve.baselines.common import BaselineConfig, BaselineTokenizer
 from sidserve.baselines.rqkmeans import kmeans, nearest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +45,8 @@ class OPQTokenizer(BaselineTokenizer):
         """y (N, D') rotated -> (codes (N, L), y_hat (N, D'))."""
         L = self.config.num_levels
         d = y.shape[1] // L
-        codes = np.stack([nearest(y[:, m * d:(m + 1) * d], centroids[m]) for m in range(L)], axis=1)
+        codes = np.stack([nearest(y[:, m * d:(m + 1) * d], centroids[m], self.device_) for m in range(L)],
+                         axis=1)
         y_hat = np.concatenate([centroids[m][codes[:, m]] for m in range(L)], axis=1)
         return codes, y_hat
 
@@ -53,15 +58,18 @@ class OPQTokenizer(BaselineTokenizer):
         rotation = np.eye(D, dtype=np.float32)
         centroids = None
         for it in range(c.opq_iters + 1):
+            t0 = time.perf_counter()
             y = x @ rotation
             centroids = np.stack([
-                kmeans(y[:, m * d:(m + 1) * d], c.codebook_size, niter=c.kmeans_iters, seed=c.seed + m,
+                kmeans(y[:, m * d:(m + 1) * d], c.codebook_size, niter=c.kmeans_iters, seed=c.seed + m, gpu=self.on_gpu,
                        init=None if centroids is None else centroids[m])
                 for m in range(L)
             ])
             if it == c.opq_iters:
                 break
             _, y_hat = self._quantize(y, centroids)
+            log.info("opq iteration %d/%d: distortion %.4f, %.0f items/s", it + 1, c.opq_iters,
+                     float(((y - y_hat) ** 2).sum(1).mean()), x.shape[0] / max(time.perf_counter() - t0, 1e-9))
             u, _, vt = np.linalg.svd(x.T.astype(np.float64) @ y_hat.astype(np.float64))
             rotation = (u @ vt).astype(np.float32)
         self.rotation_, self.centroids_ = rotation, centroids

@@ -4,6 +4,8 @@ restarts, as in TIGER's implementation notes."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,8 @@ from torch import nn
 from sidserve.baselines.common import BaselineConfig, BaselineTokenizer
 from sidserve.baselines.rqkmeans import kmeans
 from sidserve.model.experts import MLP
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,8 +83,8 @@ class RQVAETokenizer(BaselineTokenizer):
         c = self.config
         residual = model.encoder(x)
         for level in range(c.num_levels):
-            cent = torch.from_numpy(kmeans(residual.numpy(), c.codebook_size, niter=c.kmeans_iters,
-                                           seed=c.seed + level))
+            cent = torch.from_numpy(kmeans(residual.cpu().numpy(), c.codebook_size, niter=c.kmeans_iters,
+                                           seed=c.seed + level, gpu=self.on_gpu)).to(residual.device)
             model.codebooks.data[level] = cent
             residual = residual - cent[torch.cdist(residual, cent).argmin(-1)]
 
@@ -89,14 +93,15 @@ class RQVAETokenizer(BaselineTokenizer):
         torch.manual_seed(c.seed)
         rng = np.random.default_rng(c.seed)
         gen = torch.Generator().manual_seed(c.seed)
-        model = RQVAE(c)
-        xt = torch.from_numpy(x)
+        model = RQVAE(c).to(self.device_)
+        xt = torch.from_numpy(x).to(self.device_)
         self._kmeans_init(model, xt[torch.from_numpy(rng.permutation(len(x))[:20000])])
         opt = torch.optim.AdamW(model.parameters(), lr=c.lr)
         step = 0
         model.train()
-        for _ in range(c.epochs):
-            order = torch.from_numpy(rng.permutation(len(x)))
+        for epoch in range(c.epochs):
+            t0, total, steps = time.perf_counter(), 0.0, 0
+            order = torch.from_numpy(rng.permutation(len(x))).to(self.device_)
             for start in range(0, len(x), c.batch_size):
                 batch = xt[order[start:start + c.batch_size]]  # (B, D)
                 x_hat, codes, residuals, vq = model(batch)
@@ -105,8 +110,13 @@ class RQVAETokenizer(BaselineTokenizer):
                 loss.backward()
                 opt.step()
                 step += 1
+                steps += 1
+                total += loss.detach()  # summed on the device: no sync per step
                 if step % c.restart_every == 0:
                     self._restart(model, residuals, gen)
+            dt = time.perf_counter() - t0
+            log.info("rq-vae epoch %d/%d: loss %.5f, %.0f items/s", epoch + 1, c.epochs, float(total) / max(steps, 1),
+                     len(x) / max(dt, 1e-9))
         self.model_ = model.eval()
 
     @torch.no_grad()
@@ -116,26 +126,30 @@ class RQVAETokenizer(BaselineTokenizer):
             usage = model.usage[level]
             dead = torch.nonzero(usage < c.dead_code_threshold * usage.sum() / c.codebook_size).flatten()
             if dead.numel():
-                pick = torch.randint(0, residuals[level].shape[0], (dead.numel(),), generator=gen)
+                pick = torch.randint(0, residuals[level].shape[0], (dead.numel(),), generator=gen).to(dead.device)
                 model.codebooks.data[level, dead] = residuals[level][pick]
         model.usage.zero_()
 
     @torch.no_grad()
     def _encode_features(self, x):
         self.model_.eval()
-        out = [self.model_.quantize(self.model_.encoder(torch.from_numpy(x[s:s + 8192])))[1]
+        out = [self.model_.quantize(self.model_.encoder(torch.from_numpy(x[s:s + 8192]).to(self.device_)))[1].cpu()
                for s in range(0, len(x), 8192)]
         return torch.cat(out).numpy()
 
     @torch.no_grad()
     def _decode_codes(self, codes, x=None):
         c = self.config
-        ct = torch.from_numpy(codes)
+        ct = torch.from_numpy(codes).to(self.device_)
         z_q = sum(self.model_.codebooks[level][ct[:, level]] for level in range(c.num_levels))
-        return self.model_.decoder(z_q).numpy()
+        return self.model_.decoder(z_q).cpu().numpy()
+
+    def _moved(self, device) -> None:
+        if getattr(self, "model_", None) is not None:
+            self.model_.to(device)
 
     def _tensors(self):
-        return {k: v.detach().numpy() for k, v in self.model_.state_dict().items()}
+        return {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
 
     def _load_tensors(self, tensors):
         model = RQVAE(self.config)

@@ -203,14 +203,23 @@ class Evaluation:
         else:
             _atomic_json(p, key)
 
+    def planned_stages(self) -> int:
+        """Upper bound on the stages of a run: text embeddings, the SASRec variants, one fit per
+        tokenizer, and SID-SASRec + retrieval + ranking per tokenizer and seed."""
+        variants = len(set(self.c.sasrec_variants) | {EMBEDDING_SOURCE[self.c.behavior_embedding][0]})
+        return 1 + variants + len(self.c.tokenizers) * (1 + 3 * len(self.c.seeds))
+
     def _stage(self, name: str, done: str, fn):
         """Run ``fn`` unless its final file ``done`` exists; time it. ``fn`` returns the
         dict written to ``done`` (its run time is added as ``stage_seconds``)."""
+        self._stages_seen = getattr(self, "_stages_seen", 0) + 1
+        # progress: stage k of at most N (ablations past their first seed only when close to ADC-SID)
+        at = f"[{self._stages_seen}/{self.planned_stages()}]"
         if os.path.exists(done):
-            log.info("stage %s: cached (%s)", name, done)
+            log.info("%s stage %s: cached (%s)", at, name, done)
             return
         t0 = time.perf_counter()
-        log.info("stage %s ...", name)
+        log.info("%s stage %s ...", at, name)
         result = fn()
         dt = time.perf_counter() - t0
         if result is not None:
@@ -423,8 +432,9 @@ def run_cli(args, command: str = "") -> int:
     from sidserve.cli import run_job
 
     def body():
-        tokenizers = [t.strip() for t in args.tokenizers.split(",") if t.strip()]
-        kw = dict(tokenizers=tokenizers, command=command)
+        kw = dict(command=command)
+        if args.tokenizers is not None:
+            kw["tokenizers"] = [t.strip() for t in args.tokenizers.split(",") if t.strip()]
         if args.seeds is not None:
             try:
                 kw["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
