@@ -63,7 +63,7 @@ def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
         import psutil
         import ray
 
-        from sidserve.assign_job import AssignJobConfig, run_assignment
+        from sidserve.jobs.assign import AssignJobConfig, run_assignment
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         peak = {}

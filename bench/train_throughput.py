@@ -39,8 +39,8 @@ def peak_rss_mib() -> float:
 def step_vs_forward(config, items, reps: int) -> dict:
     """Median seconds of forward (train mode, all losses) and of a full train_step."""
     from sidserve.items import coerce_items
-    from sidserve.model import ADCSIDModel
-    from sidserve.training import (
+    from sidserve.tokenizers.adc_sid.model import ADCSIDModel
+    from sidserve.tokenizers.adc_sid.training import (
         TrainState,
         compute_catalog_stats,
         init_codebooks,
@@ -85,7 +85,7 @@ def main() -> None:
     import ray
 
     from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
-    from sidserve.train_job import TrainJobConfig, fit_distributed
+    from sidserve.jobs.train import TrainJobConfig, fit_distributed
 
     config = TokenizerConfig(epochs=args.epochs, batch_size=args.batch_size)
     items = make_synthetic_catalog(args.items, seed=0)

@@ -15,10 +15,10 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BaseTokenizer": "sidserve.base", "Encoding": "sidserve.base", "NotFittedError": "sidserve.base",
-    "load_tokenizer": "sidserve.base", "TokenizerConfig": "sidserve.config",
-    "alignment_strength": "sidserve.model.controller", "make_synthetic_catalog": "sidserve.synthetic",
-    "SemanticIdTokenizer": "sidserve.tokenizer",
+    "BaseTokenizer": "sidserve.tokenizers.base", "Encoding": "sidserve.tokenizers.base", "NotFittedError": "sidserve.tokenizers.base",
+    "load_tokenizer": "sidserve.tokenizers.registry", "TokenizerConfig": "sidserve.config",
+    "alignment_strength": "sidserve.tokenizers.adc_sid.model.controller", "make_synthetic_catalog": "sidserve.synthetic",
+    "SemanticIdTokenizer": "sidserve.tokenizers.adc_sid.tokenizer",
 }
 __all__ = list(_EXPORTS)
 

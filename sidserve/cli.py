@@ -83,51 +83,49 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from sidserve.train_job import run_cli
+    from sidserve.jobs.train import run_cli
 
     return run_cli(args)
 
 
 # ---- assign / refresh ------------------------------------------------------------------
 
-def add_assign_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--items", required=True, help="catalog Parquet file/dir or URI")
-    p.add_argument("--model", required=True, help="tokenizer artifact dir or URI (any tokenizer)")
+def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: str) -> None:
+    """What assign and refresh share: the catalog, the model, the snapshot root, the scale."""
+    p.add_argument("--items", required=True, help=items_help)
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--output", required=True, help="snapshot root dir or URI")
     p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
                    help="read MODALITY from COLUMN (default: the mapping the model was fitted with)")
-    p.add_argument("--num-workers", type=int, default=2, help="encoder actors")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per encode call")
+    p.add_argument("--num-workers", type=int, default=2, help="encoder actors (refresh: and re-fit trainers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor (refresh: and per trainer)")
     p.add_argument("--rows-per-partition", type=int, default=100_000,
                    help="rows per grouping task (bounds its memory; fewer, larger partitions write fewer files)")
 
 
+def add_assign_args(p: argparse.ArgumentParser) -> None:
+    _add_snapshot_args(p, "catalog Parquet file/dir or URI", "tokenizer artifact dir or URI (any tokenizer)")
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per encode call")
+
+
 def assign(args: argparse.Namespace) -> int:
-    from sidserve.assign_job import run_cli
+    from sidserve.jobs.assign import run_cli
 
     return run_cli(args)
 
 
 def add_refresh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--items", required=True, help="tonight's catalog: Parquet file/dir or URI")
-    p.add_argument("--model", required=True, help="current tokenizer artifact (any tokenizer)")
-    p.add_argument("--output", required=True, help="snapshot root dir or URI")
+    _add_snapshot_args(p, "tonight's catalog: Parquet file/dir or URI", "current tokenizer artifact (any tokenizer)")
     p.add_argument("--refit", action="store_true",
                    help="re-fit first: ADC-SID warm-started from --model, a baseline from scratch with its config")
     p.add_argument("--refit-output", help="artifact of the re-fitted model (default: <model>-refit-<time>)")
     p.add_argument("--refit-epochs", type=int, help="epochs of the re-fit (default: the model's)")
-    p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
-                   help="read MODALITY from COLUMN (default: the mapping the model was fitted with)")
     p.add_argument("--sample-size", type=int, default=200_000, help="baselines: rows the re-fit samples")
-    p.add_argument("--num-workers", type=int, default=2, help="trainers (re-fit) and encoder actors")
-    p.add_argument("--use-gpu", action="store_true", help="GPUs for the re-fit and the encoders")
-    p.add_argument("--rows-per-partition", type=int, default=100_000, help="rows per grouping task of the assignment")
     p.add_argument("--pushgateway", help="host:port of a Pushgateway (default: $SIDSERVE_PUSHGATEWAY)")
 
 
 def refresh(args: argparse.Namespace) -> int:
-    from sidserve.refresh_job import run_cli
+    from sidserve.jobs.refresh import run_cli
 
     return run_cli(args)
 
@@ -150,13 +148,13 @@ def serve(args: argparse.Namespace) -> int:
     user_config = {"model_uri": args.model, "snapshot_root": args.snapshot,
                    "snapshot_poll_s": args.snapshot_poll_s}
     if args.local:
-        from sidserve.service.local import serve_local
+        from sidserve.serving.local import serve_local
 
         return run_job(lambda: serve_local(user_config, args.host, args.port))
     import ray
     from ray import serve as ray_serve
 
-    from sidserve.service.deployment import SidServe
+    from sidserve.serving.deployment import SidServe
 
     ray.init(address=args.address)
     ray_serve.start(http_options={"host": args.host, "port": args.port})

@@ -30,8 +30,24 @@ def config_from_dict(cls, data: dict[str, Any]):
     return cls(**data).validate()
 
 
+class ModalityInputs:
+    """What every tokenizer config says about its inputs, from its ``modality_dims`` and
+    ``behavior_dim`` fields (ADC-SID's and the baselines' configs share it)."""
+
+    modality_dims: dict[str, int]
+    behavior_dim: int | None
+
+    @property
+    def content_modalities(self) -> list[str]:
+        return list(self.modality_dims)
+
+    @property
+    def has_behavior(self) -> bool:
+        return self.behavior_dim is not None
+
+
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(ModalityInputs):
     # ---- inputs --------------------------------------------------------------------
     # content modality -> embedding dim; any non-empty set, order fixes the SID layout
     modality_dims: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 32})
@@ -51,7 +67,7 @@ class TokenizerConfig:
 
     # ---- alignment (eq. 15-21) -------------------------------------------------------
     # how N_norm (eq. 16) is computed from ||e_b||: "minmax" (eq. 16) or "quantile" (the
-    # norm's rank in the catalog, from stored quantiles; sidserve/model/controller.py)
+    # norm's rank in the catalog, from stored quantiles; sidserve/tokenizers/adc_sid/model/controller.py)
     richness_normalization: str = "quantile"
     # what measures an item's behavioral richness: "norm" (||e_b||, the paper's proxy) or
     # "popularity" (log(1 + the catalog's `popularity` column), what the norm stands in for;
@@ -119,7 +135,7 @@ class TokenizerConfig:
     use_behavior_gate: bool = True  # False: R(e_b) = 1 (equal-weight behavioral SIDs)
     use_sparsity: bool = True  # False: no L_reg
 
-    # ---- collision regulation (AdaSID-style, issue 8; sidserve/regulation.py) ----------
+    # ---- collision regulation (AdaSID-style, issue 8; sidserve/tokenizers/adc_sid/regulation/pairs.py) ----------
     # off: no regulation; adaptive: w = (1 - compat) * load * schedule per overlap;
     # static: the same repulsion with w = 1 for every overlap (the baseline)
     collision_regulation: str = "off"
@@ -144,14 +160,6 @@ class TokenizerConfig:
     seed: int = 0  # seeds init, shuffling, dropout and restarts
 
     # ----------------------------------------------------------------------------
-    @property
-    def content_modalities(self) -> list[str]:
-        return list(self.modality_dims)
-
-    @property
-    def has_behavior(self) -> bool:
-        return self.behavior_dim is not None
-
     @property
     def sid_layout(self) -> list[dict[str, Any]]:
         """One entry per SID position: which expert (group, index) produced it."""

@@ -33,11 +33,11 @@ def _post(url: str, body: dict) -> dict:
 
 
 def serve_config_text() -> str:
-    """deploy/serve.yaml, as the package carries it (sidserve/service/serve.yaml; deploy/serve.yaml
+    """deploy/serve.yaml, as the package carries it (sidserve/serving/serve.yaml; deploy/serve.yaml
     links to it), so `sidserve demo` works from an installed wheel too."""
     from importlib.resources import files
 
-    return files("sidserve.service").joinpath("serve.yaml").read_text()
+    return files("sidserve.serving").joinpath("serve.yaml").read_text()
 
 
 def _deploy(port: int, user_config: dict) -> None:
@@ -62,10 +62,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from sidserve.assign_job import AssignJobConfig, run_assignment
     from sidserve.config import TokenizerConfig
+    from sidserve.jobs.assign import AssignJobConfig, run_assignment
+    from sidserve.jobs.train import TrainJobConfig, fit_distributed
     from sidserve.synthetic import make_synthetic_catalog
-    from sidserve.train_job import TrainJobConfig, fit_distributed
 
     out = os.path.abspath(cfg.output)
     paths = {k: os.path.join(out, k) for k in ("catalog", "model", "checkpoints", "snapshots")}

@@ -19,27 +19,63 @@ def _check_codes(codes: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _position_counts(codes: np.ndarray, codebook_size: int) -> list[np.ndarray]:
-    counts = []
-    for j in range(codes.shape[1]):
-        col = codes[:, j]
-        col = col[(col >= 0) & (col < codebook_size)]  # drop missing-behavior codes
-        counts.append(np.bincount(col, minlength=codebook_size)[:codebook_size])
-    return counts
+class CodeCounter:
+    """Streaming counts of the codes at each SID position: ``add`` batch by batch, ``merge``
+    counters of other workers or tasks, then entropy and utilisation. The one place these
+    statistics are computed (fit, the Ray Train job, the assignment job, regulation).
+
+    counts: (L, K) int64; codes outside [0, K) (``missing_code`` at behavioral positions of
+    content-only items) are not counted.
+    """
+
+    def __init__(self, sid_length: int, codebook_size: int, counts: np.ndarray | None = None):
+        self.codebook_size = int(codebook_size)
+        self.counts = np.zeros((sid_length, codebook_size), np.int64) if counts is None else \
+            np.asarray(counts, dtype=np.int64).reshape(sid_length, codebook_size)
+
+    def add(self, codes: np.ndarray) -> "CodeCounter":
+        codes = _check_codes(codes)
+        if codes.shape[1] != self.counts.shape[0]:
+            raise ValueError(f"codes have {codes.shape[1]} positions, the counter {self.counts.shape[0]}")
+        K = self.codebook_size
+        for j in range(codes.shape[1]):
+            col = codes[:, j]
+            self.counts[j] += np.bincount(col[(col >= 0) & (col < K)], minlength=K)[:K]
+        return self
+
+    def merge(self, other: "CodeCounter") -> "CodeCounter":
+        self.counts += other.counts
+        return self
+
+    def entropy_per_position(self) -> np.ndarray:
+        """(L,) token-distribution entropy, natural log; max ln(K)."""
+        out = []
+        for c in self.counts:
+            p = c[c > 0] / max(c.sum(), 1)
+            out.append(float(-(p * np.log(p)).sum()) if p.size else 0.0)
+        return np.array(out)
+
+    def utilisation_per_position(self) -> np.ndarray:
+        """(L,) share of the K codewords used at least once."""
+        return (self.counts > 0).sum(axis=1) / self.codebook_size
+
+    def report(self) -> dict:
+        ent, util = self.entropy_per_position(), self.utilisation_per_position()
+        return {"entropy_per_position": ent.tolist(), "entropy_mean": float(ent.mean()) if ent.size else 0.0,
+                "utilisation_per_position": util.tolist(),
+                "utilisation_mean": float(util.mean()) if util.size else 0.0}
 
 
 def entropy_per_position(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     """(N, L) -> (L,) token-distribution entropy, natural log; max ln(K)."""
-    out = []
-    for c in _position_counts(_check_codes(codes), codebook_size):
-        p = c[c > 0] / max(c.sum(), 1)
-        out.append(float(-(p * np.log(p)).sum()) if p.size else 0.0)
-    return np.array(out)
+    codes = _check_codes(codes)
+    return CodeCounter(codes.shape[1], codebook_size).add(codes).entropy_per_position()
 
 
 def utilisation_per_position(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     """(N, L) -> (L,) share of the K codewords used at least once."""
-    return np.array([(c > 0).sum() / codebook_size for c in _position_counts(_check_codes(codes), codebook_size)])
+    codes = _check_codes(codes)
+    return CodeCounter(codes.shape[1], codebook_size).add(codes).utilisation_per_position()
 
 
 def collision_rate(codes: np.ndarray) -> float:

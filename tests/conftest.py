@@ -183,7 +183,7 @@ def refreshed(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory)
     Data run costs tens of seconds of fixed overhead on 2 CPUs)."""
     import pyarrow.parquet as pq
 
-    from sidserve.refresh_job import RefreshJobConfig, run_refresh
+    from sidserve.jobs.refresh import RefreshJobConfig, run_refresh
 
     ray_session()
     base = tmp_path_factory.mktemp("refreshed")

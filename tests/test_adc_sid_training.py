@@ -10,9 +10,9 @@ import torch
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig
 from sidserve.items import coerce_items
-from sidserve.model.controller import quantile_normalized
 from sidserve.synthetic import make_synthetic_catalog
-from sidserve.training import to_model_input
+from sidserve.tokenizers.adc_sid.model.controller import quantile_normalized
+from sidserve.tokenizers.adc_sid.training import to_model_input
 
 DIMS = {"text": 32, "image": 16}
 FIT = dict(modality_dims=DIMS, behavior_dim=16, codebook_size=16, hidden_dim=32, latent_dim=16,

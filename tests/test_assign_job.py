@@ -8,19 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
-from sidserve.assign_job import (
-    FINAL_SCHEMA,
-    RESOLVED_SCHEMA,
-    AssignJobConfig,
-    assign_dedup,
-    encode_budget,
-    item_parts,
-    partial_stats,
-    reduce_stats,
-    resolve_group,
-    run_assignment,
-    scatter,
-)
+from sidserve.jobs.assign import AssignJobConfig, run_assignment
+from sidserve.jobs.assign.dedup import FINAL_SCHEMA, assign_dedup
+from sidserve.jobs.assign.job import encode_budget
+from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA, resolve_group
+from sidserve.jobs.assign.shuffle import item_parts, scatter
+from sidserve.jobs.assign.stats import partial_stats, reduce_stats
 from sidserve.metrics import churn
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
 
@@ -300,13 +293,19 @@ def test_snapshot_does_not_depend_on_the_partitioning(world, tmp_path):
         assert s[key] == s2[key], key
 
 
-def test_killed_run_leaves_latest_and_reruns_are_deterministic(world):
+def test_killed_run_leaves_latest_and_reruns_are_deterministic(world, monkeypatch):
     root = SnapshotRoot(world["root"])
     before = root.latest()
+
+    def killed(self, version):
+        raise RuntimeError("killed before publishing")
+
     # night 1 again, killed after writing its snapshot and before publishing it
-    with pytest.raises(RuntimeError, match="fail_before_publish"):
+    monkeypatch.setattr(SnapshotRoot, "publish", killed)
+    with pytest.raises(RuntimeError, match="killed before publishing"):
         run_assignment(AssignJobConfig(items=str(world["base"] / "night1"), model=str(world["base"] / "model"),
-                                       output=world["root"], version="zz-partial", fail_before_publish=True))
+                                       output=world["root"], version="zz-partial"))
+    monkeypatch.undo()
     assert root.latest() == before
     assert os.path.isdir(os.path.join(world["root_path"], "snapshots", "zz-partial", "items"))  # written, unread
     assert root.read_items().num_rows == root.read_items(before).num_rows

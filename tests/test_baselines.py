@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from sidserve import load_tokenizer
-from sidserve.baselines import (
+from sidserve.items import coerce_items
+from sidserve.tokenizers.baselines import (
     BaselineConfig,
     OPQConfig,
     OPQTokenizer,
@@ -12,7 +13,6 @@ from sidserve.baselines import (
     RQVAEConfig,
     RQVAETokenizer,
 )
-from sidserve.items import coerce_items
 
 DIMS = {"text": 24, "image": 16}
 
@@ -80,8 +80,8 @@ def test_artifacts_load_in_a_process_that_imported_only_the_loader(baseline, tmp
     import sys
 
     baseline.save_pretrained(tmp_path / "b")
-    code = ("import sys; import sidserve.assign_job, sidserve.snapshot; assert 'torch' not in sys.modules, 'torch'; "
-            "from sidserve.base import load_tokenizer; "
+    code = ("import sys; import sidserve.jobs.assign, sidserve.snapshot; assert 'torch' not in sys.modules, 'torch'; "
+            "from sidserve.tokenizers.registry import load_tokenizer; "
             f"print(type(load_tokenizer({str(tmp_path / 'b')!r})).__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

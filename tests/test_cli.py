@@ -15,10 +15,10 @@ import pytest
 from conftest import free_port
 
 from sidserve import load_tokenizer, make_synthetic_catalog
-from sidserve.base import tokenizer_class
 from sidserve.cli import build_parser, main
 from sidserve.inputs import InputSpec, infer_inputs, parse_columns, reconcile
 from sidserve.snapshot import SnapshotRoot
+from sidserve.tokenizers.registry import tokenizer_class
 
 DIMS = {"text": 20, "image": 12}  # not the defaults (64, 32)
 BEHAVIOR_DIM = 8

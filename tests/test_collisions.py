@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from sidserve.collisions import find_overlaps
 from sidserve.metrics import collision_rate
+from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 
 
 def brute_force(codes, h):
@@ -49,7 +49,7 @@ def test_bad_arguments():
 def test_compatibility_relaxes_near_duplicates_only():
     import torch
 
-    from sidserve.model.collision_reg import compatibility
+    from sidserve.tokenizers.adc_sid.regulation.repulsion import compatibility
 
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, math.sqrt(1 - 0.81)]])  # cos 1, 0, 0.9
@@ -60,7 +60,7 @@ def test_compatibility_relaxes_near_duplicates_only():
 def test_load_factor_and_schedule_by_hand():
     import torch
 
-    from sidserve.model.collision_reg import load_factor, progress_schedule
+    from sidserve.tokenizers.adc_sid.regulation.repulsion import load_factor, progress_schedule
 
     assert load_factor(torch.tensor([1, 2, 6, 100]), expected=2.0, cap=4.0).tolist() == [1.0, 1.0, 3.0, 4.0]
     assert progress_schedule(0.0) == pytest.approx(1.0)
@@ -75,7 +75,7 @@ def test_load_factor_and_schedule_by_hand():
 def test_repulsion_pushes_close_latents_apart_and_ignores_distant_ones():
     import torch
 
-    from sidserve.model.collision_reg import repulsion
+    from sidserve.tokenizers.adc_sid.regulation.repulsion import repulsion
 
     za = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
     zb = torch.tensor([[1.0, 0.1], [-1.0, 0.0]])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sidserve import alignment_strength
-from sidserve.model import (
+from sidserve.tokenizers.adc_sid.model import (
     BehaviorWeightingGate,
     ContentGate,
     SparsityRegularizer,
@@ -17,7 +17,7 @@ from sidserve.model import (
     quantile_normalized,
     target_sparsity,
 )
-from sidserve.model.alignment import alignment_loss
+from sidserve.tokenizers.adc_sid.model.alignment import alignment_loss
 
 
 def sigmoid(x):

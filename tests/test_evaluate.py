@@ -86,7 +86,7 @@ def test_quick_run_writes_a_complete_report(quick_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "LETTER (published SIDs)" in p.stdout
     # the fitted tokenizers are real artifacts
-    from sidserve.base import BaseTokenizer
+    from sidserve.tokenizers.base import BaseTokenizer
     tok = BaseTokenizer.from_pretrained(os.path.join(out, "tokenizers", "adc_sid", "artifact"))
     assert tok.config.codebook_size == 100 and tok.config.sid_length == 6
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sidserve.metrics import (
+    CodeCounter,
     churn,
     collision_rate,
     entropy_per_position,
@@ -50,3 +51,39 @@ def test_churn_rejects_duplicate_ids():
 def test_report_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(N, L\)"):
         quantization_report(np.zeros(3, int), 4)
+
+
+def test_code_counter_streams_merges_and_skips_the_missing_code():
+    rng = np.random.default_rng(0)
+    K, L = 5, 3
+    codes = rng.integers(0, K + 1, size=(400, L))  # K = missing_code at some rows
+    whole = CodeCounter(L, K).add(codes)
+    parts = CodeCounter(L, K).add(codes[:123]).merge(CodeCounter(L, K).add(codes[123:]))
+    assert (whole.counts == parts.counts).all()
+    for j in range(L):  # by hand: counts of 0..K-1, the missing code left out
+        assert whole.counts[j].tolist() == [int((codes[:, j] == k).sum()) for k in range(K)]
+    p = whole.counts[0] / whole.counts[0].sum()
+    assert whole.entropy_per_position()[0] == pytest.approx(float(-(p * np.log(p)).sum()))
+    one = CodeCounter(2, 4).add(np.array([[0, 1], [0, 1], [0, 3]]))
+    assert one.utilisation_per_position().tolist() == [0.25, 0.5]
+    assert one.report()["utilisation_mean"] == pytest.approx(0.375)
+    with pytest.raises(ValueError, match="codes have 3 positions, the counter 2"):
+        one.add(np.zeros((1, 3), int))
+
+
+def test_id_buckets_are_stable_in_range_and_even():
+    import pyarrow as pa
+
+    from sidserve.ids import buckets, hash_codes
+
+    ids = pa.array([f"item-{i:08d}" for i in range(20000)])
+    b = buckets(ids, 7)
+    assert b.min() >= 0 and b.max() < 7 and (buckets(ids, 7) == b).all()
+    assert (buckets(ids.slice(100, 50), 7) == b[100:150]).all()  # a value's bucket, not its row's
+    share = np.bincount(b, minlength=7) / len(b)
+    assert np.abs(share - 1 / 7).max() < 0.01  # sequential ids spread evenly
+    with pytest.raises(ValueError, match="n_buckets must be >= 1"):
+        buckets(ids, 0)
+    codes = np.array([[1, 2, 3], [1, 2, 3], [3, 2, 1]])
+    h = hash_codes(codes)
+    assert h[0] == h[1] and h[0] != h[2]

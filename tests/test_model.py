@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sidserve.config import TokenizerConfig
-from sidserve.model import ADCSIDModel, CosineCodebook, ModelInput
+from sidserve.tokenizers.adc_sid.model import ADCSIDModel, CosineCodebook, ModelInput
 
 
 def make_input(B=8, behavior=True, has=None):

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import load_tokenizer
-from sidserve.refresh_job import RefreshJobConfig, push_failure, run_refresh
+from sidserve.jobs.refresh import RefreshJobConfig, push_failure, run_refresh
 from sidserve.snapshot import SnapshotRoot
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
-from sidserve.collisions import find_overlaps
 from sidserve.items import ItemArrays, coerce_items
-from sidserve.model.adc_sid import ADCSIDModel, ModelOutput
-from sidserve.regulation import (
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel, ModelOutput
+from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
+from sidserve.tokenizers.adc_sid.regulation.pairs import (
     OverlapPlan,
     PairBatch,
     build_pair_set,
@@ -21,7 +21,7 @@ from sidserve.regulation import (
     pair_repulsion,
     plan_overlaps,
 )
-from sidserve.training import TrainState, to_model_input, train_step
+from sidserve.tokenizers.adc_sid.training import TrainState, to_model_input, train_step
 
 CONTENT = dict(modality_dims={"text": 2}, behavior_dim=None, codebook_size=4, num_shared_experts=1,
                num_content_experts=1)
@@ -220,10 +220,15 @@ def test_regulation_separates_incompatible_items_and_keeps_near_duplicates(near_
 def test_distributed_refresh_plans_the_same_pairs_as_the_in_process_fit():
     """The Ray Train job's refresh (SIDs gathered by item_id from shuffled shards) and the
     in-process fit's refresh pick the same pairs with the same weights."""
-    from sidserve.catalog import clean_batch
-    from sidserve.regulation import refresh_pair_set
-    from sidserve.train_job import regulation_refresh
-    from sidserve.training import Sync, assign_codes, compute_catalog_stats, init_codebooks
+    from sidserve.jobs.catalog import clean_batch
+    from sidserve.jobs.train.worker import regulation_refresh
+    from sidserve.tokenizers.adc_sid.regulation.pairs import refresh_pair_set
+    from sidserve.tokenizers.adc_sid.training import (
+        Sync,
+        assign_codes,
+        compute_catalog_stats,
+        init_codebooks,
+    )
 
     c = TokenizerConfig(modality_dims={"text": 16, "image": 8}, behavior_dim=8, num_behavior_experts=1,
                         codebook_size=8, hidden_dim=16, latent_dim=8, expert_hidden_dim=16,

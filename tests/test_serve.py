@@ -90,7 +90,7 @@ def test_serve_yaml_is_a_valid_deploy_config():
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text()))
     app = config.applications[0]
-    assert app.import_path == "sidserve.service.deployment:app" and app.route_prefix == "/"
+    assert app.import_path == "sidserve.serving.deployment:app" and app.route_prefix == "/"
     dep = app.deployments[0]
     assert dep.max_ongoing_requests >= dep.user_config["max_batch_size"]  # or batches never fill
 
@@ -200,7 +200,7 @@ def test_tokenize_route_is_documented_and_served_by_the_plain_asgi_endpoint():
     from fastapi.responses import PlainTextResponse
     from fastapi.testclient import TestClient
 
-    from sidserve.service.app import TokenizeEndpoint, make_app
+    from sidserve.serving.app import TokenizeEndpoint, make_app
 
     app = make_app(lambda: None)
     (route,) = [r for r in app.routes if getattr(r, "path", None) == "/tokenize"]

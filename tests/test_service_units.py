@@ -14,9 +14,10 @@ from conftest import free_port
 from test_serve import item_json, write_snapshot
 
 from sidserve.config import TokenizerConfig
-from sidserve.service import schema
-from sidserve.service.catalog_index import CatalogIndex, hash_ids
-from sidserve.service.state import ServiceConfig, load_state
+from sidserve.ids import hash_strings as hash_ids
+from sidserve.serving import schema
+from sidserve.serving.catalog_index import CatalogIndex
+from sidserve.serving.state import ServiceConfig, load_state
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import train_hooks
+from ray import cloudpickle
+from train_hooks import FaultInjection, RecordShards
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, load_tokenizer, make_synthetic_catalog
+from sidserve.jobs.train import TrainJobConfig, fit_distributed, load_tokenizer_config
 from sidserve.synthetic import embedding_array
-from sidserve.train_job import TrainJobConfig, fit_distributed, load_tokenizer_config
+
+# the workers import no test module: the callbacks travel by value
+cloudpickle.register_pickle_by_value(train_hooks)
 
 TINY = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
             latent_dim=16, expert_hidden_dim=32, epochs=3, batch_size=256, kmeans_init_samples=2000,
@@ -52,7 +58,7 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     # with collision regulation, whose overlaps are found across both workers' shards
     tcfg = TokenizerConfig(**TINY).replace(collision_regulation="adaptive", collision_hamming=1,
                                            collision_refresh_every=2)
-    tok, version, metrics = fit_distributed(job(tmp_path, items_dir, record_shards_dir=str(shards),
+    tok, version, metrics = fit_distributed(job(tmp_path, items_dir, callbacks=[RecordShards(str(shards))],
                                                 cache_clean=False, tokenizer=tcfg))
 
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
@@ -99,9 +105,8 @@ def test_killed_worker_recovers_and_a_failed_run_resumes(ray_session, items_dir,
     ray_session()
     # worker 1 dies in epoch 1: the run restarts its worker group from epoch 0's checkpoint;
     # worker 0 dies in epoch 2: with max_failures=1 spent, the run fails
-    faults = [{"epoch": 1, "rank": 1, "marker": str(tmp_path / "died-1")},
-              {"epoch": 2, "rank": 0, "marker": str(tmp_path / "died-2")}]
-    first = job(tmp_path, items_dir, max_failures=1, name="nightly", fault_injection=faults)
+    faults = [FaultInjection(1, 1, str(tmp_path / "died-1")), FaultInjection(2, 0, str(tmp_path / "died-2"))]
+    first = job(tmp_path, items_dir, max_failures=1, name="nightly", callbacks=faults)
     with pytest.raises(Exception, match="(?i)fail|died|error"):
         fit_distributed(first)
     assert (tmp_path / "died-1").exists() and (tmp_path / "died-2").exists()  # both workers did die
@@ -141,7 +146,7 @@ def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):
 
     import ray
 
-    from sidserve.train_job import _available_after_settling
+    from sidserve.jobs.train.driver import _available_after_settling
 
     ray_session()
 
@@ -204,7 +209,7 @@ def test_nan_rows_are_skipped_and_counted(ray_session, catalog, tmp_path):
     ray_session()
     import ray.data
 
-    from sidserve.catalog import catalog_prepass
+    from sidserve.jobs.catalog import catalog_prepass
 
     rows = catalog.slice(0, 500).to_pylist()
     for i in (3, 50, 120):

@@ -15,9 +15,9 @@ import re
 
 import numpy as np
 
-from sidserve.collisions import find_overlaps
 from sidserve.eval.metrics import mean_std, paired_bootstrap
 from sidserve.eval.tokenizers import LABELS
+from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 
 RETRIEVAL_METRICS = ["recall@5", "recall@10", "recall@50", "ndcg@5", "ndcg@10", "ndcg@50"]
 RANKING_METRICS = ["auc", "gauc"]

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sidserve.baselines import (
+from sidserve.config import BEHAVIOR, TokenizerConfig
+from sidserve.metrics import quantization_report
+from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
+from sidserve.tokenizers.baselines import (
     OPQConfig,
     OPQTokenizer,
     RQKmeansTokenizer,
     RQVAEConfig,
     RQVAETokenizer,
 )
-from sidserve.baselines.common import BaselineConfig
-from sidserve.config import BEHAVIOR, TokenizerConfig
-from sidserve.metrics import quantization_report
-from sidserve.tokenizer import SemanticIdTokenizer
+from sidserve.tokenizers.baselines.common import BaselineConfig
 
 ABLATIONS = {
     "adc_sid_no_controller": {"use_alignment_controller": False},

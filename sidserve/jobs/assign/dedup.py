@@ -1,0 +1,62 @@
+"""C. dedup: one task per SID partition: an item whose SID did not change keeps its dedup,
+the others take the lowest free suffix (item_id order); the rows go to the snapshot and
+the task returns its statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA
+from sidserve.jobs.assign.shuffle import read_files
+from sidserve.jobs.assign.stats import STATS_COLUMNS, partial_stats
+from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
+
+FINAL_SCHEMA = pa.schema([*RESOLVED_SCHEMA, ("dedup", pa.int32()), ("group_size", pa.int64())])
+
+
+def assign_dedup(table: pa.Table) -> pa.Table:
+    """Complete SID groups (one bucket) -> dedup making (sid, dedup) unique, rows sorted by
+    (sid_str, item_id).
+
+    An item whose sid equals its previous sid keeps its previous dedup; every other item
+    takes the lowest suffix not held by a kept item, in item_id order. Vectorised except
+    for a loop over the SID groups with more than one item (the collisions).
+    """
+    table = table.take(pc.sort_indices(table, [("sid_str", "ascending"), ("item_id", "ascending")]))
+    n = table.num_rows
+    sid_str = table.column("sid_str")
+    prev_dedup = table.column("prev_dedup")
+    kept = pc.fill_null(pc.equal(table.column("prev_sid_str"), sid_str), False).to_numpy(zero_copy_only=False) \
+        & pc.is_valid(prev_dedup).to_numpy(zero_copy_only=False)
+    prev_values = pc.fill_null(prev_dedup, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = pc.dictionary_encode(sid_str.combine_chunks()).indices.to_numpy() if n else np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])  # rows sorted by sid_str: each group is one run
+    dedup = np.where(kept, prev_values, 0)
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        k = kept[start:start + size]
+        taken = set(prev_values[start:start + size][k].tolist())
+        free = (d for d in range(size + len(taken) + 1) if d not in taken)
+        for i in np.flatnonzero(~k).tolist():
+            dedup[start + i] = next(free)
+    return table.append_column("dedup", pa.array(dedup.astype(np.int32))) \
+        .append_column("group_size", pa.array(np.repeat(sizes, sizes).astype(np.int64))) \
+        .select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
+
+
+def dedup_partition(spec: dict) -> dict:
+    """Reduce side of the SID grouping: dedup one SID partition, write it to the snapshot,
+    and return its statistics."""
+    import pyarrow.parquet as pq
+
+    staging, snap, q = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"]
+    final = assign_dedup(read_files(staging.fs, spec["files"], RESOLVED_SCHEMA))
+    items = final.append_column("model_version", pa.array([spec["model_version"]] * final.num_rows, pa.string())) \
+        .select(ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
+    if items.num_rows:
+        snap.fs.create_dir(snap.join("items"), recursive=True)
+        pq.write_table(items, snap.join("items", f"part-{q:05d}.parquet"), filesystem=snap.fs)
+    stats = partial_stats(final.select(STATS_COLUMNS), spec["sid_length"], spec["codebook_size"])
+    return {"items": items.num_rows, "stats": stats.column("s")[0].as_py()}

@@ -1,0 +1,100 @@
+"""A. encode: every input row with its SID, or its reject reason (Ray Data actors that load
+the tokenizer once), written to staging split by a hash partition of item_id."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sidserve.items import check_items, column_name
+from sidserve.jobs.assign.shuffle import item_parts, scatter
+from sidserve.snapshot import SnapshotRoot
+from sidserve.tokenizers.base import BaseTokenizer
+from sidserve.tokenizers.registry import load_tokenizer
+
+ENCODED_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("sid", pa.list_(pa.int32())), ("sid_str", pa.string()),
+    ("behavior_weights", pa.list_(pa.float32())), ("path", pa.string()),
+    ("popularity", pa.float64()), ("reason", pa.string()),
+])
+
+
+class Encoder:
+    """Ray Data actor: loads the tokenizer once, then encodes batches (pyarrow Tables)."""
+
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int):
+        self.tok: BaseTokenizer = load_tokenizer(model_uri)
+        if use_gpu:
+            self.tok.to("cuda")
+        self.batch_size = batch_size
+        self.version = self.tok.version
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return encode_table(self.tok, table, self.batch_size)
+
+
+def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192) -> pa.Table:
+    """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows)."""
+    checked = check_items(table, tok.config, require_item_id=True)
+    n = table.num_rows
+    ok = checked.ok
+    ids = checked.arrays.item_ids
+    item_id = pa.array([None if v is None else str(v) for v in ids], pa.string())
+    L = len(tok.sid_layout)
+    sid = np.zeros((n, L), np.int32)
+    weights = None
+    path = np.full(n, None, dtype=object)
+    good = np.flatnonzero(ok)
+    if good.size:
+        enc = tok.encode(checked.arrays.take(good), batch_size=batch_size)
+        sid[good] = enc.sid
+        weights = np.zeros((n, enc.behavior_weights.shape[1]), np.float32)
+        weights[good] = enc.behavior_weights
+        path[good] = enc.path
+    mask = ~ok
+    sid_col = list_column(sid, mask)
+    w_col = list_column(weights if weights is not None else np.zeros((n, 0), np.float32), mask)
+    sid_str = pc.binary_join(sid_col.cast(pa.list_(pa.string())), "-")  # "3-17-0-...", null for bad rows
+    pop = checked.arrays.popularity
+    return pa.table({
+        "item_id": item_id, "sid": sid_col, "sid_str": sid_str, "behavior_weights": w_col,
+        "path": pa.array(path.tolist(), pa.string()),
+        "popularity": pa.array(pop if pop is not None else np.full(n, np.nan), pa.float64()).fill_null(np.nan),
+        "reason": pa.array(checked.reasons, pa.string()),
+    }, schema=ENCODED_SCHEMA)
+
+
+def list_column(values: np.ndarray, null: np.ndarray) -> pa.ListArray:
+    """(n, d) array -> list<dtype> Arrow column, null where ``null`` (n,) is True."""
+    n, d = values.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * d)
+    return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), mask=pa.array(null))
+
+
+class EncodeAndScatter(Encoder):
+    """Map side of the item_id grouping: encode a batch, write it split by item_id partition."""
+
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int):
+        super().__init__(model_uri, use_gpu, batch_size)
+        self.root = SnapshotRoot(staging)
+        self.n_parts = n_parts
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import uuid
+
+        enc = encode_table(self.tok, table, self.batch_size)
+        return scatter(enc, item_parts(enc.column("item_id"), self.n_parts), self.n_parts, self.root.fs,
+                       self.root.join("encoded"), uuid.uuid4().hex)
+
+
+def input_renames(columns: dict[str, str] | None, tok: BaseTokenizer, names: list[str]) -> dict[str, str]:
+    """Column renames for this input: the ``columns`` given (each must exist), else the model's
+    own mapping (``config.json`` "inputs") wherever the input has those columns."""
+    from sidserve.inputs import renames
+
+    if columns:
+        return renames(columns, names)
+    fitted = ((getattr(tok, "inputs_", None) or {}).get("columns")) or {}
+    usable = {m: c for m, c in fitted.items() if c in names and column_name(m) not in names}
+    return renames(usable, names) if usable else {}

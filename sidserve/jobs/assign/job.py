@@ -1,0 +1,228 @@
+"""The assignment job's driver: configuration, the catalog read, the four stages in order,
+verification, summary and the atomic publish through LATEST."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sidserve.artifact import resolve, write_bytes
+from sidserve.items import ITEM_ID, POPULARITY
+from sidserve.jobs.assign.dedup import dedup_partition
+from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames
+from sidserve.jobs.assign.publish import ensure_nonempty_dir
+from sidserve.jobs.assign.resolve import resolve_partition
+from sidserve.jobs.assign.shuffle import by_part, run_tasks, scatter_previous
+from sidserve.jobs.assign.stats import reduce_stats
+from sidserve.jobs.catalog import check_schema
+from sidserve.snapshot import ITEMS_SCHEMA, REJECTS_SCHEMA, SUMMARY, SnapshotRoot, new_version
+from sidserve.tokenizers.registry import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AssignJobConfig:
+    items: str  # Parquet file/dir/URI of the catalog
+    model: str  # tokenizer artifact dir/URI
+    output: str  # snapshot root dir/URI
+    num_workers: int = 2  # encoder actors
+    use_gpu: bool = False  # one GPU per encoder actor
+    cpus_per_worker: float = 1.0  # logical CPUs per encoder actor (CPU runs)
+    batch_size: int = 8192  # rows per encode call
+    version: str | None = None  # snapshot version (default: time + random suffix)
+    rows_per_task: int = 65536  # rows per encoder call: each call writes one file per partition
+    rows_per_partition: int = 100_000  # rows one grouping task holds: bounds its memory
+    read_block_mib: int = 32  # target size of the blocks read from the catalog
+    read_ahead_mib: int = 256  # object store budget of the encode stage (raised to hold 2 calls' input per
+    #                            actor for wide embeddings): without it, reads run ahead
+    #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
+    # modality -> input column (--column); None: the mapping the model was fitted with, for the
+    # columns the input has under those names
+    columns: dict[str, str] | None = None
+
+
+def encode_budget(job: AssignJobConfig, row_bytes: int) -> int:
+    """Object-store bytes the encode stage may fill: ``read_ahead_mib``, or two calls' input
+    per actor when the embeddings are wider than that allows (else the actors would wait)."""
+    return max(job.read_ahead_mib * 2**20, 2 * job.num_workers * job.rows_per_task * row_bytes)
+
+
+def encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int,
+                        row_bytes: int) -> list[dict]:
+    """Stage A. ``row_bytes``: the input's size per row, to size the object-store budget."""
+    import ray.data
+
+    out = ds.select_columns(keep).map_batches(
+        EncodeAndScatter, fn_constructor_kwargs={
+            "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
+            "staging": staging, "n_parts": n_parts},
+        batch_size=job.rows_per_task, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers),
+        num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else job.cpus_per_worker,
+    )
+    options = out.context.execution_options  # this dataset's own copy of the context
+    options.resource_limits = options.resource_limits.copy(object_store_memory=encode_budget(job, row_bytes))
+    return out.take_all()
+
+
+def read_catalog(uri: str, block_mib: int):
+    """``read_parquet`` with read units and blocks of about ``block_mib`` MiB.
+
+    Ray 2.60 packs up to 128 MiB of Parquet (uncompressed) into one read task, read as one
+    block. A read task's heap grows with that (about 950 MiB for 128 MiB of list<float>
+    columns, and the worker keeps it for its later tasks), and a few large blocks balance
+    badly over the encoder actors. The packing size is only settable through an environment
+    variable that ``read_parquet`` reads on the driver, so it is set around that call.
+    """
+    import os
+
+    import ray.data
+
+    name = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+    saved = os.environ.get(name)
+    os.environ[name] = str(block_mib * 2**20)
+    try:
+        ds = ray.data.read_parquet(uri)
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+    ds.context.target_max_block_size = block_mib * 2**20  # this dataset's own context
+    return ds
+
+
+def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
+    """Encode, dedup, write and publish a snapshot. Returns its summary."""
+    import pyarrow.dataset as pads
+    import ray
+    import ray.data
+
+    if job.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    for name in ("rows_per_partition", "rows_per_task", "batch_size", "read_block_mib", "read_ahead_mib"):
+        if getattr(job, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(job, name)}")
+    t0 = time.perf_counter()
+    tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
+    if not ray.is_initialized():
+        ray.init()
+    model_version = tok.version
+    root = SnapshotRoot(job.output)
+    version = job.version or new_version()
+    previous = root.latest()
+    staging = root.staging_dir(version)
+    snap = root.snapshot_dir(version)
+    stages: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        stages[name] = time.perf_counter() - t0 - sum(stages.values())
+
+    ds = read_catalog(job.items, job.read_block_mib)
+    schema = ds.schema()
+    if schema is None:
+        raise ValueError(f"{job.items}: the input has no rows")
+    names = list(schema.names)
+    mapping = input_renames(job.columns, tok, names)
+    if mapping:
+        ds = ds.rename_columns(mapping)
+        names = list(ds.schema().names)
+    check_schema(names, tok.config)
+    if ITEM_ID not in names:
+        raise ValueError(f"input is missing required column 'item_id'; it has {sorted(names)}")
+    keep = [c for c in names if c == ITEM_ID or c == POPULARITY or c.endswith("_emb")]
+    fs, path = resolve(job.items)
+    n_input = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").count_rows()  # footers only
+    n_parts = max(1, -(-n_input // job.rows_per_partition))
+
+    # A. encode, each batch written split by item_id partition
+    row_bytes = 4 * (sum(tok.config.modality_dims.values()) + (tok.config.behavior_dim or 0)) + 64  # float32s + id
+    enc_manifest = encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes)
+    encoded_rows = sum(m["rows"] for m in enc_manifest)
+    if encoded_rows != n_input:
+        raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
+    prev_manifest: list[dict] = []
+    if previous is not None:
+        prev_manifest = ray.data.read_parquet(
+            f"{root.snapshot_dir(previous)}/items", columns=["item_id", "sid_str", "dedup"],
+        ).map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
+    lap("encode")
+    log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
+
+    # B. resolve duplicates and previous assignments, one item_id partition per task
+    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts}
+    cur_files, prev_files = by_part(enc_manifest, n_parts), by_part(prev_manifest, n_parts)
+    specs = [{**common, "part": p, "current": cur_files[p], "previous": prev_files[p]} for p in range(n_parts)]
+    resolved = run_tasks(resolve_partition, specs)
+    lap("resolve")
+
+    # C. dedup, one SID partition per task, written straight to the snapshot with its statistics
+    sid_files = by_part([m for r in resolved for m in r["manifest"]], n_parts)
+    L, K = len(tok.sid_layout), tok.codebook_size
+    specs = [{**common, "part": q, "files": sid_files[q], "model_version": model_version, "sid_length": L,
+              "codebook_size": K} for q in range(n_parts)]
+    deduped = run_tasks(dedup_partition, specs)
+    removed = sum(r["removed"] for r in resolved)
+    stats = reduce_stats([{"s": r["stats"]} for r in deduped], L, K, removed)
+    lap("dedup+write")
+
+    # D. verify what was written, then publish
+    for sub, schema in (("items", ITEMS_SCHEMA), ("rejects", REJECTS_SCHEMA)):
+        ensure_nonempty_dir(root, version, sub, schema)  # an empty side has no part file
+    items_ds = pads.dataset(root.join("snapshots", version, "items"), filesystem=root.fs, format="parquet")
+    n_items = items_ds.count_rows()
+    n_rejects = pads.dataset(root.join("snapshots", version, "rejects"), filesystem=root.fs,
+                             format="parquet").count_rows()
+    reasons: dict[str, int] = {}
+    for r in resolved:
+        for k, v in r["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    if n_items + n_rejects != n_input:
+        raise RuntimeError(f"row counts do not reconcile: {n_input} input != {n_items} items + {n_rejects} rejects")
+    if n_items != sum(r["items"] for r in deduped) or n_rejects != sum(r["rejects"] for r in resolved):
+        raise RuntimeError(f"the snapshot holds {n_items} items and {n_rejects} rejects, the tasks wrote "
+                           f"{sum(r['items'] for r in deduped)} and {sum(r['rejects'] for r in resolved)}")
+    if not items_ds.schema.remove_metadata().equals(ITEMS_SCHEMA):
+        raise RuntimeError(f"written schema {items_ds.schema} != expected {ITEMS_SCHEMA}")
+    if stats["items"] != n_items:
+        raise RuntimeError(f"statistics saw {stats['items']} items, the snapshot has {n_items}")
+    lap("verify")
+
+    summary = {
+        "version": version, "previous_version": previous, "model_version": model_version,
+        "model": job.model, "items_uri": job.items, "input_rows": n_input, "items": n_items,
+        "rejects": n_rejects, "rejects_by_reason": reasons, "sid_layout": tok.sid_layout,
+        **{k: v for k, v in stats.items() if k != "items"},
+        "partitions": n_parts,
+        "duration_s": time.perf_counter() - t0,
+        "stage_seconds": stages,
+    }
+    write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
+    root.publish(version)
+    try:
+        root.fs.delete_dir(root.join("_staging", version))
+    except OSError:  # leftovers are harmless: nothing reads _staging
+        log.warning("could not delete %s", staging)
+    summary["duration_s"] = time.perf_counter() - t0
+    return summary
+
+
+def run_cli(args) -> int:
+    """``sidserve assign`` / jobs/assign.py: run the assignment (exit code 2 on bad input)."""
+    from sidserve.cli import run_job
+    from sidserve.inputs import parse_columns
+
+    def body():
+        s = run_assignment(AssignJobConfig(
+            items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
+            use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
+            columns=parse_columns(args.column) or None))
+        print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
+              f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
+              f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")
+
+    return run_job(body)

@@ -1,0 +1,158 @@
+"""The nightly refresh (``jobs/refresh.py``): statistics, optional warm-started re-fit,
+assignment, churn against the previous snapshot, publish, and job metrics pushed to a
+Prometheus Pushgateway.
+
+Metrics (job label ``sidserve_refresh``; a success replaces the group, a failure only
+adds ``sidserve_refresh_last_failure_timestamp_seconds`` so the last success stays):
+
+    sidserve_refresh_input_rows / _items / _rejects / _new_items / _removed_items
+    sidserve_refresh_churn_ratio            share of common items whose SID changed
+    sidserve_refresh_churn_ratio_by_popularity{bucket}
+    sidserve_refresh_collision_rate         share of items whose SID is shared
+    sidserve_refresh_duration_seconds
+    sidserve_refresh_last_success_timestamp_seconds
+    sidserve_refresh_snapshot_info{version, model_version}   always 1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, pushadd_to_gateway
+
+from sidserve.config import TokenizerConfig
+from sidserve.jobs.assign import AssignJobConfig, input_renames, run_assignment
+from sidserve.jobs.catalog import catalog_prepass
+from sidserve.tokenizers.registry import load_tokenizer
+
+log = logging.getLogger(__name__)
+JOB_LABEL = "sidserve_refresh"
+
+
+@dataclass
+class RefreshJobConfig:
+    items: str  # tonight's catalog (Parquet file/dir/URI)
+    model: str  # current model artifact
+    output: str  # snapshot root
+    refit: bool = False  # re-fit warm-started from ``model`` before assigning
+    refit_output: str | None = None  # where the re-fitted model goes (default: <model>-refit-<time>)
+    refit_epochs: int | None = None  # epochs of the re-fit (default: the model's config)
+    num_workers: int = 2  # trainers (refit) and encoder actors (assignment)
+    use_gpu: bool = False
+    pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
+    rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
+    columns: dict[str, str] | None = None  # modality -> input column; None: the model's own mapping
+    sample_size: int = 200_000  # a baseline re-fit's sample (TrainJobConfig.sample_size)
+
+
+def push_success(gateway: str, summary: dict[str, Any]) -> None:
+    reg = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float, **labels) -> None:
+        g = Gauge(f"{JOB_LABEL}_{name}", doc, list(labels), registry=reg)
+        (g.labels(**labels) if labels else g).set(value)
+
+    gauge("input_rows", "Input rows of the last successful refresh", summary["input_rows"])
+    gauge("items", "Items in the published snapshot", summary["items"])
+    gauge("rejects", "Rejected input rows", summary["rejects"])
+    gauge("new_items", "Items not in the previous snapshot", summary["churn"]["new"])
+    gauge("removed_items", "Items of the previous snapshot no longer present", summary["churn"]["removed"])
+    gauge("churn_ratio", "Share of common items whose SID changed", summary["churn"]["churn"])
+    gauge("collision_rate", "Share of items whose SID is shared with another item", summary["collision_rate"])
+    gauge("duration_seconds", "Wall time of the refresh", summary["duration_s"])
+    gauge("last_success_timestamp_seconds", "Unix time of the last successful refresh", time.time())
+    by_pop = Gauge(f"{JOB_LABEL}_churn_ratio_by_popularity", "Churn per popularity bucket", ["bucket"],
+                   registry=reg)
+    for bucket, v in summary["churn"]["by_popularity"].items():
+        by_pop.labels(bucket=bucket).set(v["churn"])
+    info = Gauge(f"{JOB_LABEL}_snapshot_info", "The published snapshot", ["version", "model_version"],
+                 registry=reg)
+    info.labels(version=summary["version"], model_version=summary["model_version"]).set(1)
+    push_to_gateway(gateway, job=JOB_LABEL, registry=reg)
+
+
+def push_failure(gateway: str) -> None:
+    reg = CollectorRegistry()
+    Gauge(f"{JOB_LABEL}_last_failure_timestamp_seconds", "Unix time of the last failed refresh",
+          registry=reg).set(time.time())
+    pushadd_to_gateway(gateway, job=JOB_LABEL, registry=reg)
+
+
+def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
+    import ray
+    import ray.data
+
+    t0 = time.perf_counter()
+    try:
+        if not ray.is_initialized():
+            ray.init()
+        tok = load_tokenizer(job.model)
+        prepass = None
+        columns = job.columns if job.columns is not None else (getattr(tok, "inputs_", None) or {}).get("columns", {})
+        adc = isinstance(tok.config, TokenizerConfig)
+        if adc:
+            ds = ray.data.read_parquet(job.items)
+            mapping = input_renames(job.columns, tok, list(ds.schema().names))
+            stats = catalog_prepass(ds.rename_columns(mapping) if mapping else ds, tok.config)
+            prepass = stats.to_dict()
+            model_range = (tok.catalog_stats_.get("n_min"), tok.catalog_stats_.get("n_max"))
+            log.info("pre-pass: %s; model trained on N_min/N_max %s", prepass, model_range)
+        model_uri = job.model
+        if job.refit:
+            import dataclasses
+
+            from sidserve.jobs.train import TrainJobConfig, fit_distributed
+
+            model_uri = job.refit_output or f"{job.model.rstrip('/')}-refit-{time.strftime('%Y%m%d-%H%M%S')}"
+            cfg = tok.config
+            if job.refit_epochs:
+                if not any(f.name == "epochs" for f in dataclasses.fields(cfg)):
+                    raise ValueError(f"--refit-epochs: a {tok.tokenizer_type} model has no epochs")
+                cfg = dataclasses.replace(cfg, epochs=job.refit_epochs)
+            # ADC-SID continues from the current weights; a baseline is fitted anew with its config
+            fit_distributed(TrainJobConfig(output=model_uri, items=job.items, tokenizer=cfg,
+                                           tokenizer_type=tok.tokenizer_type, columns=dict(columns),
+                                           sample_size=job.sample_size, num_workers=job.num_workers,
+                                           use_gpu=job.use_gpu, init_model=job.model if adc else None))
+        summary = run_assignment(AssignJobConfig(items=job.items, model=model_uri, output=job.output,
+                                                 num_workers=job.num_workers, use_gpu=job.use_gpu,
+                                                 rows_per_partition=job.rows_per_partition,
+                                                 columns=job.columns))
+        summary["prepass"] = prepass
+        summary["refit_model"] = model_uri if job.refit else None
+        summary["duration_s"] = time.perf_counter() - t0
+    except Exception:
+        if job.pushgateway:
+            try:
+                push_failure(job.pushgateway)
+            except OSError as err:  # the job's own error matters more; say both
+                log.error("could not push the failure to %s: %s", job.pushgateway, err)
+        raise
+    if job.pushgateway:
+        push_success(job.pushgateway, summary)
+    return summary
+
+
+def run_cli(args) -> int:
+    """``sidserve refresh`` / jobs/refresh.py: run the refresh (exit code 2 on bad input)."""
+    from sidserve.cli import run_job
+    from sidserve.inputs import parse_columns
+
+    def body():
+        s = run_refresh(RefreshJobConfig(
+            items=args.items, model=args.model, output=args.output, refit=args.refit,
+            refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
+            use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
+            columns=parse_columns(args.column) or None, sample_size=args.sample_size,
+            pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
+        c = s["churn"]
+        print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
+              f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common "
+              f"items, {c['new']} new, {c['removed']} removed, collision rate {s['collision_rate']:.4f}, "
+              f"{s['duration_s']:.1f} s")
+
+    return run_job(body)

@@ -1,0 +1,46 @@
+"""Checkpoints of the Ray Train fit: one per epoch (rank 0 writes), read back on resume and
+at the end (the last one carries the final metrics to the driver)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from sidserve.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
+from sidserve.tokenizers.adc_sid.training import TrainState
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+FINAL_FILE = "final.json"
+
+
+def save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, state: TrainState,
+                    history: list[dict]) -> None:
+    """One epoch's checkpoint: weights, optimizer + epoch + step + RNG, the history so far."""
+    torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": state.step,
+                "generator": state.generator.get_state()}, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, HISTORY_FILE), "w") as f:
+        json.dump(history, f)
+
+
+def load_checkpoint(directory: str, model: ADCSIDModel) -> tuple[dict, list[dict]]:
+    """Weights into ``model``; -> (optimizer/epoch/step state, history)."""
+    model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), weights_only=True))
+    saved = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+    with open(os.path.join(directory, HISTORY_FILE)) as f:
+        return saved, json.load(f)
+
+
+def read_result(directory: str, tcfg: TokenizerConfig) -> tuple[ADCSIDModel, list[dict], dict]:
+    """The last checkpoint of a finished run -> (model, per-epoch history, final metrics)."""
+    model = ADCSIDModel(tcfg)
+    model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), weights_only=True))
+    with open(os.path.join(directory, HISTORY_FILE)) as f:
+        history = json.load(f)
+    with open(os.path.join(directory, FINAL_FILE)) as f:
+        return model, history, json.load(f)

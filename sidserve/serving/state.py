@@ -1,0 +1,157 @@
+"""What a replica serves: the service settings, and one immutable ``ServingState``
+(tokenizer + snapshot index) swapped atomically on a hot swap.
+
+A request takes the state once at its start and uses it to the end, so a swap never
+mixes two models in one response and never fails a request in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidserve.config import config_from_dict
+from sidserve.serving.catalog_index import CatalogIndex
+from sidserve.snapshot import SnapshotRoot
+from sidserve.tokenizers.base import BaseTokenizer
+from sidserve.tokenizers.registry import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "SIDSERVE_MODEL_URI"
+SNAPSHOT_ENV = "SIDSERVE_SNAPSHOT_ROOT"
+API_KEY_ENV = "SIDSERVE_API_KEY"
+
+
+@dataclass
+class ServiceConfig:
+    """The deployment's ``user_config`` (every field optional; unknown keys are an error)."""
+
+    # model artifact; None = $SIDSERVE_MODEL_URI, else the model that made the published snapshot
+    model_uri: str | None = None
+    # snapshot root for catalog lookups; None = $SIDSERVE_SNAPSHOT_ROOT; "" = no catalog
+    snapshot_root: str | None = None
+    # seconds between checks of <snapshot_root>/LATEST (0 = never: swap only via user_config)
+    snapshot_poll_s: float = 30.0
+    # @serve.batch: most requests merged into one model call, and how long the first one waits
+    max_batch_size: int = 256
+    batch_wait_timeout_s: float = 0.0  # 0: batch what queued meanwhile, never delay a lone request
+    # largest accepted request (413 above it): bounds a replica's memory per request
+    max_items_per_request: int = 1024
+    # items per forward pass inside one model call
+    encode_batch_size: int = 8192
+
+    def validate(self) -> ServiceConfig:
+        if self.snapshot_poll_s < 0:
+            raise ValueError(f"snapshot_poll_s must be >= 0, got {self.snapshot_poll_s}")
+        for name in ("max_batch_size", "max_items_per_request", "encode_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not 0 <= self.batch_wait_timeout_s <= 10:
+            raise ValueError(f"batch_wait_timeout_s must be in [0, 10], got {self.batch_wait_timeout_s}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ServiceConfig:
+        return config_from_dict(cls, dict(data or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_snapshot_root(self) -> str | None:
+        root = self.snapshot_root if self.snapshot_root is not None else os.environ.get(SNAPSHOT_ENV)
+        return root or None
+
+    @property
+    def resolved_model_uri(self) -> str | None:
+        uri = self.model_uri if self.model_uri is not None else os.environ.get(MODEL_ENV)
+        return uri or None
+
+
+@dataclass(frozen=True)
+class ServingState:
+    tokenizer: BaseTokenizer
+    model_uri: str
+    catalog: CatalogIndex | None  # None: no snapshot root configured
+    catalog_reason: str | None = None  # why catalog lookups are off, if they are
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_version(self) -> str:
+        return self.tokenizer.version or "unversioned"
+
+    @property
+    def snapshot_version(self) -> str | None:
+        return self.catalog.version if self.catalog is not None else None
+
+    @property
+    def catalog_usable(self) -> bool:
+        return self.catalog is not None and self.catalog_reason is None
+
+    def describe(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        cfg = tok.config
+        return {
+            "model_version": self.model_version,
+            "model_uri": self.model_uri,
+            "tokenizer_type": tok.tokenizer_type,
+            "codebook_size": tok.codebook_size,
+            "missing_code": tok.codebook_size,
+            "sid_length": len(tok.sid_layout),
+            "sid_layout": tok.sid_layout,
+            "inputs": {
+                "content": {f"{m}_emb": d for m, d in cfg.modality_dims.items()},
+                "behavior_emb": cfg.behavior_dim if cfg.has_behavior else None,
+            },
+            "config": cfg.to_dict(),
+            "snapshot": None if self.catalog is None else {
+                "version": self.catalog.version,
+                "items": len(self.catalog),
+                "model_version": self.catalog.model_version,
+                "catalog_lookup": self.catalog_usable,
+                "reason": self.catalog_reason,
+            },
+            "loaded_at": self.loaded_at,
+        }
+
+
+def load_state(config: ServiceConfig, *, snapshot_version: str | None = None,
+               current: ServingState | None = None) -> ServingState:
+    """Load the model and the snapshot that ``config`` names (reusing ``current``'s pieces
+    when they are unchanged). Raises ValueError/OSError naming what could not be loaded."""
+    root_uri = config.resolved_snapshot_root
+    catalog = None
+    if root_uri is not None:
+        root = SnapshotRoot(root_uri)
+        version = snapshot_version or root.latest()
+        if version is None:
+            raise ValueError(f"snapshot root {root_uri!r} has no published snapshot (no LATEST); "
+                             f"run jobs/assign.py first, or set snapshot_root to '' to serve without one")
+        if current is not None and current.catalog is not None \
+                and (current.catalog.root_uri, current.catalog.version) == (root.uri, version):
+            catalog = current.catalog
+        else:
+            catalog = CatalogIndex.load(root, version)
+    model_uri = config.resolved_model_uri
+    if model_uri is None:
+        if catalog is None:
+            raise ValueError(f"no model: set model_uri in the user_config or ${MODEL_ENV}, "
+                             f"or a snapshot root whose snapshot names its model")
+        model_uri = catalog.summary.get("model")
+        if not model_uri:
+            raise ValueError(f"snapshot {catalog.version} does not name its model; set model_uri")
+    if current is not None and current.model_uri == model_uri:
+        tokenizer = current.tokenizer
+    else:
+        tokenizer = load_tokenizer(model_uri)
+    reason = None
+    if catalog is not None and catalog.model_version != tokenizer.version:
+        reason = (f"snapshot {catalog.version} was made by model {catalog.model_versions or '[]'}, "
+                  f"serving {tokenizer.version}: catalog lookups off, every item is computed")
+        log.warning(reason)
+    return ServingState(tokenizer=tokenizer, model_uri=model_uri, catalog=catalog, catalog_reason=reason)

@@ -1,0 +1,357 @@
+"""ADC-SID behavior-content mixture-of-quantization network (paper §3.2-3.4).
+
+One forward pass, for a batch of B items:
+
+    h_m = D_m(e_m)                    content projections            (eq. 2)
+    h_b = D_b(e_b), or a learned "missing behavior" vector for cold items
+    z_s,i = E_s,i([h_t, h_v, h_b])    shared experts                 (eq. 3-4)
+    z_m,i = E_m,i(e_m), z_b,i = E_b,i(e_b)   specific experts        (eq. 6, typo fixed)
+    codes = argmax cosine per expert codebook                        (eq. 5, 7-9)
+    z  = sum z_s + sum g_m z_m + sum R(e_b) z_b,  z_q likewise       (eq. 10-13, 22)
+    L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14, summed over
+                                                                      elements; config.recon_reduction)
+    L_align = content pairs + w * behavior pairs                     (eq. 15-21)
+    L_reg   = lambda * load-balanced L1 of R(e_b)                    (eq. 23)
+
+Latents are unit-normalised before fusion, so z and z_q live on the same scale and the
+straight-through residual z_q - z is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sidserve.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.model.alignment import (
+    behavior_alignment_loss,
+    content_alignment_loss,
+)
+from sidserve.tokenizers.adc_sid.model.codebook import CosineCodebook
+from sidserve.tokenizers.adc_sid.model.controller import (
+    alignment_strength,
+    catalog_quantiles,
+    normalized_norm,
+    quantile_normalized,
+)
+from sidserve.tokenizers.adc_sid.model.experts import MLP
+from sidserve.tokenizers.adc_sid.model.gates import BehaviorWeightingGate, ContentGate
+from sidserve.tokenizers.adc_sid.model.sparsity import SparsityRegularizer
+
+
+@dataclass
+class ModelInput:
+    """A batch as tensors. content: modality -> (B, d_m) float32; behavior: (B, d_b)
+    float32 with zero rows where missing (or None without a behavior modality);
+    has_behavior: (B,) bool."""
+
+    content: dict[str, torch.Tensor]
+    behavior: torch.Tensor | None
+    has_behavior: torch.Tensor
+    popularity: torch.Tensor | None = None  # (B,) float64, read with richness_signal="popularity"
+
+    def to(self, device) -> "ModelInput":
+        return ModelInput(
+            {k: v.to(device) for k, v in self.content.items()},
+            None if self.behavior is None else self.behavior.to(device),
+            self.has_behavior.to(device),
+            None if self.popularity is None else self.popularity.to(device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.has_behavior.shape[0]
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ModelInput":
+        """Dense ``sidserve.items.ItemArrays`` -> ModelInput on the CPU."""
+        return cls(
+            content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in arrays.content.items()},
+            behavior=None if arrays.behavior is None else torch.from_numpy(np.ascontiguousarray(arrays.behavior)),
+            has_behavior=torch.from_numpy(np.ascontiguousarray(arrays.has_behavior)),
+            popularity=None if arrays.popularity is None
+            else torch.from_numpy(np.ascontiguousarray(arrays.popularity, dtype=np.float64)),
+        )
+
+
+@dataclass
+class ModelOutput:
+    codes: torch.Tensor  # (B, L) int64, layout of config.sid_layout
+    behavior_weights: torch.Tensor  # (B, N_b) float32, 0 for items without behavior
+    # scalars incl. "total"; "align" and "reg" are 0 in eval mode (not computed)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    latents: list[torch.Tensor] = field(default_factory=list)  # per codebook (n_i, d), for restarts
+    gates_raw: torch.Tensor | None = None  # (B_b, N_b) R(e_b) of items with behavior (pre-dropout)
+    n_norm: torch.Tensor | None = None  # (B_b,) N_norm of items with behavior
+    recon: torch.Tensor | None = None  # (B,) per-item mean squared reconstruction error
+
+
+class ADCSIDModel(nn.Module):
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        c = config.validate()
+        self.config = c
+        H, D, X, K = c.hidden_dim, c.latent_dim, c.expert_hidden_dim, c.codebook_size
+        mods = c.content_modalities
+
+        def codebook():
+            return CosineCodebook(dim=D, codebook_size=K, commitment_weight=c.commitment_weight)
+
+        # projections D_m (eq. 2)
+        self.proj = nn.ModuleDict({m: MLP(c.modality_dims[m], H, H) for m in mods})
+        shared_in = H * len(mods)
+        if c.has_behavior:
+            self.proj_b = MLP(c.behavior_dim, H, H)
+            self.missing_h_b = nn.Parameter(torch.zeros(H))  # stands in for h_b of cold items
+            shared_in += H
+        # experts and their codebooks (eq. 4-9)
+        self.shared_experts = nn.ModuleList([MLP(shared_in, X, D) for _ in range(c.num_shared_experts)])
+        self.shared_codebooks = nn.ModuleList([codebook() for _ in range(c.num_shared_experts)])
+        self.content_experts = nn.ModuleDict(
+            {m: nn.ModuleList([MLP(c.modality_dims[m], X, D) for _ in range(c.num_content_experts)]) for m in mods}
+        )
+        self.content_codebooks = nn.ModuleDict(
+            {m: nn.ModuleList([codebook() for _ in range(c.num_content_experts)]) for m in mods}
+        )
+        self.content_gates = nn.ModuleDict(
+            {m: ContentGate(dim=c.modality_dims[m], num_experts=c.num_content_experts, hidden_dim=X) for m in mods}
+        )
+        if c.has_behavior:
+            Nb = c.num_behavior_experts
+            self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
+            self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
+            self.behavior_gate = BehaviorWeightingGate(
+                dim=c.behavior_dim, num_experts=Nb, hidden_dim=X, bias_init=c.gate_bias_init,
+                straight_through=c.gate_straight_through,
+            )
+            self.sparsity = SparsityRegularizer(
+                theta=c.sparsity_theta, lambda_init=c.sparsity_lambda_init, rate=c.sparsity_lambda_rate,
+                update=c.sparsity_lambda_update,
+            )
+        out_dim = sum(c.modality_dims.values()) + (c.behavior_dim or 0)
+        self.decoder = MLP(D, X, out_dim)
+        # catalog statistics (eq. 15), set before training from the whole catalog
+        self.register_buffer("n_min", torch.tensor(0.0))
+        self.register_buffer("n_max", torch.tensor(1.0))
+        # ||e_b|| quantiles over the fit sample (richness_normalization="quantile")
+        self.register_buffer("richness_quantiles", torch.zeros(c.richness_quantile_points))
+        # per reconstructed part (content modalities, then behavior): 1 / mean ||e_m||^2
+        # over the fit sample (recon_balance); ones otherwise
+        n_parts = len(mods) + (1 if c.has_behavior else 0)
+        self.register_buffer("recon_scale", torch.ones(n_parts))
+        # divisor of the reported behavioral weights (behavior_weight_scale="unit_mean"),
+        # set after training from the catalog; the fusion always uses R itself
+        self.register_buffer("weight_scale", torch.ones(c.num_behavior_experts if c.has_behavior else 0))
+
+    # ------------------------------------------------------------------------------
+    @property
+    def codebooks(self) -> list[CosineCodebook]:
+        """All codebooks in SID layout order."""
+        books = list(self.shared_codebooks)
+        for m in self.config.content_modalities:
+            books += list(self.content_codebooks[m])
+        if self.config.has_behavior:
+            books += list(self.behavior_codebooks)
+        return books
+
+    def set_catalog_stats(self, n_min: float, n_max: float) -> None:
+        if not n_max > n_min:
+            raise ValueError(f"catalog stats need n_max > n_min, got n_min={n_min}, n_max={n_max}")
+        self.n_min.fill_(float(n_min))
+        self.n_max.fill_(float(n_max))
+
+    @torch.no_grad()
+    def fit_input_stats(self, sample: ModelInput) -> None:
+        """Statistics read from a uniform sample of the catalog before training: the
+        richness quantiles and the per-modality reconstruction scales."""
+        c = self.config
+        parts = [sample.content[m] for m in c.content_modalities]
+        if c.has_behavior:
+            e_b = sample.behavior[sample.has_behavior]
+            if e_b.shape[0] == 0:
+                raise ValueError("the fit sample has no item with a behavior embedding")
+            parts.append(e_b)
+            signal = self.richness_signal(e_b, _rows(sample.popularity, sample.has_behavior))
+            self.richness_quantiles.copy_(catalog_quantiles(signal.double(), c.richness_quantile_points))
+        if c.recon_balance:
+            energy = torch.stack([(p.double() ** 2).sum(-1).mean() for p in parts])
+            if not bool((energy > 0).all()):
+                raise ValueError("an input modality is all zeros in the fit sample: cannot balance L_recon")
+            self.recon_scale.copy_((1.0 / energy).to(self.recon_scale))
+
+    @torch.no_grad()
+    def set_weight_scale(self, mean_r: torch.Tensor) -> None:
+        """mean_r (N_b,): mean R(e_b) per expert over the catalog's items with behavior.
+        With behavior_weight_scale="unit_mean" the reported weights are divided by it (an
+        expert whose mean is 0, closed for every item, keeps divisor 1); no-op for "raw"."""
+        if self.config.behavior_weight_scale != "unit_mean":
+            return
+        mean_r = mean_r.to(self.weight_scale)
+        self.weight_scale.copy_(torch.where(mean_r > 0, mean_r, torch.ones_like(mean_r)))
+
+    def richness_signal(self, e_b: torch.Tensor, popularity: torch.Tensor | None) -> torch.Tensor:
+        """(B,) raw richness of items with behavior: ||e_b|| or log(1 + popularity)."""
+        if self.config.richness_signal == "popularity":
+            if popularity is None and e_b.shape[0] == 0:  # no item with behavior in this batch
+                return e_b.new_zeros(0)
+            if popularity is None:
+                raise ValueError("richness_signal='popularity' needs each item's 'popularity' (column or field)")
+            return torch.log1p(popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
+        return torch.linalg.vector_norm(e_b, dim=-1)
+
+    def richness(self, e_b: torch.Tensor, popularity: torch.Tensor | None = None) -> torch.Tensor:
+        """e_b (B, d_b) (and popularity (B,) for that signal) -> N_norm (B,) in [0, 1]:
+        eq. 16 or its quantile form, of ||e_b|| or log(1 + popularity)."""
+        c = self.config
+        q = self.richness_quantiles
+        if c.richness_normalization == "minmax" and c.richness_signal == "norm":
+            return normalized_norm(e_b, float(self.n_min), float(self.n_max))
+        if not bool(q[-1] > q[0]):
+            raise ValueError("richness quantiles are not set (or the signal is constant over the fit sample): "
+                             "call fit_input_stats (init_codebooks) first")
+        signal = self.richness_signal(e_b, popularity)
+        if c.richness_normalization == "quantile":
+            return quantile_normalized(signal, q)
+        # min-max of log-popularity over the fit sample's range (eq. 16's form)
+        return ((signal - q[0]) / (q[-1] - q[0])).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------
+    def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
+                generator: torch.Generator | None = None, codes_only: bool = False) -> ModelOutput:
+        """codes_only (inference): codes and behavior weights only; no decoder, no losses."""
+        if codes_only and self.training:
+            raise ValueError("codes_only is for inference: call model.eval() first")
+        c = self.config
+        B = x.batch_size
+        dev = x.has_behavior.device
+        h = {m: self.proj[m](x.content[m]) for m in c.content_modalities}  # (B, H) each
+
+        latents: list[torch.Tensor] = []
+        z_parts: list[torch.Tensor] = []
+        zq_parts: list[torch.Tensor] = []
+        codes: list[torch.Tensor] = []
+        vq = torch.zeros((), device=dev)
+
+        def quantize(book: CosineCodebook, z: torch.Tensor, weight: torch.Tensor | None):
+            nonlocal vq
+            if codes_only:
+                codes.append(book.assign(z))
+                return
+            z_hat, z_q, idx, loss = book(z)
+            vq = vq + loss
+            latents.append(z)
+            w = 1.0 if weight is None else weight.unsqueeze(-1)
+            z_parts.append(w * z_hat)
+            zq_parts.append(w * z_q)
+            codes.append(idx)
+
+        # behavior: which rows have e_b, which are fed to the shared experts (dropout)
+        has_b = x.has_behavior
+        r_full = None
+        gates_raw = n_norm = None
+        if c.has_behavior:
+            warm = has_b
+            if behavior_dropout > 0:
+                drop = torch.rand(B, generator=generator).to(dev) < behavior_dropout
+                warm = has_b & ~drop
+            h_b = self.proj_b(x.behavior)  # (B, H)
+            h_b_used = torch.where(warm.unsqueeze(-1), h_b, self.missing_h_b.expand(B, -1))
+            shared_in = torch.cat([h[m] for m in c.content_modalities] + [h_b_used], dim=-1)
+        else:
+            shared_in = torch.cat([h[m] for m in c.content_modalities], dim=-1)
+
+        for expert, book in zip(self.shared_experts, self.shared_codebooks):
+            quantize(book, expert(shared_in), None)
+        for m in c.content_modalities:
+            g = self.content_gates[m](x.content[m])  # (B, N_m)
+            for i, (expert, book) in enumerate(zip(self.content_experts[m], self.content_codebooks[m])):
+                quantize(book, expert(x.content[m]), g[:, i])
+
+        if c.has_behavior:
+            rows = torch.nonzero(has_b).flatten()
+            e_b = x.behavior[rows]  # (B_b, d_b)
+            n_norm = self.richness(e_b, _rows(x.popularity, has_b))  # (B_b,)
+            if c.use_behavior_gate:
+                gates_raw, gates_fuse = self.behavior_gate(e_b, n_norm)  # (B_b, N_b) each
+            else:
+                gates_raw = gates_fuse = torch.ones(rows.numel(), c.num_behavior_experts, device=dev)
+            r_full = torch.zeros(B, c.num_behavior_experts, device=dev)
+            r_full = r_full.index_put((rows,), gates_fuse)
+            r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
+            for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
+                full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
+                if codes_only:
+                    codes.append(full_idx.index_put((rows,), book.assign(expert(e_b))))
+                    continue
+                z_hat, z_q, idx, loss = book(expert(e_b))
+                vq = vq + loss
+                latents.append(z_hat)
+                z_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_hat, rows, B))
+                zq_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_q, rows, B))
+                codes.append(full_idx.index_put((rows,), idx))
+
+        if codes_only:
+            weights = r_full / self.weight_scale if r_full is not None else torch.zeros(B, 0, device=dev)
+            return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights)
+
+        z = torch.stack(z_parts).sum(0)  # (B, D)
+        z_q = torch.stack(zq_parts).sum(0)  # (B, D)
+        decoded = self.decoder(z + (z_q - z).detach())  # (B, sum d), eq. 14 straight-through
+
+        # reconstruction over the modalities each item has (behavior masked when missing)
+        targets = [x.content[m] for m in c.content_modalities]
+        masks = [torch.ones_like(t) for t in targets]
+        if c.has_behavior:
+            targets.append(x.behavior)
+            masks.append(has_b.unsqueeze(-1).float().expand_as(x.behavior))
+        target = torch.cat(targets, dim=-1)
+        mask = torch.cat(masks, dim=-1)
+        sq = ((decoded - target) ** 2) * mask  # (B, sum d)
+        recon = sq.sum(-1) / mask.sum(-1)  # (B,) per element, the reported metric
+        scale = torch.repeat_interleave(self.recon_scale, torch.tensor([t.shape[-1] for t in targets], device=dev))
+        sq_sum = (sq * scale).sum(-1)  # (B,) ||e - e_hat||^2 over present parts, balanced
+
+        losses = {"recon": sq_sum.mean() if c.recon_reduction == "sum" else recon.mean(), "vq": vq}
+        zero = torch.zeros((), device=dev)
+        if not self.training:  # inference: the O(B^2) contrastive terms are not needed
+            pass
+        elif c.use_alignment_loss:
+            align = content_alignment_loss(h, c.tau)
+            if c.has_behavior:
+                w = alignment_strength(n_norm, c.alpha, c.beta) if c.use_alignment_controller \
+                    else torch.ones_like(n_norm)
+                align = align + behavior_alignment_loss(
+                    {m: h[m][rows] for m in h}, h_b[rows], w.detach(), c.tau)
+            losses["align"] = align
+        else:
+            losses["align"] = zero
+        if self.training and c.has_behavior and c.use_sparsity and c.use_behavior_gate:
+            losses["reg"] = self.sparsity(gates_raw, n_norm)
+        else:
+            losses["reg"] = zero
+        losses.setdefault("align", zero)
+        losses["total"] = losses["recon"] + losses["vq"] + c.align_weight * losses["align"] + losses["reg"]
+
+        weights = (r_full / self.weight_scale).detach() if r_full is not None else torch.zeros(B, 0, device=dev)
+        return ModelOutput(
+            codes=torch.stack(codes, dim=-1),
+            behavior_weights=weights,
+            losses=losses,
+            latents=latents,
+            gates_raw=gates_raw,
+            n_norm=n_norm,
+            recon=recon.detach(),
+        )
+
+
+def _rows(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[mask]
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """values (n_rows, d) placed at ``rows`` of a zero (n, d) tensor."""
+    out = values.new_zeros(n, values.shape[-1])
+    return out.index_put((rows,), values)
