@@ -38,6 +38,16 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def safe_name(name: str, what: str) -> str:
+    """``name`` if it is one plain path component (a file or version name read from data:
+    a manifest, LATEST), else ValueError: no separators, no '..', nothing absolute."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or name != name.strip()):
+        raise ValueError(f"{what} {name!r} is not a plain name (no '/', '\\', '..', NUL or surrounding "
+                         "whitespace); refusing to use it as a path")
+    return name
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -51,11 +61,29 @@ def version_id(files: dict[str, bytes]) -> str:
     return "v" + h.hexdigest()[:16]
 
 
-def write_artifact(uri: str, files: dict[str, bytes], *, source: Any = None) -> dict[str, Any]:
-    """Write ``files`` (name -> bytes) under ``uri``, the manifest last. Returns the manifest."""
+def write_artifact(uri: str, files: dict[str, bytes], *, source: Any = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write ``files`` (name -> bytes) under ``uri``, the manifest last. Returns the manifest.
+
+    An artifact is immutable: ``uri`` must not hold one already (its readers, e.g. a serving
+    replica, could otherwise load a mix of two models), unless ``overwrite``. Overwriting
+    removes the old manifest first, so until the new manifest lands the directory is "not an
+    artifact" to every reader, never half of one.
+    """
     if MANIFEST in files:
         raise ValueError(f"{MANIFEST!r} is written by write_artifact itself")
+    for name in files:
+        safe_name(name, "artifact file name")
     fs, root = resolve(uri)
+    if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
+        if not overwrite:
+            try:
+                held = json.loads(read_bytes(fs, f"{root}/{MANIFEST}")).get("version")
+            except ValueError:
+                held = "an unreadable manifest"
+            raise ValueError(f"{uri!r} already holds an artifact ({held}); artifacts are immutable: "
+                             "write to a new location, or pass overwrite=True (--overwrite) to replace it")
+        fs.delete_file(f"{root}/{MANIFEST}")
     fs.create_dir(root, recursive=True)
     for name, data in files.items():
         write_bytes(fs, f"{root}/{name}", data)
@@ -70,8 +98,9 @@ def write_artifact(uri: str, files: dict[str, bytes], *, source: Any = None) -> 
     return manifest
 
 
-def read_artifact(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """-> (files, manifest); ValueError if the manifest is missing or any file fails it."""
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The artifact's manifest alone (one small read: e.g. to see whether the model at a URI
+    is still the version already loaded); ValueError if there is none or it is unsupported."""
     fs, root = resolve(uri)
     info = fs.get_file_info(f"{root}/{MANIFEST}")
     if info.type != pafs.FileType.File:
@@ -82,9 +111,16 @@ def read_artifact(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
             f"{uri!r}: unsupported artifact format_version {manifest.get('format_version')!r} "
             f"(this sidserve reads {FORMAT_VERSION})"
         )
+    return manifest
+
+
+def read_artifact(uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """-> (files, manifest); ValueError if the manifest is missing or any file fails it."""
+    manifest = read_manifest(uri)
+    fs, root = resolve(uri)
     files = {}
     for name, meta in manifest["files"].items():
-        path = f"{root}/{name}"
+        path = f"{root}/{safe_name(name, f'{uri!r}: manifest file name')}"
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise ValueError(f"{uri!r}: file {name!r} listed in the manifest is missing")
         data = read_bytes(fs, path)

@@ -80,6 +80,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue run --name from its last checkpoint")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
     p.add_argument("--demo-items", type=int, default=20000, help="size of the demo catalog (no --items)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model already at --output (refused otherwise: artifacts are immutable)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -101,6 +103,8 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
     p.add_argument("--use-gpu", action="store_true", help="one GPU per encoder actor (refresh: and per trainer)")
     p.add_argument("--rows-per-partition", type=int, default=100_000,
                    help="rows per grouping task (bounds its memory; fewer, larger partitions write fewer files)")
+    p.add_argument("--keep-snapshots", type=int,
+                   help="retention: keep the N newest snapshots (the published one always); default: keep all")
 
 
 def add_assign_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +227,7 @@ def _demo_in_process(args: argparse.Namespace) -> None:
     print(f"demo catalog: {items.num_rows} synthetic items "
           f"({sum(v is None for v in items.column('behavior_emb').to_pylist())} cold)")
     tok = SemanticIdTokenizer(TokenizerConfig(epochs=args.epochs, seed=args.seed)).fit(items)
-    version = tok.save_pretrained(args.output, source="sidserve demo (synthetic catalog)")
+    version = tok.save_pretrained(args.output, source="sidserve demo (synthetic catalog)", overwrite=True)
     enc = SemanticIdTokenizer.from_pretrained(args.output).encode(items.slice(0, 5))
     print("first items:")
     for i in range(len(enc)):

@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print("[demo] 1/3 fit on Ray Train ...")
         _, version, metrics = fit_distributed(TrainJobConfig(
             output=paths["model"], items=paths["catalog"], tokenizer=TokenizerConfig(epochs=cfg.epochs),
-            num_workers=cfg.num_workers, storage_path=paths["checkpoints"]))
+            num_workers=cfg.num_workers, storage_path=paths["checkpoints"], overwrite=True))
         final = metrics["final"]
         print(f"[demo]     model {version} -> {paths['model']} (entropy {final['entropy_mean']:.3f}, "
               f"utilisation {final['utilisation_mean']:.3f}, collision rate {final['collision_rate']:.4f})")

@@ -13,15 +13,18 @@ system, a single-object PUT on object stores).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from sidserve.artifact import read_bytes, resolve, write_bytes
+from sidserve.artifact import read_bytes, resolve, safe_name, write_bytes
 
 LATEST = "LATEST"
 SUMMARY = "summary.json"
@@ -36,6 +39,44 @@ ITEMS_SCHEMA = pa.schema([
     ("model_version", pa.string()),
 ])
 REJECTS_SCHEMA = pa.schema([("item_id", pa.string()), ("reason", pa.string())])
+
+
+ANY = object()  # SnapshotRoot.publish(expected=ANY): no check (a manual re-point)
+LOCK_TIMEOUT_S = 30.0  # how long publish waits for another publisher's lock
+STAGING_MAX_AGE_S = 24 * 3600.0  # a run's staging untouched this long belongs to a run that died
+
+
+class PublishConflict(RuntimeError):
+    """LATEST moved while a run was building on it."""
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, timeout_s: float = LOCK_TIMEOUT_S):
+    """A lock file created with O_EXCL (atomic on POSIX), removed on exit. A lock older than
+    ``timeout_s`` belongs to a publisher that died holding it and is taken over."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - os.path.getmtime(path) > timeout_s
+            except FileNotFoundError:
+                continue
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path}: another publisher holds the lock") from None
+            time.sleep(0.05)
+    try:
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def new_version() -> str:
@@ -57,10 +98,10 @@ class SnapshotRoot:
         return "/".join([self.uri, *parts])
 
     def snapshot_dir(self, version: str) -> str:
-        return self.uri_of("snapshots", version)
+        return self.uri_of("snapshots", safe_name(version, "snapshot version"))
 
     def staging_dir(self, version: str) -> str:
-        return self.uri_of("_staging", version)
+        return self.uri_of("_staging", safe_name(version, "snapshot version"))
 
     def latest(self) -> str | None:
         """The published version, or None when nothing has been published."""
@@ -68,17 +109,39 @@ class SnapshotRoot:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         version = read_bytes(self.fs, path).decode().strip()
-        return version or None
+        return safe_name(version, f"{self.uri}/{LATEST} names version") if version else None
 
-    def publish(self, version: str) -> None:
-        """Atomically point LATEST at ``version``."""
+    def publish(self, version: str, *, expected: str | None | object = ANY) -> None:
+        """Atomically point LATEST at ``version``.
+
+        expected: the version LATEST named when the run started (None: nothing published).
+        Publishing then succeeds only if LATEST still names it, so of two runs that started
+        from the same snapshot the second to finish fails instead of silently replacing the
+        first (whose dedup continuity it would break). On a local file system the check and
+        the rename happen under an exclusive lock file; on object stores (no compare-and-swap
+        through pyarrow) the check runs just before the PUT, a window of one request.
+        """
+        safe_name(version, "snapshot version")
         data = (version + "\n").encode()
         if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = self.join(f".{LATEST}.{uuid.uuid4().hex}")
-            write_bytes(self.fs, tmp, data)
-            self.fs.move(tmp, self.join(LATEST))  # rename(2): atomic on POSIX
+            with _exclusive(self.join(f".{LATEST}.lock")):
+                self._check_expected(expected, version)
+                tmp = self.join(f".{LATEST}.{uuid.uuid4().hex}")
+                write_bytes(self.fs, tmp, data)
+                self.fs.move(tmp, self.join(LATEST))  # rename(2): atomic on POSIX
         else:
+            self._check_expected(expected, version)
             write_bytes(self.fs, self.join(LATEST), data)  # object stores: a PUT is atomic
+
+    def _check_expected(self, expected, version: str) -> None:
+        if expected is ANY:
+            return
+        now = self.latest()
+        if now != expected:
+            raise PublishConflict(
+                f"{self.uri}: not publishing {version}: this run started from "
+                f"{expected or 'no published snapshot'}, but LATEST now names {now} (another run "
+                f"published meanwhile); rerun to build on {now}")
 
     def summary(self, version: str | None = None) -> dict:
         version = version or self.latest()
@@ -95,6 +158,36 @@ class SnapshotRoot:
 
     def read_items(self, version: str | None = None, columns: list[str] | None = None) -> pa.Table:
         return self.items_dataset(version).to_table(columns=columns)
+
+    def _children(self, sub: str) -> list[pafs.FileInfo]:
+        path = self.join(sub)
+        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return [i for i in self.fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+
+    def prune(self, keep: int | None, *, staging_max_age_s: float = STAGING_MAX_AGE_S) -> dict[str, list[str]]:
+        """Retention: delete all but the ``keep`` newest snapshots (by modification time; the
+        published one is always kept; ``None`` keeps every snapshot) and the staging
+        directories of runs that stopped writing more than ``staging_max_age_s`` ago (failed
+        runs; a run in progress touches its staging). -> the versions deleted, per kind."""
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 (the published snapshot is always kept), got {keep}")
+        published = self.latest()
+        deleted: dict[str, list[str]] = {"snapshots": [], "staging": []}
+        if keep is not None:
+            snaps = sorted(self._children("snapshots"), key=lambda i: (i.mtime_ns or 0, i.base_name), reverse=True)
+            for info in snaps[keep:]:
+                if info.base_name != published:
+                    self.fs.delete_dir(info.path)
+                    deleted["snapshots"].append(info.base_name)
+        cutoff = time.time() - staging_max_age_s
+        for info in self._children("_staging"):
+            newest = max([info.mtime_ns or 0] + [(f.mtime_ns or 0) for f in self.fs.get_file_info(
+                pafs.FileSelector(info.path, recursive=True))])
+            if newest / 1e9 < cutoff:
+                self.fs.delete_dir(info.path)
+                deleted["staging"].append(info.base_name)
+        return deleted
 
     def read_rejects(self, version: str | None = None) -> pa.Table:
         version = version or self.latest()

@@ -297,7 +297,7 @@ def test_killed_run_leaves_latest_and_reruns_are_deterministic(world, monkeypatc
     root = SnapshotRoot(world["root"])
     before = root.latest()
 
-    def killed(self, version):
+    def killed(self, version, **kw):
         raise RuntimeError("killed before publishing")
 
     # night 1 again, killed after writing its snapshot and before publishing it

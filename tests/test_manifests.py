@@ -201,3 +201,28 @@ def test_dockerfile_lint(name):
 def test_dockerignore_keeps_local_state_out():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "outputs"} <= ignored
+
+
+def _env_entries(node, keys: set[str], found: dict[str, list]) -> None:
+    """Every env entry (name + value/valueFrom) named in ``keys``, anywhere in a manifest."""
+    if isinstance(node, dict):
+        if node.get("name") in keys and ("value" in node or "valueFrom" in node):
+            found.setdefault(node["name"], []).append(node)
+        for v in node.values():
+            _env_entries(v, keys, found)
+    elif isinstance(node, list):
+        for v in node:
+            _env_entries(v, keys, found)
+
+
+def test_secrets_come_from_kubernetes_secrets_not_literals():
+    """The API key and the Ray token reach the pods through secretKeyRef, never as a value."""
+    wanted = {"rayservice.yaml": {"SIDSERVE_API_KEY", "RAY_AUTH_TOKEN"}, "cronjob-refresh.yaml": {"RAY_AUTH_TOKEN"}}
+    for name, keys in wanted.items():
+        found: dict[str, list] = {}
+        for doc in yaml.safe_load_all((ROOT / "k8s" / name).read_text()):
+            _env_entries(doc, keys, found)
+        assert set(found) == keys, (name, found)
+        for entries in found.values():
+            for e in entries:
+                assert "value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "sidserve-secrets", e

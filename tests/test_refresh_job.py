@@ -70,3 +70,14 @@ def test_refresh_failure_on_bad_input_is_an_error(refreshed, pushgateway, tmp_pa
         run_refresh(RefreshJobConfig(items=str(tmp_path / "missing"), model=refreshed["model"],
                                      output=str(tmp_path / "snap"), pushgateway=addr))
     assert ("sidserve_refresh_last_failure_timestamp_seconds", ()) in scrape(url)
+
+
+def test_a_metrics_push_that_fails_after_publishing_does_not_fail_the_job(refreshed, tmp_path, caplog):
+    from conftest import free_port
+
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    s = run_refresh(RefreshJobConfig(items=refreshed["items"], model=refreshed["model"],
+                                     output=str(tmp_path / "snap"), pushgateway=closed, num_workers=1))
+    assert s["push_failures"] == 1
+    assert SnapshotRoot(str(tmp_path / "snap")).latest() == s["version"]  # published all the same
+    assert any("pushing its metrics" in r.getMessage() for r in caplog.records)

@@ -291,3 +291,22 @@ def test_popularity_is_an_unknown_field_for_a_norm_model():
         with pytest.raises(schema.RequestError) as err:
             read(body, cfg, 5)
         assert err.value.status == 422 and "popularity" in json.dumps(err.value.detail)
+
+
+def test_open_routes_say_ready_or_not_and_nothing_else(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from sidserve.serving.app import make_app
+    from sidserve.serving.core import TokenizeService
+    from sidserve.serving.telemetry import PrometheusTelemetry
+
+    monkeypatch.setenv("SIDSERVE_API_KEY", "k")
+    service = TokenizeService(PrometheusTelemetry())
+    service.last_error = "ValueError: 's3://private-bucket/models/sid-v7' is not an artifact"
+    client = TestClient(make_app(lambda: service))
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    assert "private-bucket" not in r.text and "ValueError" not in r.text
+    assert client.get("/v1/model").status_code == 401  # the details are behind the key
+    r = client.get("/v1/model", headers={"Authorization": "Bearer k"})
+    assert r.status_code == 503 and "private-bucket" in r.text

@@ -79,6 +79,15 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
                 "collision_rate", "items_per_s"):
         assert key in m["epochs"][-1]
     assert len(m["final"]["utilisation_per_position"]) == 6
+    # the job's final metrics are the ones an in-process evaluate of the same model gives
+    # (over every worker's shard = the catalog up to the equal-split remainder of one item)
+    ref = loaded.evaluate(catalog)
+    warm = sum(v is not None for v in catalog.column("behavior_emb").to_pylist())
+    for key in ("cold_path_agreement", "gate_zero_share"):
+        assert m["final"][key] == pytest.approx(ref[key], abs=2 / warm), key
+    np.testing.assert_allclose(m["final"]["gate_mean_per_position"], ref["gate_mean_per_position"], atol=2e-3)
+    np.testing.assert_allclose(m["final"]["cold_path_agreement_per_position"],
+                               ref["cold_path_agreement_per_position"], atol=2 / warm)
     for key in ("collision", "catalog_collision_rate", "catalog_collision_rate_h1", "catalog_collision_groups",
                 "admissible_share", "regulated_pairs", "catalog_utilisation_per_position"):
         assert key in m["epochs"][0], key
@@ -230,3 +239,18 @@ def test_yaml_config_unknown_key_is_named(tmp_path):
         load_tokenizer_config(str(path))
     path.write_text("codebook_size: 32\n")
     assert load_tokenizer_config(str(path), epochs=5).epochs == 5
+
+
+def test_checkpoints_default_beside_the_output_a_uri_beside_a_uri(tmp_path):
+    assert TrainJobConfig(output="s3://bucket/models/sid-v1").storage() == "s3://bucket/models/checkpoints"
+    assert TrainJobConfig(output="gs://bucket/sid-v1/").storage() == "gs://bucket/checkpoints"
+    assert TrainJobConfig(output=str(tmp_path / "m" / "sid")).storage() == str(tmp_path / "m" / "checkpoints")
+    assert TrainJobConfig(output="x", storage_path="s3://ck/").storage() == "s3://ck/"
+
+
+def test_an_existing_model_is_not_overwritten_unless_asked(ray_session, items_dir, fitted, tmp_path):
+    ray_session()
+    fitted.save_pretrained(str(tmp_path / "model"))
+    with pytest.raises(ValueError, match=r"already holds model v[0-9a-f]+; artifacts are immutable.*--overwrite"):
+        fit_distributed(job(tmp_path, items_dir))
+    assert load_tokenizer(str(tmp_path / "model")).version == fitted.version  # untouched

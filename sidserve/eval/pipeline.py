@@ -282,7 +282,7 @@ class Evaluation:
             if tk.tokenizer is not None:
                 art = d + ".artifact-tmp"
                 shutil.rmtree(art, ignore_errors=True)
-                tk.tokenizer.save_pretrained(art)
+                tk.tokenizer.save_pretrained(art, overwrite=True)  # a rerun of the stage replaces it
                 shutil.rmtree(os.path.join(d, "artifact"), ignore_errors=True)
                 os.makedirs(d, exist_ok=True)
                 os.replace(art, os.path.join(d, "artifact"))

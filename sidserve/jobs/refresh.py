@@ -45,6 +45,7 @@ class RefreshJobConfig:
     use_gpu: bool = False
     pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
     rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
+    keep_snapshots: int | None = None  # retention (AssignJobConfig.keep_snapshots)
     columns: dict[str, str] | None = None  # modality -> input column; None: the model's own mapping
     sample_size: int = 200_000  # a baseline re-fit's sample (TrainJobConfig.sample_size)
 
@@ -121,6 +122,7 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
         summary = run_assignment(AssignJobConfig(items=job.items, model=model_uri, output=job.output,
                                                  num_workers=job.num_workers, use_gpu=job.use_gpu,
                                                  rows_per_partition=job.rows_per_partition,
+                                                 keep_snapshots=job.keep_snapshots,
                                                  columns=job.columns))
         summary["prepass"] = prepass
         summary["refit_model"] = model_uri if job.refit else None
@@ -132,8 +134,16 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
             except OSError as err:  # the job's own error matters more; say both
                 log.error("could not push the failure to %s: %s", job.pushgateway, err)
         raise
+    summary["push_failures"] = 0
     if job.pushgateway:
-        push_success(job.pushgateway, summary)
+        try:
+            push_success(job.pushgateway, summary)
+        except OSError as err:
+            # the snapshot is published: a failing exit code would make the CronJob run (and
+            # publish) again. Say it and count it; the metrics' staleness alert covers the rest
+            summary["push_failures"] = 1
+            log.error("refresh %s published, but pushing its metrics to %s failed: %s",
+                      summary["version"], job.pushgateway, err)
     return summary
 
 
@@ -148,11 +158,12 @@ def run_cli(args) -> int:
             refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
+            keep_snapshots=args.keep_snapshots,
             pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "
               f"{s['items']} items, {s['rejects']} rejects, churn {c['churn']:.4f} of {c['common']} common "
               f"items, {c['new']} new, {c['removed']} removed, collision rate {s['collision_rate']:.4f}, "
-              f"{s['duration_s']:.1f} s")
+              f"{s['duration_s']:.1f} s" + (", metrics NOT pushed (see the log)" if s["push_failures"] else ""))
 
     return run_job(body)

@@ -69,16 +69,20 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     async def readyz():
         service = get_service()
         state = service.state
+        # an open route: readiness and versions only; error texts (paths, URIs) go to the log
+        # and to the authenticated GET /v1/model
         if state is None:
-            return JSONResponse({"ready": False, "reason": service.last_error or "loading"}, status_code=503)
+            reason = "loading" if service.last_error is None else "model not loaded (see GET /v1/model or the log)"
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return {"ready": True, "model_version": state.model_version, "snapshot_version": state.snapshot_version,
-                "catalog_lookup": state.catalog_usable, "last_error": service.last_error}
+                "catalog_lookup": state.catalog_usable}
 
     @app.get("/v1/model")
     async def model_info():
         service = get_service()
         info = service.current().describe()
         info["service_config"] = service.config.to_dict()
+        info["last_error"] = service.last_error  # e.g. a snapshot that failed to load (still serving)
         return info
 
     def openapi():

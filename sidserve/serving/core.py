@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sidserve.artifact import read_manifest
 from sidserve.items import ItemArrays
 from sidserve.serving.schema import Prepared, concat_arrays, read_request
 from sidserve.serving.state import ServiceConfig, ServingState, load_state
@@ -96,6 +97,7 @@ class TokenizeService:
                 state = await asyncio.to_thread(load_state, config, current=self.state)
             except Exception as err:
                 self.last_error = f"{type(err).__name__}: {err}"
+                log.error("reconfigure failed, keeping the previous state: %s", self.last_error)
                 raise
             self.config = config
             self.swap(state)
@@ -133,12 +135,15 @@ class TokenizeService:
                               self.state.snapshot_version if self.state else None)
 
     async def check_latest(self) -> bool:
-        """Load the published snapshot if ``LATEST`` moved; True when the state changed."""
-        root_uri = self.config.resolved_snapshot_root
-        if root_uri is None or self.state is None:
+        """Reload when ``LATEST`` moved or the artifact at the model's URI was replaced (its
+        manifest names another version); True when the state changed."""
+        if self.state is None:
             return False
-        latest = await asyncio.to_thread(SnapshotRoot(root_uri).latest)
-        if latest is None or latest == self.state.snapshot_version:
+        root_uri = self.config.resolved_snapshot_root
+        latest = await asyncio.to_thread(SnapshotRoot(root_uri).latest) if root_uri is not None else None
+        moved = latest is not None and latest != self.state.snapshot_version
+        model_now = (await asyncio.to_thread(read_manifest, self.state.model_uri))["version"]
+        if not moved and model_now == self.state.model_version:
             return False
         async with self._lock:
             state = await asyncio.to_thread(load_state, self.config, snapshot_version=latest, current=self.state)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidserve.artifact import read_manifest
 from sidserve.config import config_from_dict
 from sidserve.serving.catalog_index import CatalogIndex
 from sidserve.snapshot import SnapshotRoot
@@ -145,7 +146,10 @@ def load_state(config: ServiceConfig, *, snapshot_version: str | None = None,
         model_uri = catalog.summary.get("model")
         if not model_uri:
             raise ValueError(f"snapshot {catalog.version} does not name its model; set model_uri")
-    if current is not None and current.model_uri == model_uri:
+    # keyed by the artifact's manifest version, not its URI: a model replaced at the same URI
+    # (``--overwrite``) is loaded, an unchanged one is reused without reading its weights
+    if current is not None and current.model_uri == model_uri \
+            and current.tokenizer.version == read_manifest(model_uri)["version"]:
         tokenizer = current.tokenizer
     else:
         tokenizer = load_tokenizer(model_uri)

@@ -95,9 +95,11 @@ class BaseTokenizer:
         """Version id of the artifact this tokenizer was saved as / loaded from."""
         return getattr(self, "version_", None)
 
-    def save_pretrained(self, uri: str, *, source: Any = None, extra_files: dict[str, bytes] | None = None) -> str:
+    def save_pretrained(self, uri: str, *, source: Any = None, extra_files: dict[str, bytes] | None = None,
+                        overwrite: bool = False) -> str:
         """Write the artifact directory; returns its version id. ``extra_files`` (e.g. a
-        job's ``metrics.json``) are covered by the manifest like the rest."""
+        job's ``metrics.json``) are covered by the manifest like the rest. A directory that
+        holds an artifact is refused unless ``overwrite`` (artifacts are immutable)."""
         self._check_fitted()
         config = {
             "format_version": FORMAT_VERSION,
@@ -119,7 +121,7 @@ class BaseTokenizer:
             if name in files:
                 raise ValueError(f"extra file {name!r} would overwrite a standard artifact file")
             files[name] = data
-        manifest = write_artifact(uri, files, source=source)
+        manifest = write_artifact(uri, files, source=source, overwrite=overwrite)
         self.version_ = manifest["version"]
         return self.version_
 

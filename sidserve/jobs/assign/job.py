@@ -40,6 +40,9 @@ class AssignJobConfig:
     read_ahead_mib: int = 256  # object store budget of the encode stage (raised to hold 2 calls' input per
     #                            actor for wide embeddings): without it, reads run ahead
     #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
+    # retention: snapshots kept (the newest; the published one always); None keeps all. Staging
+    # left by runs that died (untouched for a day) is deleted either way
+    keep_snapshots: int | None = None
     # modality -> input column (--column); None: the mapping the model was fitted with, for the
     # columns the input has under those names
     columns: dict[str, str] | None = None
@@ -202,11 +205,14 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "stage_seconds": stages,
     }
     write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
-    root.publish(version)
+    root.publish(version, expected=previous)  # fails if another run published meanwhile
     try:
         root.fs.delete_dir(root.join("_staging", version))
     except OSError:  # leftovers are harmless: nothing reads _staging
         log.warning("could not delete %s", staging)
+    summary["pruned"] = root.prune(job.keep_snapshots)
+    if any(summary["pruned"].values()):
+        log.info("retention: deleted %s", summary["pruned"])
     summary["duration_s"] = time.perf_counter() - t0
     return summary
 
@@ -220,7 +226,7 @@ def run_cli(args) -> int:
         s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
-            columns=parse_columns(args.column) or None))
+            columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")

@@ -78,7 +78,7 @@ def fit_sampled(job, ds, config, inputs: dict[str, Any], t0: float):
           flush=True)
     source = {"items": job.items or f"synthetic demo catalog ({job.demo_items} items)",
               "num_rows": stats.num_rows, "num_valid": stats.num_valid, "sample_size": n}
-    version = tok.save_pretrained(job.output, source=source,
+    version = tok.save_pretrained(job.output, source=source, overwrite=job.overwrite,
                                   extra_files={"metrics.json": json.dumps(metrics, indent=2).encode()})
     print(f"[sidserve] model {version} written to {job.output}", flush=True)
     return tok, version, metrics

@@ -36,6 +36,7 @@ class TrainJobConfig:
     # baselines (rq-kmeans, opq, rq-vae) are fitted on one uniform sample of the cleaned catalog
     # of at most this many rows, streamed from the input (k-means needs ~K x 256 points per level)
     sample_size: int = 200_000
+    overwrite: bool = False  # replace an artifact already at ``output`` (artifacts are immutable)
     num_workers: int = 2  # Ray Train workers (data-parallel)
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float | None = None  # CPUs per worker; None: 1, or less on a small cluster
@@ -56,7 +57,16 @@ class TrainJobConfig:
             self.name = f"sidserve-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def storage(self) -> str:
-        path = self.storage_path or os.path.join(os.path.dirname(os.path.abspath(self.output)), "checkpoints")
+        """Checkpoint storage: ``storage_path``, else ``checkpoints`` beside ``output`` (a URI
+        beside a URI output: s3://b/models/sid-v1 -> s3://b/models/checkpoints)."""
+        if self.storage_path:
+            path = self.storage_path
+        elif "://" in self.output:
+            scheme, _, rest = self.output.rstrip("/").partition("://")
+            parent = rest.rsplit("/", 1)[0] if "/" in rest else rest
+            path = f"{scheme}://{parent}/checkpoints"
+        else:
+            path = os.path.join(os.path.dirname(os.path.abspath(self.output)), "checkpoints")
         return path if "://" in path else os.path.abspath(path)
 
 
@@ -221,6 +231,17 @@ def _kmeans_sample(clean_ds, stats: CatalogStats, config: TokenizerConfig) -> di
     return sample
 
 
+def _refuse_existing_artifact(uri: str) -> None:
+    from sidserve.artifact import read_manifest
+
+    try:
+        held = read_manifest(uri)["version"]
+    except (ValueError, OSError):
+        return  # nothing there (or not an artifact): the fit may write
+    raise ValueError(f"{uri!r} already holds model {held}; artifacts are immutable: choose a new --output "
+                     "or pass --overwrite to replace it")
+
+
 def fit_distributed(job: TrainJobConfig):
     """Pre-pass, TorchTrainer fit, artifact. Returns (tokenizer, version, metrics)."""
     import ray
@@ -231,6 +252,8 @@ def fit_distributed(job: TrainJobConfig):
     from sidserve.tokenizers.registry import tokenizer_class
 
     tokenizer_class(job.tokenizer_type)  # an unknown type fails before anything starts
+    if not job.overwrite:  # before any work, not after an hour of training
+        _refuse_existing_artifact(job.output)
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
     if not ray.is_initialized():
@@ -328,7 +351,7 @@ def fit_distributed(job: TrainJobConfig):
     }
     source = {"items": job.items or f"synthetic demo catalog ({job.demo_items} items)",
               "num_rows": stats.num_rows, "num_valid": stats.num_valid}
-    version = tok.save_pretrained(job.output, source=source,
+    version = tok.save_pretrained(job.output, source=source, overwrite=job.overwrite,
                                   extra_files={"metrics.json": json.dumps(metrics, indent=2).encode()})
     print(f"[sidserve] model {version} written to {job.output}", flush=True)
     return tok, version, metrics
@@ -348,7 +371,7 @@ def run_cli(args) -> int:
             columns=parse_columns(args.column), sample_size=args.sample_size,
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=args.name, resume=args.resume,
-            max_failures=args.max_failures, demo_items=args.demo_items,
+            max_failures=args.max_failures, demo_items=args.demo_items, overwrite=args.overwrite,
         )
         tok, version, metrics = fit_distributed(job)
         if job.items is None:  # the demo: show what the artifact gives a few items

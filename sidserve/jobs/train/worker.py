@@ -129,6 +129,7 @@ def train_loop(cfg: dict) -> None:
         with checkpoint.as_directory() as d:
             saved, history = load_checkpoint(d, model)
         optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
+        state.generator.set_state(saved["generator"])  # dead-code restarts draw as they would have
         if rank == 0:
             print(f"[sidserve] resuming from checkpoint after epoch {saved['epoch']}", flush=True)
     elif cfg.get("init_state_ref") is not None:  # warm start from the current model
@@ -301,12 +302,17 @@ def regulation_refresh(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: S
 
 @torch.no_grad()
 def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync, device) -> dict[str, Any]:
-    """Quantization metrics of the trained model over all shards (one inference pass)."""
+    """Quantization metrics of the trained model over all shards (one inference pass): the
+    keys ``SemanticIdTokenizer.evaluate`` writes for an in-process fit (recon, entropy,
+    utilisation, collision rate, cold-path agreement, gate statistics), so both artifacts
+    carry the same ``fit_metrics``."""
     model.eval()
     codes = CodeStats(tcfg)
     recon_sum, n = 0.0, 0
     nb = tcfg.num_behavior_experts if tcfg.has_behavior else 0
-    r_sum, r_count = torch.zeros(nb), 0
+    k = tcfg.sid_length - nb  # shared + content positions: what the content-only path keeps
+    r_sum, r_zero, r_count = torch.zeros(nb), torch.zeros(nb), 0
+    agree_all, agree_pos = 0.0, torch.zeros(k)
     batches = iter(shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy"))
     while True:
         batch = next(batches, None)
@@ -317,15 +323,31 @@ def evaluate_shard(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync,
         codes.add(out.codes.cpu().numpy())
         recon_sum += float(out.recon.sum())
         n += out.recon.shape[0]
-        if nb:
-            r_sum += (out.behavior_weights * model.weight_scale)[x.has_behavior].sum(0).cpu()
-            r_count += int(x.has_behavior.sum())
+        if nb and bool(x.has_behavior.any()):
+            warm = x.has_behavior
+            raw = (out.behavior_weights * model.weight_scale)[warm]
+            r_sum += raw.sum(0).cpu()
+            r_zero += (raw == 0).sum(0).cpu().float()
+            r_count += int(warm.sum())
+            # the same items with their behavior withheld: does the content-only path agree?
+            cold = ModelInput({m: v[warm] for m, v in x.content.items()}, x.behavior[warm],
+                              torch.zeros_like(warm[warm]),
+                              None if x.popularity is None else x.popularity[warm])
+            same = out.codes[warm][:, :k] == model(cold, codes_only=True).codes[:, :k]
+            agree_all += float(same.all(dim=1).sum())
+            agree_pos += same.sum(0).cpu().float()
     report = codes.reduce(sync)
     total_recon, total_n = sync.mean([recon_sum, float(n)])
     report["recon"] = total_recon / max(total_n, 1.0)
-    if nb:  # mean R(e_b) per expert over every worker's items with behavior
-        sums = sync.mean([*r_sum.tolist(), float(r_count)])
-        mean_r = torch.tensor(sums[:nb]) / max(sums[nb], 1e-12)
+    report["gate_mean_per_position"] = []
+    if nb:  # over every worker's items with behavior
+        sums = sync.mean([*r_sum.tolist(), *r_zero.tolist(), agree_all, *agree_pos.tolist(), float(r_count)])
+        count = max(sums[-1], 1e-12)
+        mean_r = torch.tensor(sums[:nb]) / count
         report["behavior_weight_mean_raw"] = mean_r.tolist()
         model.set_weight_scale(mean_r)  # behavior_weight_scale="unit_mean"; same on every worker
+        report["gate_mean_per_position"] = (mean_r / model.weight_scale.cpu()).round(decimals=6).tolist()
+        report["gate_zero_share"] = float(sum(sums[nb:2 * nb]) / (count * nb))
+        report["cold_path_agreement"] = sums[2 * nb] / count
+        report["cold_path_agreement_per_position"] = [round(v / count, 6) for v in sums[2 * nb + 1:2 * nb + 1 + k]]
     return report
