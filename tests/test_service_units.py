@@ -96,26 +96,32 @@ def test_load_state_names_what_is_missing(tmp_path, fitted, small_catalog, monke
     assert again.tokenizer is state.tokenizer and again.catalog is state.catalog
 
 
+def start_local(cmd: list[str], port: int):
+    """Start a local server process; -> (process, base URL) once /readyz answers 200."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(proc.stdout.read())
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the local server did not become ready in 30 s")
+
+
 def test_local_mode_serves_the_same_app(tmp_path, fitted, small_catalog):
     model = str(tmp_path / "model")
     fitted.save_pretrained(model)
     root = SnapshotRoot(str(tmp_path / "snaps"))
     write_snapshot(root, fitted, model, small_catalog.slice(0, 100), "s1")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sidserve", "serve", "--local", "--model", model,
-                             "--snapshot", root.uri, "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_local([sys.executable, "-m", "sidserve", "serve", "--local", "--model", model,
+                              "--snapshot", root.uri, "--port", str(port)], port)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read())
-            time.sleep(0.1)
         r = httpx.post(f"{base}/tokenize", json={"items": [item_json(small_catalog, 1),
                                                            item_json(small_catalog, 200, behavior_emb=None)]})
         assert r.status_code == 200, r.text
@@ -166,7 +172,7 @@ def _item(rng, text=4, image=3, behavior=2, **kw):
 
 
 @pytest.mark.parametrize("case", [
-    "plain", "ints-and-bools", "null-behavior", "absent-behavior", "recompute", "null-id", "wrong-dim",
+    "plain", "ints", "ints-and-bools", "bools-only", "null-behavior", "absent-behavior", "recompute", "null-id", "wrong-dim",
     "unknown-field", "missing-content", "empty", "too-many", "numeric-strings", "word-in-vector",
     "null-in-vector", "nested-vector", "huge-int", "beyond-float32", "nan-literal", "id-not-string",
     "recompute-string", "items-not-list", "item-not-object", "top-level-extra", "malformed", "not-utf8",
@@ -179,8 +185,12 @@ def test_fast_json_path_matches_the_pydantic_models(case):
     items = [_item(rng), _item(rng, item_id="b")]
     doc = {"items": items}
     raw = None
-    if case == "ints-and-bools":
+    if case == "ints":
+        items[0]["text_emb"] = [1, 0, 3, -2]
+    elif case == "ints-and-bools":
         items[0]["text_emb"] = [1, 0, True, -2]
+    elif case == "bools-only":
+        items[0]["behavior_emb"] = [True, False]
     elif case == "null-behavior":
         items[1]["behavior_emb"] = None
     elif case == "absent-behavior":
@@ -231,8 +241,8 @@ def test_fast_json_path_matches_the_pydantic_models(case):
     fast = _outcome(lambda: schema.read_request(body, cfg, 5))
     slow = _outcome(lambda: _via_pydantic(body, cfg, 5))
     assert fast == slow
-    accepted = {"plain", "ints-and-bools", "null-behavior", "absent-behavior", "recompute", "null-id",
-                "numeric-strings", "huge-int", "recompute-string"}  # the last three: pydantic's lax mode
+    # strict types in both paths: a JSON boolean or a string is not a number, "true" not a boolean
+    accepted = {"plain", "ints", "null-behavior", "absent-behavior", "recompute", "null-id", "huge-int"}
     assert fast[0] == ("ok" if case in accepted else "error"), fast
 
 
@@ -310,3 +320,75 @@ def test_open_routes_say_ready_or_not_and_nothing_else(monkeypatch):
     assert client.get("/v1/model").status_code == 401  # the details are behind the key
     r = client.get("/v1/model", headers={"Authorization": "Bearer k"})
     assert r.status_code == 503 and "private-bucket" in r.text
+
+
+def test_item_ids_longer_than_the_limit_are_named():
+    cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2)
+    rng = np.random.default_rng(2)
+    body = json.dumps({"items": [_item(rng), _item(rng, item_id="x" * 513)]}).encode()
+    for read in (lambda: schema.read_request(body, cfg, 10, max_id_chars=512),
+                 lambda: schema.prepare(*_pydantic_items(body), cfg, 10, max_id_chars=512)):
+        with pytest.raises(schema.RequestError) as err:
+            read()
+        assert err.value.status == 422
+        assert err.value.detail[0]["loc"] == ["body", "items", 1, "item_id"]
+        assert "items[1].item_id has 513 characters" in err.value.detail[0]["msg"]
+    assert schema.read_request(body, cfg, 10, max_id_chars=513).item_ids[1] == "x" * 513
+
+
+def _pydantic_items(body: bytes):
+    request = schema.TokenizeRequest.model_validate_json(body)
+    return [{"item_id": it.item_id, **(it.__pydantic_extra__ or {})} for it in request.items], request.recompute
+
+
+def _peak_rss(pid: int) -> int:
+    """Peak resident set size of a process, bytes (Linux: VmHWM)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(240)
+def test_bodies_over_the_limit_get_413_before_the_replica_reads_them(tmp_path, fitted, small_catalog):
+    """10x the byte limit, with and without Content-Length (chunked), and a Content-Length that
+    lies: each a 413, the replica's memory stays put, and it answers the next request."""
+    from sidserve.serving.state import ServiceConfig
+
+    model = str(tmp_path / "model")
+    fitted.save_pretrained(model)
+    user_config = {"model_uri": model, "snapshot_root": "", "max_body_bytes": 2 << 20}
+    limit = ServiceConfig.from_dict(user_config).body_limit(fitted.config)
+    port = free_port()
+    code = (f"from sidserve.serving.local import serve_local; "
+            f"serve_local({user_config!r}, '127.0.0.1', {port}, log_level='warning')")
+    proc, base = start_local([sys.executable, "-c", code], port)
+    try:
+        good = {"items": [item_json(small_catalog, 1)]}
+        assert httpx.post(f"{base}/tokenize", json=good).status_code == 200
+        peak0 = _peak_rss(proc.pid)
+        big = b'{"items": [' + b"1.0," * (10 * limit // 4) + b"1.0]}"  # 10x the limit (20 MiB)
+
+        def chunks():
+            for s in range(0, len(big), 1 << 20):
+                yield big[s:s + (1 << 20)]
+
+        for name, send in [
+            ("content-length", lambda: httpx.post(f"{base}/tokenize", content=big,
+                                                  headers={"Content-Type": "application/json"})),
+            ("chunked", lambda: httpx.post(f"{base}/tokenize", content=chunks(),
+                                           headers={"Content-Type": "application/json"})),
+        ]:
+            for _ in range(3):
+                try:
+                    r = send()
+                except httpx.HTTPError:  # the server may close while the client still sends
+                    continue
+                assert r.status_code == 413, (name, r.status_code, r.text[:300])
+                assert f"limit of {limit} bytes" in r.text
+        # the peak (VmHWM) grew by less than half of one body: none was read whole
+        assert _peak_rss(proc.pid) - peak0 < len(big) // 2, (peak0, _peak_rss(proc.pid), len(big))
+        assert httpx.post(f"{base}/tokenize", json=good).status_code == 200  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

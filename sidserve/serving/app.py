@@ -141,16 +141,36 @@ class TokenizeEndpoint:
         return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     async def __call__(self, scope, receive, send):
-        chunks = []
+        limit = self.get_service().body_limit()
+        if limit is not None:
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await _too_large(limit, int(declared))(scope, receive, send)  # nothing read
+                return
+        chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return  # the client left; nothing to answer
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:  # chunked or lying: stop reading here
+                await _too_large(limit, None)(scope, receive, send)
+                return
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         response = await self.respond(b"".join(chunks))
         await response(scope, receive, send)
+
+
+def _too_large(limit: int, declared: int | None) -> JSONResponse:
+    what = f"of {declared} bytes " if declared is not None else ""
+    return JSONResponse({"detail": [{"loc": ["body"], "type": "too_large",
+                                     "msg": f"request body {what}exceeds the limit of {limit} bytes "
+                                            f"(max_body_bytes, or max_items_per_request items of this model): "
+                                            "split the batch"}]},
+                        status_code=413, headers={"Connection": "close"})
 
 
 class AuthAndMetrics:

@@ -154,6 +154,11 @@ class TokenizeService:
         if self._poller is not None:
             self._poller.cancel()
 
+    def body_limit(self) -> int | None:
+        """Largest request body accepted now (None before a model is loaded: the request will
+        get its 503 without being read)."""
+        return None if self.state is None else self.config.body_limit(self.state.tokenizer.config)
+
     def current(self) -> ServingState:
         if self.state is None:
             raise NotReady(self.last_error or "the model is still loading")
@@ -164,7 +169,8 @@ class TokenizeService:
         """A raw request body -> the response dict. Raises pydantic.ValidationError or
         RequestError for a bad request (see ``read_request``), NotReady before a model."""
         state = self.current()  # one state for the whole request
-        prepared: Prepared = read_request(body, state.tokenizer.config, self.config.max_items_per_request)
+        prepared: Prepared = read_request(body, state.tokenizer.config, self.config.max_items_per_request,
+                                          max_id_chars=self.config.max_item_id_chars)
         n = len(prepared.item_ids)
         results: list[dict | None] = [None] * n
         hit = np.zeros(n, dtype=bool)

@@ -35,7 +35,8 @@ class TokenizeItem(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
         "item_id": "item-42", "text_emb": [0.1, -0.3, 0.7], "image_emb": [0.2, 0.0, -0.5],
         "behavior_emb": None}})
-    __pydantic_extra__: dict[str, list[float] | None] = Field(init=False)
+    # strict: a JSON boolean or a string is not a number (lax pydantic would take true as 1.0)
+    __pydantic_extra__: dict[str, list[Annotated[float, Field(strict=True)]] | None] = Field(init=False)
 
     item_id: str | None = None
     popularity: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] | None = None
@@ -45,7 +46,8 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[TokenizeItem]
-    recompute: bool = Field(False, description="compute every item, even those in the published snapshot")
+    recompute: bool = Field(False, strict=True,
+                            description="compute every item, even those in the published snapshot")
 
 
 class TokenizeResult(BaseModel):
@@ -101,6 +103,10 @@ def _plain_items(body: bytes) -> tuple[list[dict], bool]:
     items, recompute = doc.get("items"), doc.get("recompute", False)
     if type(items) is not list or type(recompute) is not bool:
         raise _NotPlain
+    # a JSON boolean anywhere but ``recompute`` (numpy would read true among floats as 1.0):
+    # the pydantic models judge it, and refuse it (a string id that spells true only costs speed)
+    if body.count(b"true") + body.count(b"false") > ("recompute" in doc):
+        raise _NotPlain
     for item in items:
         if type(item) is not dict:
             raise _NotPlain
@@ -116,7 +122,7 @@ def _plain_items(body: bytes) -> tuple[list[dict], bool]:
     return items, recompute
 
 
-def read_request(body: bytes, config, max_items: int) -> Prepared:
+def read_request(body: bytes, config, max_items: int, *, max_id_chars: int = 512) -> Prepared:
     """A raw ``POST /tokenize`` body -> validated arrays for the model ``config``.
 
     Raises pydantic.ValidationError for a body that is not the request's JSON shape
@@ -124,19 +130,20 @@ def read_request(body: bytes, config, max_items: int) -> Prepared:
     """
     try:
         items, recompute = _plain_items(body)
-        return prepare(items, recompute, config, max_items, plain=True)
+        return prepare(items, recompute, config, max_items, plain=True, max_id_chars=max_id_chars)
     except _NotPlain:
         pass
     request = TokenizeRequest.model_validate_json(body)
     items = [{ITEM_ID: it.item_id, **({POPULARITY: it.popularity} if it.popularity is not None else {}),
               **(it.__pydantic_extra__ or {})} for it in request.items]
-    return prepare(items, request.recompute, config, max_items)
+    return prepare(items, request.recompute, config, max_items, max_id_chars=max_id_chars)
 
 
 _NUMERIC = frozenset("biuf")  # numpy kinds of a vector that holds only JSON numbers (and booleans)
 
 
-def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain: bool = False) -> Prepared:
+def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain: bool = False,
+            max_id_chars: int = 512) -> Prepared:
     """Validate items ({field: value}, shape already checked) against the model ``config``
     -> dense arrays.
 
@@ -158,6 +165,10 @@ def prepare(items: list[dict], recompute: bool, config, max_items: int, *, plain
     extras = items
     errors: list[tuple[int, dict]] = []
     for i, extra in enumerate(extras):
+        item_id = extra.get(ITEM_ID)
+        if item_id is not None and len(item_id) > max_id_chars:
+            errors.append((i, _error(["items", i, ITEM_ID], f"items[{i}].item_id has {len(item_id)} characters; "
+                                     f"the limit is {max_id_chars}", "string_too_long")))
         for name in extra:
             if name not in allowed:
                 errors.append((i, _error(["items", i, name], f"items[{i}] has unknown field {name!r}; "

@@ -45,16 +45,32 @@ class ServiceConfig:
     max_items_per_request: int = 1024
     # items per forward pass inside one model call
     encode_batch_size: int = 8192
+    # largest accepted request body in bytes (413 above it, refused before it is read whole);
+    # None: derived from max_items_per_request and the model's input dimensions (body_limit)
+    max_body_bytes: int | None = None
+    # longest accepted item_id (422 naming the field above it)
+    max_item_id_chars: int = 512
 
     def validate(self) -> ServiceConfig:
         if self.snapshot_poll_s < 0:
             raise ValueError(f"snapshot_poll_s must be >= 0, got {self.snapshot_poll_s}")
-        for name in ("max_batch_size", "max_items_per_request", "encode_batch_size"):
+        if self.max_body_bytes is not None and (not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024):
+            raise ValueError(f"max_body_bytes must be an int >= 1024 (or null: derived), got {self.max_body_bytes!r}")
+        for name in ("max_batch_size", "max_items_per_request", "encode_batch_size", "max_item_id_chars"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
             raise ValueError(f"batch_wait_timeout_s must be in [0, 10], got {self.batch_wait_timeout_s}")
         return self
+
+    def body_limit(self, model_config) -> int:
+        """Bytes a request may carry: ``max_body_bytes``, else room for ``max_items_per_request``
+        items of this model written generously (every float as 26 characters, a 512-character
+        id and field names), plus 64 KiB."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        values = sum(model_config.modality_dims.values()) + (model_config.behavior_dim or 0)
+        return self.max_items_per_request * (26 * values + self.max_item_id_chars + 256) + 65536
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ServiceConfig:
