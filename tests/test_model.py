@@ -1,5 +1,6 @@
 """The network: straight-through path, codebooks, fusion, content-only path."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -170,3 +171,22 @@ def test_codes_only_inference_matches_the_full_forward():
         assert "inference" in str(err)
     else:
         raise AssertionError("codes_only in train mode must be refused")
+
+
+def test_host_copies_of_the_richness_statistics_follow_every_change():
+    """richness() reads N_min/N_max and the quantile check from host copies (no device sync per
+    forward); each way the buffers change must refresh them."""
+    cfg = TokenizerConfig(modality_dims={"text": 8, "image": 4}, behavior_dim=4, richness_normalization="minmax",
+                          codebook_size=8, hidden_dim=16, latent_dim=8, expert_hidden_dim=16)
+    model = ADCSIDModel(cfg)
+    e_b = torch.tensor([[3.0, 0.0, 0.0, 0.0]])  # ||e_b|| = 3
+    model.set_catalog_stats(1.0, 5.0)
+    assert model.richness(e_b).item() == pytest.approx(0.5)
+    model.set_catalog_stats(2.0, 4.0)
+    assert model.richness(e_b).item() == pytest.approx(0.5)
+    model.set_catalog_stats(3.0, 7.0)
+    assert model.richness(e_b).item() == pytest.approx(0.0)
+    other = ADCSIDModel(cfg)
+    other.set_catalog_stats(0.0, 6.0)
+    model.load_state_dict(other.state_dict())
+    assert model.richness(e_b).item() == pytest.approx(0.5)

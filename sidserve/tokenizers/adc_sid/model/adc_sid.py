@@ -162,6 +162,7 @@ class ADCSIDModel(nn.Module):
             raise ValueError(f"catalog stats need n_max > n_min, got n_min={n_min}, n_max={n_max}")
         self.n_min.fill_(float(n_min))
         self.n_max.fill_(float(n_max))
+        self._host_stats = None
 
     @torch.no_grad()
     def fit_input_stats(self, sample: ModelInput) -> None:
@@ -176,6 +177,7 @@ class ADCSIDModel(nn.Module):
             parts.append(e_b)
             signal = self.richness_signal(e_b, _rows(sample.popularity, sample.has_behavior))
             self.richness_quantiles.copy_(catalog_quantiles(signal.double(), c.richness_quantile_points))
+            self._host_stats = None
         if c.recon_balance:
             energy = torch.stack([(p.double() ** 2).sum(-1).mean() for p in parts])
             if not bool((energy > 0).all()):
@@ -202,14 +204,28 @@ class ADCSIDModel(nn.Module):
             return torch.log1p(popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
         return torch.linalg.vector_norm(e_b, dim=-1)
 
+    def host_stats(self) -> tuple[float, float, bool]:
+        """(N_min, N_max, quantiles set) as host values, read from the buffers once after each
+        change (set_catalog_stats, fit_input_stats, load_state_dict), not on every forward:
+        on a GPU each read would be a device-to-host sync."""
+        if getattr(self, "_host_stats", None) is None:
+            q = self.richness_quantiles
+            self._host_stats = (float(self.n_min), float(self.n_max), bool(q[-1] > q[0]))
+        return self._host_stats
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host_stats = None  # the buffers are about to change
+        super()._load_from_state_dict(*args, **kwargs)
+
     def richness(self, e_b: torch.Tensor, popularity: torch.Tensor | None = None) -> torch.Tensor:
         """e_b (B, d_b) (and popularity (B,) for that signal) -> N_norm (B,) in [0, 1]:
         eq. 16 or its quantile form, of ||e_b|| or log(1 + popularity)."""
         c = self.config
         q = self.richness_quantiles
+        n_min, n_max, quantiles_set = self.host_stats()
         if c.richness_normalization == "minmax" and c.richness_signal == "norm":
-            return normalized_norm(e_b, float(self.n_min), float(self.n_max))
-        if not bool(q[-1] > q[0]):
+            return normalized_norm(e_b, n_min, n_max)
+        if not quantiles_set:
             raise ValueError("richness quantiles are not set (or the signal is constant over the fit sample): "
                              "call fit_input_stats (init_codebooks) first")
         signal = self.richness_signal(e_b, popularity)
