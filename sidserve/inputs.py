@@ -36,10 +36,6 @@ class InputSpec:
     # config names it, an error when it would have to be inferred
     undetermined: dict[str, str] = field(default_factory=dict)  # modality -> why
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"modality_dims": dict(self.modality_dims), "behavior_dim": self.behavior_dim,
-                "columns": dict(self.columns)}
-
 
 def parse_columns(pairs: list[str] | None) -> dict[str, str]:
     """``["text=title_vec", ...]`` -> ``{"text": "title_vec"}`` (``--column`` flags)."""
