@@ -159,6 +159,15 @@ class TokenizerConfig(ModalityInputs):
     weight_decay: float = 1e-4  # AdamW weight decay
     seed: int = 0  # seeds init, shuffling, dropout and restarts
 
+    # ---- inference -----------------------------------------------------------------
+    # encode() computes each item's SID and weights from that item alone, bit for bit,
+    # whatever other items share its call (exact fixed-point float64 GEMMs on one thread:
+    # sidserve/tokenizers/invariant.py), so the batch job and POST /tokenize agree exactly.
+    # False: plain float32, about 2.7x the offline encode rate (docs/benchmarks.md), but
+    # about 4% of items' weights then differ in their last bits between batchings, and an
+    # item near a tie between two codewords can change SID
+    batch_invariant: bool = True
+
     # ----------------------------------------------------------------------------
     @property
     def sid_layout(self) -> list[dict[str, Any]]:

@@ -86,3 +86,13 @@ def test_artifacts_load_in_a_process_that_imported_only_the_loader(baseline, tmp
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == type(baseline).__name__
+
+
+def test_encode_is_batch_invariant(baseline, small_catalog):
+    """An item's codes do not depend on the other items of its call (tests/test_invariance.py
+    for ADC-SID): the whole catalog vs random pieces of sizes 1, 7, 64, 333, ..."""
+    from test_invariance import random_pieces
+
+    whole = baseline.encode(small_catalog).sid
+    for idx in random_pieces(len(small_catalog), np.random.default_rng(4)):
+        np.testing.assert_array_equal(baseline.encode(small_catalog.take(idx)).sid, whole[idx])

@@ -162,7 +162,9 @@ def test_codes_only_inference_matches_the_full_forward():
     full = model(x)
     fast = model(x, codes_only=True)
     assert torch.equal(full.codes, fast.codes)
-    assert torch.equal(full.behavior_weights, fast.behavior_weights)
+    # the full forward runs the gate on the rows with behavior only, codes_only on every row
+    # (so a row's result does not depend on its batch): equal up to float32 rounding
+    torch.testing.assert_close(full.behavior_weights, fast.behavior_weights, rtol=1e-6, atol=1e-7)
     assert fast.recon is None and fast.losses == {}
     model.train()
     try:

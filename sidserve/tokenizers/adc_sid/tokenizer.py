@@ -22,6 +22,7 @@ import torch
 from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays, coerce_items
 from sidserve.metrics import quantization_report
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
 from sidserve.tokenizers.adc_sid.regulation.pairs import refresh_pair_set
 from sidserve.tokenizers.adc_sid.training import (
@@ -192,14 +193,20 @@ class SemanticIdTokenizer(BaseTokenizer):
         sid = np.empty((n, L), dtype=np.int32)
         weights = np.zeros((n, Nb), dtype=np.float32)
         recon = np.full(n, np.nan)  # filled only with_recon
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(n, start + batch_size))
-            out = self.model_(to_model_input(arrays, np.arange(sl.start, sl.stop)).to(device),
-                              codes_only=not with_recon)
-            sid[sl] = out.codes.cpu().numpy()
-            weights[sl] = out.behavior_weights.cpu().numpy()
-            if with_recon:
-                recon[sl] = out.recon.cpu().numpy()
+        # config.batch_invariant: each row's codes and weights from that row alone
+        # (invariant.py: exact GEMMs, one thread, rows padded; any chunking then gives the same)
+        exact = c.batch_invariant
+        step = min(batch_size, invariant.CHUNK_ROWS) if exact else batch_size
+        with invariant.batch_invariant(exact):
+            for start in range(0, n, step):
+                sl = slice(start, min(n, start + step))
+                k = sl.stop - sl.start
+                rows = sl.start + (invariant.padded_rows(k) if exact else np.arange(k))
+                out = self.model_(to_model_input(arrays, rows).to(device), codes_only=not with_recon)
+                sid[sl] = out.codes[:k].cpu().numpy()
+                weights[sl] = out.behavior_weights[:k].cpu().numpy()
+                if with_recon:
+                    recon[sl] = out.recon[:k].cpu().numpy()
         if was_training:
             self.model_.train()
         return sid, weights, recon

@@ -30,6 +30,10 @@ class BaselineConfig(ModalityInputs):
     num_levels: int = 6  # SID length L (paper's public setting)
     kmeans_iters: int = 25  # faiss k-means iterations
     seed: int = 0  # k-means / init seed
+    # encode() codes each item from that item alone, bit for bit, whatever shares its call
+    # (exact distances: sidserve/tokenizers/invariant.py); False: faiss / float32 (faster;
+    # an item near a tie between two centroids can change code with its batch)
+    batch_invariant: bool = True
 
     @property
     def input_dim(self) -> int:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.baselines.common import BaselineConfig, BaselineTokenizer
-from sidserve.tokenizers.baselines.rqkmeans import kmeans, nearest
+from sidserve.tokenizers.baselines.rqkmeans import EXACT_CHUNK, kmeans, nearest
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ class OPQTokenizer(BaselineTokenizer):
         pad = (-x.shape[1]) % L
         return np.pad(x, ((0, 0), (0, pad))) if pad else x
 
-    def _quantize(self, y, centroids):
-        """y (N, D') rotated -> (codes (N, L), y_hat (N, D'))."""
+    def _quantize(self, y, centroids, exact: bool = False):
+        """y (N, D') rotated -> (codes (N, L), y_hat (N, D')); exact: see ``nearest``."""
         L = self.config.num_levels
         d = y.shape[1] // L
-        codes = np.stack([nearest(y[:, m * d:(m + 1) * d], centroids[m], self.device_) for m in range(L)],
-                         axis=1)
+        codes = np.stack([nearest(y[:, m * d:(m + 1) * d], centroids[m], self.device_, exact=exact)
+                          for m in range(L)], axis=1)
         y_hat = np.concatenate([centroids[m][codes[:, m]] for m in range(L)], axis=1)
         return codes, y_hat
 
@@ -75,7 +76,21 @@ class OPQTokenizer(BaselineTokenizer):
         self.rotation_, self.centroids_ = rotation, centroids
 
     def _encode_features(self, x):
-        return self._quantize(self._padded(x) @ self.rotation_, self.centroids_)[0]
+        if not self.config.batch_invariant:
+            return self._quantize(self._padded(x) @ self.rotation_, self.centroids_)[0]
+        return self._quantize(self._rotate_exact(self._padded(x)), self.centroids_, exact=True)[0]
+
+    def _rotate_exact(self, x):
+        """x (N, D') @ rotation_, each row's result independent of the other rows (an exact
+        GEMM, ``invariant.exact_matmul``, rounded to float32), in chunks."""
+        import torch
+
+        rot_t = torch.as_tensor(np.ascontiguousarray(self.rotation_.T), device=self.device_)  # (D', D')
+        out = np.empty(x.shape, dtype=np.float32)
+        for s in range(0, x.shape[0], EXACT_CHUNK):
+            xb = torch.as_tensor(np.ascontiguousarray(x[s:s + EXACT_CHUNK], dtype=np.float32), device=self.device_)
+            out[s:s + EXACT_CHUNK] = invariant.exact_matmul(xb, rot_t).to(torch.float32).cpu().numpy()
+        return out
 
     def _decode_codes(self, codes, x=None):
         L = self.config.num_levels

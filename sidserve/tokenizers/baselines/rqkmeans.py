@@ -8,31 +8,39 @@ import time
 import faiss
 import numpy as np
 
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.baselines.common import BaselineTokenizer
 
 log = logging.getLogger(__name__)
 
 
 GPU_CHUNK = 65536  # rows per distance matrix on a GPU (65536 x K float32)
+EXACT_CHUNK = invariant.CHUNK_ROWS  # rows per exact (float64) distance matrix
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> np.ndarray:
+def nearest(x: np.ndarray, centroids: np.ndarray, device: str = "cpu", *, exact: bool = False) -> np.ndarray:
     """x (N, d), centroids (K, d) float32 -> index of the L2-nearest centroid (N,) int64.
 
-    device "cpu": faiss' exact flat index; "cuda[:i]": the same distances in torch on that GPU.
+    exact=False (fitting): faiss' flat index on the CPU, torch float32 distances on a GPU.
+    exact=True (encoding): ``invariant.nearest_l2``, exact distances, so a row's answer does
+    not depend on the other rows of the call (faiss switches to a BLAS path from 20 queries).
     """
-    if device == "cpu":
+    import torch
+
+    if device == "cpu" and not exact:
         index = faiss.IndexFlatL2(centroids.shape[1])
         index.add(np.ascontiguousarray(centroids, dtype=np.float32))
         return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0]
-    import torch
-
     c = torch.as_tensor(np.ascontiguousarray(centroids, dtype=np.float32), device=device)  # (K, d)
     c_sq = (c * c).sum(1)  # (K,); ||x||^2 is the same for every centroid of a row
+    chunk = EXACT_CHUNK if exact else GPU_CHUNK
     out = []
-    for s in range(0, x.shape[0], GPU_CHUNK):
-        xb = torch.as_tensor(np.ascontiguousarray(x[s:s + GPU_CHUNK], dtype=np.float32), device=device)
-        out.append((c_sq[None, :] - 2.0 * xb @ c.T).argmin(1).cpu())  # (B,)
+    for s in range(0, x.shape[0], chunk):
+        xb = torch.as_tensor(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), device=device)
+        if exact:
+            out.append(invariant.nearest_l2(xb, c).cpu())
+        else:
+            out.append((c_sq[None, :] - 2.0 * xb @ c.T).argmin(1).cpu())  # (B,)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
 
 
@@ -82,7 +90,7 @@ class RQKmeansTokenizer(BaselineTokenizer):
         residual = x.copy()
         codes = np.empty((x.shape[0], self.config.num_levels), dtype=np.int64)
         for level, cent in enumerate(self.centroids_):
-            codes[:, level] = nearest(residual, cent, self.device_)
+            codes[:, level] = nearest(residual, cent, self.device_, exact=self.config.batch_invariant)
             residual -= cent[codes[:, level]]
         return codes
 

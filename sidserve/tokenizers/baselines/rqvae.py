@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.adc_sid.model.experts import MLP
 from sidserve.tokenizers.baselines.common import BaselineConfig, BaselineTokenizer
 from sidserve.tokenizers.baselines.rqkmeans import kmeans
@@ -49,7 +50,10 @@ class RQVAE(nn.Module):
         vq = z.new_zeros(())
         for level in range(self.c.num_levels):
             book = self.codebooks[level]  # (K, d)
-            idx = torch.cdist(residual, book).argmin(dim=-1)  # (B,)
+            if invariant.active():  # encoding: exact distances, batch-invariant
+                idx = invariant.nearest_l2(residual, book)
+            else:
+                idx = torch.cdist(residual, book).argmin(dim=-1)  # (B,)
             q = book[idx]
             vq = vq + F.mse_loss(q, residual.detach()) + self.c.commitment_weight * F.mse_loss(residual, q.detach())
             residuals.append(residual.detach())
@@ -133,9 +137,15 @@ class RQVAETokenizer(BaselineTokenizer):
     @torch.no_grad()
     def _encode_features(self, x):
         self.model_.eval()
-        out = [self.model_.quantize(self.model_.encoder(torch.from_numpy(x[s:s + 8192]).to(self.device_)))[1].cpu()
-               for s in range(0, len(x), 8192)]
-        return torch.cat(out).numpy()
+        out = []
+        exact = self.config.batch_invariant  # exact GEMMs and distances, one thread, rows padded
+        step = invariant.CHUNK_ROWS if exact else 8192
+        with invariant.batch_invariant(exact):
+            for s in range(0, len(x), step):
+                k = min(len(x), s + step) - s
+                xb = torch.from_numpy(x[s + (invariant.padded_rows(k) if exact else np.arange(k))]).to(self.device_)
+                out.append(self.model_.quantize(self.model_.encoder(xb))[1][:k].cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.num_levels), np.int64)
 
     @torch.no_grad()
     def _decode_codes(self, codes, x=None):

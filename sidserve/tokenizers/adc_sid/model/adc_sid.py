@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sidserve.config import TokenizerConfig
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.adc_sid.model.alignment import (
     behavior_alignment_loss,
     content_alignment_loss,
@@ -202,7 +203,7 @@ class ADCSIDModel(nn.Module):
             if popularity is None:
                 raise ValueError("richness_signal='popularity' needs each item's 'popularity' (column or field)")
             return torch.log1p(popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
-        return torch.linalg.vector_norm(e_b, dim=-1)
+        return invariant.row_norm(e_b)
 
     def host_stats(self) -> tuple[float, float, bool]:
         """(N_min, N_max, quantiles set) as host values, read from the buffers once after each
@@ -238,8 +239,8 @@ class ADCSIDModel(nn.Module):
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
                 generator: torch.Generator | None = None, codes_only: bool = False) -> ModelOutput:
         """codes_only (inference): codes and behavior weights only; no decoder, no losses."""
-        if codes_only and self.training:
-            raise ValueError("codes_only is for inference: call model.eval() first")
+        if codes_only and (self.training or behavior_dropout > 0):
+            raise ValueError("codes_only is for inference: call model.eval() first, no behavior_dropout")
         c = self.config
         B = x.batch_size
         dev = x.has_behavior.device
@@ -282,11 +283,26 @@ class ADCSIDModel(nn.Module):
         for expert, book in zip(self.shared_experts, self.shared_codebooks):
             quantize(book, expert(shared_in), None)
         for m in c.content_modalities:
-            g = self.content_gates[m](x.content[m])  # (B, N_m)
+            g = None if codes_only else self.content_gates[m](x.content[m])  # (B, N_m)
             for i, (expert, book) in enumerate(zip(self.content_experts[m], self.content_codebooks[m])):
-                quantize(book, expert(x.content[m]), g[:, i])
+                quantize(book, expert(x.content[m]), None if g is None else g[:, i])
 
-        if c.has_behavior:
+        if c.has_behavior and codes_only:
+            # every row through the same computation, missing ones masked after: an item's
+            # result must not depend on how many rows of its batch have behavior (a tensor's
+            # size decides which of its elements a kernel computes in its scalar tail)
+            popularity = _filled(x.popularity, has_b)
+            if popularity is None and c.richness_signal == "popularity" and not bool(has_b.any()):
+                popularity = torch.zeros(B, dtype=torch.float64, device=dev)  # nothing reads it
+            n_norm = self.richness(x.behavior, popularity)  # (B,)
+            if c.use_behavior_gate:
+                r = self.behavior_gate(x.behavior, n_norm)[1]  # (B, N_b)
+            else:
+                r = torch.ones(B, c.num_behavior_experts, device=dev)
+            r_full = torch.where(has_b.unsqueeze(-1), r, torch.zeros_like(r))
+            for expert, book in zip(self.behavior_experts, self.behavior_codebooks):
+                codes.append(torch.where(has_b, book.assign(expert(x.behavior)), c.missing_code))
+        elif c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
             n_norm = self.richness(e_b, _rows(x.popularity, has_b))  # (B_b,)
@@ -299,9 +315,6 @@ class ADCSIDModel(nn.Module):
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
             for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
                 full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
-                if codes_only:
-                    codes.append(full_idx.index_put((rows,), book.assign(expert(e_b))))
-                    continue
                 z_hat, z_q, idx, loss = book(expert(e_b))
                 vq = vq + loss
                 latents.append(z_hat)
@@ -365,6 +378,12 @@ class ADCSIDModel(nn.Module):
 
 def _rows(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
     return None if values is None else values[mask]
+
+
+def _filled(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """values (B,) with the rows outside ``mask`` set to 0 (a missing value must not turn into
+    NaN that a mask multiplies through)."""
+    return None if values is None else torch.where(mask, values, torch.zeros_like(values))
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

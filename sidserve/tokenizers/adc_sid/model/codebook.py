@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.tokenizers import invariant
+
 # helper functions
 
 
@@ -46,14 +48,27 @@ class CosineCodebook(nn.Module):
     def codewords(self) -> torch.Tensor:
         return F.normalize(self.embed, dim=-1)  # (K, d)
 
+    def _fixed_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit codewords in fixed point for ``invariant.exact_matmul``, made again only
+        when ``embed`` changed (a training step, a restart, a load)."""
+        key = (self.embed.data_ptr(), self.embed._version, self.embed.device)
+        if getattr(self, "_fixed_point_key", None) != key:
+            self._fixed_point_value = invariant.fixed_point_weight(self.codewords().detach())
+            self._fixed_point_key = key
+        return self._fixed_point_value
+
     def assign(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, d) -> codes (B,) int64: argmax_j cos(z, c_j)."""
+        """z (B, d) -> codes (B,) int64: argmax_j cos(z, c_j), the lowest j on a tie
+        (exact, so batch-invariant, inside ``invariant.batch_invariant()``)."""
+        if invariant.active():
+            return invariant.exact_matmul(invariant.normalize(z), self._fixed_point()).argmax(dim=-1)
         return (F.normalize(z, dim=-1) @ self.codewords().t()).argmax(dim=-1)
 
     def forward(self, z: torch.Tensor):
-        z_hat = F.normalize(z, dim=-1)  # (B, d)
+        z_hat = invariant.normalize(z)  # (B, d)
         codebook = self.codewords()  # (K, d)
-        codes = (z_hat @ codebook.t()).argmax(dim=-1)  # (B,)
+        sims = invariant.exact_matmul(z_hat, self._fixed_point()) if invariant.active() else z_hat @ codebook.t()
+        codes = sims.argmax(dim=-1)  # (B,)
         z_q = codebook[codes]  # (B, d)
         vq_loss = F.mse_loss(z_q, z_hat.detach()) + self.commitment_weight * F.mse_loss(
             z_hat, z_q.detach()

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from sidserve.tokenizers import invariant
+
 
 def normalized_norm(e_b: torch.Tensor, n_min: float, n_max: float) -> torch.Tensor:
     """Eq. 16: e_b (B, d_b) -> N_norm (B,) in [0, 1].
@@ -21,7 +23,7 @@ def normalized_norm(e_b: torch.Tensor, n_min: float, n_max: float) -> torch.Tens
     """
     if not n_max > n_min:
         raise ValueError(f"need n_max > n_min, got n_min={n_min}, n_max={n_max}")
-    norms = torch.linalg.vector_norm(e_b, dim=-1)
+    norms = invariant.row_norm(e_b)
     return ((norms - n_min) / (n_max - n_min)).clamp(0.0, 1.0)
 
 

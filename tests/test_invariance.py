@@ -1,0 +1,162 @@
+"""Batch invariance (issue 18.2): an item's SID and weights are a function of that item alone,
+whatever other items share its encode call, so the assignment job's snapshot and
+POST /tokenize agree bit for bit (sidserve/tokenizers/invariant.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sidserve.tokenizers import invariant
+
+SIZES = (1, 7, 64, 333)
+
+
+def random_pieces(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A permutation of 0..n-1 cut into pieces whose sizes cycle through SIZES, then random."""
+    perm, pieces, i = rng.permutation(n), [], 0
+    while i < n:
+        size = SIZES[len(pieces)] if len(pieces) < len(SIZES) else int(rng.integers(1, 200))
+        pieces.append(perm[i:i + size])
+        i += size
+    return pieces
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def operands(rng):
+    # rows over 12 orders of magnitude, a zero row, exact zeros inside rows
+    x = rng.standard_normal((400, 97)) * 10.0 ** rng.integers(-6, 6, size=(400, 1))
+    x[5] = 0.0
+    x[rng.random(x.shape) < 0.05] = 0.0
+    w = rng.standard_normal((33, 97))
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
+
+
+def test_exact_matmul_is_accurate_and_each_row_ignores_the_others():
+    rng = np.random.default_rng(0)
+    x, w = operands(rng)
+    ref = x.double() @ w.double().t()
+    out = invariant.exact_matmul(x, w)
+    assert out.dtype == torch.float64 and out.shape == (400, 33)
+    # fixed point with ~21 bits per row of each operand: error within 2^-19 of the row scales
+    bound = 2.0 ** -19 * x.abs().amax(1, keepdim=True).double() * w.abs().amax(1).double().unsqueeze(0) * 97
+    assert bool(((out - ref).abs() <= bound).all())
+    assert bool((out[5] == 0).all())
+    for idx in random_pieces(400, rng):
+        got = invariant.exact_matmul(x[idx], w)
+        assert torch.equal(got, out[idx]), f"rows {idx[:5]}... changed with their batch"
+
+
+def test_exact_linear_and_norm_are_batch_invariant():
+    rng = np.random.default_rng(1)
+    x, w = operands(rng)
+    bias = torch.randn(33)
+    lin = invariant.Linear(97, 33)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(bias)
+    plain = lin(x)  # outside the context: nn.Linear's float32 GEMM
+    with invariant.batch_invariant():
+        assert invariant.active() and torch.get_num_threads() == 1
+        whole, norms = lin(x), invariant.row_norm(x)
+        assert whole.dtype == torch.float32
+        for idx in random_pieces(400, rng):
+            assert torch.equal(lin(x[idx]), whole[idx])
+            assert torch.equal(invariant.row_norm(x[idx]), norms[idx])
+    assert not invariant.active()
+    torch.testing.assert_close(whole, plain, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
+    torch.testing.assert_close(norms.double(), torch.linalg.vector_norm(x.double(), dim=-1), rtol=1e-6, atol=0)
+
+
+def test_nearest_l2_is_exact_and_breaks_ties_by_lowest_index():
+    rng = np.random.default_rng(2)
+    c = torch.tensor(rng.standard_normal((16, 8)), dtype=torch.float32)
+    x = torch.tensor(rng.standard_normal((500, 8)), dtype=torch.float32)
+    d = ((x.double()[:, None, :] - c.double()[None]) ** 2).sum(-1)  # (500, 16)
+    top2 = d.sort(dim=1).values[:, :2]
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-6
+    got = invariant.nearest_l2(x, c)
+    assert torch.equal(got[clear], d.argmin(1)[clear])
+    # a duplicated centroid: the lower index wins, for every row
+    dup = torch.cat([c[:3], c[2:3], c[3:]])  # rows 2 and 3 equal
+    picks = invariant.nearest_l2(x, dup)
+    assert not bool((picks == 3).any()) and bool((picks == 2).any())
+
+
+def test_adc_sid_encode_is_batch_invariant(fitted, small_catalog):
+    """The whole catalog in one call vs random pieces (sizes 1, 7, 64, 333, ...) in a random
+    order, and vs a tiny batch_size: the same SIDs and the same weight bits."""
+    torch.set_num_threads(2)  # the context must force its own thread count
+    whole = fitted.encode(small_catalog)
+    assert (whole.behavior_weights > 0).any()  # the weights compared are not all zeros
+    rng = np.random.default_rng(3)
+    for idx in random_pieces(len(small_catalog), rng):
+        part = fitted.encode(small_catalog.take(idx))
+        np.testing.assert_array_equal(part.sid, whole.sid[idx])
+        np.testing.assert_array_equal(bits(part.behavior_weights), bits(whole.behavior_weights[idx]))
+    small = fitted.encode(small_catalog, batch_size=5)
+    np.testing.assert_array_equal(small.sid, whole.sid)
+    np.testing.assert_array_equal(bits(small.behavior_weights), bits(whole.behavior_weights))
+
+
+@pytest.mark.slow
+def test_assign_snapshot_equals_tokenize_recompute(ray_session, refreshed, small_catalog):
+    """Every item of a real assignment-job snapshot (the ``refreshed`` fixture: jobs/refresh.py
+    on 600 items, 8,192-row encode calls on Ray Data) recomputed by POST /tokenize with
+    "recompute": true in requests of 1, 7, 64 and 333 items, sent concurrently so that
+    @serve.batch merges them into model calls of mixed sizes: the same SID, the same weights."""
+    import concurrent.futures
+
+    import httpx
+    from conftest import deploy_serve, serve_config, wait_ready
+
+    from sidserve.snapshot import SnapshotRoot
+
+    ray_session()
+    snap = SnapshotRoot(refreshed["snap"]).read_items(columns=["item_id", "sid", "behavior_weights"])
+    expect = {r["item_id"]: r for r in snap.to_pylist()}
+    catalog = small_catalog.slice(0, 600)
+    cols = ["item_id"] + [c for c in catalog.column_names if c.endswith("_emb")]
+    items = catalog.select(cols).to_pylist()
+    assert len(expect) == len(items) == 600 and all(it["item_id"] in expect for it in items)
+
+    config = serve_config({"model_uri": refreshed["model"], "snapshot_root": refreshed["snap"]})
+    deploy_serve(config)
+    with httpx.Client(base_url=f"http://127.0.0.1:{config['http_options']['port']}", timeout=60) as client:
+        wait_ready(client)
+
+        def post(chunk):
+            r = client.post("/tokenize", json={"items": chunk, "recompute": True})
+            assert r.status_code == 200, r.text
+            return r.json()["results"]
+
+        for size in SIZES:
+            chunks = [items[i:i + size] for i in range(0, len(items), size)]
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                results = [x for res in pool.map(post, chunks) for x in res]
+            assert len(results) == 600
+            wrong_sid = [x["item_id"] for x in results if x["sid"] != expect[x["item_id"]]["sid"]]
+            wrong_w = [x["item_id"] for x in results
+                       if not np.array_equal(bits(np.float32(x["behavior_weights"])),
+                                             bits(np.float32(expect[x["item_id"]]["behavior_weights"])))]
+            assert not wrong_sid and not wrong_w, f"request size {size}: {len(wrong_sid)} SIDs, {len(wrong_w)} weights differ"
+            assert all(x["path"] in ("full", "content_only") for x in results)  # computed, not looked up
+
+
+def test_the_float32_path_is_the_same_model(fitted, small_catalog, tmp_path):
+    """batch_invariant=False (plain float32, faster) computes the same function up to rounding:
+    the SIDs agree except near ties, and the flag travels with the artifact."""
+    from sidserve import SemanticIdTokenizer
+
+    exact = fitted.encode(small_catalog)
+    fitted.config.batch_invariant = False
+    try:
+        fitted.save_pretrained(str(tmp_path / "plain"))
+        plain = fitted.encode(small_catalog)
+    finally:
+        fitted.config.batch_invariant = True
+    assert SemanticIdTokenizer.from_pretrained(str(tmp_path / "plain")).config.batch_invariant is False
+    assert (plain.sid == exact.sid).all(axis=1).mean() >= 0.99
+    np.testing.assert_allclose(plain.behavior_weights, exact.behavior_weights, rtol=1e-4, atol=1e-5)
