@@ -313,11 +313,9 @@ def test_killed_run_leaves_latest_and_reruns_are_deterministic(world, monkeypatc
     # what it wrote is what the first run of night 1 published: same inputs + model, same SIDs
     first = root.read_items(world["s1"]["version"]).sort_by("item_id")
     again = root.read_items("zz-partial").sort_by("item_id")
-    for col in ("item_id", "sid", "sid_str", "path"):
+    # batches Ray may cut differently, and still the same bits: encode is batch-invariant
+    for col in ("item_id", "sid", "sid_str", "path", "behavior_weights"):
         assert first.column(col).equals(again.column(col)), col
-    # weights are floats from batches that Ray may cut differently: equal up to rounding
-    np.testing.assert_allclose(np.concatenate(first.column("behavior_weights").to_pylist()),
-                               np.concatenate(again.column("behavior_weights").to_pylist()), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_item_id_column_is_fatal(world, tmp_path):
