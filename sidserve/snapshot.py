@@ -3,6 +3,8 @@
     <root>/LATEST                                  the published version, one line
     <root>/snapshots/<version>/items/*.parquet     one row per item (schema ITEMS_SCHEMA)
     <root>/snapshots/<version>/rejects/*.parquet   item_id, reason, for every bad input row
+    <root>/snapshots/<version>/reservations/*.parquet  (sid, dedup) keys held for items absent
+                                                   or rejected tonight (RESERVATIONS_SCHEMA)
     <root>/snapshots/<version>/summary.json        counts, collision rate, utilisation, churn
     <root>/_staging/<version>/                     intermediate files of a run (safe to delete)
 
@@ -39,6 +41,11 @@ ITEMS_SCHEMA = pa.schema([
     ("model_version", pa.string()),
 ])
 REJECTS_SCHEMA = pa.schema([("item_id", pa.string()), ("reason", pa.string())])
+# a key (sid_str, dedup) kept for an item that was in a snapshot and is absent (or rejected)
+# now, for ``nights_absent`` nights so far: no other item takes it while it is reserved, and
+# the item gets it back when it returns with the same SID (AssignJobConfig.reserve_nights)
+RESERVATIONS_SCHEMA = pa.schema([("item_id", pa.string()), ("sid_str", pa.string()), ("dedup", pa.int32()),
+                                 ("nights_absent", pa.int32())])
 
 
 ANY = object()  # SnapshotRoot.publish(expected=ANY): no check (a manual re-point)
@@ -188,6 +195,14 @@ class SnapshotRoot:
                 self.fs.delete_dir(info.path)
                 deleted["staging"].append(info.base_name)
         return deleted
+
+    def read_reservations(self, version: str | None = None) -> pa.Table:
+        """The keys a snapshot holds for absent items (empty for snapshots made before them)."""
+        version = version or self.latest()
+        path = self.join("snapshots", version, "reservations")
+        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
+            return RESERVATIONS_SCHEMA.empty_table()
+        return pads.dataset(path, filesystem=self.fs, format="parquet").to_table()
 
     def read_rejects(self, version: str | None = None) -> pa.Table:
         version = version or self.latest()

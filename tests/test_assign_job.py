@@ -115,6 +115,35 @@ def test_resolve_and_dedup_on_random_rows_follow_the_rules():
     assert any(len(rows) > 3 for rows in groups.values()) and any(r["dedup"] % 2 for r in final)
 
 
+def test_reserved_keys_stay_taken_and_are_not_counted_as_items():
+    t = _rows(RESOLVED_SCHEMA,
+              item_id=pa.array(["gone", "a", "new"]),
+              sid_str=pa.array(["1-1", "1-1", "1-1"]),
+              kind=pa.array(["removed", "cur", "cur"]),
+              prev_sid_str=pa.array(["1-1", "1-1", None]),
+              prev_dedup=pa.array([0, 1, None], pa.int32()),
+              prev_nights=pa.array([3, 0, None], pa.int32()))
+    out = {r["item_id"]: r for r in assign_dedup(t).to_pylist()}
+    assert out["gone"]["dedup"] == 0 and out["a"]["dedup"] == 1  # the reservation and the kept item
+    assert out["new"]["dedup"] == 2  # 0 is reserved for "gone": the new item does not get it
+    assert out["a"]["group_size"] == 2  # items of the SID; the reservation is not one
+
+
+def test_resolve_group_ages_reservations_and_returns_their_keys():
+    cur = _rows(RESOLVED_SCHEMA, item_id=pa.array(["back", "dup", "dup"]), kind=pa.array(["cur"] * 3),
+                sid_str=pa.array(["1", "2", "2"]))
+    prev = _rows(RESOLVED_SCHEMA, item_id=pa.array(["back", "dup", "away"]), kind=pa.array(["prev"] * 3),
+                 prev_sid_str=pa.array(["1", "2", "3"]), prev_dedup=pa.array([4, 0, 1], pa.int32()),
+                 prev_nights=pa.array([2, 0, 5], pa.int32()))  # "back" was reserved for 2 nights
+    out = resolve_group(pa.concat_tables([cur, prev])).to_pylist()
+    back = next(r for r in out if r["item_id"] == "back" and r["kind"] == "cur")
+    assert (back["prev_sid_str"], back["prev_dedup"]) == ("1", 4)  # its reserved key comes back
+    removed = {r["item_id"]: r for r in out if r["kind"] == "removed"}
+    assert set(removed) == {"dup", "away"}  # rejected tonight, or still absent
+    assert (removed["dup"]["sid_str"], removed["dup"]["prev_dedup"], removed["dup"]["prev_nights"]) == ("2", 0, 1)
+    assert removed["away"]["prev_nights"] == 6
+
+
 def test_churn_statistics_by_hand():
     t = _rows(FINAL_SCHEMA,
               item_id=pa.array(["a", "b", "c", "d", "e"]),
@@ -242,6 +271,14 @@ def test_dedup_stable_across_snapshots(world):
     root = SnapshotRoot(world["root"])
     a = {r["item_id"]: r for r in root.read_items(world["s1"]["version"]).to_pylist()}
     b = {r["item_id"]: r for r in root.read_items(world["s2"]["version"]).to_pylist()}
+    held = root.read_reservations(world["s2"]["version"]).to_pylist()
+    # night 2's reservations: exactly night 1's items that are gone (or rejected), with their keys
+    assert sorted(r["item_id"] for r in held) == sorted(set(a) - set(b))
+    assert all((r["sid_str"], r["dedup"], r["nights_absent"]) == (a[r["item_id"]]["sid_str"],
+                                                                  a[r["item_id"]]["dedup"], 1) for r in held)
+    assert world["s2"]["reservations"] == len(held)
+    reserved = {(r["sid_str"], r["dedup"]) for r in held}
+    assert not reserved & {(r["sid_str"], r["dedup"]) for r in b.values()}  # nobody holds a reserved key
     unchanged = [k for k in b if k in a and a[k]["sid_str"] == b[k]["sid_str"]]
     changed = [k for k in b if k in a and a[k]["sid_str"] != b[k]["sid_str"]]
     assert unchanged and changed
@@ -250,8 +287,8 @@ def test_dedup_stable_across_snapshots(world):
     groups = {}
     for k, r in b.items():
         groups.setdefault(r["sid_str"], []).append(k)
-    for members in groups.values():
-        kept = {b[k]["dedup"] for k in members if k in unchanged}
+    for sid, members in groups.items():
+        kept = {b[k]["dedup"] for k in members if k in unchanged} | {d for s, d in reserved if s == sid}
         others = sorted(b[k]["dedup"] for k in members if k not in unchanged)
         free = [d for d in range(len(members) + len(kept)) if d not in kept][: len(others)]
         assert others == free
@@ -334,3 +371,52 @@ def test_cli_exits_2_with_a_message(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "not an artifact" in proc.stderr
+
+
+def test_a_key_survives_an_absence(world, tmp_path):
+    """Night 1 with A; night 2 without A but with B, an item with A's SID; night 3 with A: A
+    keeps its key, and B never held it. Without reservations (reserve_nights=0) B takes it on
+    night 2; a reservation older than reserve_nights is released."""
+    import shutil
+
+    base = world["catalog"].slice(0, 200)
+    a_row = world["catalog"].slice(200, 1)
+    b_row = a_row.set_column(0, "item_id", pa.array(["zz-item-B"]))  # A's content: A's SID
+
+    def night(name, *parts):
+        os.makedirs(tmp_path / name)
+        pq.write_table(pa.concat_tables(parts), tmp_path / name / "a.parquet")
+        return str(tmp_path / name)
+
+    n1, n2, n3 = night("n1", base, a_row), night("n2", base, b_row), night("n3", base, a_row, b_row)
+    model = str(world["base"] / "model")
+    root = SnapshotRoot(str(tmp_path / "snap"))
+
+    def key(version, item_id):
+        rows = {r["item_id"]: r for r in root.read_items(version).to_pylist()}
+        return rows[item_id]["sid_str"], rows[item_id]["dedup"]
+
+    s1 = run_assignment(AssignJobConfig(items=n1, model=model, output=root.uri))
+    shutil.copytree(tmp_path / "snap", tmp_path / "snap-after-1")
+    s2 = run_assignment(AssignJobConfig(items=n2, model=model, output=root.uri))
+    shutil.copytree(tmp_path / "snap", tmp_path / "snap-after-2")
+    s3 = run_assignment(AssignJobConfig(items=n3, model=model, output=root.uri))
+    a_key = key(s1["version"], a_row.column("item_id")[0].as_py())
+    assert key(s2["version"], "zz-item-B")[0] == a_key[0]  # B shares A's SID
+    assert key(s2["version"], "zz-item-B") != a_key  # ... but not A's key: it is reserved
+    assert [(r["sid_str"], r["dedup"]) for r in root.read_reservations(s2["version"]).to_pylist()] == [a_key]
+    assert key(s3["version"], a_row.column("item_id")[0].as_py()) == a_key  # A is back on its key
+    assert key(s3["version"], "zz-item-B") == key(s2["version"], "zz-item-B")  # and B kept its own
+    assert s3["reservations"] == 0
+
+    # control: the same night 2 with reservations off gives A's key to B
+    off = SnapshotRoot(str(tmp_path / "snap-after-1"))
+    s2_off = run_assignment(AssignJobConfig(items=n2, model=model, output=off.uri, reserve_nights=0))
+    assert {r["item_id"]: (r["sid_str"], r["dedup"]) for r in off.read_items(s2_off["version"]).to_pylist()}[
+        "zz-item-B"] == a_key
+    assert s2_off["reservations"] == 0 and s2_off["reservations_expired"] == 1
+
+    # expiry: a second night without A, with reserve_nights=1, releases A's key
+    again = SnapshotRoot(str(tmp_path / "snap-after-2"))
+    s = run_assignment(AssignJobConfig(items=n2, model=model, output=again.uri, reserve_nights=1))
+    assert s["reservations"] == 0 and s["reservations_expired"] == 1

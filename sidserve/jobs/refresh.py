@@ -46,6 +46,7 @@ class RefreshJobConfig:
     pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
     rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
     keep_snapshots: int | None = None  # retention (AssignJobConfig.keep_snapshots)
+    reserve_nights: int = 30  # keys held for absent items (AssignJobConfig.reserve_nights)
     columns: dict[str, str] | None = None  # modality -> input column; None: the model's own mapping
     sample_size: int = 200_000  # a baseline re-fit's sample (TrainJobConfig.sample_size)
 
@@ -123,6 +124,7 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                                  num_workers=job.num_workers, use_gpu=job.use_gpu,
                                                  rows_per_partition=job.rows_per_partition,
                                                  keep_snapshots=job.keep_snapshots,
+                                                 reserve_nights=job.reserve_nights,
                                                  columns=job.columns))
         summary["prepass"] = prepass
         summary["refit_model"] = model_uri if job.refit else None
@@ -158,7 +160,7 @@ def run_cli(args) -> int:
             refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
-            keep_snapshots=args.keep_snapshots,
+            keep_snapshots=args.keep_snapshots, reserve_nights=args.reserve_nights,
             pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "

@@ -1,6 +1,7 @@
-"""C. dedup: one task per SID partition: an item whose SID did not change keeps its dedup,
-the others take the lowest free suffix (item_id order); the rows go to the snapshot and
-the task returns its statistics."""
+"""C. dedup: one task per SID partition: an item whose SID did not change keeps its dedup, a
+reserved key (an absent item's, kind "removed") stays taken, the others take the lowest free
+suffix (item_id order); the items and the reservations go to the snapshot and the task
+returns its statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow.compute as pc
 from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA
 from sidserve.jobs.assign.shuffle import read_files
 from sidserve.jobs.assign.stats import STATS_COLUMNS, partial_stats
-from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
+from sidserve.snapshot import ITEMS_SCHEMA, RESERVATIONS_SCHEMA, SnapshotRoot
 
 FINAL_SCHEMA = pa.schema([*RESOLVED_SCHEMA, ("dedup", pa.int32()), ("group_size", pa.int64())])
 
@@ -20,9 +21,11 @@ def assign_dedup(table: pa.Table) -> pa.Table:
     """Complete SID groups (one bucket) -> dedup making (sid, dedup) unique, rows sorted by
     (sid_str, item_id).
 
-    An item whose sid equals its previous sid keeps its previous dedup; every other item
-    takes the lowest suffix not held by a kept item, in item_id order. Vectorised except
-    for a loop over the SID groups with more than one item (the collisions).
+    An item whose sid equals its previous sid keeps its previous dedup, and so does a
+    reservation (kind "removed": sid_str is its key's SID); every other item takes the
+    lowest suffix not held by a kept row, in item_id order. ``group_size`` counts the
+    items of the SID, not its reservations. Vectorised except for a loop over the SID
+    groups with more than one row (the collisions).
     """
     table = table.take(pc.sort_indices(table, [("sid_str", "ascending"), ("item_id", "ascending")]))
     n = table.num_rows
@@ -34,6 +37,9 @@ def assign_dedup(table: pa.Table) -> pa.Table:
     codes = pc.dictionary_encode(sid_str.combine_chunks()).indices.to_numpy() if n else np.zeros(0, np.int64)
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n else np.zeros(0, np.int64)
     sizes = np.diff(np.r_[starts, n])  # rows sorted by sid_str: each group is one run
+    is_item = pc.equal(table.column("kind"), "cur").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    group_of = np.repeat(np.arange(len(sizes)), sizes)
+    items_per_group = np.bincount(group_of[is_item], minlength=len(sizes))
     dedup = np.where(kept, prev_values, 0)
     for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
         k = kept[start:start + size]
@@ -42,7 +48,7 @@ def assign_dedup(table: pa.Table) -> pa.Table:
         for i in np.flatnonzero(~k).tolist():
             dedup[start + i] = next(free)
     return table.append_column("dedup", pa.array(dedup.astype(np.int32))) \
-        .append_column("group_size", pa.array(np.repeat(sizes, sizes).astype(np.int64))) \
+        .append_column("group_size", pa.array(items_per_group[group_of].astype(np.int64))) \
         .select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
 
 
@@ -53,10 +59,18 @@ def dedup_partition(spec: dict) -> dict:
 
     staging, snap, q = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"]
     final = assign_dedup(read_files(staging.fs, spec["files"], RESOLVED_SCHEMA))
+    is_item = pc.equal(final.column("kind"), "cur")
+    held = final.filter(pc.invert(is_item))
+    reservations = pa.table([held.column("item_id"), held.column("sid_str"), held.column("dedup"),
+                             held.column("prev_nights")], schema=RESERVATIONS_SCHEMA)
+    if reservations.num_rows:
+        snap.fs.create_dir(snap.join("reservations"), recursive=True)
+        pq.write_table(reservations, snap.join("reservations", f"part-{q:05d}.parquet"), filesystem=snap.fs)
+    final = final.filter(is_item)
     items = final.append_column("model_version", pa.array([spec["model_version"]] * final.num_rows, pa.string())) \
         .select(ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
     if items.num_rows:
         snap.fs.create_dir(snap.join("items"), recursive=True)
         pq.write_table(items, snap.join("items", f"part-{q:05d}.parquet"), filesystem=snap.fs)
     stats = partial_stats(final.select(STATS_COLUMNS), spec["sid_length"], spec["codebook_size"])
-    return {"items": items.num_rows, "stats": stats.column("s")[0].as_py()}
+    return {"items": items.num_rows, "reservations": reservations.num_rows, "stats": stats.column("s")[0].as_py()}

@@ -18,7 +18,14 @@ from sidserve.jobs.assign.resolve import resolve_partition
 from sidserve.jobs.assign.shuffle import by_part, run_tasks, scatter_previous
 from sidserve.jobs.assign.stats import reduce_stats
 from sidserve.jobs.catalog import check_schema
-from sidserve.snapshot import ITEMS_SCHEMA, REJECTS_SCHEMA, SUMMARY, SnapshotRoot, new_version
+from sidserve.snapshot import (
+    ITEMS_SCHEMA,
+    REJECTS_SCHEMA,
+    RESERVATIONS_SCHEMA,
+    SUMMARY,
+    SnapshotRoot,
+    new_version,
+)
 from sidserve.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,11 @@ class AssignJobConfig:
     # retention: snapshots kept (the newest; the published one always); None keeps all. Staging
     # left by runs that died (untouched for a day) is deleted either way
     keep_snapshots: int | None = None
+    # nights an absent (or rejected) item's (sid, dedup) key stays reserved for it: no other
+    # item takes it meanwhile, and the item gets it back when it returns with the same SID.
+    # A month covers seasonal delistings and a few nights of bad upstream data; 0 frees a key
+    # the first night its item is missing (before reservations existed)
+    reserve_nights: int = 30
     # modality -> input column (--column); None: the mapping the model was fitted with, for the
     # columns the input has under those names
     columns: dict[str, str] | None = None
@@ -110,6 +122,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     for name in ("rows_per_partition", "rows_per_task", "batch_size", "read_block_mib", "read_ahead_mib"):
         if getattr(job, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(job, name)}")
+    if not isinstance(job.reserve_nights, int) or job.reserve_nights < 0:
+        raise ValueError(f"reserve_nights must be an int >= 0, got {job.reserve_nights!r}")
     t0 = time.perf_counter()
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     if not ray.is_initialized():
@@ -149,15 +163,18 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
     prev_manifest: list[dict] = []
-    if previous is not None:
-        prev_manifest = ray.data.read_parquet(
-            f"{root.snapshot_dir(previous)}/items", columns=["item_id", "sid_str", "dedup"],
-        ).map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
+    if previous is not None:  # its items' keys, and the keys it held for absent items
+        for sub, cols in (("items", ["item_id", "sid_str", "dedup"]),
+                          ("reservations", ["item_id", "sid_str", "dedup", "nights_absent"])):
+            if sub == "reservations" and not root.read_reservations(previous).num_rows:
+                continue  # none held (or a snapshot from before reservations)
+            prev_manifest += ray.data.read_parquet(f"{root.snapshot_dir(previous)}/{sub}", columns=cols) \
+                .map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
     lap("encode")
     log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
 
     # B. resolve duplicates and previous assignments, one item_id partition per task
-    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts}
+    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights}
     cur_files, prev_files = by_part(enc_manifest, n_parts), by_part(prev_manifest, n_parts)
     specs = [{**common, "part": p, "current": cur_files[p], "previous": prev_files[p]} for p in range(n_parts)]
     resolved = run_tasks(resolve_partition, specs)
@@ -174,7 +191,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     lap("dedup+write")
 
     # D. verify what was written, then publish
-    for sub, schema in (("items", ITEMS_SCHEMA), ("rejects", REJECTS_SCHEMA)):
+    for sub, schema in (("items", ITEMS_SCHEMA), ("rejects", REJECTS_SCHEMA), ("reservations", RESERVATIONS_SCHEMA)):
         ensure_nonempty_dir(root, version, sub, schema)  # an empty side has no part file
     items_ds = pads.dataset(root.join("snapshots", version, "items"), filesystem=root.fs, format="parquet")
     n_items = items_ds.count_rows()
@@ -191,6 +208,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                            f"{sum(r['items'] for r in deduped)} and {sum(r['rejects'] for r in resolved)}")
     if not items_ds.schema.remove_metadata().equals(ITEMS_SCHEMA):
         raise RuntimeError(f"written schema {items_ds.schema} != expected {ITEMS_SCHEMA}")
+    n_reserved = root.read_reservations(version).num_rows
+    if n_reserved != sum(r["reservations"] for r in deduped):
+        raise RuntimeError(f"the snapshot holds {n_reserved} reservations, the tasks wrote "
+                           f"{sum(r['reservations'] for r in deduped)}")
     if stats["items"] != n_items:
         raise RuntimeError(f"statistics saw {stats['items']} items, the snapshot has {n_items}")
     lap("verify")
@@ -199,6 +220,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "version": version, "previous_version": previous, "model_version": model_version,
         "model": job.model, "items_uri": job.items, "input_rows": n_input, "items": n_items,
         "rejects": n_rejects, "rejects_by_reason": reasons, "sid_layout": tok.sid_layout,
+        "reservations": n_reserved, "reservations_expired": sum(r["expired"] for r in resolved),
+        "reserve_nights": job.reserve_nights,
         **{k: v for k, v in stats.items() if k != "items"},
         "partitions": n_parts,
         "duration_s": time.perf_counter() - t0,
@@ -226,7 +249,8 @@ def run_cli(args) -> int:
         s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
-            columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots))
+            columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots,
+            reserve_nights=args.reserve_nights))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")

@@ -1,6 +1,8 @@
 """B. resolve: one task per item_id partition, with the previous snapshot's rows of the same
-partition: duplicate item_ids are rejected, each item gets its previous SID and dedup;
-rejects go to the snapshot, accepted rows to staging split by a hash partition of the SID."""
+partition (its items and its reservations): duplicate item_ids are rejected, each item gets
+its previous SID and dedup; rejects go to the snapshot; accepted rows, and the keys of items
+that are gone (reservations, while younger than ``reserve_nights``), to staging split by a
+hash partition of the SID."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from sidserve.snapshot import REJECTS_SCHEMA, SnapshotRoot
 
 RESOLVED_SCHEMA = pa.schema([
     *ENCODED_SCHEMA, ("kind", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32()),
+    ("prev_nights", pa.int32()),  # nights the previous key's item had been absent (0: it was present)
 ])
 
 
@@ -41,7 +44,7 @@ def resolve_group(table: pa.Table) -> pa.Table:
         cur = cur.set_column(cur.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     prev_ids = prev.column("item_id").combine_chunks()
     pos = pc.index_in(ids, value_set=prev_ids)  # previous snapshots hold each item_id once
-    for name in ("prev_sid_str", "prev_dedup"):
+    for name in ("prev_sid_str", "prev_dedup", "prev_nights"):
         cur = cur.set_column(cur.schema.get_field_index(name), name, prev.column(name).take(pos))
     accepted = ids.filter(pc.is_null(cur.column("reason").combine_chunks()))
     gone = prev.filter(pc.invert(pc.is_in(prev_ids, value_set=accepted)))
@@ -49,12 +52,16 @@ def resolve_group(table: pa.Table) -> pa.Table:
 
 
 def removed_rows(prev: pa.Table) -> pa.Table:
+    """Previous keys whose item is not accepted now: kind "removed", the key in sid_str /
+    prev_dedup (what a reservation holds), prev_nights counting tonight."""
     n = prev.num_rows
     cols = {name: pa.nulls(n, field.type) for name, field in zip(RESOLVED_SCHEMA.names, RESOLVED_SCHEMA)}
     cols["item_id"] = prev.column("item_id")
     cols["kind"] = pa.array(["removed"] * n, pa.string())
+    cols["sid_str"] = prev.column("prev_sid_str")
     cols["prev_sid_str"] = prev.column("prev_sid_str")
     cols["prev_dedup"] = prev.column("prev_dedup")
+    cols["prev_nights"] = pc.add(pc.fill_null(prev.column("prev_nights"), 0), 1).cast(pa.int32())
     return pa.table(cols, schema=RESOLVED_SCHEMA)
 
 
@@ -82,9 +89,15 @@ def resolve_partition(spec: dict) -> dict:
         snap.fs.create_dir(snap.join("rejects"), recursive=True)
         pq.write_table(rejects, snap.join("rejects", f"part-{p:05d}.parquet"), filesystem=snap.fs)
     accepted = resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_null(reason)))
-    manifest = scatter(accepted, hash_buckets(accepted.column("sid_str"), n_parts), n_parts, fs,
+    removed = resolved.filter(pc.equal(kind, "removed"))
+    nights = removed.column("prev_nights")
+    reserved = removed.filter(pc.less_equal(nights, spec["reserve_nights"]))  # kept for the dedup
+    out = pa.concat_tables([accepted, reserved])
+    manifest = scatter(out, hash_buckets(out.column("sid_str"), n_parts), n_parts, fs,
                        staging.join("resolved"), f"from-{p:05d}")  # named by partition: a retry overwrites
     return {
         "rejects": rejects.num_rows, "reasons": json.loads(reason_counts(rejects).column("s")[0].as_py()),
-        "removed": int(pc.sum(pc.equal(kind, "removed")).as_py() or 0), "manifest": manifest.to_pylist(),
+        # items of the previous snapshot that left tonight (not the older reservations)
+        "removed": int(pc.sum(pc.equal(nights, 1)).as_py() or 0),
+        "expired": removed.num_rows - reserved.num_rows, "manifest": manifest.to_pylist(),
     }

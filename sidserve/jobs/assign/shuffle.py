@@ -20,7 +20,9 @@ from sidserve.ids import buckets as hash_buckets
 from sidserve.snapshot import SnapshotRoot
 
 MANIFEST_SCHEMA = pa.schema([("part", pa.int64()), ("path", pa.string()), ("rows", pa.int64())])
-PREVIOUS_SCHEMA = pa.schema([("item_id", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32())])
+# the previous snapshot's keys: its items (prev_nights 0) and its reservations (nights absent)
+PREVIOUS_SCHEMA = pa.schema([("item_id", pa.string()), ("prev_sid_str", pa.string()), ("prev_dedup", pa.int32()),
+                             ("prev_nights", pa.int32())])
 
 
 def scatter(table: pa.Table, parts: np.ndarray, n_parts: int, fs, directory: str, name: str) -> pa.Table:
@@ -59,7 +61,10 @@ def scatter_previous(staging: str, n_parts: int):
         import uuid
 
         root = SnapshotRoot(staging)
-        t = table.rename_columns(["item_id", "prev_sid_str", "prev_dedup"])
+        if "nights_absent" not in table.column_names:  # an item of the snapshot: present, 0 nights absent
+            table = table.append_column("nights_absent", pa.array(np.zeros(table.num_rows, np.int32)))
+        t = table.select(["item_id", "sid_str", "dedup", "nights_absent"]) \
+            .rename_columns(PREVIOUS_SCHEMA.names).cast(PREVIOUS_SCHEMA)
         return scatter(t, item_parts(t.column("item_id"), n_parts), n_parts, root.fs, root.join("previous"),
                        uuid.uuid4().hex)
 
