@@ -107,6 +107,11 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
                    help="retention: keep the N newest snapshots (the published one always); default: keep all")
     p.add_argument("--reserve-nights", type=int, default=30,
                    help="nights an absent or rejected item's (sid, dedup) key stays reserved for it (0: freed at once)")
+    p.add_argument("--sticky-delta", type=float,
+                   help="keep an item's previous code at a position unless the new best scores more than this "
+                        "above it (cosine for adc-sid); default: plain assignment")
+    p.add_argument("--max-churn", type=float,
+                   help="refuse to publish a snapshot whose churn is above this share (LATEST stays); default: no limit")
 
 
 def add_assign_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +133,8 @@ def add_refresh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-epochs", type=int, help="epochs of the re-fit (default: the model's)")
     p.add_argument("--sample-size", type=int, default=200_000, help="baselines: rows the re-fit samples")
     p.add_argument("--pushgateway", help="host:port of a Pushgateway (default: $SIDSERVE_PUSHGATEWAY)")
+    p.add_argument("--churn-alert", type=float, default=0.2,
+                   help="churn above which the SidserveChurnHigh alert fires (pushed as sidserve_refresh_churn_ceiling)")
 
 
 def refresh(args: argparse.Namespace) -> int:

@@ -74,7 +74,7 @@ def free_port() -> int:
 METRICS_PORT = free_port()  # Ray's Prometheus endpoint of the session cluster
 SERVE_PORT = free_port()  # Serve's HTTP port: one Serve instance serves every test module
 
-SERVE_MODULES = ("test_observability.py", "test_serve.py")
+SERVE_MODULES = ("test_invariance.py", "test_observability.py", "test_serve.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -420,3 +420,137 @@ def test_a_key_survives_an_absence(world, tmp_path):
     again = SnapshotRoot(str(tmp_path / "snap-after-2"))
     s = run_assignment(AssignJobConfig(items=n2, model=model, output=again.uri, reserve_nights=1))
     assert s["reservations"] == 0 and s["reservations_expired"] == 1
+
+
+# sticky assignment (sidserve/jobs/assign/sticky.py) --------------------------------------
+
+def test_sticky_keeps_a_code_within_delta_and_switches_beyond_it():
+    from sidserve.jobs.assign.sticky import parse_sid_str, sticky_codes
+
+    # 3 items x 2 positions, 3 candidates each; K = 5, missing code 5
+    computed = np.array([[0, 1], [2, 3], [4, 5]])
+    cand = np.array([[[0, 3, 1], [1, 2, 0]], [[2, 0, 1], [3, 4, 1]], [[4, 0, 1], [5, 5, 5]]])
+    scores = np.array([[[0.9, 0.85, 0.1], [0.7, 0.6, 0.5]], [[0.9, 0.5, 0.4], [0.8, 0.79, 0.1]],
+                       [[0.9, 0.2, 0.1], [np.nan] * 3]])
+    previous = np.array([[3, 0], [1, 4], [2, 1]])  # item 2: position 1 is missing now
+    codes, kept, unscored = sticky_codes(computed, cand, scores, previous, 0.1, 5)
+    # item 0: 3 is 0.05 below the best at position 0 -> kept; 0 is 0.2 below at position 1 -> switch
+    # item 1: 1 is 0.5 below -> switch; 4 is 0.01 below -> kept
+    # item 2: 2 is not among the candidates -> replaced (unscored); a missing position is left alone
+    assert codes.tolist() == [[3, 1], [2, 4], [4, 5]]
+    assert kept.tolist() == [[True, False], [False, True], [False, False]]
+    assert unscored.tolist() == [[False, False], [False, False], [True, False]]
+    # delta 0 reproduces the plain assignment (no candidate ties here); a larger delta keeps more
+    assert (sticky_codes(computed, cand, scores, previous, 0.0, 5)[0] == computed).all()
+    assert sticky_codes(computed, cand, scores, previous, 0.6, 5)[1].sum() == 4
+    # an item without a previous SID, or one of another length, keeps what was computed
+    prev = parse_sid_str(["3-0", None, "1-2-3"], 2)
+    assert prev.tolist() == [[3, 0], [-1, -1], [-1, -1]]
+    assert (sticky_codes(computed, cand, scores, prev, 1.0, 5)[0][1:] == computed[1:]).all()
+    with pytest.raises(ValueError, match="delta"):
+        sticky_codes(computed, cand, scores, previous, -0.1, 5)
+
+
+def test_candidates_follow_the_codebooks_similarity(world):
+    """encode(candidates=k): the best first and equal to the SID; and on a hand-built codebook
+    (unit vectors e_0..e_K-1) the candidates are the latent's largest components, scored by
+    their cosine, ties to the lower index, in and out of the batch-invariant path."""
+    import torch
+
+    from sidserve.tokenizers import invariant
+    from sidserve.tokenizers.adc_sid.model.codebook import CosineCodebook
+
+    tok = SemanticIdTokenizer.from_pretrained(str(world["base"] / "model"))
+    items = world["catalog"].slice(0, 300)
+    enc = tok.encode(items, candidates=3)
+    assert enc.candidates.shape == (300, tok.config.sid_length, 3)
+    assert (enc.candidates[:, :, 0] == enc.sid).all()
+    present = ~np.isnan(enc.candidate_scores)
+    assert (np.diff(enc.candidate_scores, axis=-1)[present[:, :, 1:]] <= 0).all()  # best first
+    n_b = tok.config.num_behavior_experts
+    cold = enc.path == "content_only"
+    assert (enc.candidates[cold, -n_b:] == tok.config.missing_code).all() and (~present[cold, -n_b:]).all()
+    with pytest.raises(ValueError, match="candidates"):
+        tok.encode(items, candidates=tok.config.codebook_size + 1)
+
+    book = CosineCodebook(dim=4, codebook_size=4)
+    with torch.no_grad():
+        book.embed.copy_(torch.eye(4))
+    z = torch.tensor([[0.1, 0.7, 0.2, 0.7], [3.0, 0.0, 4.0, 0.0]])  # row 0: a tie between 1 and 3
+    for exact in (False, True):
+        with invariant.batch_invariant(exact):
+            codes, sims = book.top(z, 3)
+        assert codes.tolist() == [[1, 3, 2], [2, 0, 1]]
+        expect = torch.nn.functional.normalize(z, dim=-1).double().gather(1, codes)
+        torch.testing.assert_close(sims.double(), expect, rtol=0, atol=1e-6)
+
+
+def test_residual_tokenizers_refuse_candidates(small_catalog):
+    from sidserve.tokenizers.baselines import (
+        BaselineConfig,
+        OPQConfig,
+        OPQTokenizer,
+        RQKmeansTokenizer,
+    )
+
+    dims = dict(modality_dims={"text": 24, "image": 16}, codebook_size=8, num_levels=2, kmeans_iters=5)
+    rq = RQKmeansTokenizer(BaselineConfig(**dims)).fit(small_catalog)
+    with pytest.raises(ValueError, match="residual"):
+        rq.encode(small_catalog, candidates=2)
+    opq = OPQTokenizer(OPQConfig(opq_iters=1, **dims)).fit(small_catalog)
+    enc = opq.encode(small_catalog, candidates=2)
+    assert (enc.candidates[:, :, 0] == opq.encode(small_catalog).sid).all()
+    assert (enc.candidate_scores[:, :, 0] >= enc.candidate_scores[:, :, 1]).all()
+
+
+def test_sticky_assignment_and_max_churn_end_to_end(world, tmp_path):
+    """A re-fit that moved the codewords a little (the world model with noise on its codebooks)
+    on the same items: plain assignment churns; --max-churn below that refuses and leaves LATEST;
+    sticky with delta 0 writes the plain snapshot exactly; a positive delta keeps codes and
+    lowers churn, and the summary says how many it kept."""
+    import shutil
+
+    import torch
+
+    from sidserve.jobs.assign.job import ChurnRefused
+
+    items = str(tmp_path / "items")
+    os.makedirs(items)
+    pq.write_table(world["catalog"].slice(0, 600), f"{items}/a.parquet")
+    night1 = str(world["base"] / "model")
+    moved = SemanticIdTokenizer.from_pretrained(night1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        books = [*moved.model_.shared_codebooks, *moved.model_.behavior_codebooks,
+                 *(b for group in moved.model_.content_codebooks.values() for b in group)]
+        for book in books:
+            book.embed.add_(0.15 * torch.randn(book.embed.shape, generator=gen))
+    moved.save_pretrained(str(tmp_path / "moved"))
+    night2 = str(tmp_path / "moved")
+
+    root = SnapshotRoot(str(tmp_path / "snap"))
+    s1 = run_assignment(AssignJobConfig(items=items, model=night1, output=root.uri))
+    shutil.copytree(tmp_path / "snap", tmp_path / "snap-copy")
+
+    with pytest.raises(ChurnRefused, match="above --max-churn 0.001"):
+        run_assignment(AssignJobConfig(items=items, model=night2, output=root.uri, version="plain", max_churn=0.001))
+    assert root.latest() == s1["version"]  # not published
+    plain_summary = root.summary("plain")
+    assert plain_summary["churn"]["churn"] > 0.001 and plain_summary["sticky"] is None
+
+    zero = run_assignment(AssignJobConfig(items=items, model=night2, output=root.uri, sticky_delta=0.0))
+    for col in ("item_id", "sid", "sid_str", "dedup", "behavior_weights"):
+        assert root.read_items("plain").sort_by("item_id").column(col).equals(
+            root.read_items(zero["version"]).sort_by("item_id").column(col)), col
+    assert zero["sticky"]["codes_kept"] == 0
+
+    other = SnapshotRoot(str(tmp_path / "snap-copy"))
+    sticky = run_assignment(AssignJobConfig(items=items, model=night2, output=other.uri, sticky_delta=0.05))
+    assert sticky["sticky"]["codes_kept"] > 0
+    assert sticky["churn"]["churn"] < plain_summary["churn"]["churn"]
+    a = {r["item_id"]: r["sid"] for r in other.read_items(s1["version"]).to_pylist()}
+    b = {r["item_id"]: r["sid"] for r in other.read_items(sticky["version"]).to_pylist()}
+    p = {r["item_id"]: r["sid"] for r in root.read_items("plain").to_pylist()}
+    # every code differs from the plain one only where it is the previous night's code
+    assert all(bb == pp or bb == aa for k in b for aa, bb, pp in zip(a[k], b[k], p[k]))
+    assert sum(bb != pp for k in b for bb, pp in zip(b[k], p[k])) == sticky["sticky"]["codes_kept"]

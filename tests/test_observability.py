@@ -137,3 +137,31 @@ def test_alert_rules_load_and_evaluate(stack):
               json.loads(urllib.request.urlopen(f"{stack['prom']}/api/v1/alerts", timeout=10).read())["data"]["alerts"]
               if a["state"] == "firing"]
     assert not firing, firing
+
+
+def test_churn_alert_reads_the_ceiling_the_refresh_pushed(stack, refreshed, pushgateway):
+    """SidserveChurnHigh compares the pushed churn with the pushed --churn-alert ceiling."""
+    from sidserve.jobs.refresh import push_success
+
+    addr, _ = pushgateway
+
+    def firing() -> set[str]:
+        alerts = json.loads(urllib.request.urlopen(f"{stack['prom']}/api/v1/alerts", timeout=10).read())
+        return {a["labels"]["alertname"] for a in alerts["data"]["alerts"] if a["state"] == "firing"}
+
+    def wait_for(predicate, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate(firing()):
+                return True
+            time.sleep(0.5)
+        return False
+
+    summary = dict(refreshed["summary"])
+    try:
+        push_success(addr, {**summary, "churn": {**summary["churn"], "churn": 0.1}, "churn_ceiling": 0.05})
+        assert wait_for(lambda names: "SidserveChurnHigh" in names)
+        push_success(addr, {**summary, "churn": {**summary["churn"], "churn": 0.1}, "churn_ceiling": 0.5})
+        assert wait_for(lambda names: "SidserveChurnHigh" not in names)
+    finally:
+        push_success(addr, summary)  # the refresh's own metrics back for the other tests

@@ -34,6 +34,7 @@ def test_refresh_pushes_metrics(refreshed, pushgateway):
     assert m[("sidserve_refresh_input_rows", ())] == 600
     assert m[("sidserve_refresh_collision_rate", ())] == pytest.approx(s["collision_rate"])
     assert m[("sidserve_refresh_churn_ratio", ())] == 0.0  # first snapshot: nothing in common
+    assert m[("sidserve_refresh_churn_ceiling", ())] == 0.2  # --churn-alert default: the alert's threshold
     assert m[("sidserve_refresh_new_items", ())] == 600
     assert m[("sidserve_refresh_duration_seconds", ())] > 0
     assert abs(m[("sidserve_refresh_last_success_timestamp_seconds", ())] - time.time()) < 600

@@ -7,6 +7,7 @@ adds ``sidserve_refresh_last_failure_timestamp_seconds`` so the last success sta
 
     sidserve_refresh_input_rows / _items / _rejects / _new_items / _removed_items
     sidserve_refresh_churn_ratio            share of common items whose SID changed
+    sidserve_refresh_churn_ceiling          --churn-alert: the SidserveChurnHigh threshold
     sidserve_refresh_churn_ratio_by_popularity{bucket}
     sidserve_refresh_collision_rate         share of items whose SID is shared
     sidserve_refresh_duration_seconds
@@ -47,6 +48,11 @@ class RefreshJobConfig:
     rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
     keep_snapshots: int | None = None  # retention (AssignJobConfig.keep_snapshots)
     reserve_nights: int = 30  # keys held for absent items (AssignJobConfig.reserve_nights)
+    sticky_delta: float | None = None  # sticky assignment margin (AssignJobConfig.sticky_delta)
+    max_churn: float | None = None  # refuse to publish above this churn (AssignJobConfig.max_churn)
+    # churn above which SidserveChurnHigh fires: pushed with the metrics (sidserve_refresh_churn_ceiling),
+    # so each deployment sets its own ceiling without editing the alert rules
+    churn_alert: float = 0.2
     columns: dict[str, str] | None = None  # modality -> input column; None: the model's own mapping
     sample_size: int = 200_000  # a baseline re-fit's sample (TrainJobConfig.sample_size)
 
@@ -64,6 +70,7 @@ def push_success(gateway: str, summary: dict[str, Any]) -> None:
     gauge("new_items", "Items not in the previous snapshot", summary["churn"]["new"])
     gauge("removed_items", "Items of the previous snapshot no longer present", summary["churn"]["removed"])
     gauge("churn_ratio", "Share of common items whose SID changed", summary["churn"]["churn"])
+    gauge("churn_ceiling", "Churn above which SidserveChurnHigh fires (--churn-alert)", summary["churn_ceiling"])
     gauge("collision_rate", "Share of items whose SID is shared with another item", summary["collision_rate"])
     gauge("duration_seconds", "Wall time of the refresh", summary["duration_s"])
     gauge("last_success_timestamp_seconds", "Unix time of the last successful refresh", time.time())
@@ -125,8 +132,10 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                                  rows_per_partition=job.rows_per_partition,
                                                  keep_snapshots=job.keep_snapshots,
                                                  reserve_nights=job.reserve_nights,
+                                                 sticky_delta=job.sticky_delta, max_churn=job.max_churn,
                                                  columns=job.columns))
         summary["prepass"] = prepass
+        summary["churn_ceiling"] = job.churn_alert
         summary["refit_model"] = model_uri if job.refit else None
         summary["duration_s"] = time.perf_counter() - t0
     except Exception:
@@ -161,6 +170,7 @@ def run_cli(args) -> int:
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
             keep_snapshots=args.keep_snapshots, reserve_nights=args.reserve_nights,
+            sticky_delta=args.sticky_delta, max_churn=args.max_churn, churn_alert=args.churn_alert,
             pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "

@@ -33,12 +33,18 @@ class Encoding:
     behavior_weights: (N, N_b) float32 R(e_b) per behavioral position, 0 when content-only.
     path: (N,) str, "full" or "content_only".
     item_id: (N,) ids when the input had an ``item_id`` column, else None.
+    candidates: (N, L, k) int32, encode(candidates=k) only: the k best codes per position, best
+         first (candidates[:, :, 0] == sid), ``missing_code`` where a position has no code.
+    candidate_scores: (N, L, k) float64: their similarity (higher is better; ADC-SID: cosine,
+         OPQ: minus the squared distance), NaN where a position has no code.
     """
 
     sid: np.ndarray
     behavior_weights: np.ndarray
     path: np.ndarray
     item_id: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+    candidate_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.sid.shape[0])
@@ -55,6 +61,9 @@ class NotFittedError(ValueError):
 
 class BaseTokenizer:
     tokenizer_type: ClassVar[str]
+    # each SID position chosen on its own (not from a residual of the codes before it), so
+    # encode(candidates=k) can offer per-position alternatives (sticky assignment needs them)
+    independent_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

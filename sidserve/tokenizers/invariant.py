@@ -160,13 +160,19 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / row_norm(x).clamp_min(eps).unsqueeze(-1)
 
 
-def nearest_l2(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """x (B, d), centroids (K, d) -> index of the L2-nearest centroid (B,) int64, the lowest
-    index on a tie; batch-invariant: argmin_k ||c_k||^2 - 2 x.c_k on exact values."""
+def similarity_l2(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """x (B, d), centroids (K, d) -> 2 x.c_k - ||c_k||^2 (B, K) float64 (= ||x||^2 - ||x - c_k||^2:
+    the larger, the nearer), each row a function of its row of x alone."""
     q, scale = _fixed_point(centroids, _bits(centroids.shape[-1]))
     c_sq = (q * q).sum(-1) * (scale[:, 0] * scale[:, 0])  # (K,) float64, exact then rounded
     xc = exact_matmul(x, (q.t(), scale.t()))  # (B, K): the fixed point of x.c needs the same bits
-    return (c_sq.unsqueeze(0) - 2.0 * xc).argmin(dim=-1)
+    return 2.0 * xc - c_sq.unsqueeze(0)
+
+
+def nearest_l2(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """x (B, d), centroids (K, d) -> index of the L2-nearest centroid (B,) int64, the lowest
+    index on a tie; batch-invariant (``similarity_l2``)."""
+    return similarity_l2(x, centroids).argmax(dim=-1)
 
 
 class Linear(nn.Linear):

@@ -17,25 +17,30 @@ ENCODED_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("sid", pa.list_(pa.int32())), ("sid_str", pa.string()),
     ("behavior_weights", pa.list_(pa.float32())), ("path", pa.string()),
     ("popularity", pa.float64()), ("reason", pa.string()),
+    # sticky assignment only (null otherwise): the k best codes per position, flattened (L * k),
+    # and their scores, for the resolve stage to weigh against the previous SID
+    ("cand", pa.list_(pa.int32())), ("cand_score", pa.list_(pa.float64())),
 ])
 
 
 class Encoder:
     """Ray Data actor: loads the tokenizer once, then encodes batches (pyarrow Tables)."""
 
-    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int):
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, candidates: int = 0):
         self.tok: BaseTokenizer = load_tokenizer(model_uri)
         if use_gpu:
             self.tok.to("cuda")
         self.batch_size = batch_size
+        self.candidates = candidates
         self.version = self.tok.version
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return encode_table(self.tok, table, self.batch_size)
+        return encode_table(self.tok, table, self.batch_size, self.candidates)
 
 
-def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192) -> pa.Table:
-    """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows)."""
+def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, candidates: int = 0) -> pa.Table:
+    """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows); with
+    ``candidates=k`` also each row's k best codes per position and their scores."""
     checked = check_items(table, tok.config, require_item_id=True)
     n = table.num_rows
     ok = checked.ok
@@ -46,9 +51,15 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192) ->
     weights = None
     path = np.full(n, None, dtype=object)
     good = np.flatnonzero(ok)
+    cand = np.zeros((n, L * candidates), np.int32)
+    cand_score = np.zeros((n, L * candidates), np.float64)
     if good.size:
-        enc = tok.encode(checked.arrays.take(good), batch_size=batch_size)
+        kw = {"candidates": candidates} if candidates else {}
+        enc = tok.encode(checked.arrays.take(good), batch_size=batch_size, **kw)
         sid[good] = enc.sid
+        if candidates:
+            cand[good] = enc.candidates.reshape(len(good), -1)
+            cand_score[good] = enc.candidate_scores.reshape(len(good), -1)
         weights = np.zeros((n, enc.behavior_weights.shape[1]), np.float32)
         weights[good] = enc.behavior_weights
         path[good] = enc.path
@@ -62,6 +73,8 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192) ->
         "path": pa.array(path.tolist(), pa.string()),
         "popularity": pa.array(pop if pop is not None else np.full(n, np.nan), pa.float64()).fill_null(np.nan),
         "reason": pa.array(checked.reasons, pa.string()),
+        "cand": list_column(cand, mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
+        "cand_score": list_column(cand_score, mask) if candidates else pa.nulls(n, pa.list_(pa.float64())),
     }, schema=ENCODED_SCHEMA)
 
 
@@ -75,15 +88,16 @@ def list_column(values: np.ndarray, null: np.ndarray) -> pa.ListArray:
 class EncodeAndScatter(Encoder):
     """Map side of the item_id grouping: encode a batch, write it split by item_id partition."""
 
-    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int):
-        super().__init__(model_uri, use_gpu, batch_size)
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int,
+                 candidates: int = 0):
+        super().__init__(model_uri, use_gpu, batch_size, candidates)
         self.root = SnapshotRoot(staging)
         self.n_parts = n_parts
 
     def __call__(self, table: pa.Table) -> pa.Table:
         import uuid
 
-        enc = encode_table(self.tok, table, self.batch_size)
+        enc = encode_table(self.tok, table, self.batch_size, self.candidates)
         return scatter(enc, item_parts(enc.column("item_id"), self.n_parts), self.n_parts, self.root.fs,
                        self.root.join("encoded"), uuid.uuid4().hex)
 

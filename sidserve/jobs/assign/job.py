@@ -55,6 +55,15 @@ class AssignJobConfig:
     # A month covers seasonal delistings and a few nights of bad upstream data; 0 frees a key
     # the first night its item is missing (before reservations existed)
     reserve_nights: int = 30
+    # sticky assignment (sidserve/jobs/assign/sticky.py): an item keeps its previous code at a
+    # position unless the new best scores more than this above it (cosine for ADC-SID; OPQ:
+    # 2 x.c - |c|^2); None = the plain assignment (0 keeps a previous code only on an exact
+    # tie, which gives the plain snapshot). Needs a tokenizer with independent positions
+    sticky_delta: float | None = None
+    sticky_candidates: int = 8  # best codes per position the encoder reports for the comparison
+    # refuse to publish a snapshot whose churn (share of common items whose SID changed) is
+    # above this; LATEST stays on the previous snapshot and the job fails naming both numbers
+    max_churn: float | None = None
     # modality -> input column (--column); None: the mapping the model was fitted with, for the
     # columns the input has under those names
     columns: dict[str, str] | None = None
@@ -67,14 +76,15 @@ def encode_budget(job: AssignJobConfig, row_bytes: int) -> int:
 
 
 def encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int,
-                        row_bytes: int) -> list[dict]:
-    """Stage A. ``row_bytes``: the input's size per row, to size the object-store budget."""
+                        row_bytes: int, candidates: int = 0) -> list[dict]:
+    """Stage A. ``row_bytes``: the input's size per row, to size the object-store budget;
+    ``candidates``: best codes per position to report (sticky assignment)."""
     import ray.data
 
     out = ds.select_columns(keep).map_batches(
         EncodeAndScatter, fn_constructor_kwargs={
             "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
-            "staging": staging, "n_parts": n_parts},
+            "staging": staging, "n_parts": n_parts, "candidates": candidates},
         batch_size=job.rows_per_task, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers),
         num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else job.cpus_per_worker,
@@ -124,8 +134,19 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
             raise ValueError(f"{name} must be >= 1, got {getattr(job, name)}")
     if not isinstance(job.reserve_nights, int) or job.reserve_nights < 0:
         raise ValueError(f"reserve_nights must be an int >= 0, got {job.reserve_nights!r}")
+    if job.sticky_delta is not None and not job.sticky_delta >= 0:
+        raise ValueError(f"sticky_delta must be >= 0, got {job.sticky_delta!r}")
+    if job.sticky_candidates < 1:
+        raise ValueError(f"sticky_candidates must be >= 1, got {job.sticky_candidates!r}")
+    if job.max_churn is not None and not 0 <= job.max_churn <= 1:
+        raise ValueError(f"max_churn must be in [0, 1], got {job.max_churn!r}")
     t0 = time.perf_counter()
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
+    sticky = job.sticky_delta is not None
+    if sticky and not tok.independent_positions:
+        raise ValueError(f"--sticky-delta: {tok.tokenizer_type} is residual (a position's code depends on the codes "
+                         "before it), so a code cannot be kept alone; sticky assignment needs adc-sid or opq")
+    candidates = min(job.sticky_candidates, tok.codebook_size) if sticky else 0
     if not ray.is_initialized():
         ray.init()
     model_version = tok.version
@@ -158,7 +179,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
 
     # A. encode, each batch written split by item_id partition
     row_bytes = 4 * (sum(tok.config.modality_dims.values()) + (tok.config.behavior_dim or 0)) + 64  # float32s + id
-    enc_manifest = encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes)
+    enc_manifest = encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes, candidates)
     encoded_rows = sum(m["rows"] for m in enc_manifest)
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
@@ -174,7 +195,9 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
 
     # B. resolve duplicates and previous assignments, one item_id partition per task
-    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights}
+    common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights,
+              "sticky_delta": job.sticky_delta, "sid_length": len(tok.sid_layout),
+              "missing_code": tok.codebook_size}
     cur_files, prev_files = by_part(enc_manifest, n_parts), by_part(prev_manifest, n_parts)
     specs = [{**common, "part": p, "current": cur_files[p], "previous": prev_files[p]} for p in range(n_parts)]
     resolved = run_tasks(resolve_partition, specs)
@@ -222,12 +245,18 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "rejects": n_rejects, "rejects_by_reason": reasons, "sid_layout": tok.sid_layout,
         "reservations": n_reserved, "reservations_expired": sum(r["expired"] for r in resolved),
         "reserve_nights": job.reserve_nights,
+        "sticky": sticky_summary(job, resolved),
         **{k: v for k, v in stats.items() if k != "items"},
         "partitions": n_parts,
         "duration_s": time.perf_counter() - t0,
         "stage_seconds": stages,
     }
     write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
+    if job.max_churn is not None and summary["churn"]["churn"] > job.max_churn:
+        raise ChurnRefused(
+            f"churn {summary['churn']['churn']:.4f} ({summary['churn']['changed']} of {summary['churn']['common']} "
+            f"items present both nights changed SID) is above --max-churn {job.max_churn}: snapshot {version} is "
+            f"written but not published; LATEST stays {previous}")
     root.publish(version, expected=previous)  # fails if another run published meanwhile
     try:
         root.fs.delete_dir(root.join("_staging", version))
@@ -240,6 +269,19 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     return summary
 
 
+class ChurnRefused(RuntimeError):
+    """A snapshot's churn is above ``max_churn``: it was not published."""
+
+
+def sticky_summary(job: AssignJobConfig, resolved: list[dict]) -> dict | None:
+    if job.sticky_delta is None:
+        return None
+    per = [r["sticky"]["kept_per_position"] for r in resolved if r.get("sticky")]
+    kept = [sum(col) for col in zip(*per)] if per else []
+    return {"delta": job.sticky_delta, "codes_kept": sum(kept), "kept_per_position": kept,
+            "unscored": sum(r["sticky"]["unscored"] for r in resolved if r.get("sticky"))}
+
+
 def run_cli(args) -> int:
     """``sidserve assign`` / jobs/assign.py: run the assignment (exit code 2 on bad input)."""
     from sidserve.cli import run_job
@@ -250,7 +292,7 @@ def run_cli(args) -> int:
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots,
-            reserve_nights=args.reserve_nights))
+            reserve_nights=args.reserve_nights, sticky_delta=args.sticky_delta, max_churn=args.max_churn))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")

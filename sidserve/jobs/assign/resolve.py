@@ -89,6 +89,12 @@ def resolve_partition(spec: dict) -> dict:
         snap.fs.create_dir(snap.join("rejects"), recursive=True)
         pq.write_table(rejects, snap.join("rejects", f"part-{p:05d}.parquet"), filesystem=snap.fs)
     accepted = resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_null(reason)))
+    sticky = None
+    if spec.get("sticky_delta") is not None:
+        accepted, sticky = apply_sticky(accepted, spec["sticky_delta"], spec["sid_length"], spec["missing_code"])
+    for name in ("cand", "cand_score"):  # read here only: not carried to the dedup stage
+        i = accepted.schema.get_field_index(name)
+        accepted = accepted.set_column(i, name, pa.nulls(accepted.num_rows, accepted.schema.field(name).type))
     removed = resolved.filter(pc.equal(kind, "removed"))
     nights = removed.column("prev_nights")
     reserved = removed.filter(pc.less_equal(nights, spec["reserve_nights"]))  # kept for the dedup
@@ -99,5 +105,31 @@ def resolve_partition(spec: dict) -> dict:
         "rejects": rejects.num_rows, "reasons": json.loads(reason_counts(rejects).column("s")[0].as_py()),
         # items of the previous snapshot that left tonight (not the older reservations)
         "removed": int(pc.sum(pc.equal(nights, 1)).as_py() or 0),
-        "expired": removed.num_rows - reserved.num_rows, "manifest": manifest.to_pylist(),
+        "expired": removed.num_rows - reserved.num_rows, "manifest": manifest.to_pylist(), "sticky": sticky,
     }
+
+
+def apply_sticky(accepted: pa.Table, delta: float, length: int, missing_code: int) -> tuple[pa.Table, dict]:
+    """Accepted rows with their candidates and previous SID -> the rows with sticky codes
+    (``sticky.sticky_codes``), and how many codes stickiness kept (per position) or could not
+    score."""
+    from sidserve.jobs.assign.sticky import parse_sid_str, sticky_codes
+
+    n = accepted.num_rows
+    if not n:
+        return accepted, {"kept_per_position": [0] * length, "unscored": 0}
+    computed = accepted.column("sid").combine_chunks().flatten().to_numpy().reshape(n, length)
+    cand = accepted.column("cand").combine_chunks().flatten().to_numpy()
+    k = cand.size // (n * length)
+    cand = cand.reshape(n, length, k)
+    scores = accepted.column("cand_score").combine_chunks().flatten().to_numpy(zero_copy_only=False) \
+        .reshape(n, length, k)
+    previous = parse_sid_str(accepted.column("prev_sid_str").combine_chunks(), length)
+    codes, kept, unscored = sticky_codes(computed, cand, scores, previous, delta, missing_code)
+    if kept.any():
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * length)
+        sid = pa.ListArray.from_arrays(offsets, pa.array(codes.ravel(), pa.int32()))
+        accepted = accepted.set_column(accepted.schema.get_field_index("sid"), "sid", sid)
+        accepted = accepted.set_column(accepted.schema.get_field_index("sid_str"), "sid_str",
+                                       pc.binary_join(sid.cast(pa.list_(pa.string())), "-"))
+    return accepted, {"kept_per_position": kept.sum(0).tolist(), "unscored": int(unscored.sum())}

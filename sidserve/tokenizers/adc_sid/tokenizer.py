@@ -47,6 +47,7 @@ LEGACY_BUFFERS = ("richness_quantiles", "recon_scale")
 
 class SemanticIdTokenizer(BaseTokenizer):
     tokenizer_type = "adc-sid"
+    independent_positions = True  # one codebook per expert, each on its own latent
     config_class = TokenizerConfig
 
     def __init__(self, config: TokenizerConfig | None = None):
@@ -180,7 +181,7 @@ class SemanticIdTokenizer(BaseTokenizer):
         return self.model_.n_min.device
 
     @torch.inference_mode()
-    def _run(self, arrays: ItemArrays, batch_size: int, with_recon: bool = True):
+    def _run(self, arrays: ItemArrays, batch_size: int, with_recon: bool = True, candidates: int = 0):
         self._check_fitted()
         was_training = self.model_.training
         if was_training:  # eval()/train() walk every module: skip when already in eval
@@ -193,6 +194,8 @@ class SemanticIdTokenizer(BaseTokenizer):
         sid = np.empty((n, L), dtype=np.int32)
         weights = np.zeros((n, Nb), dtype=np.float32)
         recon = np.full(n, np.nan)  # filled only with_recon
+        cand = np.empty((n, L, candidates), dtype=np.int32) if candidates else None
+        scores = np.empty((n, L, candidates), dtype=np.float64) if candidates else None
         # config.batch_invariant: each row's codes and weights from that row alone
         # (invariant.py: exact GEMMs, one thread, rows padded; any chunking then gives the same)
         exact = c.batch_invariant
@@ -202,28 +205,43 @@ class SemanticIdTokenizer(BaseTokenizer):
                 sl = slice(start, min(n, start + step))
                 k = sl.stop - sl.start
                 rows = sl.start + (invariant.padded_rows(k) if exact else np.arange(k))
-                out = self.model_(to_model_input(arrays, rows).to(device), codes_only=not with_recon)
+                out = self.model_(to_model_input(arrays, rows).to(device), codes_only=not with_recon,
+                                  candidates=candidates)
                 sid[sl] = out.codes[:k].cpu().numpy()
+                if candidates:
+                    cand[sl] = out.candidates[:k].cpu().numpy()
+                    scores[sl] = out.candidate_scores[:k].cpu().numpy()
                 weights[sl] = out.behavior_weights[:k].cpu().numpy()
                 if with_recon:
                     recon[sl] = out.recon[:k].cpu().numpy()
         if was_training:
             self.model_.train()
+        if candidates:
+            return sid, weights, recon, cand, scores
         return sid, weights, recon
 
-    def encode(self, items, *, batch_size: int = 8192) -> Encoding:
+    def encode(self, items, *, batch_size: int = 8192, candidates: int = 0) -> Encoding:
         """items (N rows) -> Encoding: sid (N, L) int32 in ``sid_layout`` order,
-        behavior_weights (N, N_b) float32, path (N,) 'full' | 'content_only'."""
+        behavior_weights (N, N_b) float32, path (N,) 'full' | 'content_only'; with
+        ``candidates=k`` also the k most similar codes per position and their cosines
+        (``Encoding.candidates``, what sticky assignment compares against a margin)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not isinstance(candidates, int) or not 0 <= candidates <= self.config.codebook_size:
+            raise ValueError(f"candidates must be an int in [0, {self.config.codebook_size}], got {candidates!r}")
         self._check_fitted()
         arrays = coerce_items(items, self.config)
-        sid, weights, _ = self._run(arrays, batch_size, with_recon=False)
+        cand = scores = None
+        if candidates:
+            sid, weights, _, cand, scores = self._run(arrays, batch_size, with_recon=False, candidates=candidates)
+        else:
+            sid, weights, _ = self._run(arrays, batch_size, with_recon=False)
         if self.config.has_behavior:
             path = np.where(arrays.has_behavior, "full", "content_only").astype(object)
         else:
             path = np.full(len(arrays), "full", dtype=object)
-        return Encoding(sid=sid, behavior_weights=weights, path=path, item_id=arrays.item_ids)
+        return Encoding(sid=sid, behavior_weights=weights, path=path, item_id=arrays.item_ids,
+                        candidates=cand, candidate_scores=scores)
 
     def reconstruction_error(self, items, *, batch_size: int = 8192) -> np.ndarray:
         """(N,) mean squared error per embedding element of eq. 14's decoder output."""

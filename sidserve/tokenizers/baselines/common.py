@@ -136,15 +136,32 @@ class BaselineTokenizer(BaseTokenizer):
         self.stats_ = {"fit_metrics": self.evaluate(arrays)}
         return self
 
-    def encode(self, items, **_) -> Encoding:
+    def _candidates(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, D) -> (codes (N, L, k), scores (N, L, k)): the k best codes per position."""
+        raise ValueError(
+            f"{self.tokenizer_type} is residual: a position's candidates depend on the codes chosen "
+            "before it, so it cannot offer per-position alternatives (sticky assignment needs "
+            "independent positions: adc-sid or opq)")
+
+    def encode(self, items, *, batch_size: int | None = None, candidates: int = 0) -> Encoding:
+        """items -> Encoding (``batch_size`` is accepted for the common interface; ``candidates``:
+        see Encoding)."""
         self._check_fitted()
+        if not isinstance(candidates, int) or not 0 <= candidates <= self.config.codebook_size:
+            raise ValueError(f"candidates must be an int in [0, {self.config.codebook_size}], got {candidates!r}")
         arrays = coerce_items(items, self.config)
-        codes = self._encode_features(self.features(arrays)).astype(np.int32)
+        cand = scores = None
+        if candidates:
+            cand, scores = self._candidates(self.features(arrays), candidates)
+            codes = cand[:, :, 0]
+        else:
+            codes = self._encode_features(self.features(arrays)).astype(np.int32)
         if self.config.use_behavior:
             path = np.where(arrays.has_behavior, "full", "content_only").astype(object)
         else:
             path = np.full(len(arrays), "full", dtype=object)
-        return Encoding(codes, np.zeros((len(arrays), 0), np.float32), path, arrays.item_ids)
+        return Encoding(codes, np.zeros((len(arrays), 0), np.float32), path, arrays.item_ids,
+                        candidates=cand, candidate_scores=scores)
 
     def reconstruction_error(self, items) -> np.ndarray:
         """(N,) mean squared error per input element of decode(encode(x))."""

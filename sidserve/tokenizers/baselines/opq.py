@@ -31,6 +31,7 @@ class OPQTokenizer(BaselineTokenizer):
     D' = D rounded up to a multiple of L (inputs are zero-padded)."""
 
     tokenizer_type = "opq"
+    independent_positions = True  # one sub-quantizer per subspace
     config_class = OPQConfig
     group = "subspace"
 
@@ -79,6 +80,26 @@ class OPQTokenizer(BaselineTokenizer):
         if not self.config.batch_invariant:
             return self._quantize(self._padded(x) @ self.rotation_, self.centroids_)[0]
         return self._quantize(self._rotate_exact(self._padded(x)), self.centroids_, exact=True)[0]
+
+    def _candidates(self, x, k):
+        """Per subspace, the k nearest centroids (exact distances, the lower index first on a
+        tie) and their score 2 y.c - ||c||^2 (= ||y||^2 - ||y - c||^2: higher is nearer)."""
+        import torch
+
+        y = self._rotate_exact(self._padded(x))
+        L = self.config.num_levels
+        d = y.shape[1] // L
+        codes = np.empty((len(x), L, k), np.int32)
+        scores = np.empty((len(x), L, k), np.float64)
+        for m in range(L):
+            c = torch.as_tensor(np.ascontiguousarray(self.centroids_[m]), device=self.device_)
+            for s in range(0, len(x), EXACT_CHUNK):
+                yb = torch.as_tensor(np.ascontiguousarray(y[s:s + EXACT_CHUNK, m * d:(m + 1) * d]), device=self.device_)
+                sims = invariant.similarity_l2(yb, c)  # (B, K)
+                order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[:, :k]
+                codes[s:s + EXACT_CHUNK, m] = order.cpu().numpy()
+                scores[s:s + EXACT_CHUNK, m] = sims.gather(-1, order).cpu().numpy()
+        return codes, scores
 
     def _rotate_exact(self, x):
         """x (N, D') @ rotation_, each row's result independent of the other rows (an exact

@@ -88,6 +88,10 @@ class ModelOutput:
     gates_raw: torch.Tensor | None = None  # (B_b, N_b) R(e_b) of items with behavior (pre-dropout)
     n_norm: torch.Tensor | None = None  # (B_b,) N_norm of items with behavior
     recon: torch.Tensor | None = None  # (B,) per-item mean squared reconstruction error
+    # codes_only with candidates=k: the k most similar codes per position, best first (B, L, k)
+    # int64 (missing_code where the position has no code), and their cosines (B, L, k) (NaN there)
+    candidates: torch.Tensor | None = None
+    candidate_scores: torch.Tensor | None = None
 
 
 class ADCSIDModel(nn.Module):
@@ -237,8 +241,14 @@ class ADCSIDModel(nn.Module):
 
     # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
-                generator: torch.Generator | None = None, codes_only: bool = False) -> ModelOutput:
-        """codes_only (inference): codes and behavior weights only; no decoder, no losses."""
+                generator: torch.Generator | None = None, codes_only: bool = False,
+                candidates: int = 0) -> ModelOutput:
+        """codes_only (inference): codes and behavior weights only; no decoder, no losses.
+        candidates (with codes_only): also the k best codes per position and their cosines."""
+        if candidates and not codes_only:
+            raise ValueError("candidates come with codes_only=True")
+        cand: list[torch.Tensor] = []
+        cand_scores: list[torch.Tensor] = []
         if codes_only and (self.training or behavior_dropout > 0):
             raise ValueError("codes_only is for inference: call model.eval() first, no behavior_dropout")
         c = self.config
@@ -254,6 +264,12 @@ class ADCSIDModel(nn.Module):
 
         def quantize(book: CosineCodebook, z: torch.Tensor, weight: torch.Tensor | None):
             nonlocal vq
+            if codes_only and candidates:
+                top, sims = book.top(z, candidates)
+                codes.append(top[:, 0])
+                cand.append(top)
+                cand_scores.append(sims)
+                return
             if codes_only:
                 codes.append(book.assign(z))
                 return
@@ -301,7 +317,14 @@ class ADCSIDModel(nn.Module):
                 r = torch.ones(B, c.num_behavior_experts, device=dev)
             r_full = torch.where(has_b.unsqueeze(-1), r, torch.zeros_like(r))
             for expert, book in zip(self.behavior_experts, self.behavior_codebooks):
-                codes.append(torch.where(has_b, book.assign(expert(x.behavior)), c.missing_code))
+                if candidates:
+                    top, sims = book.top(expert(x.behavior), candidates)
+                    top = torch.where(has_b.unsqueeze(-1), top, c.missing_code)
+                    cand.append(top)
+                    cand_scores.append(torch.where(has_b.unsqueeze(-1), sims, torch.full_like(sims, float("nan"))))
+                    codes.append(top[:, 0])
+                else:
+                    codes.append(torch.where(has_b, book.assign(expert(x.behavior)), c.missing_code))
         elif c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
@@ -324,7 +347,9 @@ class ADCSIDModel(nn.Module):
 
         if codes_only:
             weights = r_full / self.weight_scale if r_full is not None else torch.zeros(B, 0, device=dev)
-            return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights)
+            return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights,
+                               candidates=torch.stack(cand, dim=1) if cand else None,
+                               candidate_scores=torch.stack(cand_scores, dim=1) if cand else None)
 
         z = torch.stack(z_parts).sum(0)  # (B, D)
         z_q = torch.stack(zq_parts).sum(0)  # (B, D)

@@ -64,6 +64,17 @@ class CosineCodebook(nn.Module):
             return invariant.exact_matmul(invariant.normalize(z), self._fixed_point()).argmax(dim=-1)
         return (F.normalize(z, dim=-1) @ self.codewords().t()).argmax(dim=-1)
 
+    def top(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, d) -> (codes (B, k) int64, cosines (B, k)): the k most similar codewords, best
+        first, the lower index first on a tie (so codes[:, 0] == assign(z)); exact float64
+        cosines inside ``invariant.batch_invariant()``."""
+        if invariant.active():
+            sims = invariant.exact_matmul(invariant.normalize(z), self._fixed_point())
+        else:
+            sims = F.normalize(z, dim=-1) @ self.codewords().t()
+        order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[:, :k]
+        return order, sims.gather(-1, order)
+
     def forward(self, z: torch.Tensor):
         z_hat = invariant.normalize(z)  # (B, d)
         codebook = self.codewords()  # (K, d)
