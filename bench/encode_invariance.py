@@ -14,23 +14,11 @@ each path (the defect the invariant path removes). Prints a markdown table (docs
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import time
 
 import numpy as np
 import torch
-
-
-def hardware(threads: int) -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), {platform.python_version()}"
 
 
 def parse_dims(text: str) -> dict[str, int]:
@@ -137,7 +125,9 @@ def main() -> None:
         rows[name] = (rate, lat, bad)
 
     base = rows["plain float32"][0]
-    print(f"hardware: {hardware(args.threads)}")
+    from train_throughput import hardware  # bench/ is the script's directory, on sys.path
+
+    print(f"hardware: {hardware()} (plain path: {args.threads} threads; invariant: 1)")
     print(f"catalog: {args.items} synthetic items, dims {dims}, behavior {args.behavior_dim}, "
           f"K={config.codebook_size}, L={config.sid_length}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print("\n| path | offline items/s (8,192-row calls) | vs plain | p50 / p99 ms, 1 item | 64 items | 333 items "

@@ -198,15 +198,15 @@ class SnapshotRoot:
 
     def read_reservations(self, version: str | None = None) -> pa.Table:
         """The keys a snapshot holds for absent items (empty for snapshots made before them)."""
-        version = version or self.latest()
-        path = self.join("snapshots", version, "reservations")
-        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
-            return RESERVATIONS_SCHEMA.empty_table()
-        return pads.dataset(path, filesystem=self.fs, format="parquet").to_table()
+        return self._read_side(version, "reservations", RESERVATIONS_SCHEMA)
 
     def read_rejects(self, version: str | None = None) -> pa.Table:
+        return self._read_side(version, "rejects", REJECTS_SCHEMA)
+
+    def _read_side(self, version: str | None, sub: str, schema: pa.Schema) -> pa.Table:
+        """A snapshot's ``sub`` directory as a table (``schema``'s empty table when absent)."""
         version = version or self.latest()
-        path = self.join("snapshots", version, "rejects")
+        path = self.join("snapshots", version, sub)
         if self.fs.get_file_info(path).type != pafs.FileType.Directory:
-            return REJECTS_SCHEMA.empty_table()
+            return schema.empty_table()
         return pads.dataset(path, filesystem=self.fs, format="parquet").to_table()
