@@ -202,6 +202,27 @@ def evaluate(args: argparse.Namespace) -> int:
     return run_cli(args, command=f"{args.prog} " + shlex.join(args.argv))
 
 
+# ---- stability -------------------------------------------------------------------------
+
+def add_stability_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset dir with sequences.txt and items.jsonl")
+    p.add_argument("--output", required=True, help="cache + report dir (stability.md, stability.json)")
+    p.add_argument("--holdout", type=int, default=1,
+                   help="interactions per user night 1 does not see (the newest of its training part)")
+    p.add_argument("--modes", default="scratch,warm,procrustes",
+                   help="night 2's behavioral embeddings: scratch, warm, procrustes (comma-separated)")
+    p.add_argument("--deltas", default="0,0.01,0.02,0.05,0.1", help="sticky margins to measure (cosine)")
+    p.add_argument("--downstream-modes", default="warm",
+                   help="modes whose settings get a SID-SASRec on night 2 (empty: churn only)")
+    p.add_argument("--quick", action="store_true", help="subsampled smoke run")
+
+
+def stability(args: argparse.Namespace) -> int:
+    from sidserve.eval.stability import run_cli
+
+    return run_cli(args)
+
+
 # ---- demo ----------------------------------------------------------------------------
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -254,6 +275,8 @@ COMMANDS = {
     "refresh": (add_refresh_args, refresh, "nightly: optional re-fit, assignment, churn report, publish"),
     "serve": (add_serve_args, serve, "run POST /tokenize (Ray Serve, or --local under uvicorn)"),
     "evaluate": (add_evaluate_args, evaluate, "compare tokenizers on real interactions (docs/evaluation.md)"),
+    "stability": (add_stability_args, stability, "two nights on real interactions: SID churn after a re-fit "
+                                                 "and what warm re-fits and sticky assignment buy"),
     "demo": (add_demo_args, demo, "the whole pipeline on the synthetic catalog on a local Ray"),
 }
 

@@ -205,8 +205,11 @@ def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int):
 
 def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
                  valid: tuple[list[np.ndarray], np.ndarray] | None = None,
-                 items: nn.Module | None = None) -> tuple[SASRec, list[dict]]:
+                 items: nn.Module | None = None, init: "SASRec | None" = None) -> tuple[SASRec, list[dict]]:
     """Fit on ``train_seqs`` (each (n_u,) item ids); returns (model, per-epoch history).
+
+    init: a model of the same shape whose weights training continues from (a warm start:
+    yesterday's model on today's interactions).
 
     items: the item table (default: ``IDItems``, tied per the config). With ``valid``
     (histories, targets), every epoch is scored on it (full-catalog NDCG@10) and training
@@ -224,6 +227,8 @@ def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
     lengths = (pos > 0).sum(1)
     seen_keys = np.sort(np.concatenate([u * (num_items + 1) + s for u, s in enumerate(usable)]))
     model = SASRec(items if items is not None else IDItems(num_items, c.hidden_dim, c.tied), c)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98))
     stopper = EarlyStopping(c.patience, mode="max")
     history = []

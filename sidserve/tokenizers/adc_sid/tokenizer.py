@@ -104,11 +104,16 @@ class SemanticIdTokenizer(BaseTokenizer):
         return tok
 
     # ---- fit ---------------------------------------------------------------------
-    def fit(self, items, *, catalog_stats: dict | None = None) -> "SemanticIdTokenizer":
+    def fit(self, items, *, catalog_stats: dict | None = None,
+            init: "SemanticIdTokenizer | None" = None) -> "SemanticIdTokenizer":
         """Train in-process on ``items`` (small catalogs, tests, demos).
 
         catalog_stats: N_min / N_max of the whole catalog when ``items`` is a sample of
         it; computed from ``items`` otherwise.
+        init: a fitted model of the same architecture to continue from (a warm re-fit, as
+        ``sidserve refresh --refit`` does on Ray Train): its weights and input statistics
+        (richness quantiles, reconstruction scales) instead of the k-means initialisation;
+        N_min / N_max are this catalog's.
         """
         c = self.config.validate()
         arrays = coerce_items(items, c)
@@ -116,13 +121,20 @@ class SemanticIdTokenizer(BaseTokenizer):
         torch.manual_seed(c.seed)
         rng = np.random.default_rng(c.seed)
         model = ADCSIDModel(c)
+        n = len(arrays)
+        sample = rng.choice(n, size=min(n, c.kmeans_init_samples), replace=False)
+        if init is not None:
+            same = dict(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr)
+            if not isinstance(init, SemanticIdTokenizer) or init.config.replace(**same) != c:
+                raise ValueError("init: not an ADC-SID model with this config; a warm start needs the same "
+                                 "architecture (only epochs, batch_size and lr may differ)")
+            init._check_fitted()
+            model.load_state_dict(init.model_.state_dict())
         if c.has_behavior:
             check_norm_range(stats["n_min"], stats["n_max"])
             model.set_catalog_stats(stats["n_min"], stats["n_max"])
-
-        n = len(arrays)
-        sample = rng.choice(n, size=min(n, c.kmeans_init_samples), replace=False)
-        init_codebooks(model, to_model_input(arrays, np.sort(sample)))
+        if init is None:
+            init_codebooks(model, to_model_input(arrays, np.sort(sample)))
         init_recon = float(SemanticIdTokenizer.from_model(model, stats).reconstruction_error(arrays).mean())
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)

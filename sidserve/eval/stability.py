@@ -1,0 +1,355 @@
+"""Two nights on real interactions: how much SIDs churn when the tokenizer is re-fitted on new
+behavior, and what the stability mechanisms buy (issue 20).
+
+Night 1 sees each user's training sequence without its last ``holdout`` interactions; night 2
+sees the whole training split. Validation and test (the evaluation's leave-one-out targets)
+stay unseen both nights, so night 2's SIDs are judged the way docs/evaluation.md judges
+tokenizers (SID-SASRec, full-catalog Recall@10 / NDCG@10).
+
+Both nights compute behavioral embeddings as a production system would, the input table of
+an untied CE SASRec (what the evaluation hands the tokenizers), in one of three ways on night 2:
+
+    scratch      a new SASRec trained on night 2 (same seed): its space is unrelated to night 1's
+    warm         night 1's SASRec trained on night 2's interactions
+    procrustes   the scratch table rotated onto night 1's by orthogonal Procrustes over the items
+                 both nights know (norms, which ADC-SID reads as richness, are kept)
+
+and re-fits the tokenizer (ADC-SID) in two ways: ``cold`` (from scratch, the baseline) and
+``warm`` (from night 1's model, as ``sidserve refresh --refit`` does), the latter also with
+sticky assignment at each margin delta (``sidserve.jobs.assign.sticky``: an item keeps night
+1's code at a position unless the new best beats it by more than delta in cosine).
+
+Churn is the share of items whose SID changed between the nights (every catalog item has a SID
+both nights: an item unseen on night 1 is tokenized on the content-only path), overall, per
+SID position and per popularity bucket (night 2's training interactions; the refresh job's
+buckets). Every stage is cached under ``output``; the report is ``stability.md`` +
+``stability.json`` (+ ``churn_vs_delta.png`` when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sidserve.eval.data import Dataset, load_dataset
+from sidserve.eval.sasrec import SASRecConfig
+from sidserve.eval.tokenizers import TokenizerBudget
+
+log = logging.getLogger(__name__)
+MODES = ("scratch", "warm", "procrustes")
+CANDIDATES = 8  # codes per position the encoder reports for the sticky comparison
+
+
+@dataclass
+class StabilityConfig:
+    data: str  # dataset directory (sequences.txt + items.jsonl)
+    output: str  # cache + report directory
+    holdout: int = 1  # interactions per user night 1 does not see (the newest of its training part)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # night 2's behavioral embeddings
+    deltas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1])  # sticky margins
+    # which embedding modes get the downstream SID-SASRec per setting (each ~1 SASRec training)
+    downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
+    quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
+    quick_users: int = 1000
+    seed: int = 0
+    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(loss="ce", tied=False))
+    budget: TokenizerBudget = field(default_factory=TokenizerBudget)
+
+    def validate(self) -> "StabilityConfig":
+        if not isinstance(self.holdout, int) or self.holdout < 1:
+            raise ValueError(f"holdout must be an int >= 1, got {self.holdout!r}")
+        bad = [m for m in [*self.modes, *self.downstream_modes] if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must name some of {list(MODES)}, got {self.modes} / {self.downstream_modes}")
+        if [m for m in self.downstream_modes if m not in self.modes]:
+            raise ValueError(f"downstream_modes {self.downstream_modes} must be among modes {self.modes}")
+        if any(d < 0 for d in self.deltas):
+            raise ValueError(f"deltas must be >= 0, got {self.deltas}")
+        self.sasrec.validate()
+        return self
+
+    @classmethod
+    def quick_profile(cls, data: str, output: str, **kw) -> "StabilityConfig":
+        c = cls(data=data, output=output, quick=True, **kw)
+        c.sasrec = dataclasses.replace(c.sasrec, max_epochs=4, patience=2, batch_size=64, max_len=20)
+        c.budget = dataclasses.replace(c.budget, adc_epochs=3, batch_size=256)
+        return c
+
+
+# ---- pieces, each a pure function of its inputs -------------------------------------------
+
+def split_nights(train: list[np.ndarray], holdout: int) -> tuple[list[np.ndarray], float]:
+    """Night 1's sequences (each without its last ``holdout`` items) and the share of night 2's
+    interactions that are new."""
+    night1 = [s[:-holdout] if s.size > holdout else s[:0] for s in train]
+    total = sum(s.size for s in train)
+    return night1, (total - sum(s.size for s in night1)) / max(total, 1)
+
+
+def procrustes(source: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The orthogonal R minimising ||source[rows] R - target[rows]||_F (d, d): source @ R lies in
+    target's space with every norm kept."""
+    u, _, vt = np.linalg.svd(source[rows].astype(np.float64).T @ target[rows].astype(np.float64))
+    return (u @ vt).astype(np.float32)
+
+
+def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray) -> dict:
+    """SIDs (N, L) of the same items on two nights -> churn overall, per position and per
+    popularity bucket (``popularity`` (N,): night 2's training interactions)."""
+    from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+
+    changed = (before != after).any(1)
+    out = {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
+           "per_position": (before != after).mean(0).round(6).tolist(), "by_popularity": {}}
+    for lo, hi, name in POPULARITY_BUCKETS:
+        m = (popularity >= lo) & (popularity <= hi)
+        if m.any():
+            out["by_popularity"][name] = {"items": int(m.sum()), "churn": float(changed[m].mean())}
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+class TwoNights:
+    def __init__(self, c: StabilityConfig):
+        self.c = c.validate()
+        full = load_dataset(c.data)
+        self.data: Dataset = full.subsample(c.quick_users, seed=0) if c.quick else full
+        self.night2 = self.data.train_sequences()
+        self.night1, self.new_share = split_nights(self.night2, c.holdout)
+        n = self.data.num_items
+        self.pop1 = np.bincount(np.concatenate(self.night1), minlength=n + 1)[1:]
+        self.pop2 = np.bincount(np.concatenate(self.night2), minlength=n + 1)[1:]
+        self.timings: dict[str, float] = {}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.c.output, *parts)
+
+    def _cached(self, name: str, file: str, fn):
+        """np.load(file) when cached, else fn() -> dict of arrays saved there."""
+        p = self.path(file)
+        if not os.path.exists(p):
+            t0 = time.perf_counter()
+            log.info("stage %s ...", name)
+            arrays = fn()
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            np.savez(p + ".tmp.npz", **arrays)
+            os.replace(p + ".tmp.npz", p)
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+            log.info("stage %s done in %.1f s", name, self.timings[name])
+        return dict(np.load(p))
+
+    # behavior ------------------------------------------------------------------------
+    def content(self) -> dict[str, np.ndarray]:
+        def run():
+            from sidserve.eval.text import embed_texts, load_text_model
+            model = load_text_model()
+            out = {}
+            for m, texts in self.data.item_texts().items():
+                uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+                out[m] = embed_texts(list(uniq), model=model)[inv.ravel()]
+            return out
+        return self._cached("content embeddings", "embeddings.npz", run)
+
+    def _sasrec(self, seqs, valid, init=None):
+        from sidserve.eval.sasrec import train_sasrec
+
+        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
+        return train_sasrec(seqs, self.data.num_items, c, valid=valid, init=init)[0]
+
+    def night1_valid(self):
+        """Night 1's early stopping target: each user's first held-out interaction."""
+        users = [u for u, s in enumerate(self.night2) if s.size > self.c.holdout and self.night1[u].size]
+        return [self.night1[u] for u in users], np.array([self.night2[u][-self.c.holdout] for u in users])
+
+    def behavior(self) -> dict[str, np.ndarray]:
+        """night1 (N, d) and night2_<mode> (N, d) input tables (rows of unseen items unused)."""
+        state = {}
+
+        def night1():
+            state["model1"] = self._sasrec(self.night1, self.night1_valid())
+            return {"emb": state["model1"].item_vectors("input")}
+
+        def night2_scratch():
+            return {"emb": self._sasrec(self.night2, self.data.targets("valid")).item_vectors("input")}
+
+        e1 = self._cached("sasrec night 1", "behavior/night1.npz", night1)["emb"]
+        out = {"night1": e1}
+        if "scratch" in self.c.modes or "procrustes" in self.c.modes:
+            out["scratch"] = self._cached("sasrec night 2 (scratch)", "behavior/scratch.npz", night2_scratch)["emb"]
+        if "warm" in self.c.modes:
+            def night2_warm():
+                if "model1" not in state:  # night 1 came from the cache: train it again (same seed, same model)
+                    state["model1"] = self._sasrec(self.night1, self.night1_valid())
+                return {"emb": self._sasrec(self.night2, self.data.targets("valid"),
+                                            init=state["model1"]).item_vectors("input")}
+            out["warm"] = self._cached("sasrec night 2 (warm)", "behavior/warm.npz", night2_warm)["emb"]
+        if "procrustes" in self.c.modes:
+            both = np.flatnonzero((self.pop1 > 0) & (self.pop2 > 0))
+            out["procrustes"] = out["scratch"] @ procrustes(out["scratch"], e1, both)
+        return out
+
+    def items(self, content: dict, emb: np.ndarray, popularity: np.ndarray):
+        from sidserve.items import ItemArrays
+
+        n = self.data.num_items
+        return ItemArrays({m: content[m] for m in ("text", "meta")}, emb.astype(np.float32), popularity > 0,
+                          np.array([str(i) for i in range(1, n + 1)], dtype=object), popularity.astype(np.float64))
+
+    # tokenizers ----------------------------------------------------------------------
+    def run(self) -> dict:
+        from sidserve.eval.tokenizers import _adc_config
+        from sidserve.jobs.assign.sticky import sticky_codes
+        from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
+
+        t_start = time.perf_counter()
+        content = self.content()
+        beh = self.behavior()
+        dims = {m: content[m].shape[1] for m in ("text", "meta")}
+        config = _adc_config(dims, beh["night1"].shape[1], self.c.budget)
+        items1 = self.items(content, beh["night1"], self.pop1)
+        tok1_dir = self.path("tokenizers", "night1")
+        if not os.path.exists(os.path.join(tok1_dir, "manifest.json")):
+            SemanticIdTokenizer(config).fit(items1).save_pretrained(tok1_dir, overwrite=True)
+        tok1 = SemanticIdTokenizer.from_pretrained(tok1_dir)
+        sid1 = tok1.encode(items1).sid
+        missing = config.codebook_size
+
+        settings: dict[str, dict] = {}
+        for mode in self.c.modes:
+            items2 = self.items(content, beh[mode], self.pop2)
+
+            def fit(kind, items2=items2, mode=mode):
+                d = self.path("tokenizers", f"{mode}-{kind}")
+                if not os.path.exists(os.path.join(d, "manifest.json")):
+                    t0 = time.perf_counter()
+                    tok = SemanticIdTokenizer(config).fit(items2, init=tok1 if kind == "warm" else None)
+                    tok.save_pretrained(d, overwrite=True)
+                    self.timings[f"fit {mode}-{kind}"] = round(time.perf_counter() - t0, 1)
+                return SemanticIdTokenizer.from_pretrained(d)
+
+            cold = fit("cold").encode(items2)
+            warm = fit("warm").encode(items2, candidates=min(CANDIDATES, config.codebook_size))
+            settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
+            settings[f"{mode}/warm"] = {"sid": warm.sid, "weights": warm.behavior_weights}
+            for delta in self.c.deltas:
+                codes, kept, _ = sticky_codes(warm.sid, warm.candidates, warm.candidate_scores, sid1, delta, missing)
+                settings[f"{mode}/warm+sticky {delta:g}"] = {"sid": codes, "weights": warm.behavior_weights,
+                                                             "codes_kept": int(kept.sum())}
+        rows = {}
+        for name, s in settings.items():
+            row = churn_table(sid1, s["sid"], self.pop2)
+            row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
+                1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
+            if name.split("/")[0] in self.c.downstream_modes:
+                row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1)
+            rows[name] = row
+        result = {
+            "dataset": {"name": self.data.name, "users": self.data.num_users, "items": self.data.num_items,
+                        "quick": self.c.quick},
+            "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
+            "items_unseen_night1": int(((self.pop1 == 0) & (self.pop2 > 0)).sum()),
+            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "downstream_modes": self.c.downstream_modes,
+                       "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
+            "settings": rows, "stage_seconds": self.timings,
+            "wall_seconds": round(time.perf_counter() - t_start, 1),
+        }
+        with open(self.path("stability.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(self.path("stability.md"), "w") as f:
+            f.write(render(result))
+        plot(result, self.path("churn_vs_delta.png"))
+        return result
+
+    def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
+        """SID-SASRec on night 2's training split with these SIDs: validation and test
+        Recall@10 / NDCG@10 (cached per setting)."""
+        from sidserve.config import BEHAVIOR
+        from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
+        from sidserve.eval.sid_table import SIDTable
+
+        p = self.path("downstream", name.replace("/", "_").replace(" ", "_") + ".json")
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
+        t0 = time.perf_counter()
+        w = np.ones(sid.shape, np.float32)
+        w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
+        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=True)
+        model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
+                                items=SIDItems(SIDTable.build(sid, w), c.hidden_dim))
+        res = {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            json.dump(res, f)
+        return res
+
+
+def render(r: dict) -> str:
+    lines = [f"# Two nights on {r['dataset']['name']}: SID churn after a re-fit",
+             "",
+             f"Night 1 misses each user's last {r['holdout']} training interaction(s): "
+             f"{r['new_interaction_share']:.1%} of night 2's interactions are new, and "
+             f"{r['items_unseen_night1']} items have behavior on night 2 only. Churn: share of items whose "
+             "SID changed between the nights. Downstream: SID-SASRec on night 2, full-catalog ranking.",
+             "",
+             "| setting | churn | per position | churn by popularity (night 2) | codes kept | valid N@10 | "
+             "test R@10 | test N@10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in r["settings"].items():
+        d = s.get("downstream") or {}
+        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in s["by_popularity"].items())
+        cells = [f"{d[split][k]:.4f}" if d else "" for split, k in (("valid", "ndcg@10"), ("test", "recall@10"),
+                                                                    ("test", "ndcg@10"))]
+        lines.append(f"| {name} | {s['churn']:.4f} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | {pops} | "
+                     f"{'' if s['codes_kept'] is None else s['codes_kept']} | {' | '.join(cells)} |")
+    lines += ["", f"Wall time {r['wall_seconds']:.0f} s; stages (s): {json.dumps(r['stage_seconds'])}", ""]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: str) -> None:
+    """Churn against delta per embedding mode, with the cold and plain warm re-fits as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in r["config"]["modes"]:
+        pts = sorted((float(k.split()[-1]), v["churn"]) for k, v in r["settings"].items()
+                     if k.startswith(f"{mode}/warm+sticky"))
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}: warm + sticky")
+            ax.axhline(r["settings"][f"{mode}/cold"]["churn"], ls="--", color=line.get_color(), alpha=0.6,
+                       label=f"{mode}: cold re-fit")
+    ax.set_xlabel("sticky margin delta (cosine)")
+    ax.set_ylabel("churn (share of items whose SID changed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_cli(args) -> int:
+    """``sidserve stability`` / jobs/stability.py."""
+    from sidserve.cli import run_job
+
+    def body():
+        make = StabilityConfig.quick_profile if args.quick else StabilityConfig
+        c = make(data=args.data, output=args.output, holdout=args.holdout,
+                 modes=args.modes.split(","), deltas=[float(x) for x in args.deltas.split(",")],
+                 downstream_modes=[m for m in args.downstream_modes.split(",") if m])
+        r = TwoNights(c).run()
+        print(render(r))
+
+    return run_job(body)

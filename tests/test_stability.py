@@ -1,0 +1,71 @@
+"""The two-night stability simulation (sidserve/eval/stability.py): its pieces by hand, and a
+--quick run on the vendored Beauty slice end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sidserve.eval.stability import churn_table, procrustes, split_nights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")
+
+
+def test_split_nights_holds_out_the_newest_interactions():
+    train = [np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([7])]
+    night1, new = split_nights(train, 1)
+    assert [s.tolist() for s in night1] == [[1, 2, 3], [5], []]
+    assert new == pytest.approx(3 / 7)
+    assert split_nights(train, 2)[0][0].tolist() == [1, 2]
+
+
+def test_procrustes_recovers_a_rotation_and_keeps_norms():
+    rng = np.random.default_rng(0)
+    target = rng.standard_normal((200, 8)).astype(np.float32)
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    source = target @ q.T.astype(np.float32)  # target rotated away
+    r = procrustes(source, target, np.arange(150))  # fitted on a subset of the rows
+    np.testing.assert_allclose(source @ r, target, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(source @ r, axis=1), np.linalg.norm(source, axis=1), rtol=1e-5)
+
+
+def test_churn_table_by_hand():
+    before = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    after = np.array([[0, 1], [2, 9], [8, 9], [6, 7]])
+    t = churn_table(before, after, np.array([0, 5, 5, 50]))
+    assert t["churn"] == 0.5 and t["changed"] == 2 and t["per_position"] == [0.25, 0.5]
+    assert t["by_popularity"] == {"0": {"items": 1, "churn": 0.0}, "1-9": {"items": 2, "churn": 1.0},
+                                  "10-99": {"items": 1, "churn": 0.0}}
+
+
+@pytest.mark.slow
+def test_quick_two_nights_end_to_end(tmp_path):
+    out = str(tmp_path / "stability")
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
+           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(os.path.join(out, "stability.json")))
+    s = r["settings"]
+    assert 0 < r["new_interaction_share"] < 0.5
+    assert set(s) == {f"{m}/{k}" for m in ("scratch", "warm", "procrustes")
+                      for k in ("cold", "warm", "warm+sticky 0", "warm+sticky 0.05", "warm+sticky 0.3")}
+    for mode in ("scratch", "warm", "procrustes"):
+        churns = [s[f"{mode}/warm+sticky {d}"]["churn"] for d in ("0", "0.05", "0.3")]
+        assert churns[0] == s[f"{mode}/warm"]["churn"]  # delta 0: the plain warm assignment
+        assert churns[0] >= churns[1] >= churns[2]  # a larger margin keeps more codes
+        kept = [s[f"{mode}/warm+sticky {d}"]["codes_kept"] for d in ("0", "0.05", "0.3")]
+        assert kept[0] == 0 and kept[1] <= kept[2]
+    assert 0 < s["scratch/cold"]["churn"] <= 1
+    for name in ("warm/cold", "warm/warm", "warm/warm+sticky 0.3"):
+        d = s[name]["downstream"]
+        assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
+    assert "downstream" not in s["scratch/cold"]
+    assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
+    # a rerun reads every stage from the cache
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and json.load(open(os.path.join(out, "stability.json")))["stage_seconds"] == {}
