@@ -214,6 +214,7 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deltas", default="0,0.01,0.02,0.05,0.1", help="sticky margins to measure (cosine)")
     p.add_argument("--downstream-modes", default="warm",
                    help="modes whose settings get a SID-SASRec on night 2 (empty: churn only)")
+    p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 
 

@@ -57,6 +57,9 @@ class StabilityConfig:
     downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
     quick_users: int = 1000
+    # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
+    # (embeddings/text.npy, meta.npy) to reuse instead of embedding the item text again
+    content_from: str | None = None
     seed: int = 0
     sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(loss="ce", tied=False))
     budget: TokenizerBudget = field(default_factory=TokenizerBudget)
@@ -148,6 +151,12 @@ class TwoNights:
     # behavior ------------------------------------------------------------------------
     def content(self) -> dict[str, np.ndarray]:
         def run():
+            if self.c.content_from:
+                out = {m: np.load(os.path.join(self.c.content_from, "embeddings", f"{m}.npy")) for m in ("text", "meta")}
+                if any(v.shape[0] != self.data.num_items for v in out.values()):
+                    raise ValueError(f"--content-from {self.c.content_from}: embeddings of "
+                                     f"{[v.shape[0] for v in out.values()]} items, the dataset has {self.data.num_items}")
+                return out
             from sidserve.eval.text import embed_texts, load_text_model
             model = load_text_model()
             out = {}
@@ -348,7 +357,7 @@ def run_cli(args) -> int:
         make = StabilityConfig.quick_profile if args.quick else StabilityConfig
         c = make(data=args.data, output=args.output, holdout=args.holdout,
                  modes=args.modes.split(","), deltas=[float(x) for x in args.deltas.split(",")],
-                 downstream_modes=[m for m in args.downstream_modes.split(",") if m])
+                 downstream_modes=[m for m in args.downstream_modes.split(",") if m], content_from=args.content_from)
         r = TwoNights(c).run()
         print(render(r))
 
