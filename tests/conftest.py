@@ -30,6 +30,31 @@ SMALL = dict(
 )
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")  # the vendored Beauty slice
+# the quick evaluation's tokenizers: ADC-SID (weighted SIDs), a baseline, an external SID file
+# (the other ablations flip one switch of the same model; the baselines have tests of their own)
+QUICK_EVAL_TOKENIZERS = ["adc_sid", "rqkmeans", "letter"]
+
+
+def run_evaluate(*args, timeout=900):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """jobs/evaluate.py --quick on the slice, once per session: test_evaluate reads its report,
+    test_stability its text embeddings (the slowest part of a quick stability run)."""
+    out = str(tmp_path_factory.mktemp("eval") / "quick")
+    p = run_evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(QUICK_EVAL_TOKENIZERS))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
 @pytest.fixture(scope="session")
 def small_config() -> TokenizerConfig:
     return TokenizerConfig(**SMALL)

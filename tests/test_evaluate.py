@@ -3,30 +3,12 @@ report, resuming from the cache, and clear errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")
-# one of each path: ADC-SID (weighted SIDs), a baseline, an external SID file (the other
-# ablations flip one switch of the same model; the baselines have tests of their own)
-TOKENIZERS = ["adc_sid", "rqkmeans", "letter"]
-
-
-def evaluate(*args, timeout=900):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("eval") / "quick")
-    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out, p
+from conftest import QUICK_EVAL_TOKENIZERS as TOKENIZERS
+from conftest import SLICE
+from conftest import run_evaluate as evaluate
 
 
 @pytest.mark.slow

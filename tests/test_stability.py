@@ -8,11 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, SLICE
 
 from sidserve.eval.stability import churn_table, procrustes, split_nights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")
 
 
 def test_split_nights_holds_out_the_newest_interactions():
@@ -43,10 +41,12 @@ def test_churn_table_by_hand():
 
 
 @pytest.mark.slow
-def test_quick_two_nights_end_to_end(tmp_path):
+def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     out = str(tmp_path / "stability")
+    # the text embeddings of the quick evaluation (same slice, same subsample): embedding the
+    # item text again would be most of this test's time
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
-           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm"]
+           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm", "--content-from", quick_run[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "stability.json")))
