@@ -203,10 +203,19 @@ class SnapshotRoot:
     def read_rejects(self, version: str | None = None) -> pa.Table:
         return self._read_side(version, "rejects", REJECTS_SCHEMA)
 
-    def _read_side(self, version: str | None, sub: str, schema: pa.Schema) -> pa.Table:
-        """A snapshot's ``sub`` directory as a table (``schema``'s empty table when absent)."""
+    def count_reservations(self, version: str | None = None) -> int:
+        """How many keys a snapshot holds for absent items (from the Parquet footers only)."""
+        ds = self._side(version, "reservations")
+        return 0 if ds is None else ds.count_rows()
+
+    def _side(self, version: str | None, sub: str) -> pads.Dataset | None:
         version = version or self.latest()
         path = self.join("snapshots", version, sub)
         if self.fs.get_file_info(path).type != pafs.FileType.Directory:
-            return schema.empty_table()
-        return pads.dataset(path, filesystem=self.fs, format="parquet").to_table()
+            return None
+        return pads.dataset(path, filesystem=self.fs, format="parquet")
+
+    def _read_side(self, version: str | None, sub: str, schema: pa.Schema) -> pa.Table:
+        """A snapshot's ``sub`` directory as a table (``schema``'s empty table when absent)."""
+        ds = self._side(version, sub)
+        return schema.empty_table() if ds is None else ds.to_table()

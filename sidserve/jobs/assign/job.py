@@ -187,7 +187,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     if previous is not None:  # its items' keys, and the keys it held for absent items
         for sub, cols in (("items", ["item_id", "sid_str", "dedup"]),
                           ("reservations", ["item_id", "sid_str", "dedup", "nights_absent"])):
-            if sub == "reservations" and not root.read_reservations(previous).num_rows:
+            if sub == "reservations" and not root.count_reservations(previous):
                 continue  # none held (or a snapshot from before reservations)
             prev_manifest += ray.data.read_parquet(f"{root.snapshot_dir(previous)}/{sub}", columns=cols) \
                 .map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
@@ -231,7 +231,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                            f"{sum(r['items'] for r in deduped)} and {sum(r['rejects'] for r in resolved)}")
     if not items_ds.schema.remove_metadata().equals(ITEMS_SCHEMA):
         raise RuntimeError(f"written schema {items_ds.schema} != expected {ITEMS_SCHEMA}")
-    n_reserved = root.read_reservations(version).num_rows
+    n_reserved = root.count_reservations(version)
     if n_reserved != sum(r["reservations"] for r in deduped):
         raise RuntimeError(f"the snapshot holds {n_reserved} reservations, the tasks wrote "
                            f"{sum(r['reservations'] for r in deduped)}")
