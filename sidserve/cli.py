@@ -131,6 +131,9 @@ def add_refresh_args(p: argparse.ArgumentParser) -> None:
                    help="re-fit first: ADC-SID warm-started from --model, a baseline from scratch with its config")
     p.add_argument("--refit-output", help="artifact of the re-fitted model (default: <model>-refit-<time>)")
     p.add_argument("--refit-epochs", type=int, help="epochs of the re-fit (default: the model's)")
+    p.add_argument("--refit-codebooks", choices=["train", "frozen"],
+                   help="ADC-SID re-fit: 'frozen' keeps the current codewords and re-fits only the encoders "
+                        "(fewer SID changes; docs/operations.md); default: the model's train_codebooks")
     p.add_argument("--sample-size", type=int, default=200_000, help="baselines: rows the re-fit samples")
     p.add_argument("--pushgateway", help="host:port of a Pushgateway (default: $SIDSERVE_PUSHGATEWAY)")
     p.add_argument("--churn-alert", type=float, default=0.2,
@@ -214,6 +217,8 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deltas", default="0,0.01,0.02,0.05,0.1", help="sticky margins to measure (cosine)")
     p.add_argument("--downstream-modes", default="warm",
                    help="modes whose settings get a SID-SASRec on night 2 (empty: churn only)")
+    p.add_argument("--downstream-deltas", default="0.05",
+                   help="sticky margins (among --deltas) whose settings get the SID-SASRec too")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 

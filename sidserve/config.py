@@ -95,6 +95,11 @@ class TokenizerConfig(ModalityInputs):
     kmeans_iters: int = 25  # faiss k-means iterations for the init
     restart_every: int = 50  # steps between dead-code checks
     dead_code_threshold: float = 0.1  # a code is dead below this share of its fair usage (balances usage)
+    # False: codewords stay where the fit starts them, only encoders, gates and fusion
+    # learn (no dead-code restarts either). On a warm re-fit (refresh --refit) the codewords
+    # are the previous model's, so an item's code moves only where its latent moves: the
+    # codebook anchoring of issue 20. On a cold fit they stay at their k-means initialisation
+    train_codebooks: bool = True
 
     # ---- dynamic behavioral weighting + sparsity (eq. 22-23) -----------------------
     gate_bias_init: float = 0.5  # initial b of relu(MLP(e_b)+b): gates start open
@@ -128,6 +133,12 @@ class TokenizerConfig(ModalityInputs):
     # behavioral positions near-silent loss weights in generative retrieval
     behavior_weight_scale: str = "raw"
     behavior_dropout: float = 0.15  # share of warm items trained as cold (content-only path)
+    # issue 20.6, cold -> warm without a new SID: weight of a term pulling each warm item's
+    # shared latent and its content-only (cold path) latent together, per item scaled by
+    # 1 - w (eq. 17's alignment strength; 1 without the controller), so items whose behavior
+    # is thin keep the shared code they had on the cold path while rich items stay free.
+    # 0 = the paper's model (on Beauty the shared code then agrees for ~2.5% of items)
+    cold_consistency_weight: float = 0.0
 
     # ---- ablations (paper Table 3) -------------------------------------------------
     use_alignment_controller: bool = True  # False: w = 1 for every item
@@ -218,6 +229,8 @@ class TokenizerConfig(ModalityInputs):
             )
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if not self.cold_consistency_weight >= 0:
+            raise ValueError(f"cold_consistency_weight must be >= 0, got {self.cold_consistency_weight!r}")
         for name in ["tau", "lr", "sparsity_lambda_init"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

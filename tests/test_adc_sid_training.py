@@ -166,3 +166,40 @@ def test_unit_mean_weights_rescale_reported_weights_only(catalog):
     np.testing.assert_allclose(b.behavior_weights[warm].mean(0), 1.0, rtol=1e-4)
     np.testing.assert_allclose(b.behavior_weights, a.behavior_weights / mean_raw, rtol=1e-5, atol=1e-7)
     assert (b.behavior_weights[~warm] == 0).all()
+
+
+def test_frozen_codebooks_anchor_a_warm_refit(tok, catalog):
+    """Issue 20: train_codebooks=False on a warm re-fit keeps the previous model's codewords
+    bit for bit (no gradient step, no weight decay, no dead-code restart) while the encoders
+    re-fit; the default re-fit moves them."""
+    def books(t):
+        return [b.embed.detach().clone() for b in t.model_.codebooks]
+
+    old = books(tok)
+    frozen = SemanticIdTokenizer(tok.config.replace(epochs=1, train_codebooks=False)).fit(catalog, init=tok)
+    trained = SemanticIdTokenizer(tok.config.replace(epochs=1)).fit(catalog, init=tok)
+    assert all(torch.equal(a, b) for a, b in zip(old, books(frozen)))
+    assert not all(torch.equal(a, b) for a, b in zip(old, books(trained)))
+    encoders = [n for n, _ in tok.model_.named_parameters() if "experts" in n]
+    assert encoders and any(not torch.equal(dict(tok.model_.named_parameters())[n],
+                                            dict(frozen.model_.named_parameters())[n]) for n in encoders)
+    assert frozen.config.train_codebooks is False  # said in the artifact's config
+    # anything but epochs / batch size / lr / train_codebooks is architecture: refused
+    with pytest.raises(ValueError, match="train_codebooks"):
+        SemanticIdTokenizer(tok.config.replace(codebook_size=8)).fit(catalog, init=tok)
+
+
+def test_cold_consistency_keeps_the_shared_code_of_thin_items(tok, catalog):
+    """Issue 20.6: with the consistency term, a warm item's shared code agrees with its
+    content-only (cold path) code far more often than without, most of all for thin items."""
+    def agreement(t):
+        return t.stats_["fit_metrics"]["cold_path_agreement"]
+
+    consistent = SemanticIdTokenizer(tok.config.replace(cold_consistency_weight=10.0)).fit(catalog)
+    # without it about 3 in 10 warm items change shared code when their behavior is withheld
+    # on this catalog (behavior there is content plus noise); with it fewer than 1 in 10
+    assert 1 - agreement(consistent) < 0.1 < 1 - agreement(tok)
+    assert 1 - agreement(consistent) < (1 - agreement(tok)) / 3
+    assert consistent.history_[-1]["consistency"] < consistent.history_[0]["consistency"]
+    with pytest.raises(ValueError, match="cold_consistency_weight"):
+        TokenizerConfig(**FIT, cold_consistency_weight=-1.0).validate()

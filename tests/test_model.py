@@ -192,3 +192,46 @@ def test_host_copies_of_the_richness_statistics_follow_every_change():
     other.set_catalog_stats(0.0, 6.0)
     model.load_state_dict(other.state_dict())
     assert model.richness(e_b).item() == pytest.approx(0.5)
+
+
+def test_cold_consistency_term_by_hand():
+    """Issue 20.6: sum over fed items of (1 - w_i) * (1 - cos(z_s(i), z_s(i | behavior
+    withheld))) / items with behavior; dropped-out and cold items add nothing."""
+    from sidserve import alignment_strength
+
+    c = tiny_config(cold_consistency_weight=2.0, num_shared_experts=2)
+    model = ADCSIDModel(c).train()
+    model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
+    torch.nn.init.normal_(model.missing_h_b)
+    x = make_input(6, has=torch.tensor([True, True, False, True, True, True]))
+    h = {m: model.proj[m](x.content[m]) for m in c.content_modalities}
+    h_b = model.proj_b(x.behavior)
+    rows = torch.tensor([0, 1, 3, 4, 5])
+    warm = torch.tensor([True, False, False, True, True, True])  # item 1 dropped out, item 2 cold
+    n_norm = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
+    shared_in = torch.cat([h["text"], h["image"], h_b], -1)
+    shared_z = [e(shared_in) for e in model.shared_experts]
+    got = model.cold_consistency(h, warm, rows, n_norm, shared_z)
+    want = 0.0
+    for j, i in enumerate(rows.tolist()):
+        if not warm[i]:
+            continue
+        cold_in = torch.cat([h["text"][i], h["image"][i], model.missing_h_b])
+        w = alignment_strength(n_norm[j:j + 1], c.alpha, c.beta)[0]
+        for z, e in zip(shared_z, model.shared_experts):
+            a, b = z[i], e(cold_in[None])[0]
+            want += (1 - w) * (1 - (a @ b) / (a.norm() * b.norm()))
+    assert got.item() == pytest.approx(want.item() / 5, rel=1e-5)
+    # in the total with its weight; 0 (the default) leaves the paper's loss untouched
+    model.zero_grad()
+    out = model(x)
+    assert out.losses["consistency"] > 0
+    parts = out.losses["recon"] + out.losses["vq"] + c.align_weight * out.losses["align"] + out.losses["reg"]
+    assert out.losses["total"].item() == pytest.approx((parts + 2.0 * out.losses["consistency"]).item(), rel=1e-6)
+    out.losses["consistency"].backward()
+    assert model.missing_h_b.grad.abs().sum() > 0  # the cold path learns from it too
+    plain = ADCSIDModel(tiny_config()).train()
+    plain.set_catalog_stats(0.5, 10.0)
+    plain.fit_input_stats(make_input(64))
+    assert plain(x).losses["consistency"] == 0

@@ -5,6 +5,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import load_tokenizer
@@ -55,7 +56,7 @@ def test_refit_warm_start_publishes_with_new_model(refreshed, tmp_path):
     base = refreshed["base"]
     s = run_refresh(RefreshJobConfig(items=str(base / "items"), model=str(base / "model"),
                                      output=str(tmp_path / "snap"), refit=True, refit_epochs=1,
-                                     refit_output=str(tmp_path / "model-2")))
+                                     refit_codebooks="frozen", refit_output=str(tmp_path / "model-2")))
     old, new = load_tokenizer(str(base / "model")), load_tokenizer(str(tmp_path / "model-2"))
     assert new.version != old.version and s["model_version"] == new.version
     assert SnapshotRoot(str(tmp_path / "snap")).read_items().column("model_version").to_pylist()[0] == new.version
@@ -63,6 +64,17 @@ def test_refit_warm_start_publishes_with_new_model(refreshed, tmp_path):
     a = old.encode(pq.read_table(base / "items")).sid
     b = new.encode(pq.read_table(base / "items")).sid
     assert (a == b).mean() > 0.5
+    # --refit-codebooks frozen (Ray Train workers): the codewords are the old model's, bit for bit
+    assert new.config.train_codebooks is False
+    assert all(torch.equal(p.embed, q.embed) for p, q in zip(old.model_.codebooks, new.model_.codebooks))
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(refit_codebooks="frozen"), "needs refit"),
+                                       (dict(refit=True, refit_codebooks="fixed"), "'fixed'")])
+def test_refit_codebooks_is_checked_before_anything_runs(kw, needle, tmp_path):
+    with pytest.raises(ValueError, match=needle):
+        run_refresh(RefreshJobConfig(items=str(tmp_path / "i"), model=str(tmp_path / "m"),
+                                     output=str(tmp_path / "s"), **kw))
 
 
 def test_refresh_failure_on_bad_input_is_an_error(refreshed, pushgateway, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SLICE
 
+from sidserve import load_tokenizer
 from sidserve.eval.stability import churn_table, procrustes, split_nights
 
 
@@ -46,25 +47,33 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     # the text embeddings of the quick evaluation (same slice, same subsample): embedding the
     # item text again would be most of this test's time
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
-           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm", "--content-from", quick_run[0]]
+           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm", "--downstream-deltas", "0.3",
+           "--content-from", quick_run[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "stability.json")))
     s = r["settings"]
     assert 0 < r["new_interaction_share"] < 0.5
+    kinds = ("none", "warm", "anchored")
     assert set(s) == {f"{m}/{k}" for m in ("scratch", "warm", "procrustes")
-                      for k in ("cold", "warm", "warm+sticky 0", "warm+sticky 0.05", "warm+sticky 0.3")}
+                      for k in ("cold", *kinds, *(f"{k}+sticky {d}" for k in kinds for d in ("0", "0.05", "0.3")))}
     for mode in ("scratch", "warm", "procrustes"):
-        churns = [s[f"{mode}/warm+sticky {d}"]["churn"] for d in ("0", "0.05", "0.3")]
-        assert churns[0] == s[f"{mode}/warm"]["churn"]  # delta 0: the plain warm assignment
-        assert churns[0] >= churns[1] >= churns[2]  # a larger margin keeps more codes
-        kept = [s[f"{mode}/warm+sticky {d}"]["codes_kept"] for d in ("0", "0.05", "0.3")]
-        assert kept[0] == 0 and kept[1] <= kept[2]
+        for kind in kinds:
+            churns = [s[f"{mode}/{kind}+sticky {d}"]["churn"] for d in ("0", "0.05", "0.3")]
+            assert churns[0] == s[f"{mode}/{kind}"]["churn"]  # delta 0: the plain assignment
+            assert churns[0] >= churns[1] >= churns[2]  # a larger margin keeps more codes
+            kept = [s[f"{mode}/{kind}+sticky {d}"]["codes_kept"] for d in ("0", "0.05", "0.3")]
+            assert kept[0] == 0 and kept[1] <= kept[2]
+        # night 1's model on night 2: the content-only positions see the same content, so
+        # none of them changes (the encode is batch-invariant, the model the same)
+        layout = load_tokenizer(os.path.join(out, "tokenizers", "night1")).config.sid_layout
+        content = [q["position"] for q in layout if q["group"] in ("text", "meta")]
+        assert content and all(s[f"{mode}/none"]["per_position"][p] == 0 for p in content)
     assert 0 < s["scratch/cold"]["churn"] <= 1
-    for name in ("warm/cold", "warm/warm", "warm/warm+sticky 0.3"):
+    for name in ("warm/cold", "warm/none", "warm/warm", "warm/anchored", "warm/warm+sticky 0.3"):
         d = s[name]["downstream"]
         assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
-    assert "downstream" not in s["scratch/cold"]
+    assert "downstream" not in s["scratch/cold"] and "downstream" not in s["warm/warm+sticky 0.05"]
     assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
     # a rerun reads every stage from the cache
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)

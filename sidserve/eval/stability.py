@@ -14,10 +14,12 @@ an untied CE SASRec (what the evaluation hands the tokenizers), in one of three 
     procrustes   the scratch table rotated onto night 1's by orthogonal Procrustes over the items
                  both nights know (norms, which ADC-SID reads as richness, are kept)
 
-and re-fits the tokenizer (ADC-SID) in two ways: ``cold`` (from scratch, the baseline) and
-``warm`` (from night 1's model, as ``sidserve refresh --refit`` does), the latter also with
-sticky assignment at each margin delta (``sidserve.jobs.assign.sticky``: an item keeps night
-1's code at a position unless the new best beats it by more than delta in cosine).
+and tokenizes night 2 in four ways: ``cold`` (a re-fit from scratch, the baseline), ``none``
+(night 1's model as it is, a refresh without ``--refit``), ``warm`` (a re-fit from night 1's
+model, ``refresh --refit``) and ``anchored`` (the warm re-fit with night 1's codewords frozen,
+``--refit-codebooks frozen``); the last three also with sticky assignment at each margin delta
+(``sidserve.jobs.assign.sticky``: an item keeps night 1's code at a position unless the new
+best beats it by more than delta in cosine).
 
 Churn is the share of items whose SID changed between the nights (every catalog item has a SID
 both nights: an item unseen on night 1 is tokenized on the content-only path), overall, per
@@ -43,6 +45,9 @@ from sidserve.eval.tokenizers import TokenizerBudget
 
 log = logging.getLogger(__name__)
 MODES = ("scratch", "warm", "procrustes")
+# night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
+# without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
+STICKY_KINDS = ("none", "warm", "anchored")
 CANDIDATES = 8  # codes per position the encoder reports for the sticky comparison
 
 
@@ -55,6 +60,8 @@ class StabilityConfig:
     deltas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1])  # sticky margins
     # which embedding modes get the downstream SID-SASRec per setting (each ~1 SASRec training)
     downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
+    # sticky margins that get the downstream model too (each costs one SID-SASRec per kind)
+    downstream_deltas: list[float] = field(default_factory=lambda: [0.05])
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
     quick_users: int = 1000
     # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
@@ -74,6 +81,8 @@ class StabilityConfig:
             raise ValueError(f"downstream_modes {self.downstream_modes} must be among modes {self.modes}")
         if any(d < 0 for d in self.deltas):
             raise ValueError(f"deltas must be >= 0, got {self.deltas}")
+        if [d for d in self.downstream_deltas if d not in self.deltas]:
+            raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
         self.sasrec.validate()
         return self
 
@@ -238,25 +247,29 @@ class TwoNights:
                 d = self.path("tokenizers", f"{mode}-{kind}")
                 if not os.path.exists(os.path.join(d, "manifest.json")):
                     t0 = time.perf_counter()
-                    tok = SemanticIdTokenizer(config).fit(items2, init=tok1 if kind == "warm" else None)
+                    cfg = config.replace(train_codebooks=kind != "anchored")
+                    tok = SemanticIdTokenizer(cfg).fit(items2, init=None if kind == "cold" else tok1)
                     tok.save_pretrained(d, overwrite=True)
                     self.timings[f"fit {mode}-{kind}"] = round(time.perf_counter() - t0, 1)
                 return SemanticIdTokenizer.from_pretrained(d)
 
+            k = min(CANDIDATES, config.codebook_size)
             cold = fit("cold").encode(items2)
-            warm = fit("warm").encode(items2, candidates=min(CANDIDATES, config.codebook_size))
             settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
-            settings[f"{mode}/warm"] = {"sid": warm.sid, "weights": warm.behavior_weights}
-            for delta in self.c.deltas:
-                codes, kept, _ = sticky_codes(warm.sid, warm.candidates, warm.candidate_scores, sid1, delta, missing)
-                settings[f"{mode}/warm+sticky {delta:g}"] = {"sid": codes, "weights": warm.behavior_weights,
-                                                             "codes_kept": int(kept.sum())}
+            for kind in STICKY_KINDS:
+                enc = (tok1 if kind == "none" else fit(kind)).encode(items2, candidates=k)
+                settings[f"{mode}/{kind}"] = {"sid": enc.sid, "weights": enc.behavior_weights}
+                for delta in self.c.deltas:
+                    codes, kept, _ = sticky_codes(enc.sid, enc.candidates, enc.candidate_scores, sid1, delta,
+                                                  missing)
+                    settings[f"{mode}/{kind}+sticky {delta:g}"] = {
+                        "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum())}
         rows = {}
         for name, s in settings.items():
             row = churn_table(sid1, s["sid"], self.pop2)
             row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
                 1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
-            if name.split("/")[0] in self.c.downstream_modes:
+            if self.wants_downstream(name):
                 row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1)
             rows[name] = row
         result = {
@@ -265,6 +278,7 @@ class TwoNights:
             "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
             "items_unseen_night1": int(((self.pop1 == 0) & (self.pop2 > 0)).sum()),
             "config": {"modes": self.c.modes, "deltas": self.c.deltas, "downstream_modes": self.c.downstream_modes,
+                       "downstream_deltas": self.c.downstream_deltas,
                        "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -275,6 +289,15 @@ class TwoNights:
             f.write(render(result))
         plot(result, self.path("churn_vs_delta.png"))
         return result
+
+    def wants_downstream(self, name: str) -> bool:
+        """Every plain re-fit of a downstream mode, and its sticky variants at downstream_deltas."""
+        mode, setting = name.split("/")
+        if mode not in self.c.downstream_modes:
+            return False
+        if "+sticky " not in setting:
+            return True
+        return float(setting.split()[-1]) in self.c.downstream_deltas
 
     def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
         """SID-SASRec on night 2's training split with these SIDs: validation and test
@@ -324,7 +347,9 @@ def render(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-    """Churn against delta per embedding mode, with the cold and plain warm re-fits as lines."""
+    """Left: churn against delta per (embedding mode, tokenizer), the cold re-fits dashed.
+    Right: night 2's validation NDCG@10 against churn for every setting with a downstream model
+    (the trade-off; chosen on validation, so the plot shows no test figure)."""
     try:
         import matplotlib
 
@@ -333,17 +358,28 @@ def plot(r: dict, path: str) -> None:
     except ImportError:
         log.info("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode in r["config"]["modes"]:
-        pts = sorted((float(k.split()[-1]), v["churn"]) for k, v in r["settings"].items()
-                     if k.startswith(f"{mode}/warm+sticky"))
-        if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}: warm + sticky")
-            ax.axhline(r["settings"][f"{mode}/cold"]["churn"], ls="--", color=line.get_color(), alpha=0.6,
-                       label=f"{mode}: cold re-fit")
+        for kind in STICKY_KINDS:
+            pts = sorted((float(k.split()[-1]), v["churn"]) for k, v in r["settings"].items()
+                         if k.startswith(f"{mode}/{kind}+sticky"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}: {kind} + sticky")
+        cold = r["settings"].get(f"{mode}/cold")
+        if cold:
+            ax.axhline(cold["churn"], ls="--", alpha=0.5, color="gray")
     ax.set_xlabel("sticky margin delta (cosine)")
     ax.set_ylabel("churn (share of items whose SID changed)")
-    ax.legend(fontsize=7)
+    ax.set_title("churn vs delta (dashed: cold re-fits)")
+    ax.legend(fontsize=6)
+    for name, v in r["settings"].items():
+        d = v.get("downstream")
+        if d:
+            bx.scatter(v["churn"], d["valid"]["ndcg@10"], s=14)
+            bx.annotate(name, (v["churn"], d["valid"]["ndcg@10"]), fontsize=6)
+    bx.set_xlabel("churn")
+    bx.set_ylabel("night-2 SID-SASRec valid NDCG@10")
+    bx.set_title("quality vs churn")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -357,7 +393,9 @@ def run_cli(args) -> int:
         make = StabilityConfig.quick_profile if args.quick else StabilityConfig
         c = make(data=args.data, output=args.output, holdout=args.holdout,
                  modes=args.modes.split(","), deltas=[float(x) for x in args.deltas.split(",")],
-                 downstream_modes=[m for m in args.downstream_modes.split(",") if m], content_from=args.content_from)
+                 downstream_modes=[m for m in args.downstream_modes.split(",") if m],
+                 downstream_deltas=[float(x) for x in args.downstream_deltas.split(",") if x],
+                 content_from=args.content_from)
         r = TwoNights(c).run()
         print(render(r))
 

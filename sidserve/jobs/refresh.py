@@ -42,6 +42,9 @@ class RefreshJobConfig:
     refit: bool = False  # re-fit warm-started from ``model`` before assigning
     refit_output: str | None = None  # where the re-fitted model goes (default: <model>-refit-<time>)
     refit_epochs: int | None = None  # epochs of the re-fit (default: the model's config)
+    # ADC-SID re-fit: "frozen" keeps the current model's codewords and re-fits only the
+    # encoders (codebook anchoring: fewer SID changes); None = the model's train_codebooks
+    refit_codebooks: str | None = None
     num_workers: int = 2  # trainers (refit) and encoder actors (assignment)
     use_gpu: bool = False
     pushgateway: str | None = None  # host:port of a Prometheus Pushgateway
@@ -95,6 +98,10 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
+    if job.refit_codebooks not in (None, "train", "frozen"):
+        raise ValueError(f"refit_codebooks must be 'train', 'frozen' or None, got {job.refit_codebooks!r}")
+    if job.refit_codebooks is not None and not job.refit:
+        raise ValueError(f"refit_codebooks={job.refit_codebooks!r} needs refit=True (--refit)")
     t0 = time.perf_counter()
     try:
         if not ray.is_initialized():
@@ -122,6 +129,11 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                 if not any(f.name == "epochs" for f in dataclasses.fields(cfg)):
                     raise ValueError(f"--refit-epochs: a {tok.tokenizer_type} model has no epochs")
                 cfg = dataclasses.replace(cfg, epochs=job.refit_epochs)
+            if job.refit_codebooks is not None:
+                if not adc:
+                    raise ValueError(f"--refit-codebooks: a {tok.tokenizer_type} model is re-fitted from scratch, "
+                                     "it has no codebooks to anchor")
+                cfg = dataclasses.replace(cfg, train_codebooks=job.refit_codebooks == "train")
             # ADC-SID continues from the current weights; a baseline is fitted anew with its config
             fit_distributed(TrainJobConfig(output=model_uri, items=job.items, tokenizer=cfg,
                                            tokenizer_type=tok.tokenizer_type, columns=dict(columns),
@@ -166,7 +178,8 @@ def run_cli(args) -> int:
     def body():
         s = run_refresh(RefreshJobConfig(
             items=args.items, model=args.model, output=args.output, refit=args.refit,
-            refit_output=args.refit_output, refit_epochs=args.refit_epochs, num_workers=args.num_workers,
+            refit_output=args.refit_output, refit_epochs=args.refit_epochs,
+            refit_codebooks=args.refit_codebooks, num_workers=args.num_workers,
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
             keep_snapshots=args.keep_snapshots, reserve_nights=args.reserve_nights,

@@ -257,6 +257,7 @@ def fit_distributed(job: TrainJobConfig):
     from ray.train.torch import TorchTrainer
 
     from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
+    from sidserve.tokenizers.adc_sid.training import warm_start_free
     from sidserve.tokenizers.registry import tokenizer_class
 
     tokenizer_class(job.tokenizer_type)  # an unknown type fails before anything starts
@@ -317,7 +318,7 @@ def fit_distributed(job: TrainJobConfig):
 
         previous = load_tokenizer(job.init_model)
         if not isinstance(previous, SemanticIdTokenizer) or previous.config.replace(
-                epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr) != tcfg:
+                **warm_start_free(tcfg)) != tcfg:
             raise ValueError(f"--init-model {job.init_model}: not an ADC-SID model with this config; "
                              "a warm start needs the same architecture")
         init_state = ray.put(previous._tensors())

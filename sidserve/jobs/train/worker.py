@@ -30,6 +30,7 @@ from sidserve.tokenizers.adc_sid.training import (
     CodeStats,
     Sync,
     TrainState,
+    freeze_codebooks,
     init_codebooks,
     train_step,
 )
@@ -141,6 +142,7 @@ def train_loop(cfg: dict) -> None:
         sample = ray.get(cfg["sample_ref"])
         init_codebooks(model, batch_to_input(sample, tcfg, "cpu"))  # same sample, same seed: same init
 
+    freeze_codebooks(model)  # train_codebooks=False: before the optimiser and DDP see the parameters
     model.to(device)
     forward = model
     if world > 1:
@@ -149,7 +151,8 @@ def train_loop(cfg: dict) -> None:
             broadcast_buffers=False,  # usage counters are per worker; train_step reduces them
             find_unused_parameters=not tcfg.use_behavior_gate,
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 

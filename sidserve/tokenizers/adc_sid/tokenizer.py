@@ -32,10 +32,12 @@ from sidserve.tokenizers.adc_sid.training import (
     assign_codes,
     check_norm_range,
     compute_catalog_stats,
+    freeze_codebooks,
     init_codebooks,
     set_weight_scale,
     to_model_input,
     train_step,
+    warm_start_free,
 )
 from sidserve.tokenizers.base import BaseTokenizer, Encoding
 
@@ -124,10 +126,9 @@ class SemanticIdTokenizer(BaseTokenizer):
         n = len(arrays)
         sample = rng.choice(n, size=min(n, c.kmeans_init_samples), replace=False)
         if init is not None:
-            same = dict(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr)
-            if not isinstance(init, SemanticIdTokenizer) or init.config.replace(**same) != c:
+            if not isinstance(init, SemanticIdTokenizer) or init.config.replace(**warm_start_free(c)) != c:
                 raise ValueError("init: not an ADC-SID model with this config; a warm start needs the same "
-                                 "architecture (only epochs, batch_size and lr may differ)")
+                                 f"architecture (only {', '.join(warm_start_free(c))} may differ)")
             init._check_fitted()
             model.load_state_dict(init.model_.state_dict())
         if c.has_behavior:
@@ -136,8 +137,9 @@ class SemanticIdTokenizer(BaseTokenizer):
         if init is None:
             init_codebooks(model, to_model_input(arrays, np.sort(sample)))
         init_recon = float(SemanticIdTokenizer.from_model(model, stats).reconstruction_error(arrays).mean())
+        freeze_codebooks(model)
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
         state = TrainState.create(c.seed)
         history = []
         pair_set, pair_step = None, 0
@@ -262,7 +264,8 @@ class SemanticIdTokenizer(BaseTokenizer):
     def evaluate(self, items, *, batch_size: int = 8192) -> dict[str, Any]:
         """Quantization metrics on ``items`` plus the cold-path agreement: for items with
         behavior, the share whose shared and content SIDs are the same when their
-        behavior is withheld (how well the content-only path stands in)."""
+        behavior is withheld (how well the content-only path stands in), per popularity
+        bucket too when ``items`` carry a popularity."""
         arrays = coerce_items(items, self.config)
         sid, _, recon = self._run(arrays, batch_size)
         report = quantization_report(sid, self.config.codebook_size, recon)
@@ -276,6 +279,14 @@ class SemanticIdTokenizer(BaseTokenizer):
             same = sid_warm[:, :k] == sid_cold[:, :k]
             report["cold_path_agreement"] = float(same.all(axis=1).mean())
             report["cold_path_agreement_per_position"] = same.mean(axis=0).round(6).tolist()
+            if warm.popularity is not None:  # issue 20.6: thin-behavior items are the ones in transition
+                from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+
+                agree = same.all(axis=1)
+                report["cold_path_agreement_by_popularity"] = {
+                    name: {"items": int(m.sum()), "agreement": float(agree[m].mean())}
+                    for lo, hi, name in POPULARITY_BUCKETS
+                    if (m := (warm.popularity >= lo) & (warm.popularity <= hi)).any()}
             report["gate_mean_per_position"] = w_warm.mean(axis=0).round(6).tolist()
             report["gate_zero_share"] = float((w_warm == 0).mean())
         return report

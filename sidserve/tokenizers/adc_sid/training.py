@@ -177,6 +177,19 @@ def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = N
     model.train(was_training)
 
 
+def warm_start_free(c: TokenizerConfig) -> dict:
+    """The config fields a warm start may change (the rest fix the architecture)."""
+    return dict(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, train_codebooks=c.train_codebooks)
+
+
+def freeze_codebooks(model: ADCSIDModel) -> None:
+    """train_codebooks=False: codewords get no gradient, so the optimiser (which skips
+    parameters without one, weight decay included) and the restarts leave them alone."""
+    if not model.config.train_codebooks:
+        for book in model.codebooks:
+            book.embed.requires_grad_(False)
+
+
 def train_step(
     model: ADCSIDModel,
     optimizer: torch.optim.Optimizer,
@@ -240,6 +253,9 @@ def restart_dead_codes(model: ADCSIDModel, latents: list[torch.Tensor], state: T
     restarted = 0
     gen = torch.Generator().manual_seed(c.seed * 1_000_003 + state.step)
     for book, z in zip(model.codebooks, latents):
+        if not book.embed.requires_grad:  # frozen (train_codebooks=False): no restarts either
+            book.usage.zero_()
+            continue
         book.usage.copy_(sync.sum_(book.usage.clone()))
         z_all = sync.gather(z.detach())
         if z_all.shape[0] == 0:

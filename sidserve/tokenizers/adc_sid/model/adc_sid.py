@@ -239,6 +239,25 @@ class ADCSIDModel(nn.Module):
         # min-max of log-popularity over the fit sample's range (eq. 16's form)
         return ((signal - q[0]) / (q[-1] - q[0])).clamp(0.0, 1.0)
 
+    def cold_consistency(self, h: dict[str, torch.Tensor], warm: torch.Tensor, rows: torch.Tensor,
+                         n_norm: torch.Tensor, shared_z: list[torch.Tensor]) -> torch.Tensor:
+        """sum_i (1 - w_i) * sum_s (1 - cos(z_s(i), z_s(i | behavior withheld))) / B_b over the items
+        whose behavior this step fed (``rows``: items with behavior, ``n_norm`` their richness;
+        ``warm``: (B,) not dropped out). Gradients reach both paths: the cold path learns where
+        thin warm items land, and thin items' shared latents stay near their content-only ones."""
+        c = self.config
+        fed = warm[rows]  # (B_b,)
+        r = rows[fed]
+        if r.numel() == 0:
+            return torch.zeros((), device=warm.device)
+        cold_in = torch.cat([h[m][r] for m in c.content_modalities] + [self.missing_h_b.expand(r.numel(), -1)],
+                            dim=-1)
+        thin = 1 - alignment_strength(n_norm[fed], c.alpha, c.beta).detach() if c.use_alignment_controller \
+            else torch.ones(r.numel(), device=warm.device)
+        gap = sum(1 - torch.nn.functional.cosine_similarity(z[r], expert(cold_in), dim=-1)
+                  for z, expert in zip(shared_z, self.shared_experts))
+        return (thin * gap).sum() / rows.numel()
+
     # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
                 generator: torch.Generator | None = None, codes_only: bool = False,
@@ -296,8 +315,10 @@ class ADCSIDModel(nn.Module):
         else:
             shared_in = torch.cat([h[m] for m in c.content_modalities], dim=-1)
 
+        shared_z: list[torch.Tensor] = []  # (B, D) per shared expert, for the cold consistency term
         for expert, book in zip(self.shared_experts, self.shared_codebooks):
-            quantize(book, expert(shared_in), None)
+            shared_z.append(expert(shared_in))
+            quantize(book, shared_z[-1], None)
         for m in c.content_modalities:
             g = None if codes_only else self.content_gates[m](x.content[m])  # (B, N_m)
             for i, (expert, book) in enumerate(zip(self.content_experts[m], self.content_codebooks[m])):
@@ -387,7 +408,12 @@ class ADCSIDModel(nn.Module):
         else:
             losses["reg"] = zero
         losses.setdefault("align", zero)
-        losses["total"] = losses["recon"] + losses["vq"] + c.align_weight * losses["align"] + losses["reg"]
+        if self.training and c.has_behavior and c.cold_consistency_weight > 0:
+            losses["consistency"] = self.cold_consistency(h, warm, rows, n_norm, shared_z)
+        else:
+            losses["consistency"] = zero
+        losses["total"] = (losses["recon"] + losses["vq"] + c.align_weight * losses["align"] + losses["reg"]
+                           + c.cold_consistency_weight * losses["consistency"])
 
         weights = (r_full / self.weight_scale).detach() if r_full is not None else torch.zeros(B, 0, device=dev)
         return ModelOutput(
