@@ -110,6 +110,9 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
     p.add_argument("--sticky-delta", type=float,
                    help="keep an item's previous code at a position unless the new best scores more than this "
                         "above it (cosine for adc-sid); default: plain assignment")
+    p.add_argument("--sticky-candidates", type=int, default=8,
+                   help="best codes per position scored for --sticky-delta; a previous code outside them is "
+                        "replaced (more: fewer such replacements, larger staging rows)")
     p.add_argument("--max-churn", type=float,
                    help="refuse to publish a snapshot whose churn is above this share (LATEST stays); default: no limit")
 
@@ -217,6 +220,8 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deltas", default="0,0.01,0.02,0.05,0.1", help="sticky margins to measure (cosine)")
     p.add_argument("--downstream-modes", default="warm",
                    help="modes whose settings get a SID-SASRec on night 2 (empty: churn only)")
+    p.add_argument("--candidates", type=int, default=8,
+                   help="codes per position scored for the sticky comparison (the assignment job's default: 8)")
     p.add_argument("--downstream-deltas", default="0.05",
                    help="sticky margins (among --deltas) whose settings get the SID-SASRec too")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")

@@ -48,7 +48,6 @@ MODES = ("scratch", "warm", "procrustes")
 # night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
 # without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
 STICKY_KINDS = ("none", "warm", "anchored")
-CANDIDATES = 8  # codes per position the encoder reports for the sticky comparison
 
 
 @dataclass
@@ -60,6 +59,9 @@ class StabilityConfig:
     deltas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1])  # sticky margins
     # which embedding modes get the downstream SID-SASRec per setting (each ~1 SASRec training)
     downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
+    # codes per position the encoder scores for the sticky comparison (the assignment job's
+    # --sticky-candidates); a previous code outside them cannot be kept
+    candidates: int = 8
     # sticky margins that get the downstream model too (each costs one SID-SASRec per kind)
     downstream_deltas: list[float] = field(default_factory=lambda: [0.05])
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
@@ -79,6 +81,8 @@ class StabilityConfig:
             raise ValueError(f"modes must name some of {list(MODES)}, got {self.modes} / {self.downstream_modes}")
         if [m for m in self.downstream_modes if m not in self.modes]:
             raise ValueError(f"downstream_modes {self.downstream_modes} must be among modes {self.modes}")
+        if not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValueError(f"candidates must be an int >= 1, got {self.candidates!r}")
         if any(d < 0 for d in self.deltas):
             raise ValueError(f"deltas must be >= 0, got {self.deltas}")
         if [d for d in self.downstream_deltas if d not in self.deltas]:
@@ -253,7 +257,7 @@ class TwoNights:
                     self.timings[f"fit {mode}-{kind}"] = round(time.perf_counter() - t0, 1)
                 return SemanticIdTokenizer.from_pretrained(d)
 
-            k = min(CANDIDATES, config.codebook_size)
+            k = min(self.c.candidates, config.codebook_size)
             cold = fit("cold").encode(items2)
             settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
             for kind in STICKY_KINDS:
@@ -277,7 +281,7 @@ class TwoNights:
                         "quick": self.c.quick},
             "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
             "items_unseen_night1": int(((self.pop1 == 0) & (self.pop2 > 0)).sum()),
-            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "downstream_modes": self.c.downstream_modes,
+            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates, "downstream_modes": self.c.downstream_modes,
                        "downstream_deltas": self.c.downstream_deltas,
                        "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
@@ -306,7 +310,8 @@ class TwoNights:
         from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
         from sidserve.eval.sid_table import SIDTable
 
-        p = self.path("downstream", name.replace("/", "_").replace(" ", "_") + ".json")
+        key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
+        p = self.path("downstream", key + ".json")
         if os.path.exists(p):
             with open(p) as f:
                 return json.load(f)
@@ -395,6 +400,7 @@ def run_cli(args) -> int:
                  modes=args.modes.split(","), deltas=[float(x) for x in args.deltas.split(",")],
                  downstream_modes=[m for m in args.downstream_modes.split(",") if m],
                  downstream_deltas=[float(x) for x in args.downstream_deltas.split(",") if x],
+                 candidates=args.candidates,
                  content_from=args.content_from)
         r = TwoNights(c).run()
         print(render(r))

@@ -52,6 +52,7 @@ class RefreshJobConfig:
     keep_snapshots: int | None = None  # retention (AssignJobConfig.keep_snapshots)
     reserve_nights: int = 30  # keys held for absent items (AssignJobConfig.reserve_nights)
     sticky_delta: float | None = None  # sticky assignment margin (AssignJobConfig.sticky_delta)
+    sticky_candidates: int = 8  # codes per position scored for it (AssignJobConfig.sticky_candidates)
     max_churn: float | None = None  # refuse to publish above this churn (AssignJobConfig.max_churn)
     # churn above which SidserveChurnHigh fires: pushed with the metrics (sidserve_refresh_churn_ceiling),
     # so each deployment sets its own ceiling without editing the alert rules
@@ -144,7 +145,8 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                                  rows_per_partition=job.rows_per_partition,
                                                  keep_snapshots=job.keep_snapshots,
                                                  reserve_nights=job.reserve_nights,
-                                                 sticky_delta=job.sticky_delta, max_churn=job.max_churn,
+                                                 sticky_delta=job.sticky_delta,
+                                                 sticky_candidates=job.sticky_candidates, max_churn=job.max_churn,
                                                  columns=job.columns))
         summary["prepass"] = prepass
         summary["churn_ceiling"] = job.churn_alert
@@ -183,7 +185,7 @@ def run_cli(args) -> int:
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
             keep_snapshots=args.keep_snapshots, reserve_nights=args.reserve_nights,
-            sticky_delta=args.sticky_delta, max_churn=args.max_churn, churn_alert=args.churn_alert,
+            sticky_delta=args.sticky_delta, sticky_candidates=args.sticky_candidates, max_churn=args.max_churn, churn_alert=args.churn_alert,
             pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "

@@ -292,7 +292,8 @@ def run_cli(args) -> int:
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots,
-            reserve_nights=args.reserve_nights, sticky_delta=args.sticky_delta, max_churn=args.max_churn))
+            reserve_nights=args.reserve_nights, sticky_delta=args.sticky_delta,
+            sticky_candidates=args.sticky_candidates, max_churn=args.max_churn))
         print(f"[sidserve] snapshot {s['version']} published at {args.output}: {s['items']} items, "
               f"{s['rejects']} rejects, collision rate {s['collision_rate']:.4f}, "
               f"churn {s['churn']['churn']:.4f} ({s['duration_s']:.1f} s)")
