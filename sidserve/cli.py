@@ -224,6 +224,9 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
                    help="codes per position scored for the sticky comparison (the assignment job's default: 8)")
     p.add_argument("--downstream-deltas", default="0.05",
                    help="sticky margins (among --deltas) whose settings get the SID-SASRec too")
+    p.add_argument("--downstream-settings",
+                   help="exactly these settings get the SID-SASRec, comma-separated (e.g. "
+                        "'warm/cold,warm/none+sticky 0.3'); overrides --downstream-modes/--downstream-deltas")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 

@@ -11,7 +11,13 @@ import pytest
 from conftest import ROOT, SLICE
 
 from sidserve import load_tokenizer
-from sidserve.eval.stability import churn_table, procrustes, split_nights
+from sidserve.eval.stability import (
+    StabilityConfig,
+    TwoNights,
+    churn_table,
+    procrustes,
+    split_nights,
+)
 
 
 def test_split_nights_holds_out_the_newest_interactions():
@@ -41,13 +47,31 @@ def test_churn_table_by_hand():
                                   "10-99": {"items": 1, "churn": 0.0}}
 
 
+def test_which_settings_get_the_downstream_model(tmp_path):
+    def wants(**kw):
+        run = TwoNights(StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.05, 0.3], **kw))
+        names = [f"{m}/{k}" for m in ("scratch", "warm") for k in ("cold", "none", "warm", "anchored")]
+        names += [f"{m}/{k}+sticky {d:g}" for m in ("scratch", "warm") for k in ("none", "warm", "anchored")
+                  for d in (0, 0.05, 0.3)]
+        return {n for n in names if run.wants_downstream(n)}
+
+    # default: every plain setting of the 'warm' mode, sticky ones at 0.05
+    assert wants() == {"warm/cold", "warm/none", "warm/warm", "warm/anchored", "warm/none+sticky 0.05",
+                       "warm/warm+sticky 0.05", "warm/anchored+sticky 0.05"}
+    assert wants(downstream_modes=[]) == set()
+    assert wants(downstream_settings=["scratch/cold", "warm/none+sticky 0.3"]) == {"scratch/cold",
+                                                                                  "warm/none+sticky 0.3"}
+    with pytest.raises(ValueError, match="downstream_deltas"):
+        StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.1], downstream_deltas=[0.2]).validate()
+
+
 @pytest.mark.slow
 def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     out = str(tmp_path / "stability")
     # the text embeddings of the quick evaluation (same slice, same subsample): embedding the
     # item text again would be most of this test's time
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
-           "--quick", "--deltas", "0,0.05,0.3", "--downstream-modes", "warm", "--downstream-deltas", "0.3",
+           "--quick", "--deltas", "0,0.05,0.3", "--downstream-settings", "warm/cold,warm/none,warm/warm+sticky 0.3",
            "--content-from", quick_run[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -70,10 +94,11 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
         content = [q["position"] for q in layout if q["group"] in ("text", "meta")]
         assert content and all(s[f"{mode}/none"]["per_position"][p] == 0 for p in content)
     assert 0 < s["scratch/cold"]["churn"] <= 1
-    for name in ("warm/cold", "warm/none", "warm/warm", "warm/anchored", "warm/warm+sticky 0.3"):
+    with_downstream = {name for name, v in s.items() if "downstream" in v}
+    assert with_downstream == {"warm/cold", "warm/none", "warm/warm+sticky 0.3"}  # exactly the ones asked for
+    for name in with_downstream:
         d = s[name]["downstream"]
         assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
-    assert "downstream" not in s["scratch/cold"] and "downstream" not in s["warm/warm+sticky 0.05"]
     assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
     # a rerun reads every stage from the cache
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -64,6 +64,9 @@ class StabilityConfig:
     candidates: int = 8
     # sticky margins that get the downstream model too (each costs one SID-SASRec per kind)
     downstream_deltas: list[float] = field(default_factory=lambda: [0.05])
+    # an explicit list of setting names ("warm/none+sticky 0.3", ...) to give the downstream
+    # model instead of the two rules above (each costs one SID-SASRec)
+    downstream_settings: list[str] | None = None
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
     quick_users: int = 1000
     # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
@@ -268,6 +271,10 @@ class TwoNights:
                                                   missing)
                     settings[f"{mode}/{kind}+sticky {delta:g}"] = {
                         "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum())}
+        unknown = sorted(set(self.c.downstream_settings or []) - set(settings))
+        if unknown:
+            raise ValueError(f"downstream_settings {unknown} are not settings of this run; "
+                             f"settings: {sorted(settings)}")
         rows = {}
         for name, s in settings.items():
             row = churn_table(sid1, s["sid"], self.pop2)
@@ -281,8 +288,9 @@ class TwoNights:
                         "quick": self.c.quick},
             "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
             "items_unseen_night1": int(((self.pop1 == 0) & (self.pop2 > 0)).sum()),
-            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates, "downstream_modes": self.c.downstream_modes,
-                       "downstream_deltas": self.c.downstream_deltas,
+            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates,
+                       "downstream_modes": self.c.downstream_modes, "downstream_deltas": self.c.downstream_deltas,
+                       "downstream_settings": self.c.downstream_settings,
                        "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -295,7 +303,10 @@ class TwoNights:
         return result
 
     def wants_downstream(self, name: str) -> bool:
-        """Every plain re-fit of a downstream mode, and its sticky variants at downstream_deltas."""
+        """Every plain re-fit of a downstream mode, and its sticky variants at downstream_deltas
+        (or exactly the settings listed in downstream_settings)."""
+        if self.c.downstream_settings is not None:
+            return name in self.c.downstream_settings
         mode, setting = name.split("/")
         if mode not in self.c.downstream_modes:
             return False
@@ -401,6 +412,8 @@ def run_cli(args) -> int:
                  downstream_modes=[m for m in args.downstream_modes.split(",") if m],
                  downstream_deltas=[float(x) for x in args.downstream_deltas.split(",") if x],
                  candidates=args.candidates,
+                 downstream_settings=[x.strip() for x in args.downstream_settings.split(",")]
+                 if args.downstream_settings else None,
                  content_from=args.content_from)
         r = TwoNights(c).run()
         print(render(r))
