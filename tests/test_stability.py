@@ -100,6 +100,10 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
         d = s[name]["downstream"]
         assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
     assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
+    # cold -> warm: a larger margin keeps the content-only path's shared code for more items
+    t = r["cold_to_warm"]
+    assert list(t) == ["plain", "sticky 0", "sticky 0.05", "sticky 0.3"]
+    assert t["plain"]["all"] == t["sticky 0"]["all"] <= t["sticky 0.05"]["all"] <= t["sticky 0.3"]["all"] <= 1
     # a rerun reads every stage from the cache
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and json.load(open(os.path.join(out, "stability.json")))["stage_seconds"] == {}

@@ -133,6 +133,40 @@ def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray) -
     return out
 
 
+def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
+    """Issue 20.6: an item is tokenized on the content-only path until its first interactions
+    arrive, then on the full path. For every item with behavior, the share whose shared
+    positions keep the code the cold path gave them, per popularity bucket, with plain
+    assignment and with sticky assignment at each delta (the previous snapshot held the cold
+    SID; the behavioral positions had no code then, so only the shared ones can be kept)."""
+    from sidserve.config import BEHAVIOR
+    from sidserve.items import ItemArrays
+    from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+    from sidserve.jobs.assign.sticky import sticky_codes
+
+    warm_items = items.take(np.flatnonzero(items.has_behavior))
+    cold_items = ItemArrays(warm_items.content, warm_items.behavior, np.zeros(len(warm_items), bool),
+                            warm_items.item_ids, warm_items.popularity)
+    shared = [q["position"] for q in tok.sid_layout if q["group"] == "shared"]
+    behavior = [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]
+    cold = tok.encode(cold_items).sid
+    warm = tok.encode(warm_items, candidates=candidates)
+    previous = cold.astype(np.int64)
+    previous[:, behavior] = tok.config.codebook_size  # no behavioral code on the cold path
+    out = {}
+    for delta in [None, *deltas]:
+        codes = warm.sid if delta is None else sticky_codes(warm.sid, warm.candidates, warm.candidate_scores,
+                                                           previous, delta, tok.config.codebook_size)[0]
+        agree = (codes[:, shared] == cold[:, shared]).all(1)
+        row = {"all": float(agree.mean())}
+        for lo, hi, name in POPULARITY_BUCKETS:
+            m = (warm_items.popularity >= lo) & (warm_items.popularity <= hi)
+            if m.any():
+                row[name] = float(agree[m].mean())
+        out["plain" if delta is None else f"sticky {delta:g}"] = row
+    return out
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 class TwoNights:
@@ -283,7 +317,10 @@ class TwoNights:
             if self.wants_downstream(name):
                 row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1)
             rows[name] = row
+        transition = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
+                                  min(self.c.candidates, config.codebook_size))
         result = {
+            "cold_to_warm": transition,
             "dataset": {"name": self.data.name, "users": self.data.num_users, "items": self.data.num_items,
                         "quick": self.c.quick},
             "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
@@ -358,6 +395,13 @@ def render(r: dict) -> str:
                                                                     ("test", "ndcg@10"))]
         lines.append(f"| {name} | {s['churn']:.4f} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | {pops} | "
                      f"{'' if s['codes_kept'] is None else s['codes_kept']} | {' | '.join(cells)} |")
+    t = r.get("cold_to_warm") or {}
+    if t:
+        buckets = list(next(iter(t.values())))
+        lines += ["", "**Cold -> warm** (night 1's model, its items with behavior): share whose shared SID "
+                  "positions keep the code the content-only path gave them, per popularity bucket (night 1).", "",
+                  "| assignment | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+        lines += [f"| {name} | " + " | ".join(f"{row[b]:.3f}" for b in buckets) + " |" for name, row in t.items()]
     lines += ["", f"Wall time {r['wall_seconds']:.0f} s; stages (s): {json.dumps(r['stage_seconds'])}", ""]
     return "\n".join(lines)
 
