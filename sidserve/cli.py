@@ -109,8 +109,9 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
                    help="nights an absent or rejected item's (sid, dedup) key stays reserved for it (0: freed at once)")
     p.add_argument("--sticky-delta", type=float,
                    help="keep an item's previous code at a position unless the new best scores more than this "
-                        "above it (cosine for adc-sid); default: plain assignment")
-    p.add_argument("--sticky-candidates", type=int, default=8,
+                        "above it (cosine for adc-sid; 0: plain assignment); default: assign: plain, "
+                        "refresh: 0.3 for adc-sid (docs/stability.md), plain for the baselines")
+    p.add_argument("--sticky-candidates", type=int, default=32,
                    help="best codes per position scored for --sticky-delta; a previous code outside them is "
                         "replaced (more: fewer such replacements, larger staging rows)")
     p.add_argument("--max-churn", type=float,

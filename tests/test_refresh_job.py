@@ -9,7 +9,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import load_tokenizer
-from sidserve.jobs.refresh import RefreshJobConfig, push_failure, run_refresh
+from sidserve.jobs.refresh import (
+    STICKY_DELTA,
+    RefreshJobConfig,
+    push_failure,
+    resolve_sticky,
+    run_refresh,
+)
 from sidserve.snapshot import SnapshotRoot
 
 
@@ -42,6 +48,7 @@ def test_refresh_pushes_metrics(refreshed, pushgateway):
     assert m[("sidserve_refresh_snapshot_info", (("model_version", s["model_version"]),
                                                   ("version", s["version"])))] == 1
     assert s["prepass"]["num_rows"] == 600
+    assert s["sticky"]["delta"] == STICKY_DELTA  # the refresh default for an ADC-SID model
 
     # a failure adds its timestamp and keeps the last success
     push_failure(addr)
@@ -67,6 +74,15 @@ def test_refit_warm_start_publishes_with_new_model(refreshed, tmp_path):
     # --refit-codebooks frozen (Ray Train workers): the codewords are the old model's, bit for bit
     assert new.config.train_codebooks is False
     assert all(torch.equal(p.embed, q.embed) for p, q in zip(old.model_.codebooks, new.model_.codebooks))
+
+
+def test_the_refresh_sticky_default_is_per_tokenizer():
+    assert resolve_sticky("auto", "adc-sid") == STICKY_DELTA > 0
+    assert resolve_sticky("auto", "rq-kmeans") is None and resolve_sticky("auto", "opq") is None
+    assert resolve_sticky(0.05, "opq") == 0.05 and resolve_sticky(None, "adc-sid") is None
+    for bad in ("always", -0.1):
+        with pytest.raises(ValueError, match="sticky_delta"):
+            resolve_sticky(bad, "adc-sid")
 
 
 @pytest.mark.parametrize("kw,needle", [(dict(refit_codebooks="frozen"), "needs refit"),

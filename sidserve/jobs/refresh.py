@@ -32,6 +32,9 @@ from sidserve.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)
 JOB_LABEL = "sidserve_refresh"
+# the refresh's sticky margin for ADC-SID (cosine), chosen on the two-night Beauty measurement
+# (docs/stability.md); --sticky-delta overrides it, 0 assigns plainly
+STICKY_DELTA = 0.3
 
 
 @dataclass
@@ -51,8 +54,11 @@ class RefreshJobConfig:
     rows_per_partition: int = 100_000  # rows per grouping task of the assignment (AssignJobConfig)
     keep_snapshots: int | None = None  # retention (AssignJobConfig.keep_snapshots)
     reserve_nights: int = 30  # keys held for absent items (AssignJobConfig.reserve_nights)
-    sticky_delta: float | None = None  # sticky assignment margin (AssignJobConfig.sticky_delta)
-    sticky_candidates: int = 8  # codes per position scored for it (AssignJobConfig.sticky_candidates)
+    # sticky assignment margin (AssignJobConfig.sticky_delta); "auto": STICKY_DELTA for ADC-SID
+    # (docs/stability.md: churn 89% -> 2% over one night of Beauty), plain for the baselines
+    # (residual ones cannot keep a code alone; OPQ's scores are on another scale, unmeasured)
+    sticky_delta: float | str | None = "auto"
+    sticky_candidates: int = 32  # codes per position scored for it (AssignJobConfig.sticky_candidates)
     max_churn: float | None = None  # refuse to publish above this churn (AssignJobConfig.max_churn)
     # churn above which SidserveChurnHigh fires: pushed with the metrics (sidserve_refresh_churn_ceiling),
     # so each deployment sets its own ceiling without editing the alert rules
@@ -95,12 +101,23 @@ def push_failure(gateway: str) -> None:
     pushadd_to_gateway(gateway, job=JOB_LABEL, registry=reg)
 
 
+def resolve_sticky(delta: float | str | None, tokenizer_type: str) -> float | None:
+    """The margin a refresh assigns with: ``"auto"`` -> STICKY_DELTA for adc-sid, None (plain
+    assignment) for the other tokenizers; a number or None as given."""
+    if delta == "auto":
+        return STICKY_DELTA if tokenizer_type == "adc-sid" else None
+    if delta is not None and (isinstance(delta, str) or not delta >= 0):
+        raise ValueError(f"sticky_delta must be 'auto', None or a number >= 0, got {delta!r}")
+    return delta
+
+
 def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
     if job.refit_codebooks not in (None, "train", "frozen"):
         raise ValueError(f"refit_codebooks must be 'train', 'frozen' or None, got {job.refit_codebooks!r}")
+    resolve_sticky(job.sticky_delta, "adc-sid")  # a bad value fails before anything runs
     if job.refit_codebooks is not None and not job.refit:
         raise ValueError(f"refit_codebooks={job.refit_codebooks!r} needs refit=True (--refit)")
     t0 = time.perf_counter()
@@ -145,7 +162,7 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                                  rows_per_partition=job.rows_per_partition,
                                                  keep_snapshots=job.keep_snapshots,
                                                  reserve_nights=job.reserve_nights,
-                                                 sticky_delta=job.sticky_delta,
+                                                 sticky_delta=resolve_sticky(job.sticky_delta, tok.tokenizer_type),
                                                  sticky_candidates=job.sticky_candidates, max_churn=job.max_churn,
                                                  columns=job.columns))
         summary["prepass"] = prepass
@@ -185,7 +202,7 @@ def run_cli(args) -> int:
             use_gpu=args.use_gpu, rows_per_partition=args.rows_per_partition,
             columns=parse_columns(args.column) or None, sample_size=args.sample_size,
             keep_snapshots=args.keep_snapshots, reserve_nights=args.reserve_nights,
-            sticky_delta=args.sticky_delta, sticky_candidates=args.sticky_candidates, max_churn=args.max_churn, churn_alert=args.churn_alert,
+            sticky_delta="auto" if args.sticky_delta is None else args.sticky_delta, sticky_candidates=args.sticky_candidates, max_churn=args.max_churn, churn_alert=args.churn_alert,
             pushgateway=args.pushgateway or os.environ.get("SIDSERVE_PUSHGATEWAY")))
         c = s["churn"]
         print(f"[sidserve] refresh published {s['version']} at {args.output} (model {s['model_version']}): "

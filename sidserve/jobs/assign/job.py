@@ -60,7 +60,9 @@ class AssignJobConfig:
     # 2 x.c - |c|^2); None = the plain assignment (0 keeps a previous code only on an exact
     # tie, which gives the plain snapshot). Needs a tokenizer with independent positions
     sticky_delta: float | None = None
-    sticky_candidates: int = 8  # best codes per position the encoder reports for the comparison
+    # best codes per position the encoder reports for the comparison; a previous code outside
+    # them is replaced (on Beauty 8 floored churn at 18%, 32 at 2.5%: docs/stability.md)
+    sticky_candidates: int = 32
     # refuse to publish a snapshot whose churn (share of common items whose SID changed) is
     # above this; LATEST stays on the previous snapshot and the job fails naming both numbers
     max_churn: float | None = None
