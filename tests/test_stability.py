@@ -99,6 +99,7 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     for name in with_downstream:
         d = s[name]["downstream"]
         assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
+        assert 0 <= d["gauc"]["valid"] <= 1 and 0 <= d["gauc"]["test"] <= 1
     assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
     # cold -> warm: a larger margin keeps the content-only path's shared code for more items
     t = r["cold_to_warm"]

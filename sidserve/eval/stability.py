@@ -316,6 +316,7 @@ class TwoNights:
                 1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
             if self.wants_downstream(name):
                 row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1)
+                row["downstream"]["gauc"] = self.ranking(name, s["sid"], s["weights"], tok1)
             rows[name] = row
         transition = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
                                   min(self.c.candidates, config.codebook_size))
@@ -351,12 +352,54 @@ class TwoNights:
             return True
         return float(setting.split()[-1]) in self.c.downstream_deltas
 
+    def sid_table(self, sid: np.ndarray, weights: np.ndarray, tok):
+        from sidserve.config import BEHAVIOR
+        from sidserve.eval.sid_table import SIDTable
+
+        w = np.ones(sid.shape, np.float32)
+        w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
+        return SIDTable.build(sid, w)
+
+    def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
+        """The evaluation's ranker (AUC/GAUC over 99 sampled negatives, the evaluation's draws)
+        trained on night 2 with these SIDs: validation and test GAUC (cached per setting)."""
+        from sidserve.eval.pipeline import EVAL_NEGATIVES_SEED, VALID_NEGATIVES_SEED
+        from sidserve.eval.ranking import (
+            RankingConfig,
+            evaluate_ranking,
+            sample_negatives,
+            score,
+            train_ranker,
+        )
+
+        key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
+        p = self.path("downstream", key + "_ranking.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
+        t0 = time.perf_counter()
+        neg = {split: sample_negatives(np.random.default_rng(seed), seqs, self.data.num_items, 99)
+               for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
+                                         ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
+        c = RankingConfig(seed=self.c.seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
+        v_hist, v_target = self.data.targets("valid")
+        model, _ = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
+                                valid=(v_hist, v_target, neg["valid"]))
+        res = {}
+        for split in ("valid", "test"):
+            hist, targets = self.data.targets(split)
+            scores = score(model, hist, np.concatenate([targets[:, None], neg[split]], axis=1))
+            res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            json.dump(res, f)
+        return res
+
     def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
         """SID-SASRec on night 2's training split with these SIDs: validation and test
         Recall@10 / NDCG@10 (cached per setting)."""
-        from sidserve.config import BEHAVIOR
         from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
-        from sidserve.eval.sid_table import SIDTable
 
         key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
         p = self.path("downstream", key + ".json")
@@ -364,11 +407,9 @@ class TwoNights:
             with open(p) as f:
                 return json.load(f)
         t0 = time.perf_counter()
-        w = np.ones(sid.shape, np.float32)
-        w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
         c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=True)
         model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
-                                items=SIDItems(SIDTable.build(sid, w), c.hidden_dim))
+                                items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
         res = {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
         res["seconds"] = round(time.perf_counter() - t0, 1)
         os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -386,13 +427,14 @@ def render(r: dict) -> str:
              "SID changed between the nights. Downstream: SID-SASRec on night 2, full-catalog ranking.",
              "",
              "| setting | churn | per position | churn by popularity (night 2) | codes kept | valid N@10 | "
-             "test R@10 | test N@10 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "test R@10 | test N@10 | valid GAUC | test GAUC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in r["settings"].items():
         d = s.get("downstream") or {}
         pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in s["by_popularity"].items())
         cells = [f"{d[split][k]:.4f}" if d else "" for split, k in (("valid", "ndcg@10"), ("test", "recall@10"),
                                                                     ("test", "ndcg@10"))]
+        cells += [f"{d['gauc'][split]:.4f}" if d.get("gauc") else "" for split in ("valid", "test")]
         lines.append(f"| {name} | {s['churn']:.4f} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | {pops} | "
                      f"{'' if s['codes_kept'] is None else s['codes_kept']} | {' | '.join(cells)} |")
     t = r.get("cold_to_warm") or {}
