@@ -352,6 +352,22 @@ class TwoNights:
             return True
         return float(setting.split()[-1]) in self.c.downstream_deltas
 
+    def _cached_result(self, name: str, suffix: str, fn) -> dict:
+        """downstream/<setting><suffix>.json if cached, else fn() timed and written there (a
+        sticky setting's file names its candidate count: other k, other SIDs)."""
+        key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
+        p = self.path("downstream", key + suffix + ".json")
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
+        t0 = time.perf_counter()
+        res = fn()
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            json.dump(res, f)
+        return res
+
     def sid_table(self, sid: np.ndarray, weights: np.ndarray, tok):
         from sidserve.config import BEHAVIOR
         from sidserve.eval.sid_table import SIDTable
@@ -372,50 +388,35 @@ class TwoNights:
             train_ranker,
         )
 
-        key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
-        p = self.path("downstream", key + "_ranking.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                return json.load(f)
-        t0 = time.perf_counter()
-        neg = {split: sample_negatives(np.random.default_rng(seed), seqs, self.data.num_items, 99)
-               for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
-                                         ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
-        c = RankingConfig(seed=self.c.seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
-        v_hist, v_target = self.data.targets("valid")
-        model, _ = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
-                                valid=(v_hist, v_target, neg["valid"]))
-        res = {}
-        for split in ("valid", "test"):
-            hist, targets = self.data.targets(split)
-            scores = score(model, hist, np.concatenate([targets[:, None], neg[split]], axis=1))
-            res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w") as f:
-            json.dump(res, f)
-        return res
+        def run():
+            neg = {split: sample_negatives(np.random.default_rng(seed), seqs, self.data.num_items, 99)
+                   for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
+                                             ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
+            c = RankingConfig(seed=self.c.seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
+            v_hist, v_target = self.data.targets("valid")
+            model, _ = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
+                                    valid=(v_hist, v_target, neg["valid"]))
+            res = {}
+            for split in ("valid", "test"):
+                hist, targets = self.data.targets(split)
+                scores = score(model, hist, np.concatenate([targets[:, None], neg[split]], axis=1))
+                res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
+            return res
+
+        return self._cached_result(name, "_ranking", run)
 
     def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
         """SID-SASRec on night 2's training split with these SIDs: validation and test
         Recall@10 / NDCG@10 (cached per setting)."""
         from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
 
-        key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
-        p = self.path("downstream", key + ".json")
-        if os.path.exists(p):
-            with open(p) as f:
-                return json.load(f)
-        t0 = time.perf_counter()
-        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=True)
-        model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
-                                items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
-        res = {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w") as f:
-            json.dump(res, f)
-        return res
+        def run():
+            c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=True)
+            model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
+                                    items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
+            return {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
+
+        return self._cached_result(name, "", run)
 
 
 def render(r: dict) -> str:
