@@ -121,16 +121,13 @@ def procrustes(source: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.n
 def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray) -> dict:
     """SIDs (N, L) of the same items on two nights -> churn overall, per position and per
     popularity bucket (``popularity`` (N,): night 2's training interactions)."""
-    from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+    from sidserve.jobs.assign.stats import share_per_bucket
 
     changed = (before != after).any(1)
-    out = {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
-           "per_position": (before != after).mean(0).round(6).tolist(), "by_popularity": {}}
-    for lo, hi, name in POPULARITY_BUCKETS:
-        m = (popularity >= lo) & (popularity <= hi)
-        if m.any():
-            out["by_popularity"][name] = {"items": int(m.sum()), "churn": float(changed[m].mean())}
-    return out
+    return {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
+            "per_position": (before != after).mean(0).round(6).tolist(),
+            "by_popularity": {name: {"items": n, "churn": share}
+                              for name, (n, share) in share_per_bucket(changed, popularity).items()}}
 
 
 def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
@@ -141,7 +138,7 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
     SID; the behavioral positions had no code then, so only the shared ones can be kept)."""
     from sidserve.config import BEHAVIOR
     from sidserve.items import ItemArrays
-    from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+    from sidserve.jobs.assign.stats import share_per_bucket
     from sidserve.jobs.assign.sticky import sticky_codes
 
     warm_items = items.take(np.flatnonzero(items.has_behavior))
@@ -159,10 +156,7 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
                                                            previous, delta, tok.config.codebook_size)[0]
         agree = (codes[:, shared] == cold[:, shared]).all(1)
         row = {"all": float(agree.mean())}
-        for lo, hi, name in POPULARITY_BUCKETS:
-            m = (warm_items.popularity >= lo) & (warm_items.popularity <= hi)
-            if m.any():
-                row[name] = float(agree[m].mean())
+        row.update({name: share for name, (_, share) in share_per_bucket(agree, warm_items.popularity).items()})
         out["plain" if delta is None else f"sticky {delta:g}"] = row
     return out
 

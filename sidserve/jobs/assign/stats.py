@@ -26,6 +26,17 @@ def bucket_names(popularity: np.ndarray) -> np.ndarray:
     return names
 
 
+def share_per_bucket(flags: np.ndarray, popularity: np.ndarray) -> dict[str, tuple[int, float]]:
+    """(n,) bool, (n,) popularity -> {bucket name: (items, share of them flagged)} for the
+    non-empty POPULARITY_BUCKETS, in their order (churn, cold-path agreement, ...)."""
+    out = {}
+    for lo, hi, name in POPULARITY_BUCKETS:
+        m = (popularity >= lo) & (popularity <= hi)
+        if m.any():
+            out[name] = (int(m.sum()), float(flags[m].mean()))
+    return out
+
+
 STATS_COLUMNS = ["sid", "sid_str", "prev_sid_str", "popularity", "path", "group_size"]  # what partial_stats reads
 
 

@@ -280,13 +280,11 @@ class SemanticIdTokenizer(BaseTokenizer):
             report["cold_path_agreement"] = float(same.all(axis=1).mean())
             report["cold_path_agreement_per_position"] = same.mean(axis=0).round(6).tolist()
             if warm.popularity is not None:  # issue 20.6: thin-behavior items are the ones in transition
-                from sidserve.jobs.assign.stats import POPULARITY_BUCKETS
+                from sidserve.jobs.assign.stats import share_per_bucket
 
-                agree = same.all(axis=1)
                 report["cold_path_agreement_by_popularity"] = {
-                    name: {"items": int(m.sum()), "agreement": float(agree[m].mean())}
-                    for lo, hi, name in POPULARITY_BUCKETS
-                    if (m := (warm.popularity >= lo) & (warm.popularity <= hi)).any()}
+                    name: {"items": n, "agreement": share}
+                    for name, (n, share) in share_per_bucket(same.all(axis=1), warm.popularity).items()}
             report["gate_mean_per_position"] = w_warm.mean(axis=0).round(6).tolist()
             report["gate_zero_share"] = float((w_warm == 0).mean())
         return report
