@@ -12,7 +12,7 @@ from sidserve.jobs.assign import AssignJobConfig, run_assignment
 from sidserve.jobs.assign.dedup import FINAL_SCHEMA, assign_dedup
 from sidserve.jobs.assign.job import encode_budget
 from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA, resolve_group
-from sidserve.jobs.assign.shuffle import item_parts, scatter
+from sidserve.jobs.assign.shuffle import by_part, item_parts, read_segments, scatter
 from sidserve.jobs.assign.stats import partial_stats, reduce_stats
 from sidserve.metrics import churn
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
@@ -164,7 +164,7 @@ def test_churn_statistics_by_hand():
     assert s["paths"] == {"full": 4, "content_only": 1}
 
 
-def test_scatter_writes_each_partition_once_and_its_manifest_says_so(tmp_path):
+def test_scatter_writes_one_file_and_each_partition_once_and_its_manifest_says_so(tmp_path):
     import pyarrow.fs as pafs
 
     ids = pa.array([f"item-{i}" for i in range(500)] + [None, None])
@@ -172,16 +172,24 @@ def test_scatter_writes_each_partition_once_and_its_manifest_says_so(tmp_path):
     parts = item_parts(ids, 7)
     assert parts[-2:].tolist() == [0, 0]  # null item_ids go to partition 0
     assert (item_parts(pa.array(["item-3", "item-3"]), 7) == parts[3]).all()  # a key always lands in one place
-    manifest = scatter(table, parts, 7, pafs.LocalFileSystem(), str(tmp_path), "m0").to_pylist()
+    fs = pafs.LocalFileSystem()
+    manifest = scatter(table, parts, 7, fs, str(tmp_path), "m0").to_pylist()
+    assert [p.name for p in tmp_path.iterdir()] == ["m0.arrows"]  # one file per map call, not one per partition
+    assert sorted(m["part"] for m in manifest) == sorted(set(parts.tolist()))  # each non-empty partition once
     assert sum(m["rows"] for m in manifest) == 502
+    segments = by_part(manifest, 7)
     seen = []
-    for m in manifest:
-        got = pq.read_table(m["path"])
-        assert got.num_rows == m["rows"] and m["path"].startswith(f"{tmp_path}/{m['part']:05d}/")
-        assert (parts[got.column("x").to_numpy()] == m["part"]).all()  # only its partition's rows
+    for p in range(7):
+        got = read_segments(fs, segments[p], table.schema)
+        assert (parts[got.column("x").to_numpy()] == p).all()  # only its partition's rows
         seen += got.column("x").to_pylist()
     assert sorted(seen) == list(range(502))  # every row exactly once
-    assert scatter(table.slice(0, 0), parts[:0], 7, pafs.LocalFileSystem(), str(tmp_path), "m1").num_rows == 0
+    assert read_segments(fs, [], table.schema).num_rows == 0
+    assert scatter(table.slice(0, 0), parts[:0], 7, fs, str(tmp_path), "m1").num_rows == 0
+    assert not (tmp_path / "m1.arrows").exists()
+    bad = dict(segments[parts[0]][0], rows=segments[parts[0]][0]["rows"] + 1)
+    with pytest.raises(RuntimeError, match="the manifest says"):
+        read_segments(fs, [bad], table.schema)
 
 
 def test_encode_budget_holds_two_calls_per_actor():

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from sidserve.ids import buckets as hash_buckets
 from sidserve.jobs.assign.encode import ENCODED_SCHEMA
 from sidserve.jobs.assign.publish import reason_counts
-from sidserve.jobs.assign.shuffle import PREVIOUS_SCHEMA, read_files, scatter, to_schema
+from sidserve.jobs.assign.shuffle import PREVIOUS_SCHEMA, read_segments, scatter, to_schema
 from sidserve.snapshot import REJECTS_SCHEMA, SnapshotRoot
 
 RESOLVED_SCHEMA = pa.schema([
@@ -76,11 +76,11 @@ def resolve_partition(spec: dict) -> dict:
     staging, snap, p, n_parts = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"], \
         spec["n_parts"]
     fs = staging.fs
-    cur = read_files(fs, spec["current"], ENCODED_SCHEMA)
+    cur = read_segments(fs, spec["current"], ENCODED_SCHEMA)
     null_id = pc.is_null(cur.column("item_id"))
     rejects = [cur.filter(null_id).select(["item_id", "reason"])]
     cur = to_schema(RESOLVED_SCHEMA, kind="cur")(cur.filter(pc.invert(null_id)))
-    prev = to_schema(RESOLVED_SCHEMA, kind="prev")(read_files(fs, spec["previous"], PREVIOUS_SCHEMA))
+    prev = to_schema(RESOLVED_SCHEMA, kind="prev")(read_segments(fs, spec["previous"], PREVIOUS_SCHEMA))
     resolved = resolve_group(pa.concat_tables([cur, prev]))
     kind, reason = resolved.column("kind"), resolved.column("reason")
     rejects.append(resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_valid(reason))).select(["item_id", "reason"]))
