@@ -12,7 +12,14 @@ from sidserve.jobs.assign import AssignJobConfig, run_assignment
 from sidserve.jobs.assign.dedup import FINAL_SCHEMA, assign_dedup
 from sidserve.jobs.assign.job import encode_budget
 from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA, resolve_group
-from sidserve.jobs.assign.shuffle import by_part, item_parts, read_segments, scatter
+from sidserve.jobs.assign.shuffle import (
+    MANIFEST_SCHEMA,
+    by_part,
+    index_manifest,
+    item_parts,
+    read_segments,
+    scatter,
+)
 from sidserve.jobs.assign.stats import partial_stats, reduce_stats
 from sidserve.metrics import churn
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
@@ -190,6 +197,16 @@ def test_scatter_writes_one_file_and_each_partition_once_and_its_manifest_says_s
     bad = dict(segments[parts[0]][0], rows=segments[parts[0]][0]["rows"] + 1)
     with pytest.raises(RuntimeError, match="the manifest says"):
         read_segments(fs, [bad], table.schema)
+    # the driver hands each reduce task one index entry; through it the task finds its segment list
+    two = pa.concat_tables([pa.Table.from_pylist(manifest, MANIFEST_SCHEMA),
+                            scatter(table, parts, 7, fs, str(tmp_path), "m2")])
+    index = index_manifest(two, 7, fs, str(tmp_path / "index"), "encoded")
+    assert [p.name for p in (tmp_path / "index").iterdir()] == ["encoded.arrows"]
+    assert all(len(index[p]) == 1 for p in range(7))
+    for p in range(7):
+        listed = read_segments(fs, index[p], MANIFEST_SCHEMA).drop_columns(["part"]).to_pylist()
+        assert listed == by_part(two, 7)[p]
+    assert index_manifest(two.slice(0, 0), 7, fs, str(tmp_path / "index"), "none") == [[]] * 7
 
 
 def test_encode_budget_holds_two_calls_per_actor():
@@ -323,6 +340,12 @@ def test_snapshot_does_not_depend_on_the_partitioning(world, tmp_path):
 
     s1, s2 = world["s1"], world["s2"]
     assert s1["partitions"] == 4 and s2["partitions"] == 4
+    # one staging file per map call, not one per map call x partition: night 2 is one input file
+    # of 2488 rows in encoder calls of 512 (5 calls, 20 files the old way); resolve is 4 tasks
+    files = s2["staging_files"]
+    assert 0 < files["encoded"] <= -(-s2["input_rows"] // 512) and 0 < files["resolved"] <= 4
+    assert 0 < files["previous"] <= len(os.listdir(os.path.join(world["root_path"], "snapshots", s1["version"],
+                                                                "items"))) + 1  # + its reservations' part
     shutil.copytree(os.path.join(world["root_path"], "snapshots", s1["version"]),
                     tmp_path / "snapshots" / s1["version"])
     (tmp_path / "LATEST").write_text(s1["version"] + "\n")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA
-from sidserve.jobs.assign.shuffle import read_segments
+from sidserve.jobs.assign.shuffle import MANIFEST_SCHEMA, read_segments
 from sidserve.jobs.assign.stats import STATS_COLUMNS, partial_stats
 from sidserve.snapshot import ITEMS_SCHEMA, RESERVATIONS_SCHEMA, SnapshotRoot
 
@@ -58,7 +58,8 @@ def dedup_partition(spec: dict) -> dict:
     import pyarrow.parquet as pq
 
     staging, snap, q = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"]
-    final = assign_dedup(read_segments(staging.fs, spec["files"], RESOLVED_SCHEMA))
+    segments = read_segments(staging.fs, spec["files"], MANIFEST_SCHEMA)  # where its rows lie (index_manifest)
+    final = assign_dedup(read_segments(staging.fs, segments, RESOLVED_SCHEMA))
     is_item = pc.equal(final.column("kind"), "cur")
     held = final.filter(pc.invert(is_item))
     reservations = pa.table([held.column("item_id"), held.column("sid_str"), held.column("dedup"),

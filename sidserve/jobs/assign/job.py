@@ -15,7 +15,15 @@ from sidserve.jobs.assign.dedup import dedup_partition
 from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames
 from sidserve.jobs.assign.publish import ensure_nonempty_dir
 from sidserve.jobs.assign.resolve import resolve_partition
-from sidserve.jobs.assign.shuffle import by_part, run_tasks, scatter_previous
+from sidserve.jobs.assign.shuffle import (
+    MANIFEST_SCHEMA,
+    collect_manifest,
+    index_manifest,
+    read_manifests,
+    run_tasks,
+    scatter_previous,
+    staging_files,
+)
 from sidserve.jobs.assign.stats import reduce_stats
 from sidserve.jobs.catalog import check_schema
 from sidserve.snapshot import (
@@ -78,8 +86,8 @@ def encode_budget(job: AssignJobConfig, row_bytes: int) -> int:
 
 
 def encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int,
-                        row_bytes: int, candidates: int = 0) -> list[dict]:
-    """Stage A. ``row_bytes``: the input's size per row, to size the object-store budget;
+                        row_bytes: int, candidates: int = 0):
+    """Stage A; returns its manifest (shuffle.MANIFEST_SCHEMA). ``row_bytes``: the input's size per row, to size the object-store budget;
     ``candidates``: best codes per position to report (sticky assignment)."""
     import ray.data
 
@@ -93,7 +101,7 @@ def encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, 
     )
     options = out.context.execution_options  # this dataset's own copy of the context
     options.resource_limits = options.resource_limits.copy(object_store_memory=encode_budget(job, row_bytes))
-    return out.take_all()
+    return collect_manifest(out)
 
 
 def read_catalog(uri: str, block_mib: int):
@@ -125,6 +133,8 @@ def read_catalog(uri: str, block_mib: int):
 
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     """Encode, dedup, write and publish a snapshot. Returns its summary."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray
     import ray.data
@@ -182,17 +192,19 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     # A. encode, each batch written split by item_id partition
     row_bytes = 4 * (sum(tok.config.modality_dims.values()) + (tok.config.behavior_dim or 0)) + 64  # float32s + id
     enc_manifest = encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes, candidates)
-    encoded_rows = sum(m["rows"] for m in enc_manifest)
+    encoded_rows = pc.sum(enc_manifest.column("rows")).as_py() or 0
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
-    prev_manifest: list[dict] = []
+    prev_manifests = []
     if previous is not None:  # its items' keys, and the keys it held for absent items
         for sub, cols in (("items", ["item_id", "sid_str", "dedup"]),
                           ("reservations", ["item_id", "sid_str", "dedup", "nights_absent"])):
             if sub == "reservations" and not root.count_reservations(previous):
                 continue  # none held (or a snapshot from before reservations)
-            prev_manifest += ray.data.read_parquet(f"{root.snapshot_dir(previous)}/{sub}", columns=cols) \
-                .map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5).take_all()
+            prev_manifests.append(collect_manifest(
+                ray.data.read_parquet(f"{root.snapshot_dir(previous)}/{sub}", columns=cols)
+                .map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5)))
+    prev_manifest = pa.concat_tables([MANIFEST_SCHEMA.empty_table(), *prev_manifests])
     lap("encode")
     log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
 
@@ -200,13 +212,17 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights,
               "sticky_delta": job.sticky_delta, "sid_length": len(tok.sid_layout),
               "missing_code": tok.codebook_size}
-    cur_files, prev_files = by_part(enc_manifest, n_parts), by_part(prev_manifest, n_parts)
+    stage_root = SnapshotRoot(staging)
+    index = stage_root.join("index")  # each partition's segment list (index_manifest)
+    cur_files = index_manifest(enc_manifest, n_parts, stage_root.fs, index, "encoded")
+    prev_files = index_manifest(prev_manifest, n_parts, stage_root.fs, index, "previous")
     specs = [{**common, "part": p, "current": cur_files[p], "previous": prev_files[p]} for p in range(n_parts)]
     resolved = run_tasks(resolve_partition, specs)
     lap("resolve")
 
     # C. dedup, one SID partition per task, written straight to the snapshot with its statistics
-    sid_files = by_part([m for r in resolved for m in r["manifest"]], n_parts)
+    sid_manifest = read_manifests(stage_root.fs, [r["manifest"] for r in resolved])
+    sid_files = index_manifest(sid_manifest, n_parts, stage_root.fs, index, "resolved")
     L, K = len(tok.sid_layout), tok.codebook_size
     specs = [{**common, "part": q, "files": sid_files[q], "model_version": model_version, "sid_length": L,
               "codebook_size": K} for q in range(n_parts)]
@@ -250,6 +266,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "sticky": sticky_summary(job, resolved),
         **{k: v for k, v in stats.items() if k != "items"},
         "partitions": n_parts,
+        # files the groupings wrote to staging (each: one per map call, not per map call x partition),
+        # besides one manifest per resolve task and 3 index files
+        "staging_files": {"encoded": staging_files(enc_manifest), "previous": staging_files(prev_manifest),
+                          "resolved": staging_files(sid_manifest)},
         "duration_s": time.perf_counter() - t0,
         "stage_seconds": stages,
     }

@@ -15,7 +15,14 @@ import pyarrow.compute as pc
 from sidserve.ids import buckets as hash_buckets
 from sidserve.jobs.assign.encode import ENCODED_SCHEMA
 from sidserve.jobs.assign.publish import reason_counts
-from sidserve.jobs.assign.shuffle import PREVIOUS_SCHEMA, read_segments, scatter, to_schema
+from sidserve.jobs.assign.shuffle import (
+    MANIFEST_SCHEMA,
+    PREVIOUS_SCHEMA,
+    read_segments,
+    scatter,
+    to_schema,
+    write_manifest,
+)
 from sidserve.snapshot import REJECTS_SCHEMA, SnapshotRoot
 
 RESOLVED_SCHEMA = pa.schema([
@@ -76,11 +83,12 @@ def resolve_partition(spec: dict) -> dict:
     staging, snap, p, n_parts = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"], \
         spec["n_parts"]
     fs = staging.fs
-    cur = read_segments(fs, spec["current"], ENCODED_SCHEMA)
+    cur = read_segments(fs, read_segments(fs, spec["current"], MANIFEST_SCHEMA), ENCODED_SCHEMA)
     null_id = pc.is_null(cur.column("item_id"))
     rejects = [cur.filter(null_id).select(["item_id", "reason"])]
     cur = to_schema(RESOLVED_SCHEMA, kind="cur")(cur.filter(pc.invert(null_id)))
-    prev = to_schema(RESOLVED_SCHEMA, kind="prev")(read_segments(fs, spec["previous"], PREVIOUS_SCHEMA))
+    prev = to_schema(RESOLVED_SCHEMA, kind="prev")(read_segments(
+        fs, read_segments(fs, spec["previous"], MANIFEST_SCHEMA), PREVIOUS_SCHEMA))
     resolved = resolve_group(pa.concat_tables([cur, prev]))
     kind, reason = resolved.column("kind"), resolved.column("reason")
     rejects.append(resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_valid(reason))).select(["item_id", "reason"]))
@@ -101,11 +109,14 @@ def resolve_partition(spec: dict) -> dict:
     out = pa.concat_tables([accepted, reserved])
     manifest = scatter(out, hash_buckets(out.column("sid_str"), n_parts), n_parts, fs,
                        staging.join("resolved"), f"from-{p:05d}")  # named by partition: a retry overwrites
+    manifest_path = staging.join("resolved", f"from-{p:05d}.manifest")  # (n_parts rows: not sent to the driver)
+    write_manifest(manifest, fs, manifest_path)
     return {
         "rejects": rejects.num_rows, "reasons": json.loads(reason_counts(rejects).column("s")[0].as_py()),
         # items of the previous snapshot that left tonight (not the older reservations)
         "removed": int(pc.sum(pc.equal(nights, 1)).as_py() or 0),
-        "expired": removed.num_rows - reserved.num_rows, "manifest": manifest.to_pylist(), "sticky": sticky,
+        "expired": removed.num_rows - reserved.num_rows, "manifest": manifest_path,
+        "sticky": sticky,
     }
 
 

@@ -12,9 +12,12 @@ the square of the catalog (about 400,000 staging files at 50M items with one PUT
 object store).
 
 Each reduce task writes its output under a name derived from the partition, so a retried
-task overwrites rather than duplicates. Only manifests reach the driver, and only byte
-ranges named in a manifest are read: a failed attempt's files are never seen. Memory per
-task is one partition (``rows_per_partition``), whatever the catalog size."""
+task overwrites rather than duplicates. Only manifests reach the driver (as Arrow tables; a
+reduce task that is also a map side, resolve, leaves its manifest in staging), and only byte
+ranges named in a manifest are read: a failed attempt's files are never seen. The driver
+hands each reduce task one index entry locating its segment list (``index_manifest``), so
+its task specs do not grow with the number of map calls. Memory per task is one partition
+(``rows_per_partition``) and its segment list, whatever the catalog size."""
 
 from __future__ import annotations
 
@@ -88,11 +91,13 @@ def scatter_previous(staging: str, n_parts: int):
     return fn
 
 
-def read_segments(fs, segments: list[dict], schema: pa.Schema) -> pa.Table:
+def read_segments(fs, segments: list[dict] | pa.Table, schema: pa.Schema) -> pa.Table:
     """The rows of manifest entries ``segments`` (path, offset, nbytes, rows), as ``schema``.
 
     Raises if a segment holds a different number of rows than its manifest says (a file
     overwritten or truncated behind the job's back)."""
+    if isinstance(segments, pa.Table):
+        segments = segments.to_pylist()
     tables = [schema.empty_table()]
     by_path: dict[str, list[dict]] = {}
     for s in segments:
@@ -105,6 +110,54 @@ def read_segments(fs, segments: list[dict], schema: pa.Schema) -> pa.Table:
                     raise RuntimeError(f"{path}@{s['offset']}: {t.num_rows} rows, the manifest says {s['rows']}")
                 tables.append(t.cast(schema))
     return pa.concat_tables(tables)
+
+
+def index_manifest(manifest: pa.Table, n_parts: int, fs, directory: str, name: str) -> list[list[dict]]:
+    """A grouping's whole manifest (one row per map call x partition) -> for each partition, where
+    its manifest rows lie: ``manifest`` is itself scattered by partition into the one file
+    ``<directory>/<name>.arrows``, so each partition's reduce task reads its own segment list
+    (``read_segments(fs, index[p], MANIFEST_SCHEMA)``) and the driver hands it one small dict.
+
+    The manifest has (map calls x partitions) rows, which grows with the square of the catalog
+    (about 380,000 at 50M items with the defaults); as Arrow it costs about 50 bytes a row on
+    the driver, for the time of this call, where a dict per row in every task spec cost ~10x
+    that for the whole stage. Within a partition, segments stay in (path, offset) order, so a
+    rerun reads the same way."""
+    if not manifest.num_rows:
+        return [[] for _ in range(n_parts)]
+    manifest = manifest.cast(MANIFEST_SCHEMA).sort_by([("part", "ascending"), ("path", "ascending"),
+                                                       ("offset", "ascending")])
+    index = scatter(manifest, manifest.column("part").to_numpy(), n_parts, fs, directory, name)
+    return by_part(index, n_parts)
+
+
+def collect_manifest(ds) -> pa.Table:
+    """Run a Ray Data pipeline whose map calls return manifests -> one Arrow table
+    (MANIFEST_SCHEMA), never a Python dict per row."""
+    tables = [MANIFEST_SCHEMA.empty_table()]
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(batch.cast(MANIFEST_SCHEMA) if isinstance(batch, pa.Table) else
+                      pa.Table.from_batches([batch]).cast(MANIFEST_SCHEMA))
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def write_manifest(manifest: pa.Table, fs, path: str) -> None:
+    """A reduce task's own manifest, to staging (read back with ``read_manifests``)."""
+    with fs.open_output_stream(path) as sink, pa.ipc.new_stream(sink, MANIFEST_SCHEMA) as writer:
+        writer.write_table(manifest.cast(MANIFEST_SCHEMA))
+
+
+def read_manifests(fs, paths: list[str]) -> pa.Table:
+    tables = [MANIFEST_SCHEMA.empty_table()]
+    for path in paths:
+        with fs.open_input_stream(path) as f:
+            tables.append(pa.ipc.open_stream(f).read_all())
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def staging_files(manifest: pa.Table) -> int:
+    """Distinct files a manifest names (the staging files its map calls wrote)."""
+    return len(pc.unique(manifest.column("path"))) if manifest.num_rows else 0
 
 
 def run_tasks(fn, specs: list[dict]) -> list[dict]:
@@ -137,8 +190,10 @@ def to_schema(schema: pa.Schema, **constants):
     return fn
 
 
-def by_part(manifest: list[dict], n_parts: int) -> list[list[dict]]:
+def by_part(manifest: list[dict] | pa.Table, n_parts: int) -> list[list[dict]]:
     """Manifest entries -> each partition's segments, in a fixed order (reruns read the same way)."""
+    if isinstance(manifest, pa.Table):
+        manifest = manifest.to_pylist()
     segments: list[list[dict]] = [[] for _ in range(n_parts)]
     for m in sorted(manifest, key=lambda m: (m["path"], m["offset"])):
         segments[m["part"]].append({k: m[k] for k in ("path", "offset", "nbytes", "rows")})
