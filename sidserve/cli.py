@@ -121,6 +121,8 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
 def add_assign_args(p: argparse.ArgumentParser) -> None:
     _add_snapshot_args(p, "catalog Parquet file/dir or URI", "tokenizer artifact dir or URI (any tokenizer)")
     p.add_argument("--batch-size", type=int, default=8192, help="rows per encode call")
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs per encoder actor (default: 1, or the cluster's CPUs / --num-workers when fewer)")
 
 
 def assign(args: argparse.Namespace) -> int:

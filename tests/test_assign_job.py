@@ -10,7 +10,8 @@ import pytest
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 from sidserve.jobs.assign import AssignJobConfig, run_assignment
 from sidserve.jobs.assign.dedup import FINAL_SCHEMA, assign_dedup
-from sidserve.jobs.assign.job import encode_budget
+from sidserve.jobs.assign.encode import plan_units
+from sidserve.jobs.assign.job import encoder_cpus
 from sidserve.jobs.assign.resolve import RESOLVED_SCHEMA, resolve_group
 from sidserve.jobs.assign.shuffle import (
     MANIFEST_SCHEMA,
@@ -209,10 +210,18 @@ def test_scatter_writes_one_file_and_each_partition_once_and_its_manifest_says_s
     assert index_manifest(two.slice(0, 0), 7, fs, str(tmp_path / "index"), "none") == [[]] * 7
 
 
-def test_encode_budget_holds_two_calls_per_actor():
-    job = AssignJobConfig(items="x", model="y", output="z", num_workers=4, rows_per_task=1000, read_ahead_mib=1)
-    assert encode_budget(job, 100) == 2**20  # narrow rows: the configured read-ahead
-    assert encode_budget(job, 4096) == 2 * 4 * 1000 * 4096  # wide rows: room for 2 calls per actor
+def test_read_units_cover_every_row_group_once_within_the_row_budget(tmp_path):
+    table = pa.table({"item_id": [f"i{k}" for k in range(1000)], "x": np.arange(1000)})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=100)  # 10 row groups of 100
+    pq.write_table(table.slice(0, 700), tmp_path / "b.parquet", row_group_size=700)  # one larger than a unit
+    units, schema = plan_units(str(tmp_path), 250)
+    assert schema.names == ["item_id", "x"]
+    a = [u for u in units if u["path"].endswith("a.parquet")]
+    b = [u for u in units if u["path"].endswith("b.parquet")]
+    assert [u["row_groups"] for u in a] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # at most 250 rows each
+    assert all(u["rows"] == 200 for u in a)
+    assert b == [{"path": b[0]["path"], "row_groups": [0], "rows": 700}]  # alone; read in slices of 250
+    assert sum(u["rows"] for u in units) == 1700
 
 
 def test_partition_settings_are_checked():
@@ -262,6 +271,14 @@ def world(tmp_path_factory, ray_session):
     s2 = run_assignment(AssignJobConfig(items=str(base / "night2"), **small))
     return dict(base=base, catalog=catalog, root=root, root_path=str(base / "snapshots"), s1=s1, s2=s2,
                 first=first, second=second)
+
+
+def test_encoder_actors_are_sized_to_the_cluster(world):
+    job = dict(items="x", model="y", output="z")
+    assert encoder_cpus(AssignJobConfig(**job, num_workers=2)) == 1.0  # the test cluster has 2 CPUs
+    assert encoder_cpus(AssignJobConfig(**job, num_workers=4)) == 0.5  # fewer per actor, all placed
+    with pytest.raises(ValueError, match="needs 3 CPUs but the cluster has 2"):
+        encoder_cpus(AssignJobConfig(**job, num_workers=3, cpus_per_worker=1.0))
 
 
 def test_schema_counts_and_rejects(world):

@@ -1,5 +1,13 @@
 """A. encode: every input row with its SID, or its reject reason (Ray Data actors that load
-the tokenizer once), written to staging split by a hash partition of item_id."""
+the tokenizer once), written to staging split by a hash partition of item_id.
+
+The actors read their own input: the driver plans read units (runs of a Parquet file's row
+groups, about ``rows_per_task`` rows each) from the footers, and each actor reads, encodes and
+scatters one unit at a time, as the one-process bound does. No input row passes through the
+object store, and no read task competes with the encoders for CPUs: with Ray Data's own
+Parquet read, the read tasks (and its file listing, one CPU) held the CPU a second encoder
+needed, so on 2 CPUs the pool never grew past one actor, and every read task's worker
+process added its heap to the job's memory (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sidserve.items import check_items, column_name
-from sidserve.jobs.assign.shuffle import item_parts, scatter
+from sidserve.jobs.assign.shuffle import MANIFEST_SCHEMA, item_parts, scatter
 from sidserve.snapshot import SnapshotRoot
 from sidserve.tokenizers.base import BaseTokenizer
 from sidserve.tokenizers.registry import load_tokenizer
@@ -85,18 +93,76 @@ def list_column(values: np.ndarray, null: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), mask=pa.array(null))
 
 
+def plan_units(items_uri: str, rows_per_unit: int) -> tuple[list[dict], pa.Schema]:
+    """The catalog's Parquet files -> read units and the catalog's schema, from footers only.
+
+    A unit is a run of consecutive row groups of one file holding at most ``rows_per_unit``
+    rows, or one row group if that alone is larger (it is then read in slices of
+    ``rows_per_unit``). Each unit: {"path", "row_groups", "rows"}, in file order.
+    """
+    import pyarrow.dataset as pads
+
+    from sidserve.artifact import resolve
+
+    fs, path = resolve(items_uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    units: list[dict] = []
+    for fragment in dataset.get_fragments():
+        meta = fragment.metadata
+        run: list[int] = []
+        rows = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if run and rows + n > rows_per_unit:
+                units.append({"path": fragment.path, "row_groups": run, "rows": rows})
+                run, rows = [], 0
+            run.append(g)
+            rows += n
+        if run and rows:
+            units.append({"path": fragment.path, "row_groups": run, "rows": rows})
+    return units, dataset.schema
+
+
 class EncodeAndScatter(Encoder):
-    """Map side of the item_id grouping: encode a batch, write it split by item_id partition."""
+    """Map side of the item_id grouping: read a unit of the catalog (``plan_units``), encode it
+    in calls of ``rows_per_task`` rows, and write each call's rows to one staging file split by
+    item_id partition. -> the manifest of what it wrote."""
 
     def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int,
-                 candidates: int = 0):
+                 candidates: int = 0, items_uri: str = "", read_columns: list[str] | None = None,
+                 renames: dict[str, str] | None = None, rows_per_task: int = 65536):
+        from sidserve.artifact import resolve
+
         super().__init__(model_uri, use_gpu, batch_size, candidates)
         self.root = SnapshotRoot(staging)
         self.n_parts = n_parts
+        self.fs = resolve(items_uri)[0] if items_uri else None
+        self.read_columns = read_columns
+        self.renames = renames or {}
+        self.rows_per_task = rows_per_task
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, units: pa.Table) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        manifests = [MANIFEST_SCHEMA.empty_table()]
+        for unit in units.to_pylist():
+            with self.fs.open_input_file(unit["path"]) as f:
+                reader = pq.ParquetFile(f)
+                read = 0
+                for batch in reader.iter_batches(batch_size=self.rows_per_task, row_groups=unit["row_groups"],
+                                                 columns=self.read_columns):
+                    manifests.append(self.encode_and_scatter(pa.Table.from_batches([batch])))
+                    read += batch.num_rows
+            if read != unit["rows"]:
+                raise RuntimeError(f"{unit['path']} row groups {unit['row_groups']}: read {read} rows, "
+                                   f"the footer says {unit['rows']} (was the file replaced during the run?)")
+        return pa.concat_tables(manifests)
+
+    def encode_and_scatter(self, table: pa.Table) -> pa.Table:
         import uuid
 
+        if self.renames:
+            table = table.rename_columns([self.renames.get(c, c) for c in table.column_names])
         enc = encode_table(self.tok, table, self.batch_size, self.candidates)
         return scatter(enc, item_parts(enc.column("item_id"), self.n_parts), self.n_parts, self.root.fs,
                        self.root.join("encoded"), uuid.uuid4().hex)

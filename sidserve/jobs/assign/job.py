@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sidserve.artifact import resolve, write_bytes
+from sidserve.artifact import write_bytes
 from sidserve.items import ITEM_ID, POPULARITY
 from sidserve.jobs.assign.dedup import dedup_partition
-from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames
+from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames, plan_units
 from sidserve.jobs.assign.publish import ensure_nonempty_dir
 from sidserve.jobs.assign.resolve import resolve_partition
 from sidserve.jobs.assign.shuffle import (
@@ -46,15 +46,15 @@ class AssignJobConfig:
     output: str  # snapshot root dir/URI
     num_workers: int = 2  # encoder actors
     use_gpu: bool = False  # one GPU per encoder actor
-    cpus_per_worker: float = 1.0  # logical CPUs per encoder actor (CPU runs)
+    # logical CPUs per encoder actor (CPU runs); None: 1, or the cluster's CPUs / num_workers when
+    # fewer (asking for more than the cluster has would leave the extra actors pending)
+    cpus_per_worker: float | None = None
     batch_size: int = 8192  # rows per encode call
     version: str | None = None  # snapshot version (default: time + random suffix)
-    rows_per_task: int = 65536  # rows per encoder call: each call writes one file per partition
+    # rows an encoder actor reads and encodes at a time (one staging file each): bounds its memory
+    # (65,536 rows of 128 float32s: 32 MiB of input)
+    rows_per_task: int = 65536
     rows_per_partition: int = 100_000  # rows one grouping task holds: bounds its memory
-    read_block_mib: int = 32  # target size of the blocks read from the catalog
-    read_ahead_mib: int = 256  # object store budget of the encode stage (raised to hold 2 calls' input per
-    #                            actor for wide embeddings): without it, reads run ahead
-    #                            of the encoders and buffer up to ~1/2 of the object store (1 GiB at 1M rows)
     # retention: snapshots kept (the newest; the published one always); None keeps all. Staging
     # left by runs that died (untouched for a day) is deleted either way
     keep_snapshots: int | None = None
@@ -79,56 +79,47 @@ class AssignJobConfig:
     columns: dict[str, str] | None = None
 
 
-def encode_budget(job: AssignJobConfig, row_bytes: int) -> int:
-    """Object-store bytes the encode stage may fill: ``read_ahead_mib``, or two calls' input
-    per actor when the embeddings are wider than that allows (else the actors would wait)."""
-    return max(job.read_ahead_mib * 2**20, 2 * job.num_workers * job.rows_per_task * row_bytes)
+def encoder_cpus(job: AssignJobConfig) -> float:
+    """CPUs each encoder actor asks for: ``cpus_per_worker``, or 1 (fewer on a cluster with
+    fewer CPUs than ``num_workers``). Raises if the actors cannot all fit in the cluster."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if job.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if gpus < job.num_workers:
+            raise ValueError(f"--use-gpu with --num-workers {job.num_workers} needs {job.num_workers} GPUs but the "
+                             f"cluster has {gpus:g}")
+        return job.cpus_per_worker or 0.0
+    cpus = job.cpus_per_worker if job.cpus_per_worker is not None else min(1.0, total / job.num_workers)
+    if cpus <= 0 or job.num_workers * cpus > total + 1e-9:
+        raise ValueError(f"--num-workers {job.num_workers} x {cpus:g} CPU per encoder needs "
+                         f"{job.num_workers * cpus:g} CPUs but the cluster has {total:g}; lower --num-workers "
+                         "or --cpus-per-worker, or add nodes")
+    return cpus
 
 
-def encode_and_scatter(ds, keep: list[str], job: AssignJobConfig, staging: str, n_parts: int,
-                        row_bytes: int, candidates: int = 0):
-    """Stage A; returns its manifest (shuffle.MANIFEST_SCHEMA). ``row_bytes``: the input's size per row, to size the object-store budget;
-    ``candidates``: best codes per position to report (sticky assignment)."""
+def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_parts: int, read_columns: list[str],
+                       renames: dict[str, str], candidates: int = 0):
+    """Stage A: each unit read, encoded and scattered by an encoder actor; -> the manifest of
+    what they wrote (shuffle.MANIFEST_SCHEMA). ``candidates``: best codes per position to
+    report (sticky assignment)."""
     import ray.data
 
-    out = ds.select_columns(keep).map_batches(
+    cpus = encoder_cpus(job)
+    out = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         EncodeAndScatter, fn_constructor_kwargs={
             "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
-            "staging": staging, "n_parts": n_parts, "candidates": candidates},
-        batch_size=job.rows_per_task, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers),
-        num_gpus=1 if job.use_gpu else None, num_cpus=None if job.use_gpu else job.cpus_per_worker,
+            "staging": staging, "n_parts": n_parts, "candidates": candidates, "items_uri": job.items,
+            "read_columns": read_columns, "renames": renames, "rows_per_task": job.rows_per_task},
+        batch_size=1, batch_format="pyarrow",
+        # all actors from the start (Ray Data's autoscaler adds one only when the first is
+        # saturated, which a stream of one-unit batches rarely shows); one that cannot be
+        # placed stays pending without holding the others up
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers, initial_size=job.num_workers),
+        num_gpus=1 if job.use_gpu else None, num_cpus=cpus or None,
     )
-    options = out.context.execution_options  # this dataset's own copy of the context
-    options.resource_limits = options.resource_limits.copy(object_store_memory=encode_budget(job, row_bytes))
     return collect_manifest(out)
-
-
-def read_catalog(uri: str, block_mib: int):
-    """``read_parquet`` with read units and blocks of about ``block_mib`` MiB.
-
-    Ray 2.60 packs up to 128 MiB of Parquet (uncompressed) into one read task, read as one
-    block. A read task's heap grows with that (about 950 MiB for 128 MiB of list<float>
-    columns, and the worker keeps it for its later tasks), and a few large blocks balance
-    badly over the encoder actors. The packing size is only settable through an environment
-    variable that ``read_parquet`` reads on the driver, so it is set around that call.
-    """
-    import os
-
-    import ray.data
-
-    name = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
-    saved = os.environ.get(name)
-    os.environ[name] = str(block_mib * 2**20)
-    try:
-        ds = ray.data.read_parquet(uri)
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-    ds.context.target_max_block_size = block_mib * 2**20  # this dataset's own context
-    return ds
 
 
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
@@ -141,7 +132,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
 
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
-    for name in ("rows_per_partition", "rows_per_task", "batch_size", "read_block_mib", "read_ahead_mib"):
+    for name in ("rows_per_partition", "rows_per_task", "batch_size"):
         if getattr(job, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(job, name)}")
     if not isinstance(job.reserve_nights, int) or job.reserve_nights < 0:
@@ -172,26 +163,21 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     def lap(name: str) -> None:
         stages[name] = time.perf_counter() - t0 - sum(stages.values())
 
-    ds = read_catalog(job.items, job.read_block_mib)
-    schema = ds.schema()
-    if schema is None:
+    units, schema = plan_units(job.items, job.rows_per_task)  # footers only
+    n_input = sum(u["rows"] for u in units)
+    if not n_input:
         raise ValueError(f"{job.items}: the input has no rows")
     names = list(schema.names)
     mapping = input_renames(job.columns, tok, names)
-    if mapping:
-        ds = ds.rename_columns(mapping)
-        names = list(ds.schema().names)
-    check_schema(names, tok.config)
-    if ITEM_ID not in names:
-        raise ValueError(f"input is missing required column 'item_id'; it has {sorted(names)}")
-    keep = [c for c in names if c == ITEM_ID or c == POPULARITY or c.endswith("_emb")]
-    fs, path = resolve(job.items)
-    n_input = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").count_rows()  # footers only
+    renamed = [mapping.get(c, c) for c in names]
+    check_schema(renamed, tok.config)
+    if ITEM_ID not in renamed:
+        raise ValueError(f"input is missing required column 'item_id'; it has {sorted(renamed)}")
+    read_columns = [c for c, r in zip(names, renamed) if r == ITEM_ID or r == POPULARITY or r.endswith("_emb")]
     n_parts = max(1, -(-n_input // job.rows_per_partition))
 
-    # A. encode, each batch written split by item_id partition
-    row_bytes = 4 * (sum(tok.config.modality_dims.values()) + (tok.config.behavior_dim or 0)) + 64  # float32s + id
-    enc_manifest = encode_and_scatter(ds, keep, job, staging, n_parts, row_bytes, candidates)
+    # A. encode, each call's rows written split by item_id partition
+    enc_manifest = encode_and_scatter(units, job, staging, n_parts, read_columns, mapping, candidates)
     encoded_rows = pc.sum(enc_manifest.column("rows")).as_py() or 0
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
@@ -313,6 +299,7 @@ def run_cli(args) -> int:
         s = run_assignment(AssignJobConfig(
             items=args.items, model=args.model, output=args.output, num_workers=args.num_workers,
             use_gpu=args.use_gpu, batch_size=args.batch_size, rows_per_partition=args.rows_per_partition,
+            cpus_per_worker=args.cpus_per_worker,
             columns=parse_columns(args.column) or None, keep_snapshots=args.keep_snapshots,
             reserve_nights=args.reserve_nights, sticky_delta=args.sticky_delta,
             sticky_candidates=args.sticky_candidates, max_churn=args.max_churn))
