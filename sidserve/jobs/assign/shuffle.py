@@ -21,8 +21,6 @@ its task specs do not grow with the number of map calls. Memory per task is one 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -161,18 +159,18 @@ def staging_files(manifest: pa.Table) -> int:
 
 
 def run_tasks(fn, specs: list[dict]) -> list[dict]:
-    """``fn(spec)`` for every spec, one Ray Data task each (1 CPU); results in spec order.
+    """``fn(spec)`` for every spec, one Ray task each (1 CPU); results in spec order.
 
-    Specs and results travel as JSON strings: small, and free of Arrow's type inference.
+    Plain Ray tasks rather than a Ray Data pipeline: the specs are a few hundred bytes, there is
+    nothing to stream, and a Ray Data execution's start-up and per-task bookkeeping cost more
+    than the work (at 10M items the two groupings took 67 s on 2 CPUs for 42 s of task CPU
+    measured in process). A task that fails is retried by Ray (``max_retries``), and its
+    outputs are named by partition, so a retry overwrites rather than duplicates.
     """
-    import ray.data
+    import ray
 
-    def task(row: dict) -> dict:
-        return {"i": row["i"], "result": json.dumps(fn(json.loads(row["spec"])))}
-
-    rows = ray.data.from_items([{"i": i, "spec": json.dumps(s)} for i, s in enumerate(specs)],
-                               override_num_blocks=max(1, len(specs))).map(task, num_cpus=1).take_all()
-    return [json.loads(r["result"]) for r in sorted(rows, key=lambda r: r["i"])]
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    return ray.get([remote.remote(s) for s in specs])
 
 
 def to_schema(schema: pa.Schema, **constants):
