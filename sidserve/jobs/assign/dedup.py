@@ -55,11 +55,16 @@ def assign_dedup(table: pa.Table) -> pa.Table:
 def dedup_partition(spec: dict) -> dict:
     """Reduce side of the SID grouping: dedup one SID partition, write it to the snapshot,
     and return its statistics."""
+    import time
+
     import pyarrow.parquet as pq
 
+    t0 = time.perf_counter()
     staging, snap, q = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"]
     segments = read_segments(staging.fs, spec["files"], MANIFEST_SCHEMA)  # where its rows lie (index_manifest)
-    final = assign_dedup(read_segments(staging.fs, segments, RESOLVED_SCHEMA))
+    rows = read_segments(staging.fs, segments, RESOLVED_SCHEMA)
+    read_s = time.perf_counter() - t0
+    final = assign_dedup(rows)
     is_item = pc.equal(final.column("kind"), "cur")
     held = final.filter(pc.invert(is_item))
     reservations = pa.table([held.column("item_id"), held.column("sid_str"), held.column("dedup"),
@@ -74,4 +79,5 @@ def dedup_partition(spec: dict) -> dict:
         snap.fs.create_dir(snap.join("items"), recursive=True)
         pq.write_table(items, snap.join("items", f"part-{q:05d}.parquet"), filesystem=snap.fs)
     stats = partial_stats(final.select(STATS_COLUMNS), spec["sid_length"], spec["codebook_size"])
-    return {"items": items.num_rows, "reservations": reservations.num_rows, "stats": stats.column("s")[0].as_py()}
+    return {"items": items.num_rows, "reservations": reservations.num_rows, "stats": stats.column("s")[0].as_py(),
+            "seconds": {"read": read_s, "total": time.perf_counter() - t0}}

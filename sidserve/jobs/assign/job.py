@@ -258,6 +258,9 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                           "resolved": staging_files(sid_manifest)},
         "duration_s": time.perf_counter() - t0,
         "stage_seconds": stages,
+        # CPU-side seconds summed over the grouping tasks (reading their segments, and in all)
+        "task_seconds": {name: {k: sum(r["seconds"][k] for r in results) for k in ("read", "total")}
+                         for name, results in (("resolve", resolved), ("dedup+write", deduped))},
     }
     write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
     if job.max_churn is not None and summary["churn"]["churn"] > job.max_churn:

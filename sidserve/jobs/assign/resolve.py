@@ -78,8 +78,11 @@ def resolve_partition(spec: dict) -> dict:
     Reads one item_id partition (current rows + previous snapshot rows), resolves it,
     writes its rejects to the snapshot and its accepted rows split by SID partition.
     """
+    import time
+
     import pyarrow.parquet as pq
 
+    t0 = time.perf_counter()
     staging, snap, p, n_parts = SnapshotRoot(spec["staging"]), SnapshotRoot(spec["snapshot"]), spec["part"], \
         spec["n_parts"]
     fs = staging.fs
@@ -89,6 +92,7 @@ def resolve_partition(spec: dict) -> dict:
     cur = to_schema(RESOLVED_SCHEMA, kind="cur")(cur.filter(pc.invert(null_id)))
     prev = to_schema(RESOLVED_SCHEMA, kind="prev")(read_segments(
         fs, read_segments(fs, spec["previous"], MANIFEST_SCHEMA), PREVIOUS_SCHEMA))
+    read_s = time.perf_counter() - t0
     resolved = resolve_group(pa.concat_tables([cur, prev]))
     kind, reason = resolved.column("kind"), resolved.column("reason")
     rejects.append(resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_valid(reason))).select(["item_id", "reason"]))
@@ -116,7 +120,7 @@ def resolve_partition(spec: dict) -> dict:
         # items of the previous snapshot that left tonight (not the older reservations)
         "removed": int(pc.sum(pc.equal(nights, 1)).as_py() or 0),
         "expired": removed.num_rows - reserved.num_rows, "manifest": manifest_path,
-        "sticky": sticky,
+        "sticky": sticky, "seconds": {"read": read_s, "total": time.perf_counter() - t0},
     }
 
 

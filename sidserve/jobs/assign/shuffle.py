@@ -107,7 +107,9 @@ def read_segments(fs, segments: list[dict] | pa.Table, schema: pa.Schema) -> pa.
                 if t.num_rows != s["rows"]:
                     raise RuntimeError(f"{path}@{s['offset']}: {t.num_rows} rows, the manifest says {s['rows']}")
                 tables.append(t.cast(schema))
-    return pa.concat_tables(tables)
+    # one chunk per column: Arrow kernels (take, filter, index_in) walk a chunked column chunk by
+    # chunk, and a partition read from hundreds of map files would otherwise have hundreds
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def index_manifest(manifest: pa.Table, n_parts: int, fs, directory: str, name: str) -> list[list[dict]]:
