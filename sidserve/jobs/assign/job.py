@@ -256,6 +256,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         # besides one manifest per resolve task and 3 index files
         "staging_files": {"encoded": staging_files(enc_manifest), "previous": staging_files(prev_manifest),
                           "resolved": staging_files(sid_manifest)},
+        "staging_bytes": {name: pc.sum(m.column("nbytes")).as_py() or 0 for name, m in
+                          (("encoded", enc_manifest), ("previous", prev_manifest), ("resolved", sid_manifest))},
         "duration_s": time.perf_counter() - t0,
         "stage_seconds": stages,
         # CPU-side seconds summed over the grouping tasks (reading their segments, and in all)
