@@ -113,9 +113,9 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
             "staging": staging, "n_parts": n_parts, "candidates": candidates, "items_uri": job.items,
             "read_columns": read_columns, "renames": renames, "rows_per_task": job.rows_per_task},
         batch_size=1, batch_format="pyarrow",
-        # all actors from the start (Ray Data's autoscaler adds one only when the first is
-        # saturated, which a stream of one-unit batches rarely shows); one that cannot be
-        # placed stays pending without holding the others up
+        # all actors from the start: with min_size 1 alone, Ray Data's autoscaler kept one actor
+        # for a whole 1M run (docs/benchmarks.md); one that cannot be placed stays pending
+        # without holding the others up
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers, initial_size=job.num_workers),
         num_gpus=1 if job.use_gpu else None, num_cpus=cpus or None,
     )
