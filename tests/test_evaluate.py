@@ -121,3 +121,41 @@ def test_report_only_reports_a_run_part_way_through(quick_run, tmp_path):
     assert r["stage_seconds_this_invocation"] == {}  # nothing was trained
     assert not os.path.exists(os.path.join(out, "downstream", "letter"))
     assert "Interim report" in open(os.path.join(out, "report.md")).read()
+
+
+@pytest.mark.slow
+def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
+    """The full run outlives one machine, so its cache is kept in git: what the cache's own
+    .gitignore leaves out is rebuilt only when needed, and nothing trained is lost."""
+    import shutil
+    import subprocess
+    repo, clone = str(tmp_path / "repo"), str(tmp_path / "clone")
+    shutil.copytree(quick_run[0], repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "cache"]):
+        subprocess.run(git + cmd, cwd=repo, check=True)
+    subprocess.run(git + ["clone", "-q", repo, clone], check=True)
+    kept = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    assert not any(f.startswith("embeddings/") and f.endswith(".npy") for f in kept)  # rebuilt from text
+    assert not any("/artifact/" in f or f.startswith("ranking_negatives") for f in kept)
+    assert "sasrec/untied/input_emb.npy" in kept and "sasrec/tied/input_norms.npy" in kept  # e_b, the plot
+    assert "downstream/adc_sid/retrieval_seed1.npz" in kept
+
+    before = json.load(open(os.path.join(quick_run[0], "results.json")))
+    args = ("--data", SLICE, "--output", clone, "--quick", "--tokenizers", ",".join(TOKENIZERS))
+    p = evaluate(*args)  # everything cached: no text model, no fit, no training
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = json.load(open(os.path.join(clone, "results.json")))
+    assert after["stage_seconds_this_invocation"] == {}
+    assert not os.path.exists(os.path.join(clone, "embeddings", "text.npy"))
+    assert after["tokenizers"] == before["tokenizers"] and after["significance"] == before["significance"]
+
+    # a tokenizer still to be fitted on the fresh checkout: the text embeddings come back first
+    for f in ("quantization.json", "sids.npz"):
+        os.remove(os.path.join(clone, "tokenizers", "letter", f))
+    p = evaluate(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = json.load(open(os.path.join(clone, "results.json")))
+    assert set(after["stage_seconds_this_invocation"]) == {"embeddings", "tokenizers"}
+    assert os.path.exists(os.path.join(clone, "embeddings", "text.npy"))
+    assert after["tokenizers"]["letter"] == before["tokenizers"]["letter"]  # published SIDs: same downstream

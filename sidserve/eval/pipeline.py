@@ -17,6 +17,14 @@ the test split is read once per trained model, after training. Per-user test met
 
 ``run_config.json`` records what the cache was built from; rerunning the same output
 directory with a different dataset or protocol is an error (use a new directory).
+
+A full run takes longer than one machine may live (docs/evaluation.md, "Cost and budget"),
+so the cache is made to be kept in git: the output directory gets a ``.gitignore`` that
+leaves out only what can be rebuilt or is not read again (the text embeddings, the SASRec
+tables that are not e_b, the tokenizer artifacts, temporary files); what remains (every
+stage's ``.json``, the compressed per-user ``.npz``, each tokenizer's SIDs, e_b itself and
+the per-item norms the report plots) is a few MB. A resumed run reads the text embeddings
+and e_b only when some tokenizer is still to be fitted.
 """
 
 from __future__ import annotations
@@ -155,7 +163,7 @@ def _atomic_npz(path: str, **arrays) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez_compressed(f, **arrays)  # per-user hit arrays are mostly zeros: ~10x smaller
     os.replace(tmp, path)
 
 
@@ -202,6 +210,19 @@ class Evaluation:
                                  f"use a new --output directory")
         else:
             _atomic_json(p, key)
+        self._write_gitignore()
+
+    def _write_gitignore(self) -> None:
+        """What a kept cache leaves out (module docstring): rebuildable or never read again."""
+        variant, which = EMBEDDING_SOURCE[self.c.behavior_embedding]
+        lines = ["# written by sidserve.eval.pipeline: what a kept evaluation cache leaves out",
+                 "embeddings/*.npy", "tokenizers/*/artifact/", "tokenizers/*.artifact-tmp/", "*.tmp-*",
+                 "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept",
+                 f"!sasrec/{variant}/{which}_emb.npy",
+                 "# drawn again from their fixed seeds (negatives())", "ranking_negatives*.npy"]
+        os.makedirs(self.out, exist_ok=True)
+        with open(self.path(".gitignore"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     def planned_stages(self) -> int:
         """Upper bound on the stages of a run: text embeddings, the SASRec variants, one fit per
@@ -238,7 +259,10 @@ class Evaluation:
                 emb = embed_texts(list(uniq), model=model)[inv.ravel()]
                 _atomic_npy(self.path("embeddings", f"{modality}.npy"), emb)
             return {"modalities": ["text", "meta"]}
-        self._stage("embeddings", self.path("embeddings", "done.json"), run)
+        done = self.path("embeddings", "done.json")
+        if os.path.exists(done) and not all(os.path.exists(self.path("embeddings", f"{m}.npy")) for m in ("text", "meta")):
+            os.remove(done)  # a cache restored from git keeps the marker, not the arrays: rebuild them
+        self._stage("embeddings", done, run)
         return {m: np.load(self.path("embeddings", f"{m}.npy")) for m in ("text", "meta")}
 
     # 2 ---------------------------------------------------------------------------------
@@ -257,6 +281,7 @@ class Evaluation:
                 emb = model.item_vectors(which)
                 _atomic_npy(os.path.join(d, f"{which}_emb.npy"), emb)
                 norms = np.linalg.norm(emb, axis=1)
+                _atomic_npy(os.path.join(d, f"{which}_norms.npy"), norms.astype(np.float32))  # the report's plot
                 tables[which] = {"norm_popularity_spearman": spearman(norms, pop),
                                  "norm_quantiles": np.quantile(norms, [0, 0.25, 0.5, 0.75, 1]).round(6).tolist()}
             return {"variant": variant, "config": dataclasses.asdict(c), "history": history,
@@ -388,13 +413,17 @@ class Evaluation:
                 raise ValueError(f"{self.out} has no finished SASRec stage yet: nothing to report")
             from sidserve.eval.report import write_report
             return write_report(self, wall_seconds=time.perf_counter() - t_start)
-        content = self.embeddings()
-        behavior = self.behavior()
-        items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                 "meta_emb": content["meta"], "behavior_emb": behavior,
-                 # interactions per item in the training split (richness_signal="popularity")
-                 "popularity": self.data.popularity()[1:].astype(np.float64)}
-        dims = {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
+        for v in self.c.sasrec_variants:
+            self.sasrec_variant(v)
+        items, dims = {}, {}
+        if any(not os.path.exists(self.path("tokenizers", n, "quantization.json")) for n in self.c.tokenizers):
+            # the inputs of a fit: read (or built) only when some tokenizer is still to be fitted
+            content = self.embeddings()
+            items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
+                     "meta_emb": content["meta"], "behavior_emb": self.behavior(),
+                     # interactions per item in the training split (richness_signal="popularity")
+                     "popularity": self.data.popularity()[1:].astype(np.float64)}
+            dims = {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
         tables = {name: self.tokenize(name, items, dims) for name in self.c.tokenizers}

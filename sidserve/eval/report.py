@@ -357,7 +357,9 @@ def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
     tables = [(v, w) for v, r in sasrec.items() for w in (("input",) if r["tied"] else ("input", "output"))]
     fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.2), squeeze=False)
     for ax, (v, w) in zip(axes[0], tables):
-        norms = np.linalg.norm(np.load(ev.path("sasrec", v, f"{w}_emb.npy")), axis=1)
+        kept = ev.path("sasrec", v, f"{w}_norms.npy")  # a kept cache has the norms, not every table
+        norms = np.load(kept) if os.path.exists(kept) else np.linalg.norm(
+            np.load(ev.path("sasrec", v, f"{w}_emb.npy")), axis=1)
         ax.scatter(pop + 1, norms, s=2, alpha=0.3)  # + 1: items never seen in training stay on the plot
         ax.set_xscale("log")
         rho = sasrec[v]["tables"][w]["norm_popularity_spearman"]
