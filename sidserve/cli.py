@@ -79,6 +79,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name under --storage-path (default: sidserve-<output>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue run --name from its last checkpoint")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+    p.add_argument("--checkpoint-every-steps", type=int,
+                   help="ADC-SID: also checkpoint every N steps inside an epoch (long epochs on large catalogs)")
     p.add_argument("--demo-items", type=int, default=20000, help="size of the demo catalog (no --items)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model already at --output (refused otherwise: artifacts are immutable)")

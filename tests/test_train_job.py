@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import train_hooks
 from ray import cloudpickle
-from train_hooks import FaultInjection, RecordShards
+from train_hooks import FaultAtStep, FaultInjection, RecordShards
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, load_tokenizer, make_synthetic_catalog
 from sidserve.jobs.train import TrainJobConfig, fit_distributed, load_tokenizer_config
@@ -135,26 +135,40 @@ def test_killed_worker_recovers_and_a_failed_run_resumes(ray_session, items_dir,
 @pytest.mark.timeout(500)
 def test_a_resumed_run_equals_an_uninterrupted_one(ray_session, items_dir, tmp_path):
     """One worker (a fixed data order: the cleaned catalog is materialised in block order and
-    shuffled locally with a per-epoch seed): a run whose worker dies at the start of epoch 2
-    and resumes from epoch 1's checkpoint (weights, optimizer, step, RNG) ends with the same
-    weights, bit for bit, and the same per-epoch history as a run that was never interrupted."""
+    shuffled locally with a per-epoch seed): a run whose worker dies inside epoch 1 and resumes
+    from a mid-epoch checkpoint, then dies at the start of epoch 2 and resumes from epoch 1's
+    checkpoint (weights, optimizer, step, RNG), ends with the same weights, bit for bit, and the
+    same per-epoch history as a run that was never interrupted."""
     import torch
 
     ray_session()
     plain = job(tmp_path / "a", items_dir, num_workers=1, cpus_per_worker=1.0)
     tok_a, _, m_a = fit_distributed(plain)
-    fault = [FaultInjection(2, 0, str(tmp_path / "died"))]
+    # checkpoints every 4 steps as well: the worker dies after step 6 of epoch 1 (the restarted
+    # one skips the 4 batches the mid-epoch checkpoint had trained on), then again at the start
+    # of epoch 2 (that one resumes from epoch 1's end)
+    fault = [FaultAtStep(1, 6, 0, str(tmp_path / "died-mid")), FaultInjection(2, 0, str(tmp_path / "died"))]
     tok_b, _, m_b = fit_distributed(job(tmp_path / "b", items_dir, num_workers=1, cpus_per_worker=1.0,
-                                        max_failures=1, callbacks=fault))
-    assert (tmp_path / "died").exists()  # the worker did die
-    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 0, 2]  # epoch 2 by the restarted group
+                                        max_failures=2, callbacks=fault, checkpoint_every_steps=4))
+    assert (tmp_path / "died-mid").exists() and (tmp_path / "died").exists()  # the worker did die, twice
+    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 2]  # epochs 1 and 2 by restarted groups
+    assert [e["resumed_at_step"] for e in m_b["epochs"]] == [0, 4, 0]
     a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"tensors that differ after the resume: {differ}"
-    drop = {"started_at_epoch", "items_per_s", "data_wait_s", "step_s"}  # timings differ, of course
+    assert not differ, f"tensors that differ after the resumes: {differ}"
+    drop = {"started_at_epoch", "resumed_at_step", "items_per_s", "data_wait_s", "step_s"}  # timings differ
     assert [{k: v for k, v in e.items() if k not in drop} for e in m_a["epochs"]] == \
         [{k: v for k, v in e.items() if k not in drop} for e in m_b["epochs"]]
+
+
+def test_mid_epoch_checkpoints_with_collision_regulation_are_refused(ray_session, items_dir, tmp_path):
+    ray_session()
+    tcfg = TokenizerConfig(**TINY).replace(collision_regulation="adaptive")
+    with pytest.raises(ValueError, match="checkpoint-every-steps with collision_regulation='adaptive'"):
+        fit_distributed(job(tmp_path, items_dir, tokenizer=tcfg, checkpoint_every_steps=10))
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        fit_distributed(job(tmp_path, items_dir, checkpoint_every_steps=0))
 
 
 def test_resume_without_a_run_is_an_error(ray_session, items_dir, tmp_path):

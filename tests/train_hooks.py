@@ -26,6 +26,26 @@ class FaultInjection(TrainCallback):
             os._exit(1)
 
 
+class FaultAtStep(TrainCallback):
+    """Worker ``rank`` dies hard once right after step ``step`` of ``epoch`` (counted from the
+    epoch's first batch; ``marker`` records that it did)."""
+
+    def __init__(self, epoch: int, step: int, rank: int, marker: str, delay_s: float = 6.0):
+        self.epoch, self.step, self.rank, self.marker, self.delay_s = epoch, step, rank, marker, delay_s
+        self.seen = 0
+
+    def on_epoch_start(self, epoch, rank):
+        self.seen = 0
+
+    def on_batch(self, epoch, rank, batch):
+        self.seen += 1
+        if (epoch, rank, self.seen) == (self.epoch, self.rank, self.step) and not os.path.exists(self.marker):
+            time.sleep(self.delay_s)  # let the controller collect the last report (see FaultInjection)
+            open(self.marker, "w").close()
+            print(f"[test] fault injection: worker {rank} dies after step {self.seen} of epoch {epoch}", flush=True)
+            os._exit(1)
+
+
 class RecordShards(TrainCallback):
     """Each worker writes the item ids of its first epoch's shard and the pairs it plans."""
 

@@ -1,5 +1,9 @@
 """Checkpoints of the Ray Train fit: one per epoch (rank 0 writes), read back on resume and
-at the end (the last one carries the final metrics to the driver)."""
+at the end (the last one carries the final metrics to the driver). With
+``checkpoint_every_steps`` also one every that many steps inside an epoch: it adds each
+worker's part of the epoch so far (steps taken, loss sums, code counts and SID hashes, RNG),
+so a resumed worker skips the batches already trained on and ends the epoch as if it had
+never stopped."""
 
 from __future__ import annotations
 
@@ -16,22 +20,29 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 FINAL_FILE = "final.json"
+PARTIAL_FILE = "epoch_so_far.pt"  # mid-epoch checkpoints only: [each rank's part of the epoch]
 
 
 def save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, state: TrainState,
-                    history: list[dict]) -> None:
-    """One epoch's checkpoint: weights, optimizer + epoch + step + RNG, the history so far."""
+                    history: list[dict], partial: list[dict] | None = None) -> None:
+    """A checkpoint: weights, optimizer + epoch + step + RNG, the history so far; ``partial``
+    (one dict per rank, tensors and plain values): ``epoch`` is still running."""
     torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": state.step,
                 "generator": state.generator.get_state()}, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f)
+    if partial is not None:
+        torch.save(partial, os.path.join(directory, PARTIAL_FILE))
 
 
 def load_checkpoint(directory: str, model: ADCSIDModel) -> tuple[dict, list[dict]]:
-    """Weights into ``model``; -> (optimizer/epoch/step state, history)."""
+    """Weights into ``model``; -> (optimizer/epoch/step state, history). The state's
+    ``partial`` is the per-rank list of a mid-epoch checkpoint, else None."""
     model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), weights_only=True))
     saved = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+    p = os.path.join(directory, PARTIAL_FILE)
+    saved["partial"] = torch.load(p, weights_only=True) if os.path.exists(p) else None
     with open(os.path.join(directory, HISTORY_FILE)) as f:
         return saved, json.load(f)
 

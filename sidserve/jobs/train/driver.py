@@ -45,6 +45,10 @@ class TrainJobConfig:
     name: str | None = None  # run name under storage_path
     resume: bool = False  # continue the run `name` from its last checkpoint
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    # also checkpoint every this many steps inside an epoch (None: at epoch ends only): one epoch
+    # over 10M items is about 15 minutes on 2 CPUs (docs/benchmarks.md), more than a preempted
+    # node should cost. Not with collision regulation (its pairs are planned at the epoch start)
+    checkpoint_every_steps: int | None = None
     demo_items: int = 20000  # size of the synthetic demo catalog
     cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
     init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
@@ -265,6 +269,8 @@ def fit_distributed(job: TrainJobConfig):
         _refuse_existing_artifact(job.output)
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    if job.checkpoint_every_steps is not None and job.checkpoint_every_steps < 1:
+        raise ValueError(f"--checkpoint-every-steps must be >= 1, got {job.checkpoint_every_steps}")
     if not ray.is_initialized():
         ray.init()
     name, storage = job.name, job.storage()
@@ -298,6 +304,10 @@ def fit_distributed(job: TrainJobConfig):
         from sidserve.tokenizers.adc_sid.training import check_norm_range
 
         check_norm_range(stats.n_min, stats.n_max)
+    if job.checkpoint_every_steps and tcfg.collision_regulation != "off":
+        raise ValueError(f"--checkpoint-every-steps with collision_regulation={tcfg.collision_regulation!r}: "
+                         "the regulation plans each epoch's pairs from the model at the epoch's start, which a "
+                         "mid-epoch resume no longer has; checkpoint at epoch ends (leave it unset)")
     if tcfg.collision_regulation != "off" and ITEM_ID not in ds.schema().names:
         raise ValueError("collision_regulation needs an item_id column in the input (to match colliding "
                          "items across workers); the input has none")
@@ -306,7 +316,8 @@ def fit_distributed(job: TrainJobConfig):
                            batch_format="pyarrow", batch_size=4096, num_cpus=0.25)
     row_bytes = 4 * (sum(tcfg.modality_dims.values()) + (tcfg.behavior_dim or 0)) + 64
     fits = stats.num_valid * row_bytes < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
-    if job.cache_clean if job.cache_clean is not None else fits:
+    cached = job.cache_clean if job.cache_clean is not None else fits
+    if cached:
         # small enough: clean once and keep it in the object store instead of re-reading
         # and re-validating the input every epoch; larger catalogs stream each epoch
         clean = clean.materialize()
@@ -325,7 +336,7 @@ def fit_distributed(job: TrainJobConfig):
     loop_config = {
         "tokenizer": cfg_dict, "n_min": stats.n_min, "n_max": stats.n_max,
         "sample_ref": ray.put(sample), "callbacks": list(job.callbacks),
-        "init_state_ref": init_state,
+        "init_state_ref": init_state, "checkpoint_every_steps": job.checkpoint_every_steps,
     }
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the workers' shards in input order too (see _read_items)
@@ -358,6 +369,9 @@ def fit_distributed(job: TrainJobConfig):
         "final": final,
         "num_workers": job.num_workers,
         "use_gpu": job.use_gpu,
+        # the cleaned catalog kept in the object store (True) or read again every epoch (False)
+        "catalog_cached": bool(cached),
+        "kmeans_sample": int(len(sample[HAS_BEHAVIOR])),  # rows the codebooks were initialised from
         "wall_s": time.perf_counter() - t0,
         "run": {"name": name, "storage_path": storage},
     }
@@ -384,6 +398,7 @@ def run_cli(args) -> int:
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=args.name, resume=args.resume,
             max_failures=args.max_failures, demo_items=args.demo_items, overwrite=args.overwrite,
+            checkpoint_every_steps=args.checkpoint_every_steps,
         )
         tok, version, metrics = fit_distributed(job)
         if job.items is None:  # the demo: show what the artifact gives a few items

@@ -125,14 +125,22 @@ def train_loop(cfg: dict) -> None:
     optimizer_state = None
     start_epoch, history = 0, []
     state = TrainState.create(tcfg.seed + 7919 * rank)
+    partial = None  # this rank's part of the epoch a mid-epoch checkpoint stopped in
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved, history = load_checkpoint(d, model)
         optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
         state.generator.set_state(saved["generator"])  # dead-code restarts draw as they would have
+        if saved["partial"] is not None:
+            if len(saved["partial"]) != world:
+                raise ValueError(f"the checkpoint stopped inside epoch {saved['epoch']} with "
+                                 f"{len(saved['partial'])} workers; resume it with as many, not {world}")
+            partial, start_epoch = saved["partial"][rank], saved["epoch"]
+            state.generator.set_state(partial["generator"])
         if rank == 0:
-            print(f"[sidserve] resuming from checkpoint after epoch {saved['epoch']}", flush=True)
+            where = f"step {partial['steps']} of epoch {saved['epoch']}" if partial else f"epoch {saved['epoch']}"
+            print(f"[sidserve] resuming from checkpoint after {where}", flush=True)
     elif cfg.get("init_state_ref") is not None:  # warm start from the current model
         state_dict = {k: torch.from_numpy(v.copy()) for k, v in ray.get(cfg["init_state_ref"]).items()}
         model.load_state_dict(state_dict)
@@ -158,6 +166,7 @@ def train_loop(cfg: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     callbacks = cfg.get("callbacks") or []
+    every = cfg.get("checkpoint_every_steps")  # mid-epoch checkpoints (None: at epoch ends only)
     pair_set, pair_step = None, 0
     for epoch in range(start_epoch, tcfg.epochs):
         for cb in callbacks:
@@ -176,6 +185,15 @@ def train_loop(cfg: dict) -> None:
                                           local_shuffle_buffer_size=4 * tcfg.batch_size,
                                           local_shuffle_seed=tcfg.seed + epoch))
         data_s = step_s = 0.0
+        resumed_at_step = 0
+        if partial is not None:  # pick the epoch up where the mid-epoch checkpoint left it
+            steps = resumed_at_step = int(partial["steps"])
+            sums, codes = dict(partial["sums"]), codes.restore(partial["codes"])
+            data_s, step_s = float(partial["data_s"]), float(partial["step_s"])
+            t0 -= float(partial["elapsed_s"])
+            for _ in range(steps):  # the same order as before (preserve_order, seeded local shuffle)
+                next(batches, None)  # rows the checkpoint has already trained on: read, not trained
+            partial = None
         while True:
             t_wait = time.perf_counter()
             batch = next(batches, None)
@@ -197,6 +215,11 @@ def train_loop(cfg: dict) -> None:
             steps += 1
             for cb in callbacks:
                 cb.on_batch(epoch, rank, batch)
+            if every and steps % every == 0:
+                mid_epoch_checkpoint(model, optimizer, epoch, state, history, sync, rank, {
+                    "steps": steps, "sums": dict(sums), "codes": codes.state(), "data_s": data_s,
+                    "step_s": step_s, "elapsed_s": time.perf_counter() - t0,
+                    "generator": state.generator.get_state()})
         loss_means = sync.mean([sums.get(k, 0.0) / max(steps, 1) for k in sorted(sums)])
         record = dict(zip(sorted(sums), loss_means))
         record.update(codes.reduce(sync))
@@ -204,7 +227,8 @@ def train_loop(cfg: dict) -> None:
         elapsed, data_s, step_s = sync.mean([time.perf_counter() - t0, data_s, step_s])
         record.update(data_wait_s=data_s, step_s=step_s)  # mean over workers: where the epoch went
         record.update(epoch=epoch, steps=steps, items_per_s=record["num_items"] / max(elapsed, 1e-9),
-                      started_at_epoch=start_epoch)  # > 0: this attempt resumed from a checkpoint
+                      started_at_epoch=start_epoch,  # > 0: this attempt resumed from a checkpoint
+                      resumed_at_step=resumed_at_step)  # > 0: from one inside this epoch
         history.append(record)
         for cb in callbacks:
             cb.on_epoch_end(epoch, rank, record)
@@ -236,6 +260,22 @@ def train_loop(cfg: dict) -> None:
             ray.train.report({"final_recon": final["recon"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report({"final_recon": final["recon"]})
+
+
+def mid_epoch_checkpoint(model, optimizer, epoch: int, state: TrainState, history: list[dict], sync: Sync,
+                         rank: int, mine: dict) -> None:
+    """Every rank's part of the epoch so far to rank 0, which writes the checkpoint; every
+    rank reports (Ray Train counts the reports of each worker)."""
+    import ray.train
+
+    parts = sync.gather_object(mine)
+    metrics = {"epoch": epoch, "steps_in_epoch": mine["steps"]}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, model, optimizer, epoch, state, history, partial=parts)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
 
 
 def regulation_refresh(model: ADCSIDModel, shard, tcfg: TokenizerConfig, sync: Sync, device,

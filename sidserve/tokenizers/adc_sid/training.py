@@ -71,6 +71,18 @@ class CodeStats:
         self.hashes.append(hash_codes(codes))
         self.items += codes.shape[0]
 
+    def state(self) -> dict[str, Any]:
+        """What a mid-epoch checkpoint keeps of it (tensors: torch.load(weights_only=True))."""
+        hashes = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
+        return {"counts": torch.from_numpy(self.counter.counts.copy()), "hashes": torch.from_numpy(hashes),
+                "items": self.items}
+
+    def restore(self, saved: dict[str, Any]) -> "CodeStats":
+        self.counter.counts = saved["counts"].numpy().astype(np.int64).copy()
+        self.hashes = [saved["hashes"].numpy().copy()]
+        self.items = int(saved["items"])
+        return self
+
     def reduce(self, sync: Sync) -> dict[str, Any]:
         counts = sync.sum_(torch.from_numpy(self.counter.counts)).numpy()
         local = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
