@@ -158,4 +158,50 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     after = json.load(open(os.path.join(clone, "results.json")))
     assert set(after["stage_seconds_this_invocation"]) == {"embeddings", "tokenizers"}
     assert os.path.exists(os.path.join(clone, "embeddings", "text.npy"))
-    assert after["tokenizers"]["letter"] == before["tokenizers"]["letter"]  # published SIDs: same downstream
+    run_only = {"stage_seconds", "pid", "torch_threads"}  # of the fit just redone
+
+    def same(entry):
+        return {**entry, "quantization": {k: v for k, v in entry["quantization"].items() if k not in run_only}}
+    assert same(after["tokenizers"]["letter"]) == same(before["tokenizers"]["letter"])  # published SIDs: same
+
+
+def test_a_stage_lock_is_held_by_a_live_process_and_taken_over_from_a_dead_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from sidserve.eval.pipeline import _start_time, claim
+
+    done = str(tmp_path / "downstream" / "x" / "ranking_seed0.json")
+    assert claim(done) and not claim(done)  # held by this (live) process
+    os.remove(done + ".lock")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for holder in (f"{socket.gethostname()} {gone.pid} 1",  # its process has ended
+                   f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}x",  # pid reused since
+                   f"another-host {os.getpid()} 0"):  # a lock copied from another machine
+        with open(done + ".lock", "w") as f:
+            f.write(holder + "\n")
+        assert claim(done), holder
+        os.remove(done + ".lock")
+
+
+@pytest.mark.slow
+def test_parallel_processes_share_the_stages_and_one_reports(quick_run, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("SIDSERVE_EVAL_POLL_S", "0.2")  # quick stages take a second, real ones minutes
+    out = str(tmp_path / "par")
+    shutil.copytree(quick_run[0], out)  # embeddings, SASRec and fits cached: the downstream stages run again
+    for n in ("rqkmeans", "letter"):
+        shutil.rmtree(os.path.join(out, "downstream", n))
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", "rqkmeans,letter", "--parallel", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert set(r["tokenizers"]) == {"rqkmeans", "letter"} and not r["pending"]
+    stages = [json.load(open(os.path.join(out, "downstream", n, f))) for n in ("rqkmeans", "letter")
+              for f in os.listdir(os.path.join(out, "downstream", n)) if f.endswith(".json")]
+    assert len(stages) == 2 * 2 * 3  # 2 tokenizers x 2 seeds x 3 tasks, each once
+    assert len({s["pid"] for s in stages}) == 2  # both processes trained some
+    assert {s["torch_threads"] for s in stages} == {max(1, (os.cpu_count() or 1) // 2)}
+    locks = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".lock")]
+    assert not locks

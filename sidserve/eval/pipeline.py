@@ -25,6 +25,15 @@ tables that are not e_b, the tokenizer artifacts, temporary files); what remains
 stage's ``.json``, the compressed per-user ``.npz``, each tokenizer's SIDs, e_b itself and
 the per-item norms the report plots) is a few MB. A resumed run reads the text embeddings
 and e_b only when some tokenizer is still to be fitted.
+
+Several processes can work on one output directory (``--parallel N`` starts them, each with
+``cpus / N`` torch threads: two 1-thread processes train these small models 1.29x faster
+than one 2-thread process on 2 CPUs, docs/evaluation.md). A process claims a stage by
+creating ``<stage file>.lock`` (O_EXCL; host, pid and the pid's start time inside) and
+removes it when the stage is written; a lock whose process is gone is taken over. The
+prerequisites (text embeddings, SASRec, tokenizer fits, the stages that decide an ablation's
+seeds) are waited for; a downstream stage held by another process is skipped and waited for
+at the end. The workers of one run share one machine (a lock from another host is stale).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,6 +182,58 @@ def _read_json(path: str):
         return json.load(f)
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time (clock ticks since boot; '' off Linux): a reused pid differs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _lock_holder_alive(lock: str) -> bool:
+    """Whether the process named in ``lock`` still runs (False for a lock from another host,
+    an unreadable lock, or a pid now reused by another process)."""
+    try:
+        with open(lock) as f:
+            host, pid, started = (f.read().split() + ["", "", ""])[:3]
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _start_time(pid_n) == started
+
+
+def claim(done: str) -> bool:
+    """Take the stage whose result is ``done``: True if this process now holds its lock (a
+    stale lock is removed first), False if another live process holds it."""
+    lock = done + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_holder_alive(lock):
+                return False
+            log.warning("taking over %s: its process is gone", lock)
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}\n")
+        return True
+    return False
+
+
 class Timer:
     def __init__(self):
         self.stages: dict[str, float] = {}
@@ -188,6 +250,8 @@ class Evaluation:
         self.timer = Timer()
         full = load_dataset(config.data)
         self.data: Dataset = full.subsample(config.quick_users, seed=0) if config.quick else full
+        self.report = True  # False in the extra processes of --parallel: the first one reports
+        self.workers: list = []  # those processes (subprocess.Popen), waited for before the report
         self._check_cache()
 
     def path(self, *parts: str) -> str:
@@ -230,24 +294,52 @@ class Evaluation:
         variants = len(set(self.c.sasrec_variants) | {EMBEDDING_SOURCE[self.c.behavior_embedding][0]})
         return 1 + variants + len(self.c.tokenizers) * (1 + 3 * len(self.c.seeds))
 
-    def _stage(self, name: str, done: str, fn):
+    # how often a process waiting for another's stage looks again (stages take minutes; the
+    # tests, whose stages take a second, set it lower)
+    poll_seconds = float(os.environ.get("SIDSERVE_EVAL_POLL_S", "20"))
+
+    def _stage(self, name: str, done: str, fn, wait: bool = True) -> bool:
         """Run ``fn`` unless its final file ``done`` exists; time it. ``fn`` returns the
-        dict written to ``done`` (its run time is added as ``stage_seconds``)."""
-        self._stages_seen = getattr(self, "_stages_seen", 0) + 1
+        dict written to ``done`` (its run time is added as ``stage_seconds``). A stage that
+        another process holds is waited for, or with ``wait=False`` skipped (-> False)."""
+        self._stages_seen = getattr(self, "_stages_seen", {})
+        self._stages_seen.setdefault(name, len(self._stages_seen) + 1)
         # progress: stage k of at most N (ablations past their first seed only when close to ADC-SID)
-        at = f"[{self._stages_seen}/{self.planned_stages()}]"
-        if os.path.exists(done):
-            log.info("%s stage %s: cached (%s)", at, name, done)
-            return
-        t0 = time.perf_counter()
-        log.info("%s stage %s ...", at, name)
-        result = fn()
-        dt = time.perf_counter() - t0
-        if result is not None:
-            result["stage_seconds"] = round(dt, 2)
-            _atomic_json(done, result)
-        self.timer.add(name.split(":")[0], dt)
-        log.info("stage %s done in %.1f s", name, dt)
+        at = f"[{self._stages_seen[name]}/{self.planned_stages()}]"
+        waited = False
+        while not os.path.exists(done):
+            if claim(done):
+                break
+            if not wait:
+                log.info("%s stage %s: another process is running it", at, name)
+                return False
+            if not waited:
+                log.info("%s stage %s: waiting for the process running it", at, name)
+                waited = True
+            time.sleep(self.poll_seconds)
+        else:
+            log.info("%s stage %s: %s (%s)", at, name, "done by another process" if waited else "cached", done)
+            return True
+        try:
+            if os.path.exists(done):  # written between the check and the claim
+                return True
+            t0 = time.perf_counter()
+            log.info("%s stage %s ...", at, name)
+            result = fn()
+            dt = time.perf_counter() - t0
+            if result is not None:
+                result["stage_seconds"] = round(dt, 2)
+                result["torch_threads"] = torch.get_num_threads()
+                result["pid"] = os.getpid()  # which process of a --parallel run
+                _atomic_json(done, result)
+            self.timer.add(name.split(":")[0], dt)
+            log.info("stage %s done in %.1f s", name, dt)
+            return True
+        finally:
+            try:
+                os.remove(done + ".lock")
+            except FileNotFoundError:
+                pass
 
     # 1 ---------------------------------------------------------------------------------
     def embeddings(self) -> dict[str, np.ndarray]:
@@ -325,7 +417,7 @@ class Evaluation:
     def stage_path(self, name: str, task: str, seed: int, ext: str = "json") -> str:
         return self.path("downstream", name, f"{task}_seed{seed}.{ext}")
 
-    def sid_sasrec(self, name: str, table: SIDTable, seed: int, groups) -> None:
+    def sid_sasrec(self, name: str, table: SIDTable, seed: int, groups, wait: bool = True) -> bool:
         def run():
             c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
             items = SIDItems(table, c.hidden_dim, use_dedup=self.c.sid_sasrec_dedup)
@@ -337,9 +429,9 @@ class Evaluation:
             res = grouped_means(per_user, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping)
             return res
-        self._stage(f"sid_sasrec:{name}:{seed}", self.stage_path(name, "sid_sasrec", seed), run)
+        return self._stage(f"sid_sasrec:{name}:{seed}", self.stage_path(name, "sid_sasrec", seed), run, wait)
 
-    def retrieval(self, name: str, table: SIDTable, trie: PrefixTrie, seed: int, groups) -> None:
+    def retrieval(self, name: str, table: SIDTable, trie: PrefixTrie, seed: int, groups, wait: bool = True) -> bool:
         def run():
             c = dataclasses.replace(self.c.retrieval, seed=seed)
             model, history = train_retrieval(table, self.data.train_sequences(), self.data.targets("valid"), c,
@@ -353,9 +445,9 @@ class Evaluation:
             res.update(history=history, early_stopping=model.early_stopping,
                        generate_seconds=time.perf_counter() - t0, valid_sid_share=float((ranked >= 0).mean()))
             return res
-        self._stage(f"retrieval:{name}:{seed}", self.stage_path(name, "retrieval", seed), run)
+        return self._stage(f"retrieval:{name}:{seed}", self.stage_path(name, "retrieval", seed), run, wait)
 
-    def ranking(self, name: str, table: SIDTable, seed: int, groups, negatives: dict) -> None:
+    def ranking(self, name: str, table: SIDTable, seed: int, groups, negatives: dict, wait: bool = True) -> bool:
         def run():
             c = dataclasses.replace(self.c.ranking, seed=seed)
             v_hist, v_target = self.data.targets("valid")
@@ -367,7 +459,7 @@ class Evaluation:
             res = evaluate_ranking(scores, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping)
             return res
-        self._stage(f"ranking:{name}:{seed}", self.stage_path(name, "ranking", seed), run)
+        return self._stage(f"ranking:{name}:{seed}", self.stage_path(name, "ranking", seed), run, wait)
 
     def negatives(self) -> dict[str, np.ndarray]:
         """Sampled ranking candidates: 'test' avoids each user's whole sequence, 'valid'
@@ -382,11 +474,16 @@ class Evaluation:
             out[split] = np.load(p)
         return out
 
-    def downstream(self, name: str, table: SIDTable, trie: PrefixTrie, seeds: list[int], groups, negatives) -> None:
+    def downstream(self, name: str, table: SIDTable, trie: PrefixTrie, seeds: list[int], groups, negatives,
+                   wait: bool = True) -> bool:
+        """The three tasks of ``name`` at ``seeds``; False if another process holds some of
+        them (``wait=False``: skipped, the caller comes back for them)."""
+        ok = True
         for seed in seeds:
-            self.sid_sasrec(name, table, seed, groups)
-            self.retrieval(name, table, trie, seed, groups)
-            self.ranking(name, table, seed, groups, negatives)
+            ok &= self.sid_sasrec(name, table, seed, groups, wait)
+            ok &= self.retrieval(name, table, trie, seed, groups, wait)
+            ok &= self.ranking(name, table, seed, groups, negatives, wait)
+        return ok
 
     def seeds_for(self, name: str) -> list[int]:
         """Seeds that ``name`` needs: every seed, except for an ablation whose first seed
@@ -432,18 +529,40 @@ class Evaluation:
         # already compare them all, the baselines before the ablations), then the other seeds; an ablation gets them only when
         # its first seed is within 2 seed spreads of ADC-SID on some headline metric
         adaptive = self.c.ablation_seeds_adaptive and "adc_sid" in tables
-        for name in sorted(tables, key=lambda n: n in ABLATIONS):  # the ablations last
-            self.downstream(name, tables[name], tries[name], self.c.seeds[:1], groups, negatives)
+
+        def down(name, seeds, wait):
+            return self.downstream(name, tables[name], tries[name], seeds, groups, negatives, wait)
+
+        # a stage another process holds is skipped on the way (wait=False) and waited for at the
+        # end; the stages that decide an ablation's seeds are waited for when they are needed
+        plan = [(name, self.c.seeds[:1]) for name in sorted(tables, key=lambda n: n in ABLATIONS)]  # ablations last
         main = [n for n in tables if not (adaptive and n in ABLATIONS)]
-        for seed in self.c.seeds[1:]:
-            for name in main:
-                self.downstream(name, tables[name], tries[name], [seed], groups, negatives)
+        plan += [(name, [seed]) for seed in self.c.seeds[1:] for name in main]
+        for name, seeds in plan:
+            down(name, seeds, wait=False)
         for name in tables:
             if name not in main:
-                self.downstream(name, tables[name], tries[name], self.seeds_for(name), groups, negatives)
+                down("adc_sid", self.c.seeds, wait=True)
+                down(name, self.c.seeds[:1], wait=True)
+                down(name, self.seeds_for(name), wait=False)
+        for name, seeds in plan + [(n, self.seeds_for(n)) for n in tables if n not in main]:
+            down(name, seeds, wait=True)
+        if self.report:
+            self.wait_for_workers()
+        else:
+            return {}
         from sidserve.eval.report import write_report
         results = write_report(self, wall_seconds=time.perf_counter() - t_start)
         return results
+
+    def wait_for_workers(self) -> None:
+        """Wait for the --parallel processes; their stages are all written by now (this process
+        waited for each), so one that failed has lost nothing: say so and go on."""
+        for p in self.workers:
+            rc = p.wait()
+            if rc:
+                log.warning("parallel evaluation process %d ended with exit code %d; its stages were "
+                            "completed by this one", p.pid, rc)
 
     def environment(self) -> dict:
         return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
@@ -451,9 +570,35 @@ class Evaluation:
                 "cuda": torch.cuda.is_available()}
 
 
-def run_evaluation(config: EvalConfig, report_only: bool = False) -> dict:
-    """Run (or resume) the whole evaluation; returns results.json's content."""
-    return Evaluation(config).run(report_only=report_only)
+def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int = 1,
+                   worker_argv: list[str] | None = None, worker: bool = False) -> dict:
+    """Run (or resume) the whole evaluation; returns results.json's content ({} in a worker).
+
+    parallel: processes working on the stages together (this one + parallel - 1 started with
+    ``python -m sidserve evaluate <worker_argv> --parallel-worker``), each with cpus / parallel
+    torch threads. worker: this is one of those extra processes (it writes no report)."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    if parallel > 1:  # a worker has its share from OMP_NUM_THREADS, set by the process that started it
+        torch.set_num_threads(threads)
+    ev = Evaluation(config)
+    ev.report = not worker
+    if parallel > 1 and not report_only:
+        if worker_argv is None:
+            raise ValueError("parallel > 1 needs the command line to start the other processes with")
+        import subprocess
+
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "sidserve", "evaluate", *worker_argv, "--parallel-worker"]
+        ev.workers = [subprocess.Popen(cmd, env=env) for _ in range(parallel - 1)]
+        log.info("started %d more evaluation processes (%d torch threads each)", parallel - 1, threads)
+    try:
+        return ev.run(report_only=report_only)
+    except BaseException:
+        for p in ev.workers:  # do not leave them running on a failed or interrupted run
+            p.terminate()
+        raise
 
 
 def run_cli(args, command: str = "") -> int:
@@ -481,7 +626,15 @@ def run_cli(args, command: str = "") -> int:
             c.retrieval = dataclasses.replace(c.retrieval, max_epochs=args.retrieval_max_epochs)
         if args.history_tokens is not None:
             c.retrieval = dataclasses.replace(c.retrieval, history_tokens=args.history_tokens)
-        r = run_evaluation(c, report_only=args.report_only)
+        worker = getattr(args, "parallel_worker", False)
+        argv = [a for a in (getattr(args, "evaluate_argv", None) or []) if a != "--parallel-worker"]
+        drop = {i for i, a in enumerate(argv) if a == "--parallel"} | \
+               {i + 1 for i, a in enumerate(argv) if a == "--parallel"}
+        argv = [a for i, a in enumerate(argv) if i not in drop and not a.startswith("--parallel=")]
+        r = run_evaluation(c, report_only=args.report_only, parallel=1 if worker else args.parallel,
+                           worker_argv=argv, worker=worker)
+        if worker:
+            return
         waiting = f", {len(r['pending'])} pending ({', '.join(r['pending'])})" if r["pending"] else ""
         print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers{waiting} on {r['dataset']['name']} "
               f"(seeds {r['seeds']}): {os.path.join(args.output, 'report.md')}")
