@@ -137,7 +137,7 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     subprocess.run(git + ["clone", "-q", repo, clone], check=True)
     kept = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
     assert not any(f.startswith("embeddings/") and f.endswith(".npy") for f in kept)  # rebuilt from text
-    assert not any("/artifact/" in f or f.startswith("ranking_negatives") for f in kept)
+    assert not any("/artifact/" in f or f.startswith("ranking_negatives") or f.endswith(".lock") for f in kept)
     assert "sasrec/untied/input_emb.npy" in kept and "sasrec/tied/input_norms.npy" in kept  # e_b, the plot
     assert "downstream/adc_sid/retrieval_seed1.npz" in kept
 

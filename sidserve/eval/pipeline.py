@@ -281,6 +281,7 @@ class Evaluation:
         variant, which = EMBEDDING_SOURCE[self.c.behavior_embedding]
         lines = ["# written by sidserve.eval.pipeline: what a kept evaluation cache leaves out",
                  "embeddings/*.npy", "tokenizers/*/artifact/", "tokenizers/*.artifact-tmp/", "*.tmp-*",
+                 "*.lock",  # a stage being run (--parallel): meaningless on another machine
                  "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept",
                  f"!sasrec/{variant}/{which}_emb.npy",
                  "# drawn again from their fixed seeds (negatives())", "ranking_negatives*.npy"]
