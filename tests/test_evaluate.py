@@ -131,6 +131,7 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     import subprocess
     repo, clone = str(tmp_path / "repo"), str(tmp_path / "clone")
     shutil.copytree(quick_run[0], repo)
+    open(os.path.join(repo, "downstream", "adc_sid", "ranking_seed0.json.lock"), "w").close()  # as if running
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "cache"]):
         subprocess.run(git + cmd, cwd=repo, check=True)
