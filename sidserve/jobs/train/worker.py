@@ -74,6 +74,27 @@ class DistSync(Sync):
         dist.all_gather_object(out, obj)
         return out
 
+    def exchange_by_hash(self, values: np.ndarray) -> np.ndarray:
+        # one gather per destination (gloo has no all_to_all): worker r receives every worker's
+        # values with value % world == r, padded to the longest part
+        world, rank = dist.get_world_size(), dist.get_rank()
+        values = np.asarray(values, dtype=np.int64)
+        dest = values % world  # numpy's % is >= 0 for a positive divisor, negative values included
+        parts = [values[dest == r] for r in range(world)]
+        sizes = torch.tensor([p.size for p in parts], dtype=torch.int64, device=self.device)
+        every = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(every, sizes)  # every[src][r]: how many src sends to r
+        mine = []
+        for r in range(world):
+            n = [int(every[src][r]) for src in range(world)]
+            padded = torch.zeros(max(n), dtype=torch.int64, device=self.device)
+            padded[: parts[r].size] = torch.from_numpy(parts[r]).to(self.device)
+            bucket = [torch.zeros_like(padded) for _ in range(world)] if rank == r else None
+            dist.gather(padded, gather_list=bucket, dst=r)
+            if rank == r:
+                mine = [b[:k].cpu().numpy() for b, k in zip(bucket, n)]
+        return np.concatenate(mine) if mine else np.zeros(0, np.int64)
+
 
 def batch_to_input(batch: dict[str, np.ndarray], config: TokenizerConfig, device) -> ModelInput:
     """A numpy batch of the cleaned dataset -> ModelInput on ``device``."""

@@ -45,6 +45,11 @@ class Sync:
         """Any picklable object -> [the object of rank 0, rank 1, ...] on every worker."""
         return [obj]
 
+    def exchange_by_hash(self, values: np.ndarray) -> np.ndarray:
+        """(n_local,) int64 -> the values of every worker with ``value % world == rank``: equal
+        values meet on one worker, and each holds about 1/world of them."""
+        return values
+
 
 @dataclass
 class TrainState:
@@ -86,13 +91,16 @@ class CodeStats:
     def reduce(self, sync: Sync) -> dict[str, Any]:
         counts = sync.sum_(torch.from_numpy(self.counter.counts)).numpy()
         local = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
-        hashes = sync.gather(torch.from_numpy(local)).numpy()
-        _, inv, cnt = np.unique(hashes, return_inverse=True, return_counts=True)
+        # each worker counts the SIDs of one hash range (equal SIDs meet on one worker), so no
+        # worker holds every item's hash: at 1B items that would be 8 GB each (docs/operations.md)
+        mine = sync.exchange_by_hash(local)
+        _, cnt = np.unique(mine, return_counts=True)
+        seen, collided = sync.sum_(torch.tensor([mine.size, int(cnt[cnt > 1].sum())], dtype=torch.int64)).tolist()
         total = CodeCounter(*counts.shape, counts=counts)
         return {
-            "num_items": int(hashes.shape[0]),
+            "num_items": int(seen),
             **total.report(),
-            "collision_rate": float((cnt[inv] > 1).mean()) if hashes.size else 0.0,
+            "collision_rate": float(collided / seen) if seen else 0.0,
         }
 
 
