@@ -109,57 +109,46 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     assert loaded.catalog_stats_["n_min"] == pytest.approx(min(norms), rel=1e-5)
 
 
-@pytest.mark.timeout(500)
-def test_killed_worker_recovers_and_a_failed_run_resumes(ray_session, items_dir, tmp_path):
-    ray_session()
-    # worker 1 dies in epoch 1: the run restarts its worker group from epoch 0's checkpoint;
-    # worker 0 dies in epoch 2: with max_failures=1 spent, the run fails
-    faults = [FaultInjection(1, 1, str(tmp_path / "died-1")), FaultInjection(2, 0, str(tmp_path / "died-2"))]
-    first = job(tmp_path, items_dir, max_failures=1, name="nightly", callbacks=faults)
-    with pytest.raises(Exception, match="(?i)fail|died|error"):
-        fit_distributed(first)
-    assert (tmp_path / "died-1").exists() and (tmp_path / "died-2").exists()  # both workers did die
-    assert not (tmp_path / "model" / "manifest.json").exists()
-    # a plain rerun under the same name is refused: it would silently mix two runs
-    with pytest.raises(ValueError, match="--resume"):
-        fit_distributed(job(tmp_path, items_dir, name="nightly"))
-    tok, _, metrics = fit_distributed(job(tmp_path, items_dir, name="nightly", resume=True))
-    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]  # no epoch redone
-    # epoch 0 by the first worker group, 1 by the restarted one, 2 by the resumed run
-    assert [e["started_at_epoch"] for e in metrics["epochs"]] == [0, 1, 2]
-    assert load_tokenizer(str(tmp_path / "model")).config == tok.config
-    assert sorted(os.listdir(tmp_path / "model")) == [
-        "config.json", "manifest.json", "metrics.json", "model.safetensors", "stats.json"]
-
-
-@pytest.mark.timeout(500)
-def test_a_resumed_run_equals_an_uninterrupted_one(ray_session, items_dir, tmp_path):
+@pytest.mark.timeout(600)
+def test_a_failed_run_resumes_and_equals_an_uninterrupted_one(ray_session, items_dir, tmp_path):
     """One worker (a fixed data order: the cleaned catalog is materialised in block order and
-    shuffled locally with a per-epoch seed): a run whose worker dies inside epoch 1 and resumes
-    from a mid-epoch checkpoint, then dies at the start of epoch 2 and resumes from epoch 1's
-    checkpoint (weights, optimizer, step, RNG), ends with the same weights, bit for bit, and the
-    same per-epoch history as a run that was never interrupted."""
+    shuffled locally with a per-epoch seed). The worker dies after step 6 of epoch 1: the run
+    restarts its worker group from the mid-epoch checkpoint (weights, optimizer, step, RNG;
+    the restarted worker skips the 4 batches it had trained on). It dies again at the start of
+    epoch 2: with max_failures=1 spent, the run fails and publishes nothing; a plain rerun
+    under the same name is refused; ``resume`` finishes it from epoch 1's checkpoint. The
+    model equals, bit for bit, with the same per-epoch history, a run never interrupted."""
     import torch
 
     ray_session()
-    plain = job(tmp_path / "a", items_dir, num_workers=1, cpus_per_worker=1.0)
-    tok_a, _, m_a = fit_distributed(plain)
-    # checkpoints every 4 steps as well: the worker dies after step 6 of epoch 1 (the restarted
-    # one skips the 4 batches the mid-epoch checkpoint had trained on), then again at the start
-    # of epoch 2 (that one resumes from epoch 1's end)
-    fault = [FaultAtStep(1, 6, 0, str(tmp_path / "died-mid")), FaultInjection(2, 0, str(tmp_path / "died"))]
-    tok_b, _, m_b = fit_distributed(job(tmp_path / "b", items_dir, num_workers=1, cpus_per_worker=1.0,
-                                        max_failures=2, callbacks=fault, checkpoint_every_steps=4))
+    tok_a, _, m_a = fit_distributed(job(tmp_path / "a", items_dir, num_workers=1, cpus_per_worker=1.0))
+
+    def nightly(**kw):
+        return job(tmp_path / "b", items_dir, num_workers=1, cpus_per_worker=1.0, name="nightly",
+                   checkpoint_every_steps=4, **kw)
+
+    faults = [FaultAtStep(1, 6, 0, str(tmp_path / "died-mid")), FaultInjection(2, 0, str(tmp_path / "died"))]
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        fit_distributed(nightly(max_failures=1, callbacks=faults))
     assert (tmp_path / "died-mid").exists() and (tmp_path / "died").exists()  # the worker did die, twice
-    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 2]  # epochs 1 and 2 by restarted groups
+    assert not (tmp_path / "b" / "model" / "manifest.json").exists()
+    # a plain rerun under the same name is refused: it would silently mix two runs
+    with pytest.raises(ValueError, match="--resume"):
+        fit_distributed(nightly())
+    tok_b, _, m_b = fit_distributed(nightly(resume=True))
+    # epoch 0 by the first worker group, 1 by the restarted one (from step 4), 2 by the resumed run
+    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 2]
     assert [e["resumed_at_step"] for e in m_b["epochs"]] == [0, 4, 0]
     a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"tensors that differ after the resumes: {differ}"
+    assert not differ, f"tensors that differ after the restart and the resume: {differ}"
     drop = {"started_at_epoch", "resumed_at_step", "items_per_s", "data_wait_s", "step_s"}  # timings differ
     assert [{k: v for k, v in e.items() if k not in drop} for e in m_a["epochs"]] == \
         [{k: v for k, v in e.items() if k not in drop} for e in m_b["epochs"]]
+    assert load_tokenizer(str(tmp_path / "b" / "model")).config == tok_b.config
+    assert sorted(os.listdir(tmp_path / "b" / "model")) == [
+        "config.json", "manifest.json", "metrics.json", "model.safetensors", "stats.json"]
 
 
 def test_mid_epoch_checkpoints_with_collision_regulation_are_refused(ray_session, items_dir, tmp_path):
