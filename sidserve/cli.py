@@ -237,6 +237,9 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downstream-settings",
                    help="exactly these settings get the SID-SASRec, comma-separated (e.g. "
                         "'warm/cold,warm/none+sticky 0.3'); overrides --downstream-modes/--downstream-deltas")
+    p.add_argument("--downstream-seeds",
+                   help="seeds of night 2's downstream models, comma-separated (default: 0); the report gives "
+                        "mean +- std over them")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 

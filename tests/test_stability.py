@@ -63,6 +63,9 @@ def test_which_settings_get_the_downstream_model(tmp_path):
                                                                                   "warm/none+sticky 0.3"}
     with pytest.raises(ValueError, match="downstream_deltas"):
         StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.1], downstream_deltas=[0.2]).validate()
+    for seeds in ([0, 0], [], [-1], [0.5]):
+        with pytest.raises(ValueError, match="downstream_seeds"):
+            StabilityConfig(data=SLICE, output=str(tmp_path), downstream_seeds=seeds).validate()
 
 
 @pytest.mark.slow
@@ -71,8 +74,8 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     # the text embeddings of the quick evaluation (same slice, same subsample): embedding the
     # item text again would be most of this test's time
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
-           "--quick", "--deltas", "0,0.05,0.3", "--downstream-settings", "warm/cold,warm/none,warm/warm+sticky 0.3",
-           "--content-from", quick_run[0]]
+           "--quick", "--deltas", "0,0.05,0.3", "--downstream-settings", "warm/cold,warm/warm+sticky 0.3",
+           "--downstream-seeds", "0,1", "--content-from", quick_run[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "stability.json")))
@@ -95,12 +98,21 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
         assert content and all(s[f"{mode}/none"]["per_position"][p] == 0 for p in content)
     assert 0 < s["scratch/cold"]["churn"] <= 1
     with_downstream = {name for name, v in s.items() if "downstream" in v}
-    assert with_downstream == {"warm/cold", "warm/none", "warm/warm+sticky 0.3"}  # exactly the ones asked for
+    assert with_downstream == {"warm/cold", "warm/warm+sticky 0.3"}  # exactly the ones asked for
     for name in with_downstream:
         d = s[name]["downstream"]
         assert 0 <= d["test"]["ndcg@10"] <= d["test"]["recall@10"] <= 1
         assert 0 <= d["gauc"]["valid"] <= 1 and 0 <= d["gauc"]["test"] <= 1
-    assert "| warm/warm+sticky 0.3 |" in open(os.path.join(out, "stability.md")).read()
+        # one model per seed; the figures are their mean and spread
+        runs = d["per_seed"]
+        assert set(runs) == {"0", "1"} and runs["0"]["gauc"]["valid"] != runs["1"]["gauc"]["valid"]
+        for part, k in (("valid", "ndcg@10"), ("test", "recall@10"), ("gauc", "test")):
+            v = [runs[x][part][k] for x in ("0", "1")]
+            assert d[part][k] == pytest.approx(np.mean(v)) and d["std"][part][k] == pytest.approx(np.std(v))
+    md = open(os.path.join(out, "stability.md")).read()
+    assert "| warm/warm+sticky 0.3 |" in md and " +- " in md
+    # the cache can be committed: only the rebuilt content embeddings are left out
+    assert open(os.path.join(out, ".gitignore")).read().splitlines()[1:] == ["embeddings.npz", "*.tmp.npz"]
     # cold -> warm: a larger margin keeps the content-only path's shared code for more items
     t = r["cold_to_warm"]
     assert list(t) == ["plain", "sticky 0", "sticky 0.05", "sticky 0.3"]

@@ -24,7 +24,12 @@ best beats it by more than delta in cosine).
 Churn is the share of items whose SID changed between the nights (every catalog item has a SID
 both nights: an item unseen on night 1 is tokenized on the content-only path), overall, per
 SID position and per popularity bucket (night 2's training interactions; the refresh job's
-buckets). Every stage is cached under ``output``; the report is ``stability.md`` +
+buckets). Night 2's downstream models are trained once per ``downstream_seeds`` seed and
+reported as mean, standard deviation and per-seed values: two fits of the same tokenizer
+differ by several percent in SID-SASRec accuracy, more than the differences a stability
+setting is judged by. Every stage is cached under ``output``, which gets a ``.gitignore``
+that leaves out only what is rebuilt (the content embeddings), so the cache can be committed
+and a long run resumed on another machine; the report is ``stability.md`` +
 ``stability.json`` (+ ``churn_vs_delta.png`` when matplotlib is installed).
 """
 
@@ -67,6 +72,9 @@ class StabilityConfig:
     # an explicit list of setting names ("warm/none+sticky 0.3", ...) to give the downstream
     # model instead of the two rules above (each costs one SID-SASRec)
     downstream_settings: list[str] | None = None
+    # seeds of night 2's downstream models (SID-SASRec and ranker), each setting trained once
+    # per seed; None = [seed]. One seed cannot separate settings a few percent apart
+    downstream_seeds: list[int] | None = None
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
     quick_users: int = 1000
     # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
@@ -88,10 +96,16 @@ class StabilityConfig:
             raise ValueError(f"candidates must be an int >= 1, got {self.candidates!r}")
         if any(d < 0 for d in self.deltas):
             raise ValueError(f"deltas must be >= 0, got {self.deltas}")
+        seeds = self.seeds()
+        if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and x >= 0 for x in seeds):
+            raise ValueError(f"downstream_seeds must be distinct ints >= 0, got {self.downstream_seeds!r}")
         if [d for d in self.downstream_deltas if d not in self.deltas]:
             raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
         self.sasrec.validate()
         return self
+
+    def seeds(self) -> list[int]:
+        return [self.seed] if self.downstream_seeds is None else list(self.downstream_seeds)
 
     @classmethod
     def quick_profile(cls, data: str, output: str, **kw) -> "StabilityConfig":
@@ -159,6 +173,28 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
         row.update({name: share for name, (_, share) in share_per_bucket(agree, warm_items.popularity).items()})
         out["plain" if delta is None else f"sticky {delta:g}"] = row
     return out
+
+
+def summarize_seeds(per_seed: dict[int, dict]) -> dict:
+    """{seed: {"valid": {metric: v}, "test": {...}, "gauc": {"valid": v, "test": v}}} -> the
+    same tree of means, plus ``std`` (the same tree of population standard deviations over the
+    seeds) and ``per_seed`` (the input, keyed by str(seed))."""
+    runs = list(per_seed.values())
+
+    def tree(fn):
+        return {part: {k: fn([r[part][k] for r in runs]) for k in runs[0][part] if k != "seconds"}
+                for part in ("valid", "test", "gauc")}
+    out = tree(lambda v: float(np.mean(v)))
+    out["std"] = tree(lambda v: float(np.std(v)))
+    out["per_seed"] = {str(k): v for k, v in per_seed.items()}
+    return out
+
+
+# what a committed cache leaves out: rebuilt from --content-from or the text model
+GITIGNORE = """# written by sidserve stability: everything else here is kept (commit it to resume elsewhere)
+embeddings.npz
+*.tmp.npz
+"""
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -262,6 +298,9 @@ class TwoNights:
         from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 
         t_start = time.perf_counter()
+        os.makedirs(self.c.output, exist_ok=True)
+        with open(self.path(".gitignore"), "w") as f:
+            f.write(GITIGNORE)
         content = self.content()
         beh = self.behavior()
         dims = {m: content[m].shape[1] for m in ("text", "meta")}
@@ -309,8 +348,11 @@ class TwoNights:
             row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
                 1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
             if self.wants_downstream(name):
-                row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1)
-                row["downstream"]["gauc"] = self.ranking(name, s["sid"], s["weights"], tok1)
+                per_seed = {}
+                for seed in self.c.seeds():
+                    per_seed[seed] = self.downstream(name, s["sid"], s["weights"], tok1, seed)
+                    per_seed[seed]["gauc"] = self.ranking(name, s["sid"], s["weights"], tok1, seed)
+                row["downstream"] = summarize_seeds(per_seed)
             rows[name] = row
         transition = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
                                   min(self.c.candidates, config.codebook_size))
@@ -323,6 +365,7 @@ class TwoNights:
             "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates,
                        "downstream_modes": self.c.downstream_modes, "downstream_deltas": self.c.downstream_deltas,
                        "downstream_settings": self.c.downstream_settings,
+                       "downstream_seeds": self.c.seeds(),
                        "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -346,10 +389,12 @@ class TwoNights:
             return True
         return float(setting.split()[-1]) in self.c.downstream_deltas
 
-    def _cached_result(self, name: str, suffix: str, fn) -> dict:
+    def _cached_result(self, name: str, suffix: str, seed: int, fn) -> dict:
         """downstream/<setting><suffix>.json if cached, else fn() timed and written there (a
-        sticky setting's file names its candidate count: other k, other SIDs)."""
+        sticky setting's file names its candidate count: other k, other SIDs; a downstream seed
+        other than the run's own seed is named too)."""
         key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
+        key += "" if seed == self.c.seed else f"_seed{seed}"
         p = self.path("downstream", key + suffix + ".json")
         if os.path.exists(p):
             with open(p) as f:
@@ -370,7 +415,7 @@ class TwoNights:
         w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
         return SIDTable.build(sid, w)
 
-    def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
+    def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok, seed: int) -> dict:
         """The evaluation's ranker (AUC/GAUC over 99 sampled negatives, the evaluation's draws)
         trained on night 2 with these SIDs: validation and test GAUC (cached per setting)."""
         from sidserve.eval.pipeline import EVAL_NEGATIVES_SEED, VALID_NEGATIVES_SEED
@@ -386,7 +431,7 @@ class TwoNights:
             neg = {split: sample_negatives(np.random.default_rng(seed), seqs, self.data.num_items, 99)
                    for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
                                              ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
-            c = RankingConfig(seed=self.c.seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
+            c = RankingConfig(seed=seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
             v_hist, v_target = self.data.targets("valid")
             model, _ = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
                                     valid=(v_hist, v_target, neg["valid"]))
@@ -397,39 +442,50 @@ class TwoNights:
                 res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
             return res
 
-        return self._cached_result(name, "_ranking", run)
+        return self._cached_result(name, "_ranking", seed, run)
 
-    def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok) -> dict:
+    def downstream(self, name: str, sid: np.ndarray, weights: np.ndarray, tok, seed: int) -> dict:
         """SID-SASRec on night 2's training split with these SIDs: validation and test
         Recall@10 / NDCG@10 (cached per setting)."""
         from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
 
         def run():
-            c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=True)
+            c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
             model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
                                     items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
             return {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
 
-        return self._cached_result(name, "", run)
+        return self._cached_result(name, "", seed, run)
 
 
 def render(r: dict) -> str:
+    seeds = r["config"].get("downstream_seeds", [0])
     lines = [f"# Two nights on {r['dataset']['name']}: SID churn after a re-fit",
              "",
              f"Night 1 misses each user's last {r['holdout']} training interaction(s): "
              f"{r['new_interaction_share']:.1%} of night 2's interactions are new, and "
              f"{r['items_unseen_night1']} items have behavior on night 2 only. Churn: share of items whose "
-             "SID changed between the nights. Downstream: SID-SASRec on night 2, full-catalog ranking.",
+             "SID changed between the nights. Downstream: SID-SASRec on night 2, full-catalog ranking, "
+             f"and the ranker's GAUC; mean +- standard deviation over seeds {seeds}; 'vs cold': the "
+             "relative difference of the mean validation NDCG@10 to the same mode's cold re-fit.",
              "",
              "| setting | churn | per position | churn by popularity (night 2) | codes kept | valid N@10 | "
-             "test R@10 | test N@10 | valid GAUC | test GAUC |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs cold | test R@10 | test N@10 | valid GAUC | test GAUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(d, part, k):
+        if not d:
+            return ""
+        return f"{d[part][k]:.4f}" + (f" +- {d['std'][part][k]:.4f}" if len(seeds) > 1 else "")
+
     for name, s in r["settings"].items():
         d = s.get("downstream") or {}
+        cold = r["settings"].get(name.split("/")[0] + "/cold", {}).get("downstream")
         pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in s["by_popularity"].items())
-        cells = [f"{d[split][k]:.4f}" if d else "" for split, k in (("valid", "ndcg@10"), ("test", "recall@10"),
-                                                                    ("test", "ndcg@10"))]
-        cells += [f"{d['gauc'][split]:.4f}" if d.get("gauc") else "" for split in ("valid", "test")]
+        rel = (f"{d['valid']['ndcg@10'] / cold['valid']['ndcg@10'] - 1:+.1%}"
+               if d and cold and cold["valid"]["ndcg@10"] > 0 else "")
+        cells = [cell(d, "valid", "ndcg@10"), rel, cell(d, "test", "recall@10"), cell(d, "test", "ndcg@10"),
+                 cell(d, "gauc", "valid"), cell(d, "gauc", "test")]
         lines.append(f"| {name} | {s['churn']:.4f} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | {pops} | "
                      f"{'' if s['codes_kept'] is None else s['codes_kept']} | {' | '.join(cells)} |")
     t = r.get("cold_to_warm") or {}
@@ -472,7 +528,7 @@ def plot(r: dict, path: str) -> None:
     for name, v in r["settings"].items():
         d = v.get("downstream")
         if d:
-            bx.scatter(v["churn"], d["valid"]["ndcg@10"], s=14)
+            bx.errorbar(v["churn"], d["valid"]["ndcg@10"], yerr=d["std"]["valid"]["ndcg@10"], fmt="o", ms=4)
             bx.annotate(name, (v["churn"], d["valid"]["ndcg@10"]), fontsize=6)
     bx.set_xlabel("churn")
     bx.set_ylabel("night-2 SID-SASRec valid NDCG@10")
@@ -495,6 +551,7 @@ def run_cli(args) -> int:
                  candidates=args.candidates,
                  downstream_settings=[x.strip() for x in args.downstream_settings.split(",")]
                  if args.downstream_settings else None,
+                 downstream_seeds=[int(x) for x in args.downstream_seeds.split(",")] if args.downstream_seeds else None,
                  content_from=args.content_from)
         r = TwoNights(c).run()
         print(render(r))
