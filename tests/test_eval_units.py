@@ -168,7 +168,7 @@ def test_letter_sids_parse():
         parse_letter_sids([["<a_1>"], ["x"]])
 
 
-def test_regulated_variants_switch_exactly_their_stage():
+def test_adc_variants_switch_exactly_their_stage():
     from sidserve.eval.tokenizers import ADC_VARIANTS, LABELS, TokenizerBudget, _adc_config
 
     def cfg(name):
@@ -180,6 +180,7 @@ def test_regulated_variants_switch_exactly_their_stage():
     assert cfg("adc_sid_adasid_static").collision_regulation == "static"
     assert cfg("adc_sid_adasid_no_relaxation") == reg.replace(collision_relaxation=False)
     assert cfg("adc_sid_adasid_no_pressure") == reg.replace(collision_adaptive_pressure=False)
+    assert cfg("adc_sid_cold_consistency") == base.replace(cold_consistency_weight=0.3)
     assert all(name in LABELS for name in ADC_VARIANTS)
 
 

@@ -48,9 +48,15 @@ REGULATED = {
     "adc_sid_adasid_no_relaxation": {**REGULATION, "collision_relaxation": False},
     "adc_sid_adasid_no_pressure": {**REGULATION, "collision_adaptive_pressure": False},
 }
-ADC_VARIANTS = {**ABLATIONS, **REGULATED}
+# issue 20.6: each warm item's shared latent pulled toward its content-only one, scaled by
+# 1 - w (thin behavior pulled, rich behavior free), so a new item keeps its shared code when
+# its first interactions arrive. 0.3: the smallest of 0.1 / 0.3 / 1 whose agreement reaches
+# 0.8 for the thinnest items under the refresh's sticky 0.3 (bench/cold_to_warm.py,
+# docs/stability.md); this variant measures what it costs downstream
+COLD_CONSISTENCY = {"adc_sid_cold_consistency": {"cold_consistency_weight": 0.3}}
+ADC_VARIANTS = {**ABLATIONS, **REGULATED, **COLD_CONSISTENCY}
 DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
-ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, "letter"]
+ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, *COLD_CONSISTENCY, "letter"]
 LABELS = {
     "adc_sid": "ADC-SID", "adc_sid_no_controller": "w/o alignment controller",
     "adc_sid_no_align": "w/o alignment loss", "adc_sid_no_gate": "w/o behavioral weighting gate",
@@ -59,6 +65,7 @@ LABELS = {
     "adc_sid_adasid": "ADC-SID + collision regulation", "adc_sid_adasid_static": "+ static repulsion",
     "adc_sid_adasid_no_relaxation": "+ regulation w/o relaxation",
     "adc_sid_adasid_no_pressure": "+ regulation w/o load/progress",
+    "adc_sid_cold_consistency": "ADC-SID + cold-path consistency 0.3",
 }
 
 
