@@ -428,8 +428,8 @@ class TwoNights:
         )
 
         def run():
-            neg = {split: sample_negatives(np.random.default_rng(seed), seqs, self.data.num_items, 99)
-                   for split, seed, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
+            neg = {split: sample_negatives(np.random.default_rng(draws), seqs, self.data.num_items, 99)
+                   for split, draws, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
                                              ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
             c = RankingConfig(seed=seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
             v_hist, v_target = self.data.targets("valid")
