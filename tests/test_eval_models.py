@@ -140,9 +140,25 @@ def test_early_stopping_restores_the_best_epoch_of_a_scripted_curve(mode, curve,
     assert model.weight.item() == best
 
 
+def test_early_stopping_runs_at_least_min_epochs():
+    # the curve above without its floor stops at epoch 6 (best 3); with 8 epochs at least it
+    # sees the 0.9 of epoch 7, and then stops 3 evaluations after it
+    curve = [0.1, 0.3, 0.25, 0.35, 0.34, 0.33, 0.2, 0.9, 0.5, 0.5, 0.5, 0.95]
+
+    def stop(**kw):
+        stopper = EarlyStopping(patience=3, **kw)
+        model = nn.Linear(1, 1, bias=False)
+        return next(e for e, v in enumerate(curve) if stopper.update(e, v, model)), stopper.best_epoch
+    assert stop() == (6, 3)
+    assert stop(min_epochs=8) == (10, 7)
+    assert stop(min_epochs=5) == (6, 3)  # a floor the run passed anyway changes nothing
+
+
 def test_early_stopping_rejects_bad_settings():
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(0)
+    with pytest.raises(ValueError, match="min_epochs"):
+        EarlyStopping(2, min_epochs=-1)
     with pytest.raises(ValueError, match="mode"):
         EarlyStopping(2, mode="up")
 

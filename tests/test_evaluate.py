@@ -71,6 +71,19 @@ def test_quick_run_writes_a_complete_report(quick_run):
     from sidserve.tokenizers.base import BaseTokenizer
     tok = BaseTokenizer.from_pretrained(os.path.join(out, "tokenizers", "adc_sid", "artifact"))
     assert tok.config.codebook_size == 100 and tok.config.sid_length == 6
+    # seed 1 is a draw of its own: the tokenizer fitted with seed 1, its downstream models on that fit
+    for name in ("adc_sid", "rqkmeans"):
+        fits = [os.path.join(out, "tokenizers", name, *sub) for sub in ((), ("seed1",))]
+        q = [json.load(open(os.path.join(f, "quantization.json"))) for f in fits]
+        assert [x["fit_seed"] for x in q] == [0, 1]
+        assert BaseTokenizer.from_pretrained(os.path.join(fits[1], "artifact")).config.seed == 1
+        sids = [np.load(os.path.join(f, "sids.npz"))["sid"] for f in fits]
+        assert (sids[0] != sids[1]).any()  # another fit, other SIDs
+        for task in ("sid_sasrec", "retrieval", "ranking"):
+            assert [json.load(open(os.path.join(out, "downstream", name, f"{task}_seed{k}.json")))["fit_seed"]
+                    for k in (0, 1)] == [0, 1]
+    assert not os.path.exists(os.path.join(out, "tokenizers", "letter", "seed1"))  # published: one table
+    assert json.load(open(os.path.join(out, "downstream", "letter", "ranking_seed1.json")))["fit_seed"] is None
 
 
 @pytest.mark.slow
@@ -141,6 +154,7 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     assert not any("/artifact/" in f or f.startswith("ranking_negatives") or f.endswith(".lock") for f in kept)
     assert "sasrec/untied/input_emb.npy" in kept and "sasrec/tied/input_norms.npy" in kept  # e_b, the plot
     assert "downstream/adc_sid/retrieval_seed1.npz" in kept
+    assert "tokenizers/adc_sid/seed1/sids.npz" in kept  # seed 1's fit: its SIDs, not its artifact
 
     before = json.load(open(os.path.join(quick_run[0], "results.json")))
     args = ("--data", SLICE, "--output", clone, "--quick", "--tokenizers", ",".join(TOKENIZERS))

@@ -4,12 +4,19 @@ interrupted run restarts where it stopped (a stage's result is written atomicall
     embeddings/{text,meta}.npy              1. sentence embeddings of item text
     sasrec/<variant>/                       2. ID SASRec (CE, tied / untied; BCE optional):
                                                accuracy, norm vs popularity, item tables
-    tokenizers/<name>/                      3. fitted tokenizer, SIDs, quantization metrics
+    tokenizers/<name>/[seed<k>/]            3. fitted tokenizer, SIDs, quantization metrics
+                                               (one fit per seed: seed k fits with seed k)
     downstream/<name>/sid_sasrec_seed<k>.*  4. SID-SASRec: SASRec over SID-composed items
     downstream/<name>/retrieval_seed<k>.*   5. generative retrieval
     downstream/<name>/ranking_seed<k>.*     6. discriminative ranking
     results.json, report.md, plots/         7. aggregation over seeds, head vs tail,
                                                paired bootstrap, wall time per stage
+
+Seed k is a whole draw of what a tokenizer is judged by: the tokenizer fitted with seed k
+(the budget's own seed at ``tokenizers/<name>/``, any other in ``seed<k>/`` below it) and
+its downstream models trained with seed k, so the spread over seeds holds the fit-to-fit
+variance of the tokenizer, not only the downstream models' (LETTER's published SIDs are one
+table for every seed).
 
 Every downstream model stops early on the validation split and restores its best epoch;
 the test split is read once per trained model, after training. Per-user test metrics
@@ -252,6 +259,8 @@ class Evaluation:
         self.data: Dataset = full.subsample(config.quick_users, seed=0) if config.quick else full
         self.report = True  # False in the extra processes of --parallel: the first one reports
         self.workers: list = []  # those processes (subprocess.Popen), waited for before the report
+        self._fit_inputs: tuple[dict, dict] | None = None  # (items, dims), read when a fit is due
+        self._tables: dict[str, tuple[SIDTable, PrefixTrie]] = {}  # by tokenizer_dir
         self._check_cache()
 
     def path(self, *parts: str) -> str:
@@ -264,7 +273,8 @@ class Evaluation:
                "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget),
                "retrieval": dataclasses.asdict(self.c.retrieval), "ranking": dataclasses.asdict(self.c.ranking),
                "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
-               "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup}
+               "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup,
+               "tokenizer_fits": "one per seed"}
         p = self.path("run_config.json")
         if os.path.exists(p):
             old = _read_json(p)
@@ -280,7 +290,7 @@ class Evaluation:
         """What a kept cache leaves out (module docstring): rebuildable or never read again."""
         variant, which = EMBEDDING_SOURCE[self.c.behavior_embedding]
         lines = ["# written by sidserve.eval.pipeline: what a kept evaluation cache leaves out",
-                 "embeddings/*.npy", "tokenizers/*/artifact/", "tokenizers/*.artifact-tmp/", "*.tmp-*",
+                 "embeddings/*.npy", "tokenizers/**/artifact/", "tokenizers/**/*.artifact-tmp/", "*.tmp-*",
                  "*.lock",  # a stage being run (--parallel): meaningless on another machine
                  "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept",
                  f"!sasrec/{variant}/{which}_emb.npy",
@@ -290,10 +300,11 @@ class Evaluation:
             f.write("\n".join(lines) + "\n")
 
     def planned_stages(self) -> int:
-        """Upper bound on the stages of a run: text embeddings, the SASRec variants, one fit per
-        tokenizer, and SID-SASRec + retrieval + ranking per tokenizer and seed."""
+        """Upper bound on the stages of a run: text embeddings, the SASRec variants, and per
+        tokenizer and seed a fit (one for LETTER) and SID-SASRec + retrieval + ranking."""
         variants = len(set(self.c.sasrec_variants) | {EMBEDDING_SOURCE[self.c.behavior_embedding][0]})
-        return 1 + variants + len(self.c.tokenizers) * (1 + 3 * len(self.c.seeds))
+        fits = sum(1 if n == "letter" else len(self.c.seeds) for n in self.c.tokenizers)
+        return 1 + variants + fits + 3 * len(self.c.tokenizers) * len(self.c.seeds)
 
     # how often a process waiting for another's stage looks again (stages take minutes; the
     # tests, whose stages take a second, set it lower)
@@ -391,11 +402,44 @@ class Evaluation:
         return np.load(self.path("sasrec", variant, f"{which}_emb.npy"))
 
     # 3 ---------------------------------------------------------------------------------
-    def tokenize(self, name: str, items: dict, dims: dict[str, int]) -> SIDTable:
+    def fit_inputs(self) -> tuple[dict, dict]:
+        """(items, dims) a fit reads: text embeddings (built when the cache lacks them) and e_b;
+        read once, and only when some fit is still to be done."""
+        if self._fit_inputs is None:
+            content = self.embeddings()
+            items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
+                     "meta_emb": content["meta"], "behavior_emb": self.behavior(),
+                     # interactions per item in the training split (richness_signal="popularity")
+                     "popularity": self.data.popularity()[1:].astype(np.float64)}
+            self._fit_inputs = items, {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
+        return self._fit_inputs
+
+    def fit_seed(self, name: str, seed: int) -> int | None:
+        """The seed ``name`` is fitted with for downstream seed ``seed`` (None: LETTER, not fitted)."""
+        return None if name == "letter" else seed
+
+    def tokenizer_dir(self, name: str, seed: int) -> str:
+        fs = self.fit_seed(name, seed)
         d = self.path("tokenizers", name)
+        return d if fs is None or fs == self.c.budget.seed else os.path.join(d, f"seed{fs}")
+
+    def table(self, name: str, seed: int) -> tuple[SIDTable, PrefixTrie]:
+        """Seed ``seed``'s SID table of ``name`` and its prefix trie (fitted first if needed)."""
+        d = self.tokenizer_dir(name, seed)
+        if d not in self._tables:
+            self._tables[d] = self.tokenize(name, seed)
+        return self._tables[d]
+
+    def tokenize(self, name: str, seed: int) -> tuple[SIDTable, PrefixTrie]:
+        d = self.tokenizer_dir(name, seed)
+        fs = self.fit_seed(name, seed)
+        items, dims = {}, {}
+        if not os.path.exists(os.path.join(d, "quantization.json")):
+            items, dims = self.fit_inputs()
 
         def run():
-            tk = fit_tokenizer(name, items, dims, items["behavior_emb"].shape[1], self.c.budget,
+            budget = self.c.budget if fs is None else dataclasses.replace(self.c.budget, seed=fs)
+            tk = fit_tokenizer(name, items, dims, items["behavior_emb"].shape[1], budget,
                                letter_sids=[it.get("letter_sid") for it in self.data.items])
             if tk.tokenizer is not None:
                 art = d + ".artifact-tmp"
@@ -409,10 +453,13 @@ class Evaluation:
             q["codebook_size"] = tk.codebook_size
             q["sid_length"] = int(tk.sid.shape[1])
             q["items_sharing_sid"] = float(1 - np.unique(tk.sid, axis=0).shape[0] / tk.sid.shape[0])
+            q["fit_seed"] = fs
             return q
-        self._stage(f"tokenizers:{name}", os.path.join(d, "quantization.json"), run)
+        stage = f"tokenizers:{name}" if d == self.path("tokenizers", name) else f"tokenizers:{name}:seed{fs}"
+        self._stage(stage, os.path.join(d, "quantization.json"), run)
         z = np.load(os.path.join(d, "sids.npz"))
-        return SIDTable.build(z["sid"], z["weights"])
+        table = SIDTable.build(z["sid"], z["weights"])
+        return table, PrefixTrie.build(table)
 
     # 4-6 -------------------------------------------------------------------------------
     def stage_path(self, name: str, task: str, seed: int, ext: str = "json") -> str:
@@ -428,7 +475,7 @@ class Evaluation:
             per_user = evaluate_sasrec(model, hist, targets, ks=(5, 10, 50), per_user=True)
             _atomic_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
             res = grouped_means(per_user, targets, groups)
-            res.update(history=history, early_stopping=model.early_stopping)
+            res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
         return self._stage(f"sid_sasrec:{name}:{seed}", self.stage_path(name, "sid_sasrec", seed), run, wait)
 
@@ -443,7 +490,7 @@ class Evaluation:
             per_user = recall_ndcg(ranked, targets, (5, 10, 50))
             _atomic_npz(self.stage_path(name, "retrieval", seed, "npz"), **per_user)
             res = grouped_means(per_user, targets, groups)
-            res.update(history=history, early_stopping=model.early_stopping,
+            res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed),
                        generate_seconds=time.perf_counter() - t0, valid_sid_share=float((ranked >= 0).mean()))
             return res
         return self._stage(f"retrieval:{name}:{seed}", self.stage_path(name, "retrieval", seed), run, wait)
@@ -458,7 +505,7 @@ class Evaluation:
             scores = score(model, hist, np.concatenate([targets[:, None], negatives["test"]], axis=1))
             _atomic_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))
             res = evaluate_ranking(scores, targets, groups)
-            res.update(history=history, early_stopping=model.early_stopping)
+            res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
         return self._stage(f"ranking:{name}:{seed}", self.stage_path(name, "ranking", seed), run, wait)
 
@@ -475,12 +522,12 @@ class Evaluation:
             out[split] = np.load(p)
         return out
 
-    def downstream(self, name: str, table: SIDTable, trie: PrefixTrie, seeds: list[int], groups, negatives,
-                   wait: bool = True) -> bool:
-        """The three tasks of ``name`` at ``seeds``; False if another process holds some of
-        them (``wait=False``: skipped, the caller comes back for them)."""
+    def downstream(self, name: str, seeds: list[int], groups, negatives, wait: bool = True) -> bool:
+        """The three tasks of ``name`` at ``seeds`` (each on that seed's fit); False if another
+        process holds some of them (``wait=False``: skipped, the caller comes back for them)."""
         ok = True
         for seed in seeds:
+            table, trie = self.table(name, seed)
             ok &= self.sid_sasrec(name, table, seed, groups, wait)
             ok &= self.retrieval(name, table, trie, seed, groups, wait)
             ok &= self.ranking(name, table, seed, groups, negatives, wait)
@@ -513,26 +560,18 @@ class Evaluation:
             return write_report(self, wall_seconds=time.perf_counter() - t_start)
         for v in self.c.sasrec_variants:
             self.sasrec_variant(v)
-        items, dims = {}, {}
-        if any(not os.path.exists(self.path("tokenizers", n, "quantization.json")) for n in self.c.tokenizers):
-            # the inputs of a fit: read (or built) only when some tokenizer is still to be fitted
-            content = self.embeddings()
-            items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                     "meta_emb": content["meta"], "behavior_emb": self.behavior(),
-                     # interactions per item in the training split (richness_signal="popularity")
-                     "popularity": self.data.popularity()[1:].astype(np.float64)}
-            dims = {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
-        tables = {name: self.tokenize(name, items, dims) for name in self.c.tokenizers}
-        tries = {name: PrefixTrie.build(t) for name, t in tables.items()}
+        tables = self.c.tokenizers
+        for name in tables:  # the first seed's fits before any downstream stage; the others when needed
+            self.table(name, self.c.seeds[0])
         # every tokenizer at the first seed before any second seed (an interrupted run can
         # already compare them all, the baselines before the ablations), then the other seeds; an ablation gets them only when
         # its first seed is within 2 seed spreads of ADC-SID on some headline metric
         adaptive = self.c.ablation_seeds_adaptive and "adc_sid" in tables
 
         def down(name, seeds, wait):
-            return self.downstream(name, tables[name], tries[name], seeds, groups, negatives, wait)
+            return self.downstream(name, seeds, groups, negatives, wait)
 
         # a stage another process holds is skipped on the way (wait=False) and waited for at the
         # end; the stages that decide an ablation's seeds are waited for when they are needed

@@ -178,8 +178,10 @@ def _markdown(r: dict, plots: list[str]) -> str:
     L.append(f"# SID evaluation on {ds['name']}\n")
     L.append(f"{ds['users']:,} users, {ds['items']:,} items, {ds['interactions']:,} interactions"
              f"{' (--quick subsample: a smoke test, not a measurement)' if ds['quick'] else ''}. "
-             f"Leave-one-out split; downstream seeds {r['seeds']} (mean ± sample std over the seeds each "
-             f"tokenizer ran, listed per row). Every downstream model stops early on the validation split "
+             f"Leave-one-out split; seeds {r['seeds']} (seed k: the tokenizer fitted with seed k and its "
+             f"downstream models trained with seed k, so the spread holds both; LETTER's published SIDs are one "
+             f"table; mean ± sample std over the seeds each tokenizer ran, listed per row; the quantization "
+             f"figures are the first seed's fit). Every downstream model stops early on the validation split "
              f"and restores its best epoch; test is read once per trained model.\n")
     L.append(f"Command: `{r['command']}`\n")
     if r["pending"]:

@@ -54,6 +54,10 @@ class RetrievalConfig:
     # epochs without a better validation metric before stopping: 4, since NDCG@10 of 5,000
     # users moves by about its own noise (~0.002) from one epoch to the next near the top
     patience: int = 4
+    # ... but not before 15 epochs: RQ-VAE's Beauty run once stopped after 9 (best epoch 4, a
+    # plateau of its validation NDCG@10) where another draw of it rose to epoch 27; the other
+    # tokenizers' best epochs were 13-28, so the floor costs them nothing
+    min_epochs: int = 15
     valid_metric: str = "ndcg@10"  # beam-search NDCG@10 on valid_users validation users, or 'loss'
     valid_users: int = 5000  # fixed random sample of validation users scored every epoch (0 = all)
     batch_size: int = 1024  # examples per step
@@ -75,6 +79,8 @@ class RetrievalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.min_epochs < 0:
+            raise ValueError(f"min_epochs must be >= 0, got {self.min_epochs}")
         if self.valid_users < 0 or self.warmup_steps < 0:
             raise ValueError(f"valid_users and warmup_steps must be >= 0, got {self.valid_users}, {self.warmup_steps}")
         return self
@@ -292,7 +298,7 @@ def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[
     model = SIDSeq2Seq(table, c)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, c.warmup_steps)))
-    stopper = EarlyStopping(c.patience, mode="min" if c.valid_metric == "loss" else "max")
+    stopper = EarlyStopping(c.patience, mode="min" if c.valid_metric == "loss" else "max", min_epochs=c.min_epochs)
     history = []
     for epoch in range(c.max_epochs):
         t0 = time.perf_counter()
