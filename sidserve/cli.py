@@ -194,7 +194,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="cache + report dir (results.json, report.md, plots/)")
     p.add_argument("--tokenizers", help="comma-separated (default: adc_sid, its four ablations, rqvae, rqkmeans, "
                                         "opq); 'letter' adds LETTER's published SIDs")
-    p.add_argument("--seeds", help="comma-separated downstream model seeds (default: 0,1,2; --quick: 0,1)")
+    p.add_argument("--seeds", help="comma-separated seeds, each a tokenizer fit and its downstream models (default: 0,1,2; "
+                        "--quick: 0,1)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the stages cached so far (pending ones are listed)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
