@@ -303,3 +303,23 @@ def test_select_logs_validation_results(tmp_path):
     assert not any(k.startswith("test") for k in r)
     logged = json.loads(log.read_text().splitlines()[-1])
     assert logged["overrides"]["hidden_dim"] == 16 and logged["valid"] == r["valid"]
+
+
+def test_select_breaks_validation_down_by_popularity_group(tmp_path):
+    """The per-group figures are the selected model (best epoch restored) on every validation
+    target: their 'all' row is the selection's own validation metric, and head / tail are
+    subsets of those users."""
+    from sidserve.eval.selection import select
+    data = _successor_data(n=150, users=300)
+    data.save(str(tmp_path / "d"))
+    rng = np.random.default_rng(0)
+    sids = tmp_path / "sids.npz"
+    np.savez(sids, sid=rng.integers(0, 8, size=(150, 3)), weights=rng.uniform(0.2, 1, size=(150, 3)).astype(np.float32))
+    small = {"sid_sasrec": {"max_epochs": 2, "hidden_dim": 16, "ff_dim": 16, "max_len": 10},
+             "ranking": {"max_epochs": 2, "d_model": 16, "mlp_dim": 16}}
+    for model, metric in (("sid_sasrec", "ndcg@10"), ("ranking", "gauc")):
+        r = select(str(tmp_path / "d"), model, small[model], sids=str(sids))
+        g = r["valid_by_group"]
+        assert g["all"][metric] == pytest.approx(r["valid"][metric], abs=1e-6)
+        assert g["all"]["users"] == 300 and 0 < g["head"]["users"] + g["tail"]["users"] <= 300
+        assert all(0 <= g[k][metric] <= 1 for k in ("head", "tail"))

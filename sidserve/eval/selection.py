@@ -27,6 +27,7 @@ from sidserve.eval.sasrec import SASRecConfig, SIDItems, train_sasrec
 from sidserve.eval.sid_table import SIDTable
 from sidserve.eval.tokenizers import parse_letter_sids
 
+VALID_NEGATIVES_DRAW = 54321  # the validation negatives of every ranking selection (one fixed draw)
 MODELS = {"sasrec": SASRecConfig, "sid_sasrec": SASRecConfig, "retrieval": RetrievalConfig,
           "ranking": RankingConfig}
 
@@ -97,6 +98,36 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
     return SIDTable.build(tk.sid, tk.weights), quant
 
 
+def valid_negatives(data) -> np.ndarray:
+    """(U, 99) validation negatives of every ranking selection: one fixed draw of items outside
+    each user's training + validation items."""
+    return sample_negatives(np.random.default_rng(VALID_NEGATIVES_DRAW), [s[:-1] for s in data.sequences],
+                            data.num_items, 99)
+
+
+def valid_by_group(model: str, m, data, table: SIDTable, c) -> dict:
+    """The trained SID model (best epoch restored) on every validation target, overall and for
+    the users whose validation item is a head / tail item by training popularity (the
+    evaluation's groups): where a tokenizer wins or loses, on validation. SID-SASRec: Recall /
+    NDCG@10 over the catalog; retrieval: the same from a beam search over all validation users;
+    ranking: AUC / GAUC against the selection's 99 validation negatives."""
+    from sidserve.eval.metrics import grouped_means, recall_ndcg
+    from sidserve.eval.ranking import evaluate_ranking, score
+    from sidserve.eval.retrieval import rank_items
+    from sidserve.eval.sasrec import evaluate_sasrec
+    from sidserve.eval.sid_table import PrefixTrie
+
+    hist, targets = data.targets("valid")
+    groups = data.popularity_groups(0.25)
+    if model == "sid_sasrec":
+        return grouped_means(evaluate_sasrec(m, hist, targets, ks=(10,), per_user=True), targets, groups)
+    if model == "retrieval":
+        ranked = rank_items(m, PrefixTrie.build(table), hist, c.beam_size)
+        return grouped_means(recall_ndcg(ranked, targets, (10,)), targets, groups)
+    neg = valid_negatives(data)
+    return evaluate_ranking(score(m, hist, np.concatenate([targets[:, None], neg], axis=1)), targets, groups)
+
+
 def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
            tokenizer: dict | None = None) -> dict:
     """Train ``model`` with ``overrides`` and return its validation result (no test).
@@ -131,9 +162,11 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
         m, history = train_retrieval(_sids(data, sids, table), train, valid, c)
     else:
         result["sids"] = sids
-        neg = sample_negatives(np.random.default_rng(54321), [s[:-1] for s in data.sequences], data.num_items, 99)
+        neg = valid_negatives(data)
         m, history = train_ranker(_sids(data, sids, table), train, c, valid=(*valid, neg))
     best = m.early_stopping["best_epoch"]
+    if model != "sasrec":
+        result["valid_by_group"] = valid_by_group(model, m, data, _sids(data, sids, table), c)
     result.update(early_stopping=m.early_stopping,
                   valid={k[len("valid_"):]: v for k, v in history[best].items() if k.startswith("valid_")},
                   seconds=round(time.perf_counter() - t0, 1),
