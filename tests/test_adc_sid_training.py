@@ -203,3 +203,6 @@ def test_cold_consistency_keeps_the_shared_code_of_thin_items(tok, catalog):
     assert consistent.history_[-1]["consistency"] < consistent.history_[0]["consistency"]
     with pytest.raises(ValueError, match="cold_consistency_weight"):
         TokenizerConfig(**FIT, cold_consistency_weight=-1.0).validate()
+    for below in (0.0, 1.5):
+        with pytest.raises(ValueError, match="cold_consistency_below"):
+            TokenizerConfig(**FIT, cold_consistency_below=below).validate()

@@ -223,6 +223,17 @@ def test_cold_consistency_term_by_hand():
             a, b = z[i], e(cold_in[None])[0]
             want += (1 - w) * (1 - (a @ b) / (a.norm() * b.norm()))
     assert got.item() == pytest.approx(want.item() / 5, rel=1e-5)
+    # cold_consistency_below: only items whose N_norm is below it are pulled (items 0 and 4 here)
+    model.config = c.replace(cold_consistency_below=0.5)
+    part = model.cold_consistency(h, warm, rows, n_norm, shared_z)
+    want_part = 0.0
+    for j, i in ((0, 0), (3, 4)):
+        cold_in = torch.cat([h["text"][i], h["image"][i], model.missing_h_b])
+        w = alignment_strength(n_norm[j:j + 1], c.alpha, c.beta)[0]
+        for z, e in zip(shared_z, model.shared_experts):
+            a, b = z[i], e(cold_in[None])[0]
+            want_part += (1 - w) * (1 - (a @ b) / (a.norm() * b.norm()))
+    assert 0 < part.item() < got.item() and part.item() == pytest.approx(want_part.item() / 5, rel=1e-5)
     # in the total with its weight; 0 (the default) leaves the paper's loss untouched
     model.zero_grad()
     out = model(x)

@@ -243,8 +243,9 @@ class ADCSIDModel(nn.Module):
                          n_norm: torch.Tensor, shared_z: list[torch.Tensor]) -> torch.Tensor:
         """sum_i (1 - w_i) * sum_s (1 - cos(z_s(i), z_s(i | behavior withheld))) / B_b over the items
         whose behavior this step fed (``rows``: items with behavior, ``n_norm`` their richness;
-        ``warm``: (B,) not dropped out). Gradients reach both paths: the cold path learns where
-        thin warm items land, and thin items' shared latents stay near their content-only ones."""
+        ``warm``: (B,) not dropped out) and whose N_norm is below ``cold_consistency_below``.
+        Gradients reach both paths: the cold path learns where thin warm items land, and thin
+        items' shared latents stay near their content-only ones."""
         c = self.config
         fed = warm[rows]  # (B_b,)
         r = rows[fed]
@@ -254,6 +255,8 @@ class ADCSIDModel(nn.Module):
                             dim=-1)
         thin = 1 - alignment_strength(n_norm[fed], c.alpha, c.beta).detach() if c.use_alignment_controller \
             else torch.ones(r.numel(), device=warm.device)
+        if c.cold_consistency_below < 1:
+            thin = thin * (n_norm[fed] < c.cold_consistency_below)
         gap = sum(1 - torch.nn.functional.cosine_similarity(z[r], expert(cold_in), dim=-1)
                   for z, expert in zip(shared_z, self.shared_experts))
         return (thin * gap).sum() / rows.numel()
