@@ -142,7 +142,8 @@ class TokenizerConfig(ModalityInputs):
     # ... applied only to items whose normalised richness N_norm is below this (the richness
     # quantile under the default quantile normalisation; 1 = every item, as 1 - w alone
     # gives). On Beauty 85% of items have w < 0.5, so 1 - w pulls head items too: weight 0.3
-    # raised validation tail GAUC by 0.018 and lowered head GAUC by 0.015 (docs/evaluation.md)
+    # raised validation tail GAUC by 0.018 and lowered head GAUC by 0.015; below 0.25 kept the
+    # head and lost the tail gain (one fit each, docs/evaluation.md "Where ADC-SID loses")
     cold_consistency_below: float = 1.0
 
     # ---- ablations (paper Table 3) -------------------------------------------------
