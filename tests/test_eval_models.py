@@ -9,8 +9,10 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sidserve.eval.chunked_ce import chunked_cross_entropy
 from sidserve.eval.data import Dataset
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import gauc, paired_bootstrap, per_user_auc, recall_ndcg
@@ -50,6 +52,32 @@ def test_ce_loss_matches_a_hand_computed_value():
     # user 1: logits (0, 2, 2), target item 3 -> log(1 + 2e^2) - 2
     expected = ((math.log(2 * math.e + 1) - 1) + (math.log(1 + 2 * math.e ** 2) - 2)) / 2
     assert ce_loss(h, table, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 7, 64])
+def test_chunked_ce_equals_the_dense_loss_and_gradients(tile):
+    # 10 positions x 23 items: tiles that divide neither, one that covers both, and 1 x 1
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(23, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 22, 5, 5, 7, 1, 0, 13, 22, 9])  # repeated targets: index_add_ sums
+    dense = F.cross_entropy(h @ w.T, target)
+    dh, dw = torch.autograd.grad(dense, (h, w))
+    ours = chunked_cross_entropy(h, w, target, tile=tile)
+    gh, gw = torch.autograd.grad(ours * 1.0, (h, w))
+    assert ours.item() == pytest.approx(dense.item(), rel=1e-12)
+    torch.testing.assert_close(gh, dh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, dw, rtol=1e-10, atol=1e-12)
+    # an upstream gradient other than 1 scales both
+    gh2, _ = torch.autograd.grad(3.0 * chunked_cross_entropy(h, w, target, tile=tile), (h, w))
+    torch.testing.assert_close(gh2, 3 * dh, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_ce_names_a_wrong_shape():
+    with pytest.raises(ValueError, match="same width"):
+        chunked_cross_entropy(torch.zeros(3, 4), torch.zeros(5, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="target must be"):
+        chunked_cross_entropy(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("loss,tied", [("ce", True), ("ce", False), ("bce", True)])

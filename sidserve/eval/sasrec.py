@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.eval.chunked_ce import chunked_cross_entropy
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import recall_ndcg
 from sidserve.eval.sid_table import SIDTable
@@ -177,9 +178,10 @@ class SASRec(nn.Module):
 
 def ce_loss(h: torch.Tensor, out_table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean softmax cross-entropy of states h (P, d) against the whole catalog
-    out_table (N+1, d) (row 0, padding, excluded), targets (P,) in 1..N."""
-    logits = h @ out_table[1:].T  # (P, N)
-    return F.cross_entropy(logits, target - 1)
+    out_table (N+1, d) (row 0, padding, excluded), targets (P,) in 1..N. Computed in
+    cache-sized tiles (``chunked_ce``): equal to ``F.cross_entropy(h @ out_table[1:].T,
+    target - 1)`` without materialising the (P, N) logits."""
+    return chunked_cross_entropy(h, out_table[1:], target - 1)
 
 
 def _negatives(rng: np.random.Generator, pos: np.ndarray, num_items: int, seen_keys: np.ndarray,
