@@ -3,7 +3,7 @@ bare ``encode`` of the same model in one process without Ray (the bound), at two
 sizes, in one run.
 
     .venv/bin/python bench/assign_throughput.py [--sizes 100000 1000000] [--workers 2]
-        [--plain-encode] [--workdir DIR]
+        [--plain-encode] [--workdir DIR] [--sticky-delta 0.3 [--sticky-candidates 32]]
 
 Each measurement runs in a fresh subprocess so that peak RSS is its own. The job's figures
 are sums over the driver and every process Ray started, sampled every 0.5 s (PSS every 2 s): RSS (counts
@@ -16,6 +16,9 @@ per stage of the job; the object store's use is the peak of /dev/shm.
 ``--plain-encode`` fits the model with ``batch_invariant: false`` (the plain float32 path):
 the encode is then ~5x cheaper, which makes what the job adds around it (reads, groupings,
 writes) easier to see. ``--workdir`` keeps the generated catalogs for the next run.
+``--sticky-delta`` adds a third measurement: the job with sticky assignment (what a refresh of
+an ADC-SID model runs) against a previous snapshot of the same catalog, written first by a plain
+run that is not timed; its cost over the plain job is the candidates' encode and staging.
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ class MemorySampler:
             time.sleep(0.5)
 
 
-def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
+def child(mode: str, items: str, model: str, out: str, workers: int, sticky_delta: float | None = None,
+          sticky_candidates: int = 32) -> None:
     """Runs in a subprocess; prints one JSON line."""
     import resource
 
@@ -150,9 +154,13 @@ def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
         from sidserve.jobs.assign import AssignJobConfig, run_assignment
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        sticky = {}
+        if mode == "sticky":  # the previous snapshot, not timed
+            run_assignment(AssignJobConfig(items=items, model=model, output=out, num_workers=workers))
+            sticky = {"sticky_delta": sticky_delta, "sticky_candidates": sticky_candidates}
         sampler = MemorySampler().start()
         t0 = time.perf_counter()
-        s = run_assignment(AssignJobConfig(items=items, model=model, output=out, num_workers=workers))
+        s = run_assignment(AssignJobConfig(items=items, model=model, output=out, num_workers=workers, **sticky))
         wall = time.perf_counter() - t0
         peak, series = sampler.stop()
         n = s["items"]
@@ -170,7 +178,8 @@ def child(mode: str, items: str, model: str, out: str, workers: int) -> None:
             "pss_at_peak_mib": {r: top[2].get(r, 0) / mib for r in names},
             "role_peak_pss_mib": {r: max(x[2].get(r, 0) for x in series) / mib for r in names},
             "stage_peak_pss_mib": by_stage, "peak_shm_mib": peak["shm"] / mib,
-            "staging_files": s.get("staging_files"), "partitions": s["partitions"]}))
+            "staging_files": s.get("staging_files"), "partitions": s["partitions"],
+            "staging_bytes": s.get("staging_bytes")}))
     print(json.dumps({"mode": mode, "items": n, "wall_s": wall, "items_per_s": n / wall, "peak_rss_mib": rss}))
 
 
@@ -180,12 +189,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--plain-encode", action="store_true", help="the model's plain float32 encode path")
     p.add_argument("--workdir", help="keep catalogs (and the model) here between runs instead of a temp dir")
+    p.add_argument("--sticky-delta", type=float, help="also time the job with sticky assignment at this margin")
+    p.add_argument("--sticky-candidates", type=int, default=32, help="codes per position scored for stickiness")
     p.add_argument("--child", nargs=4)
     args = p.parse_args()
     if args.child:
         mode, items, model, out = args.child
-        child(mode, items, model, out, args.workers)
+        child(mode, items, model, out, args.workers, args.sticky_delta, args.sticky_candidates)
         return
+    modes = ("bare", "job") + (("sticky",) if args.sticky_delta is not None else ())
 
     results = []
     if args.workdir:
@@ -196,9 +208,11 @@ def main() -> None:
         for n in args.sizes:
             items = os.path.join(d, f"items-{n}")
             make_inputs(n, items, model, args.plain_encode)
-            for mode in ("bare", "job"):
-                out = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--child", mode,
-                                      items, model, os.path.join(tmp, f"snap-{n}")],
+            for mode in modes:
+                sticky = ["--sticky-delta", str(args.sticky_delta), "--sticky-candidates",
+                          str(args.sticky_candidates)] if mode == "sticky" else []
+                out = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), *sticky,
+                                      "--child", mode, items, model, os.path.join(tmp, f"snap-{n}-{mode}")],
                                      capture_output=True, text=True, check=True).stdout
                 lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
                 row = lines[-1]
@@ -240,6 +254,17 @@ def main() -> None:
         cells = [f"{j['pss_at_peak_mib'].get(r, 0):,.0f} ({j['role_peak_pss_mib'].get(r, 0):,.0f})" for r in names]
         print(f"| {n:,} | {j['partitions']} | {f.get('encoded')} / {f.get('previous')} / {f.get('resolved')} | "
               f"{j['peak_shm_mib']:,.0f} MiB | " + " | ".join(cells) + " |")
+    if args.sticky_delta is not None:
+        print(f"\nsticky assignment (delta {args.sticky_delta:g}, {args.sticky_candidates} candidates) against a "
+              "previous snapshot of the same catalog, vs the plain job of the same run:\n")
+        print("| catalog | plain job | sticky job | sticky / plain wall | encoded staging per item, plain | "
+              "sticky | stages of the sticky job (s) |")
+        print("|---|---|---|---|---|---|---|")
+        for n in args.sizes:
+            j, st = by[(n, "job")], by[(n, "sticky")]
+            print(f"| {n:,} | {j['wall_s']:.1f} s | {st['wall_s']:.1f} s | {st['wall_s'] / j['wall_s']:.2f}x | "
+                  f"{j['staging_bytes']['encoded'] / n:,.0f} B | {st['staging_bytes']['encoded'] / n:,.0f} B | "
+                  f"{json.dumps({k: round(v, 1) for k, v in st['stages'].items()})} |")
     print("\npeak PSS sum (MiB) within each stage:")
     for n in args.sizes:
         j = by[(n, "job")]

@@ -484,10 +484,16 @@ def test_sticky_keeps_a_code_within_delta_and_switches_beyond_it():
     codes, kept, unscored = sticky_codes(computed, cand, scores, previous, 0.1, 5)
     # item 0: 3 is 0.05 below the best at position 0 -> kept; 0 is 0.2 below at position 1 -> switch
     # item 1: 1 is 0.5 below -> switch; 4 is 0.01 below -> kept
-    # item 2: 2 is not among the candidates -> replaced (unscored); a missing position is left alone
+    # item 2: 2 is not among the candidates, and the 3rd is 0.8 below the best -> 2 is too:
+    # replaced, not unscored; a missing position is left alone
     assert codes.tolist() == [[3, 1], [2, 4], [4, 5]]
     assert kept.tolist() == [[True, False], [False, True], [False, False]]
+    assert not unscored.any()
+    # at delta 0.85 all 3 of item 2's candidates are within it: 2, ranked below them, might be
+    # too -> unscored (a larger k could have kept it); kept where the margin allows
+    codes, kept, unscored = sticky_codes(computed, cand, scores, previous, 0.85, 5)
     assert unscored.tolist() == [[False, False], [False, False], [True, False]]
+    assert kept.tolist() == [[True, True], [True, True], [False, False]]
     # delta 0 reproduces the plain assignment (no candidate ties here); a larger delta keeps more
     assert (sticky_codes(computed, cand, scores, previous, 0.0, 5)[0] == computed).all()
     assert sticky_codes(computed, cand, scores, previous, 0.6, 5)[1].sum() == 4
@@ -497,6 +503,41 @@ def test_sticky_keeps_a_code_within_delta_and_switches_beyond_it():
     assert (sticky_codes(computed, cand, scores, prev, 1.0, 5)[0][1:] == computed[1:]).all()
     with pytest.raises(ValueError, match="delta"):
         sticky_codes(computed, cand, scores, previous, -0.1, 5)
+
+
+def test_the_staged_candidates_are_those_within_delta_and_decide_as_all_k_do():
+    """trim_candidates keeps, per position, the prefix of the k best within delta (what the
+    assignment job stages); sticky_from_trimmed on it keeps exactly the codes that a check of
+    every candidate's score against delta keeps."""
+    from sidserve.jobs.assign.sticky import sticky_from_trimmed, trim_candidates
+
+    rng = np.random.default_rng(0)
+    n, L, K, k, missing = 500, 4, 12, 5, 12
+    scores_all = rng.normal(size=(n, L, K))
+    scores_all[:50, 3] = np.nan  # positions without a code (behavior absent)
+    order = np.argsort(-np.nan_to_num(scores_all, nan=-np.inf), axis=-1)
+    cand = order[:, :, :k]
+    scores = np.take_along_axis(scores_all, cand, -1)
+    cand[:50, 3] = missing
+    computed = cand[:, :, 0]
+    previous = rng.integers(0, K, size=(n, L))
+    previous[:20] = -1  # new items
+    for delta in (0.0, 0.3, 1.0, 100.0):
+        codes, counts = trim_candidates(cand, scores, delta)
+        gap = scores[:, :, :1] - scores
+        assert (counts == np.nansum(gap <= delta, -1)).all() and (counts[:50, 3] == 0).all()
+        assert codes.size == counts.sum() and (codes != missing).all()
+        sid, kept, unscored = sticky_from_trimmed(computed, codes, counts, k, previous, missing)
+        # by hand: the previous code is kept where it is a candidate within delta of the best
+        prev_gap = np.where(cand == previous[:, :, None], gap, np.inf).min(-1)
+        eligible = (previous >= 0) & (computed != missing) & (previous != computed)
+        assert (kept == (eligible & (prev_gap <= delta))).all()
+        assert (sid == np.where(kept, previous, computed)).all()
+        # unscored: replaced while all k were within delta
+        assert (unscored == (eligible & ~kept & (counts == k))).all()
+    assert kept.sum() > 0 and unscored.sum() > 0  # delta 100: everything scored is within
+    with pytest.raises(ValueError, match="counts sum"):
+        sticky_from_trimmed(computed, codes[1:], counts, k, previous, missing)
 
 
 def test_candidates_follow_the_codebooks_similarity(world):
@@ -520,6 +561,15 @@ def test_candidates_follow_the_codebooks_similarity(world):
     assert (enc.candidates[cold, -n_b:] == tok.config.missing_code).all() and (~present[cold, -n_b:]).all()
     with pytest.raises(ValueError, match="candidates"):
         tok.encode(items, candidates=tok.config.codebook_size + 1)
+    # what the assignment job stages for them: per row, each position's candidates within delta
+    from sidserve.jobs.assign.encode import encode_table
+    from sidserve.jobs.assign.sticky import trim_candidates
+
+    staged = encode_table(tok, items, candidates=3, delta=0.05)
+    codes, counts = trim_candidates(enc.candidates, enc.candidate_scores, 0.05)
+    assert staged.column("cand_count").to_pylist() == counts.tolist()
+    assert [c for row in staged.column("cand").to_pylist() for c in row] == codes.tolist()
+    assert 0 < counts.sum() < 3 * counts.size and (counts[cold, -n_b:] == 0).all()
 
     book = CosineCodebook(dim=4, codebook_size=4)
     with torch.no_grad():

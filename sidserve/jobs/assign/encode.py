@@ -25,30 +25,36 @@ ENCODED_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("sid", pa.list_(pa.int32())), ("sid_str", pa.string()),
     ("behavior_weights", pa.list_(pa.float32())), ("path", pa.string()),
     ("popularity", pa.float64()), ("reason", pa.string()),
-    # sticky assignment only (null otherwise): the k best codes per position, flattened (L * k),
-    # and their scores, for the resolve stage to weigh against the previous SID
-    ("cand", pa.list_(pa.int32())), ("cand_score", pa.list_(pa.float64())),
+    # sticky assignment only (null otherwise): of the k best codes per position, those within
+    # delta of the best (sticky.trim_candidates), positions concatenated, and how many each
+    # position has (L), for the resolve stage to match against the previous SID
+    ("cand", pa.list_(pa.int32())), ("cand_count", pa.list_(pa.int32())),
 ])
 
 
 class Encoder:
     """Ray Data actor: loads the tokenizer once, then encodes batches (pyarrow Tables)."""
 
-    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, candidates: int = 0):
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, candidates: int = 0, delta: float = 0.0):
         self.tok: BaseTokenizer = load_tokenizer(model_uri)
         if use_gpu:
             self.tok.to("cuda")
         self.batch_size = batch_size
         self.candidates = candidates
+        self.delta = delta
         self.version = self.tok.version
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return encode_table(self.tok, table, self.batch_size, self.candidates)
+        return encode_table(self.tok, table, self.batch_size, self.candidates, self.delta)
 
 
-def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, candidates: int = 0) -> pa.Table:
+def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, candidates: int = 0,
+                 delta: float = 0.0) -> pa.Table:
     """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows); with
-    ``candidates=k`` also each row's k best codes per position and their scores."""
+    ``candidates=k`` also, of each row's k best codes per position, those within ``delta`` of
+    the best (sticky assignment's margin)."""
+    from sidserve.jobs.assign.sticky import trim_candidates
+
     checked = check_items(table, tok.config, require_item_id=True)
     n = table.num_rows
     ok = checked.ok
@@ -59,15 +65,13 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
     weights = None
     path = np.full(n, None, dtype=object)
     good = np.flatnonzero(ok)
-    cand = np.zeros((n, L * candidates), np.int32)
-    cand_score = np.zeros((n, L * candidates), np.float64)
+    cand, cand_count = np.zeros(0, np.int32), np.zeros((n, L), np.int32)
     if good.size:
         kw = {"candidates": candidates} if candidates else {}
         enc = tok.encode(checked.arrays.take(good), batch_size=batch_size, **kw)
         sid[good] = enc.sid
         if candidates:
-            cand[good] = enc.candidates.reshape(len(good), -1)
-            cand_score[good] = enc.candidate_scores.reshape(len(good), -1)
+            cand, cand_count[good] = trim_candidates(enc.candidates, enc.candidate_scores, delta)
         weights = np.zeros((n, enc.behavior_weights.shape[1]), np.float32)
         weights[good] = enc.behavior_weights
         path[good] = enc.path
@@ -81,8 +85,8 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
         "path": pa.array(path.tolist(), pa.string()),
         "popularity": pa.array(pop if pop is not None else np.full(n, np.nan), pa.float64()).fill_null(np.nan),
         "reason": pa.array(checked.reasons, pa.string()),
-        "cand": list_column(cand, mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
-        "cand_score": list_column(cand_score, mask) if candidates else pa.nulls(n, pa.list_(pa.float64())),
+        "cand": ragged_list_column(cand, cand_count.sum(1), mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
+        "cand_count": list_column(cand_count, mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
     }, schema=ENCODED_SCHEMA)
 
 
@@ -91,6 +95,16 @@ def list_column(values: np.ndarray, null: np.ndarray) -> pa.ListArray:
     n, d = values.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * d)
     return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), mask=pa.array(null))
+
+
+def ragged_list_column(values: np.ndarray, lengths: np.ndarray, null: np.ndarray) -> pa.ListArray:
+    """values (sum(lengths),) and lengths (n,) -> list<dtype> Arrow column of n rows, row i the
+    next lengths[i] values; null where ``null`` (n,) is True (its length must be 0)."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] != values.size or (lengths[null] != 0).any():
+        raise ValueError(f"{values.size} values for lengths summing to {offsets[-1]} (null rows must be empty)")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values), mask=pa.array(null))
 
 
 def plan_units(items_uri: str, rows_per_unit: int) -> tuple[list[dict], pa.Schema]:
@@ -130,10 +144,10 @@ class EncodeAndScatter(Encoder):
 
     def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int,
                  candidates: int = 0, items_uri: str = "", read_columns: list[str] | None = None,
-                 renames: dict[str, str] | None = None, rows_per_task: int = 65536):
+                 renames: dict[str, str] | None = None, rows_per_task: int = 65536, delta: float = 0.0):
         from sidserve.artifact import resolve
 
-        super().__init__(model_uri, use_gpu, batch_size, candidates)
+        super().__init__(model_uri, use_gpu, batch_size, candidates, delta)
         self.root = SnapshotRoot(staging)
         self.n_parts = n_parts
         self.fs = resolve(items_uri)[0] if items_uri else None
@@ -163,7 +177,7 @@ class EncodeAndScatter(Encoder):
 
         if self.renames:
             table = table.rename_columns([self.renames.get(c, c) for c in table.column_names])
-        enc = encode_table(self.tok, table, self.batch_size, self.candidates)
+        enc = encode_table(self.tok, table, self.batch_size, self.candidates, self.delta)
         return scatter(enc, item_parts(enc.column("item_id"), self.n_parts), self.n_parts, self.root.fs,
                        self.root.join("encoded"), uuid.uuid4().hex)
 

@@ -111,7 +111,8 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
         EncodeAndScatter, fn_constructor_kwargs={
             "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
             "staging": staging, "n_parts": n_parts, "candidates": candidates, "items_uri": job.items,
-            "read_columns": read_columns, "renames": renames, "rows_per_task": job.rows_per_task},
+            "read_columns": read_columns, "renames": renames, "rows_per_task": job.rows_per_task,
+            "delta": job.sticky_delta or 0.0},
         batch_size=1, batch_format="pyarrow",
         # all actors from the start: with min_size 1 alone, Ray Data's autoscaler kept one actor
         # for a whole 1M run (docs/benchmarks.md); one that cannot be placed stays pending
@@ -196,7 +197,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
 
     # B. resolve duplicates and previous assignments, one item_id partition per task
     common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights,
-              "sticky_delta": job.sticky_delta, "sid_length": len(tok.sid_layout),
+              "sticky_delta": job.sticky_delta, "sticky_candidates": candidates, "sid_length": len(tok.sid_layout),
               "missing_code": tok.codebook_size}
     stage_root = SnapshotRoot(staging)
     index = stage_root.join("index")  # each partition's segment list (index_manifest)

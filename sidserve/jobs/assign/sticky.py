@@ -9,11 +9,16 @@ similarity: cosine for ADC-SID, 2 x.c - ||c||^2 for OPQ), the previous code is k
     score(best) - score(previous) <= delta
 
 and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best,
-which is today's assignment. Only the encoder's k best codes per position come with a score
-(``encode(candidates=k)``): a previous code outside them scores below the k-th, and is
-replaced (counted as ``unscored``) even when the k-th is within delta, since nothing shows
-that the previous code is. Positions are independent (ADC-SID's experts, OPQ's subspaces);
-residual tokenizers cannot offer per-position alternatives and are refused upstream.
+which is today's assignment. Positions are independent (ADC-SID's experts, OPQ's
+subspaces); residual tokenizers cannot offer per-position alternatives and are refused upstream.
+
+Only the encoder's k best codes per position come with a score (``encode(candidates=k)``), and
+of those only the ones within delta of the best can be kept, so the assignment job stages just
+those (``trim_candidates``: codes, no scores; about 12 of 32 on Beauty at delta 0.3, docs/
+operations.md) and decides from them (``sticky_from_trimmed``). A previous code among them is
+kept. One not among them is replaced; it is counted ``unscored`` when all k candidates were
+within delta (then the previous code, ranked below the k-th, might have been within delta too,
+and a larger k could have kept it), and is simply beyond delta otherwise.
 """
 
 from __future__ import annotations
@@ -21,29 +26,59 @@ from __future__ import annotations
 import numpy as np
 
 
-def sticky_codes(computed: np.ndarray, candidates: np.ndarray, scores: np.ndarray, previous: np.ndarray,
-                 delta: float, missing_code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """computed (n, L) int: the best codes; candidates (n, L, k) int and scores (n, L, k) float:
-    the k best codes per position, best first, and their similarity; previous (n, L) int: the
-    previous snapshot's codes, -1 where an item has none; delta >= 0.
+def trim_candidates(candidates: np.ndarray, scores: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """candidates (n, L, k) int and scores (n, L, k) float: each position's k best codes, best
+    first, and their similarity (NaN where the position has no code) -> (codes (m,) int32: per
+    row and position, in that order, the candidates whose score is within ``delta`` of the
+    best, best first; counts (n, L) int32: how many each position has, 0 without a code).
 
-    -> (codes (n, L) int32, kept (n, L) bool: a previous code kept although another was best,
-    unscored (n, L) bool: the previous code was not among the k candidates and was replaced).
-    A position without a code now or before (``missing_code``: behavior absent) is left alone.
-    """
+    The gap is computed as ``sticky_codes`` always did, score(best) - score, in float64."""
     if delta < 0:
         raise ValueError(f"delta must be >= 0, got {delta}")
-    if candidates.shape != scores.shape or candidates.shape[:2] != computed.shape or previous.shape != computed.shape:
-        raise ValueError(f"shapes disagree: computed {computed.shape}, candidates {candidates.shape}, "
-                         f"scores {scores.shape}, previous {previous.shape}")
+    if candidates.shape != scores.shape or candidates.ndim != 3:
+        raise ValueError(f"candidates {candidates.shape} and scores {scores.shape} must be the same (n, L, k)")
+    s = scores.astype(np.float64, copy=False)
+    within = (s[:, :, :1] - s) <= delta  # (n, L, k): a prefix of each row (scores are best first)
+    return candidates[within].astype(np.int32), within.sum(-1).astype(np.int32)
+
+
+def sticky_from_trimmed(computed: np.ndarray, codes: np.ndarray, counts: np.ndarray, k: int, previous: np.ndarray,
+                        missing_code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """computed (n, L) int: the best codes; codes (m,) and counts (n, L): ``trim_candidates``
+    of the k best codes per position; previous (n, L) int: the previous snapshot's codes, -1
+    where an item has none.
+
+    -> (sid (n, L) int32, kept (n, L) bool: a previous code kept although another was best,
+    unscored (n, L) bool: the previous code was replaced and a larger k might have kept it).
+    A position without a code now or before (``missing_code``: behavior absent) is left alone.
+    """
+    if counts.shape != computed.shape or previous.shape != computed.shape:
+        raise ValueError(f"shapes disagree: computed {computed.shape}, counts {counts.shape}, "
+                         f"previous {previous.shape}")
+    if codes.shape != (int(counts.sum()),):
+        raise ValueError(f"codes has {codes.shape} entries, counts sum to {int(counts.sum())}")
+    if k < 1 or int(counts.max(initial=0)) > k:
+        raise ValueError(f"k={k}: need k >= 1 and no position with more than k candidates")
+    flat = counts.ravel()
+    parent = np.repeat(np.arange(flat.size), flat)  # (m,) the (row, position) of each code
+    found = np.zeros(flat.size, bool)
+    found[parent[codes == previous.ravel()[parent]]] = True
+    found = found.reshape(computed.shape)
     eligible = (previous >= 0) & (previous != missing_code) & (computed != missing_code) & (previous != computed)
-    match = candidates == previous[:, :, None]  # (n, L, k)
-    found = match.any(-1)
-    j = match.argmax(-1)  # the previous code's rank among the candidates (0 when absent)
-    prev_score = np.take_along_axis(scores, j[:, :, None], -1)[:, :, 0]
-    kept = eligible & found & (scores[:, :, 0] - prev_score <= delta)
-    codes = np.where(kept, previous, computed).astype(np.int32)
-    return codes, kept, eligible & ~found
+    kept = eligible & found
+    sid = np.where(kept, previous, computed).astype(np.int32)
+    return sid, kept, eligible & ~found & (counts == k)
+
+
+def sticky_codes(computed: np.ndarray, candidates: np.ndarray, scores: np.ndarray, previous: np.ndarray,
+                 delta: float, missing_code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sticky_from_trimmed`` of ``trim_candidates(candidates, scores, delta)``: the same
+    decision from the k best codes per position (n, L, k) and their scores, when they are at
+    hand (the stability simulation)."""
+    if candidates.shape[:2] != computed.shape:
+        raise ValueError(f"shapes disagree: computed {computed.shape}, candidates {candidates.shape}")
+    codes, counts = trim_candidates(candidates, scores, delta)
+    return sticky_from_trimmed(computed, codes, counts, candidates.shape[-1], previous, missing_code)
 
 
 def parse_sid_str(sid_str, length: int) -> np.ndarray:
