@@ -184,6 +184,25 @@ def test_adc_variants_switch_exactly_their_stage():
     assert all(name in LABELS for name in ADC_VARIANTS)
 
 
+def test_content_only_rqkmeans_ignores_behavior_and_the_full_one_reads_it():
+    from sidserve.eval.tokenizers import LABELS, TokenizerBudget, fit_tokenizer
+
+    rng = np.random.default_rng(0)
+    n = 400
+    items = {"text_emb": rng.normal(size=(n, 8)).astype(np.float32),
+             "meta_emb": rng.normal(size=(n, 4)).astype(np.float32),
+             "behavior_emb": 3 * rng.normal(size=(n, 4)).astype(np.float32)}
+    shuffled = {**items, "behavior_emb": items["behavior_emb"][rng.permutation(n)]}
+    b = TokenizerBudget(codebook_size=8, sid_length=3)
+
+    def sids(name, x):
+        return fit_tokenizer(name, x, {"text": 8, "meta": 4}, 4, b).sid
+
+    np.testing.assert_array_equal(sids("rqkmeans_content", items), sids("rqkmeans_content", shuffled))
+    assert (sids("rqkmeans", items) != sids("rqkmeans", shuffled)).any()
+    assert "rqkmeans_content" in LABELS
+
+
 # ---- retrieval ---------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ SID budget (paper's public setting: K = 100 codes per position, length 6).
   paper's Table 3 ablations (one switch each).
 - ``rqvae`` (TIGER) and ``opq``: content-only, on [text, meta].
 - ``rqkmeans``: residual k-means on [text, meta, behavior] (behavior-aware baseline).
+- ``rqkmeans_content`` (optional): the same on [text, meta] only: what the behavioral part of
+  ``rqkmeans``'s input adds to its SIDs.
 - ``adc_sid_adasid`` / ``_static`` / ``_no_relaxation`` / ``_no_pressure`` (optional,
   issue 8): ADC-SID with adaptive collision regulation, the static-repulsion baseline, and
   each of its two stages switched off.
@@ -56,12 +58,12 @@ REGULATED = {
 COLD_CONSISTENCY = {"adc_sid_cold_consistency": {"cold_consistency_weight": 0.3}}
 ADC_VARIANTS = {**ABLATIONS, **REGULATED, **COLD_CONSISTENCY}
 DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
-ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, *COLD_CONSISTENCY, "letter"]
+ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, *COLD_CONSISTENCY, "rqkmeans_content", "letter"]
 LABELS = {
     "adc_sid": "ADC-SID", "adc_sid_no_controller": "w/o alignment controller",
     "adc_sid_no_align": "w/o alignment loss", "adc_sid_no_gate": "w/o behavioral weighting gate",
     "adc_sid_no_sparsity": "w/o sparsity regularisation", "rqvae": "RQ-VAE", "rqkmeans": "RQ-Kmeans",
-    "opq": "OPQ", "letter": "LETTER (published SIDs)",
+    "opq": "OPQ", "letter": "LETTER (published SIDs)", "rqkmeans_content": "RQ-Kmeans, content only",
     "adc_sid_adasid": "ADC-SID + collision regulation", "adc_sid_adasid_static": "+ static repulsion",
     "adc_sid_adasid_no_relaxation": "+ regulation w/o relaxation",
     "adc_sid_adasid_no_pressure": "+ regulation w/o load/progress",
@@ -134,8 +136,8 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         tok = RQVAETokenizer(RQVAEConfig(**base, epochs=b.rqvae_epochs, batch_size=b.batch_size))
     elif name == "opq":
         tok = OPQTokenizer(OPQConfig(**base))
-    elif name == "rqkmeans":
-        tok = RQKmeansTokenizer(BaselineConfig(**base, use_behavior=True))
+    elif name in ("rqkmeans", "rqkmeans_content"):
+        tok = RQKmeansTokenizer(BaselineConfig(**base, use_behavior=name == "rqkmeans"))
     else:
         raise ValueError(f"unknown tokenizer {name!r}; choose from {ALL_TOKENIZERS}")
     tok.fit(items)
