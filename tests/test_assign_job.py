@@ -570,6 +570,9 @@ def test_candidates_follow_the_codebooks_similarity(world):
     assert staged.column("cand_count").to_pylist() == counts.tolist()
     assert [c for row in staged.column("cand").to_pylist() for c in row] == codes.tolist()
     assert 0 < counts.sum() < 3 * counts.size and (counts[cold, -n_b:] == 0).all()
+    # without a margin, every candidate of a position with a code is staged
+    every = np.array(encode_table(tok, items, candidates=3).column("cand_count").to_pylist())
+    assert (every == np.where(present[:, :, 0], 3, 0)).all()
 
     book = CosineCodebook(dim=4, codebook_size=4)
     with torch.no_grad():

@@ -35,7 +35,8 @@ ENCODED_SCHEMA = pa.schema([
 class Encoder:
     """Ray Data actor: loads the tokenizer once, then encodes batches (pyarrow Tables)."""
 
-    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, candidates: int = 0, delta: float = 0.0):
+    def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, candidates: int = 0,
+                 delta: float | None = None):
         self.tok: BaseTokenizer = load_tokenizer(model_uri)
         if use_gpu:
             self.tok.to("cuda")
@@ -49,10 +50,10 @@ class Encoder:
 
 
 def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, candidates: int = 0,
-                 delta: float = 0.0) -> pa.Table:
+                 delta: float | None = None) -> pa.Table:
     """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows); with
     ``candidates=k`` also, of each row's k best codes per position, those within ``delta`` of
-    the best (sticky assignment's margin)."""
+    the best (sticky assignment's margin; None: all k)."""
     from sidserve.jobs.assign.sticky import trim_candidates
 
     checked = check_items(table, tok.config, require_item_id=True)
@@ -71,7 +72,8 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
         enc = tok.encode(checked.arrays.take(good), batch_size=batch_size, **kw)
         sid[good] = enc.sid
         if candidates:
-            cand, cand_count[good] = trim_candidates(enc.candidates, enc.candidate_scores, delta)
+            cand, cand_count[good] = trim_candidates(enc.candidates, enc.candidate_scores,
+                                                     np.inf if delta is None else delta)
         weights = np.zeros((n, enc.behavior_weights.shape[1]), np.float32)
         weights[good] = enc.behavior_weights
         path[good] = enc.path
@@ -144,7 +146,7 @@ class EncodeAndScatter(Encoder):
 
     def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int,
                  candidates: int = 0, items_uri: str = "", read_columns: list[str] | None = None,
-                 renames: dict[str, str] | None = None, rows_per_task: int = 65536, delta: float = 0.0):
+                 renames: dict[str, str] | None = None, rows_per_task: int = 65536, delta: float | None = None):
         from sidserve.artifact import resolve
 
         super().__init__(model_uri, use_gpu, batch_size, candidates, delta)

@@ -112,7 +112,7 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
             "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
             "staging": staging, "n_parts": n_parts, "candidates": candidates, "items_uri": job.items,
             "read_columns": read_columns, "renames": renames, "rows_per_task": job.rows_per_task,
-            "delta": job.sticky_delta or 0.0},
+            "delta": job.sticky_delta},
         batch_size=1, batch_format="pyarrow",
         # all actors from the start: with min_size 1 alone, Ray Data's autoscaler kept one actor
         # for a whole 1M run (docs/benchmarks.md); one that cannot be placed stays pending
