@@ -7,6 +7,16 @@ import pytest
 # Ray Train v2 retries an unschedulable worker group forever: make each wait short so a
 # resource problem fails the test instead of hanging it (pytest-timeout is the backstop).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+# The Train controller polls its workers every 2 s by default; a test run's epochs take well
+# under a second, so every report, restart and finish waited for the next poll (about 5 s of
+# a 30 s fit). Production keeps Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Data's DataSource V2 Parquet reader (the 2.60 default) provisions 32 footer-reader
+# actors for every read it executes: about 2 s and a burst of 32 processes per read on
+# this 2-CPU machine, whatever the file size, paid again by every epoch of a streaming fit.
+# The suite reads with V1 (same tables, about 0.3 s a read); the end-to-end tests of the
+# user's commands (test_demo, test_train_job_submit) put Ray's default back.
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the Serve configuration we ship (deploy/serve.yaml, docs/benchmarks.md): direct ingress
 # through HAProxy

@@ -1,5 +1,6 @@
 """`make demo`'s pipeline (jobs/demo.py), smaller: fit, assign, serve, tokenize."""
 
+import os
 import re
 import subprocess
 import sys
@@ -21,9 +22,11 @@ def test_demo_runs_the_whole_story(tmp_path):
 
     if ray.is_initialized():  # the demo starts its own local cluster: free the 2 CPUs
         ray.shutdown()
+    # the reader a user gets: Ray's default Parquet reader, not the one conftest picks for speed
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_USE_DATASOURCE_V2"}
     proc = subprocess.run([sys.executable, "jobs/demo.py", "--output", str(tmp_path), "--items", "2000",
                            "--epochs", "1", "--port", str(free_port())],
-                          cwd=ROOT, capture_output=True, text=True, timeout=560)
+                          cwd=ROOT, capture_output=True, text=True, timeout=560, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[demo]")]
     paths = [m.group(1) for line in lines for m in [re.search(r"path=(\S+)", line)] if m]
