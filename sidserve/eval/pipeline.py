@@ -562,30 +562,30 @@ class Evaluation:
             self.sasrec_variant(v)
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
-        tables = self.c.tokenizers
-        for name in tables:  # the first seed's fits before any downstream stage; the others when needed
+        names = self.c.tokenizers
+        for name in names:  # the first seed's fits before any downstream stage; the others when needed
             self.table(name, self.c.seeds[0])
         # every tokenizer at the first seed before any second seed (an interrupted run can
         # already compare them all, the baselines before the ablations), then the other seeds; an ablation gets them only when
         # its first seed is within 2 seed spreads of ADC-SID on some headline metric
-        adaptive = self.c.ablation_seeds_adaptive and "adc_sid" in tables
+        adaptive = self.c.ablation_seeds_adaptive and "adc_sid" in names
 
         def down(name, seeds, wait):
             return self.downstream(name, seeds, groups, negatives, wait)
 
         # a stage another process holds is skipped on the way (wait=False) and waited for at the
         # end; the stages that decide an ablation's seeds are waited for when they are needed
-        plan = [(name, self.c.seeds[:1]) for name in sorted(tables, key=lambda n: n in ABLATIONS)]  # ablations last
-        main = [n for n in tables if not (adaptive and n in ABLATIONS)]
+        plan = [(name, self.c.seeds[:1]) for name in sorted(names, key=lambda n: n in ABLATIONS)]  # ablations last
+        main = [n for n in names if not (adaptive and n in ABLATIONS)]
         plan += [(name, [seed]) for seed in self.c.seeds[1:] for name in main]
         for name, seeds in plan:
             down(name, seeds, wait=False)
-        for name in tables:
+        for name in names:
             if name not in main:
                 down("adc_sid", self.c.seeds, wait=True)
                 down(name, self.c.seeds[:1], wait=True)
                 down(name, self.seeds_for(name), wait=False)
-        for name, seeds in plan + [(n, self.seeds_for(n)) for n in tables if n not in main]:
+        for name, seeds in plan + [(n, self.seeds_for(n)) for n in names if n not in main]:
             down(name, seeds, wait=True)
         if self.report:
             self.wait_for_workers()
