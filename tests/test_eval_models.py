@@ -15,7 +15,7 @@ from torch import nn
 from sidserve.eval.chunked_ce import chunked_cross_entropy
 from sidserve.eval.data import Dataset
 from sidserve.eval.early_stopping import EarlyStopping
-from sidserve.eval.metrics import gauc, paired_bootstrap, per_user_auc, recall_ndcg
+from sidserve.eval.metrics import gauc, mean_std, paired_bootstrap, per_user_auc, recall_ndcg
 from sidserve.eval.pipeline import EvalConfig, Evaluation
 from sidserve.eval.ranking import RankingConfig, sample_negatives, train_ranker
 from sidserve.eval.retrieval import RetrievalConfig, SIDSeq2Seq
@@ -214,6 +214,17 @@ def test_paired_bootstrap_known_cases():
     assert paired["ci_low"] > 0 and paired["p_value"] < 0.01
     with pytest.raises(ValueError, match="same users"):
         paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_a_single_seed_has_no_spread_rather_than_a_zero_one():
+    from sidserve.eval.report import _fmt, _std
+
+    assert mean_std([0.1, 0.2, 0.3]) == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1), "n": 3}
+    one = mean_std([0.25])
+    assert one == {"mean": 0.25, "std": None, "n": 1}
+    # the report prints the mean alone and "n/a" for its spread, never "± 0.0000"
+    assert _fmt(one) == "0.2500" and _std(one["std"]) == "n/a"
+    assert _fmt(mean_std([0.1, 0.3])) == f"0.2000 ± {np.std([0.1, 0.3], ddof=1):.4f}"
 
 
 def test_per_user_auc_is_the_gauc_of_one_positive_per_user():

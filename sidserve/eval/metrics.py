@@ -88,9 +88,10 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
 
 
-def mean_std(values) -> dict[str, float]:
+def mean_std(values) -> dict[str, float | None]:
+    """Mean and sample standard deviation; std is None for one value (no spread measured, not 0)."""
     v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int = 2000, seed: int = 0,

@@ -168,7 +168,14 @@ def write_report(ev, wall_seconds: float) -> dict:
 
 
 def _fmt(ms: dict, digits: int = 4) -> str:
+    """mean ± sample std; the mean alone for a single seed (its spread is unknown, not 0)."""
+    if ms["std"] is None:
+        return f"{ms['mean']:.{digits}f}"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def _std(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _markdown(r: dict, plots: list[str]) -> str:
@@ -180,7 +187,7 @@ def _markdown(r: dict, plots: list[str]) -> str:
              f"{' (--quick subsample: a smoke test, not a measurement)' if ds['quick'] else ''}. "
              f"Leave-one-out split; seeds {r['seeds']} (seed k: the tokenizer fitted with seed k and its "
              f"downstream models trained with seed k, so the spread holds both; LETTER's published SIDs are one "
-             f"table; mean ± sample std over the seeds each tokenizer ran, listed per row; the quantization "
+             f"table; mean ± sample std over the seeds each tokenizer ran, listed per row; a row of one seed shows its mean alone; the quantization "
              f"figures are the first seed's fit). Every downstream model stops early on the validation split "
              f"and restores its best epoch; test is read once per trained model.\n")
     L.append(f"Command: `{r['command']}`\n")
@@ -269,7 +276,7 @@ def _markdown(r: dict, plots: list[str]) -> str:
     for s in r["significance"]:
         L.append(f"| {s['task']} | {s['metric']} | {tok[s['a']]['label']} | {tok[s['b']]['label']}"
                  f"{' *' if s['b_is_best'] else ''} | {s['diff']:+.4f} | [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | "
-                 f"{s['p_value']:.3g} | {s['a_std']:.4f} | {s['b_std']:.4f} |")
+                 f"{s['p_value']:.3g} | {_std(s['a_std'])} | {_std(s['b_std'])} |")
     L.append("")
 
     L.append("## Training to convergence\n")
@@ -312,7 +319,7 @@ def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
     fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.5))
     for ax, (task, m) in zip(axes, panels):
         mean = [tok[n][task]["all"][m]["mean"] for n in names]
-        std = [tok[n][task]["all"][m]["std"] for n in names]
+        std = [tok[n][task]["all"][m]["std"] or 0.0 for n in names]  # one seed: no error bar
         ax.bar(x, mean, yerr=std, capsize=3, color="tab:blue")
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{task} {m}")
@@ -327,7 +334,7 @@ def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
     for ax, (task, m) in zip(axes, [("sid_sasrec", "recall@10"), ("retrieval", "recall@10"), ("ranking", "gauc")]):
         for j, g in enumerate(["head", "tail"]):
             mean = [tok[n][task][g][m]["mean"] for n in names]
-            std = [tok[n][task][g][m]["std"] for n in names]
+            std = [tok[n][task][g][m]["std"] or 0.0 for n in names]
             ax.bar(x + (j - 0.5) * 0.4, mean, 0.4, yerr=std, capsize=2, label=g)
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{task} {m}: head vs long tail")
