@@ -14,8 +14,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Data's DataSource V2 Parquet reader (the 2.60 default) provisions 32 footer-reader
 # actors for every read it executes: about 2 s and a burst of 32 processes per read on
 # this 2-CPU machine, whatever the file size, paid again by every epoch of a streaming fit.
-# The suite reads with V1 (same tables, about 0.3 s a read); the end-to-end tests of the
-# user's commands (test_demo, test_train_job_submit) put Ray's default back.
+# The suite reads with V1 (same tables, about 0.3 s a read); test_demo, the end-to-end run
+# of the README's command (Parquet read by train and assign), puts Ray's default back.
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the Serve configuration we ship (deploy/serve.yaml, docs/benchmarks.md): direct ingress
