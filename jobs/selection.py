@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "needs --eval-cache")
     p.add_argument("--eval-cache", help="an evaluation's --output directory (embeddings, SASRec tables)")
     p.add_argument("--tok-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a TokenizerConfig field of the --tokenizer candidate (repeatable)")
+                   help="override a field of the --tokenizer candidate's config (TokenizerConfig for ADC-SID, "
+                   "RQVAEConfig for rqvae, ...; repeatable)")
     p.add_argument("--behavior-embedding", default="untied-input",
                    help="SASRec table the candidate reads as e_b (default: untied-input)")
     p.add_argument("--log", help="append the result as one JSON line to this file")
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     from sidserve.eval.selection import MODELS, parse_overrides, select
 
     def body():
-        from sidserve.config import TokenizerConfig
+        from sidserve.eval.tokenizers import config_class
 
         overrides = parse_overrides(args.set, MODELS[args.model])
         tokenizer = None
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
             if not args.eval_cache:
                 raise ValueError("--tokenizer needs --eval-cache (an evaluation's output directory)")
             tokenizer = {"name": args.tokenizer, "eval_cache": args.eval_cache,
-                         "overrides": parse_overrides(args.tok_set, TokenizerConfig),
+                         "overrides": parse_overrides(args.tok_set, config_class(args.tokenizer)),
                          "behavior_embedding": args.behavior_embedding}
         elif args.tok_set:
             raise ValueError("--tok-set needs --tokenizer")

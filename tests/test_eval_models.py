@@ -108,6 +108,29 @@ def test_untied_model_scores_with_its_output_table():
     assert not np.allclose(model.item_vectors("input")[6], model.item_vectors("output")[6])
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_sasrec_states_do_not_depend_on_the_padding_before_a_sequence(heads):
+    """Training trims each batch to its longest sequence, scoring pads to max_len: the same
+    history must give the same states either way. Biases are drawn non-zero, as after
+    training: padding then leaves a pre-norm block as LayerNorm's bias, which an unmasked
+    key would let real items read."""
+    torch.manual_seed(0)
+    c = SASRecConfig(hidden_dim=8, ff_dim=16, max_len=20, num_heads=heads)
+    model = SASRec(IDItems(10, 8, tied=True), c).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 1.0)
+    hist = [np.array([3, 1, 4, 1])]
+    with torch.no_grad():
+        trimmed = model(torch.from_numpy(pad_left(hist, 4)))  # (1, 4, d)
+        full = model(torch.from_numpy(pad_left(hist, 20)))  # (1, 20, d): 16 padding positions first
+        mixed = model(torch.from_numpy(pad_left(hist + [np.arange(1, 10)], 12)))  # batched with a longer one
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(full[0, -4:], trimmed[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[0, -4:], trimmed[0], rtol=1e-5, atol=1e-5)
+
+
 # ---- SID-SASRec ------------------------------------------------------------------------------
 
 
@@ -283,17 +306,20 @@ def test_behavior_embedding_needs_its_sasrec_variant(tmp_path):
         EvalConfig(data="x", output="y", behavior_embedding="popularity").validate()
 
 
-def test_ablations_get_every_seed_only_when_seeds_cannot_separate_them(tmp_path):
+def test_ablations_get_every_seed_only_when_validation_cannot_separate_them(tmp_path):
     data = _successor_data(users=20)
     data.save(str(tmp_path / "data"))
     ev = Evaluation(EvalConfig(data=str(tmp_path / "data"), output=str(tmp_path / "out"), seeds=[0, 1, 2],
                                tokenizers=["adc_sid", "adc_sid_no_gate", "adc_sid_no_align"]))
 
     def write(name, task, seed, value):
+        """A stage whose kept epoch (1) scored ``value`` on validation; its test figure and
+        its other epochs point the other way, so a decision that read them would differ."""
         key = {"sid_sasrec": "ndcg@10", "retrieval": "recall@10", "ranking": "gauc"}[task]
         p = ev.stage_path(name, task, seed)
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        json.dump({"all": {key: value}}, open(p, "w"))
+        history = [{"epoch": e, f"valid_{key}": value if e == 1 else 0.5} for e in range(3)]
+        json.dump({"all": {key: 0.5}, "history": history, "early_stopping": {"best_epoch": 1}}, open(p, "w"))
 
     for seed, v in zip([0, 1, 2], [0.10, 0.11, 0.12]):  # ADC-SID: mean 0.11, std 0.01 on every task
         for task in ("sid_sasrec", "retrieval", "ranking"):

@@ -2,6 +2,7 @@
 table and prefix trie, constrained beam search, SASRec, the retrieval and ranking models."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,6 +202,30 @@ def test_content_only_rqkmeans_ignores_behavior_and_the_full_one_reads_it():
     np.testing.assert_array_equal(sids("rqkmeans_content", items), sids("rqkmeans_content", shuffled))
     assert (sids("rqkmeans", items) != sids("rqkmeans", shuffled)).any()
     assert "rqkmeans_content" in LABELS
+
+
+def test_budget_overrides_reach_each_tokenizers_own_config():
+    """A selection trial sets RQ-VAE's training budget the way it sets ADC-SID's fields;
+    a field the tokenizer's config does not have is named, not ignored."""
+    from sidserve.eval.tokenizers import TokenizerBudget, config_class, fit_tokenizer
+    from sidserve.tokenizers.baselines import RQVAEConfig
+
+    rng = np.random.default_rng(0)
+    n = 200
+    items = {"text_emb": rng.normal(size=(n, 8)).astype(np.float32),
+             "meta_emb": rng.normal(size=(n, 4)).astype(np.float32),
+             "behavior_emb": rng.normal(size=(n, 4)).astype(np.float32)}
+    dims = {"text": 8, "meta": 4}
+    b = TokenizerBudget(codebook_size=8, sid_length=3, rqvae_epochs=1, batch_size=200)
+    steps = fit_tokenizer("rqvae", items, dims, 4, b).tokenizer.config
+    assert (steps.epochs, steps.batch_size) == (1, 200)
+    more = fit_tokenizer("rqvae", items, dims, 4, replace(b, overrides={"epochs": 3, "batch_size": 50})).tokenizer.config
+    assert (more.epochs, more.batch_size) == (3, 50)
+    assert config_class("rqvae") is RQVAEConfig
+    with pytest.raises(ValueError, match=r"\['num_shared_experts'\] are not RQVAEConfig fields"):
+        fit_tokenizer("rqvae", items, dims, 4, replace(b, overrides={"num_shared_experts": 2}))
+    with pytest.raises(ValueError, match="has no config"):
+        config_class("letter")
 
 
 # ---- retrieval ---------------------------------------------------------------------------

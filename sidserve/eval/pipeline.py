@@ -184,6 +184,16 @@ def _atomic_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def valid_metric(stage: dict, metric: str) -> float:
+    """The validation ``metric`` of a downstream stage's kept (early-stopped) epoch, from its
+    per-epoch history: what a decision between runs may read (its ``all`` figures are test)."""
+    best = stage["early_stopping"]["best_epoch"]
+    for rec in stage["history"]:
+        if rec["epoch"] == best and f"valid_{metric}" in rec:
+            return float(rec[f"valid_{metric}"])
+    raise ValueError(f"the stage's history has no valid_{metric} at its kept epoch {best}")
+
+
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -535,13 +545,14 @@ class Evaluation:
 
     def seeds_for(self, name: str) -> list[int]:
         """Seeds that ``name`` needs: every seed, except for an ablation whose first seed
-        is more than 2 seed spreads of ADC-SID from ADC-SID on every headline metric."""
+        is more than 2 seed spreads of ADC-SID from ADC-SID on every headline metric, on
+        the validation split (the kept epoch's figure)."""
         if name not in ABLATIONS or not self.c.ablation_seeds_adaptive or "adc_sid" not in self.c.tokenizers:
             return list(self.c.seeds)
         first = self.c.seeds[0]
-        for task, metric in HEADLINE.items():
-            ref = [_read_json(self.stage_path("adc_sid", task, s))["all"][metric] for s in self.c.seeds]
-            mine = _read_json(self.stage_path(name, task, first))["all"][metric]
+        for task, metric in HEADLINE.items():  # decided on validation: test is never read to choose
+            ref = [valid_metric(_read_json(self.stage_path("adc_sid", task, s)), metric) for s in self.c.seeds]
+            mine = valid_metric(_read_json(self.stage_path(name, task, first)), metric)
             spread = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
             if abs(mine - float(np.mean(ref))) <= 2 * spread:
                 return list(self.c.seeds)

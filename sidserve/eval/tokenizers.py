@@ -19,7 +19,7 @@ SID budget (paper's public setting: K = 100 codes per position, length 6).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -82,7 +82,20 @@ class TokenizerBudget:
     # controller needs to settle (at 1024, 240 steps: sparsity swung 0.1-0.9)
     adc_batch_size: int = 256
     seed: int = 0
-    overrides: dict = field(default_factory=dict)  # extra TokenizerConfig fields for ADC-SID
+    # extra fields of the fitted tokenizer's own config (``config_class(name)``: TokenizerConfig
+    # for ADC-SID and its variants, RQVAEConfig for RQ-VAE, ...): selection trials, ablations
+    overrides: dict = field(default_factory=dict)
+
+
+def config_class(name: str) -> type:
+    """The config dataclass whose fields ``TokenizerBudget.overrides`` may set for ``name``."""
+    if name == "adc_sid" or name in ADC_VARIANTS:
+        return TokenizerConfig
+    classes = {"rqvae": RQVAEConfig, "opq": OPQConfig, "rqkmeans": BaselineConfig, "rqkmeans_content": BaselineConfig}
+    if name not in classes:
+        raise ValueError(f"tokenizer {name!r} has no config to override; choose from "
+                         f"{sorted(['adc_sid', *ADC_VARIANTS, *classes])}")
+    return classes[name]
 
 
 @dataclass
@@ -132,14 +145,18 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         return Tokenized(enc.sid, weights, q, b.codebook_size, tok)
     base = dict(modality_dims=dict(dims), behavior_dim=behavior_dim, codebook_size=b.codebook_size,
                 num_levels=b.sid_length, seed=b.seed)
-    if name == "rqvae":
-        tok = RQVAETokenizer(RQVAEConfig(**base, epochs=b.rqvae_epochs, batch_size=b.batch_size))
-    elif name == "opq":
-        tok = OPQTokenizer(OPQConfig(**base))
-    elif name in ("rqkmeans", "rqkmeans_content"):
-        tok = RQKmeansTokenizer(BaselineConfig(**base, use_behavior=name == "rqkmeans"))
-    else:
+    if name not in ("rqvae", "opq", "rqkmeans", "rqkmeans_content"):
         raise ValueError(f"unknown tokenizer {name!r}; choose from {ALL_TOKENIZERS}")
+    if name == "rqvae":
+        base.update(epochs=b.rqvae_epochs, batch_size=b.batch_size)
+    elif name != "opq":
+        base.update(use_behavior=name == "rqkmeans")
+    cls = config_class(name)
+    unknown = sorted(set(b.overrides) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not {cls.__name__} fields (tokenizer {name!r})")
+    config = cls(**{**base, **b.overrides})
+    tok = {"rqvae": RQVAETokenizer, "opq": OPQTokenizer}.get(name, RQKmeansTokenizer)(config)
     tok.fit(items)
     enc = tok.encode(items)
     return Tokenized(enc.sid, np.ones(enc.sid.shape, np.float32), dict(tok.stats_["fit_metrics"]),
