@@ -333,6 +333,22 @@ def test_ablations_get_every_seed_only_when_validation_cannot_separate_them(tmp_
     assert ev.seeds_for("adc_sid") == [0, 1, 2]
 
 
+def test_a_cache_written_by_an_older_harness_is_refused(tmp_path):
+    """Settings are not the only thing a cache depends on: a code change that moves figures
+    bumps HARNESS_VERSION, and stages cached before it are not mixed with new ones."""
+    data = _successor_data(users=20)
+    data.save(str(tmp_path / "data"))
+    cfg = EvalConfig(data=str(tmp_path / "data"), output=str(tmp_path / "out"))
+    Evaluation(cfg)  # writes run_config.json
+    p = tmp_path / "out" / "run_config.json"
+    key = json.loads(p.read_text())
+    Evaluation(cfg)  # the same harness resumes
+    del key["harness"]  # a cache from before the version existed
+    p.write_text(json.dumps(key))
+    with pytest.raises(ValueError, match=r"different settings \(harness\)"):
+        Evaluation(cfg)
+
+
 def test_recall_ndcg_ranks_the_catalog_in_sasrec_order():
     """rank_sasrec never returns padding or a history item."""
     torch.manual_seed(0)

@@ -94,6 +94,10 @@ SASREC_VARIANTS = {"tied": {"loss": "ce", "tied": True}, "untied": {"loss": "ce"
 EMBEDDING_SOURCE = {"tied": ("tied", "input"), "untied-input": ("untied", "input"),
                     "untied-output": ("untied", "output"), "bce": ("bce", "input")}
 TASKS = ("sid_sasrec", "retrieval", "ranking")
+# changes whenever a code change moves the figures a cache holds (not caught by the settings
+# below): a cache written before it is refused instead of mixed with new stages.
+# 2: SASRec masks padding keys (before, scoring at full width differed from training's trimmed batches)
+HARNESS_VERSION = 2
 # the metrics whose seed spread decides whether an ablation gets every seed
 HEADLINE = {"sid_sasrec": "ndcg@10", "retrieval": "recall@10", "ranking": "gauc"}
 
@@ -284,7 +288,7 @@ class Evaluation:
                "retrieval": dataclasses.asdict(self.c.retrieval), "ranking": dataclasses.asdict(self.c.ranking),
                "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
                "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup,
-               "tokenizer_fits": "one per seed"}
+               "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION}
         p = self.path("run_config.json")
         if os.path.exists(p):
             old = _read_json(p)
