@@ -384,7 +384,7 @@ class Evaluation:
         return {m: np.load(self.path("embeddings", f"{m}.npy")) for m in ("text", "meta")}
 
     # 2 ---------------------------------------------------------------------------------
-    def sasrec_variant(self, variant: str) -> None:
+    def sasrec_variant(self, variant: str, wait: bool = True) -> bool:
         d = self.path("sasrec", variant)
 
         def run():
@@ -407,7 +407,7 @@ class Evaluation:
                     "valid": {k[len("valid_"):]: v for k, v in history[model.early_stopping["best_epoch"]].items()
                               if k.startswith("valid_")},
                     "test": {k: float(v.mean()) for k, v in test.items()}, "tables": tables}
-        self._stage(f"sasrec:{variant}", os.path.join(d, "report.json"), run)
+        return self._stage(f"sasrec:{variant}", os.path.join(d, "report.json"), run, wait=wait)
 
     def behavior(self) -> np.ndarray:
         for v in self.c.sasrec_variants:
@@ -573,8 +573,9 @@ class Evaluation:
                 raise ValueError(f"{self.out} has no finished SASRec stage yet: nothing to report")
             from sidserve.eval.report import write_report
             return write_report(self, wall_seconds=time.perf_counter() - t_start)
-        for v in self.c.sasrec_variants:
-            self.sasrec_variant(v)
+        for wait in (False, True):  # with --parallel, the variants train side by side
+            for v in self.c.sasrec_variants:
+                self.sasrec_variant(v, wait=wait)
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
         names = self.c.tokenizers
