@@ -59,10 +59,18 @@ def test_quick_run_writes_a_complete_report(quick_run):
         rows = [x for x in sig if x["task"] == task and x["metric"] == metric and x["b"] == "adc_sid"]
         assert sorted(x["a"] for x in rows) == ["letter", "rqkmeans"]
         assert all(x["ci_low"] <= x["diff"] <= x["ci_high"] and 0 < x["p_value"] <= 1 for x in rows)
+    # "the best tokenizer" each comparison names is chosen on validation, the kept epoch's figure
+    for task, metric in (("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"), ("ranking", "gauc")):
+        valid = {n: e[task]["valid"][metric]["mean"] for n, e in r["tokenizers"].items()}
+        assert {x["b"] for x in sig if x["task"] == task and x["metric"] == metric and x["b_is_best"]} == \
+            {max(valid, key=valid.get)}
+    for name, e in r["tokenizers"].items():
+        stage = json.load(open(os.path.join(out, "downstream", name, "ranking_seed0.json")))
+        assert e["ranking"]["valid"]["gauc"]["values"][0] == stage["early_stopping"]["best_value"]
     assert set(r["stage_seconds_total"]) == {"embeddings", "sasrec", "tokenizers", "sid_sasrec", "retrieval", "ranking"}
     report = open(os.path.join(out, "report.md")).read()
     assert "ADC-SID" in report and "long-tail" in report and r["command"] in report
-    assert "paired bootstrap" in report and "SID-SASRec" in report
+    assert "paired bootstrap" in report and "SID-SASRec" in report and "Downstream, validation" in report
     for png in ("metrics.png", "head_tail.png", "codebook_usage.png", "norm_vs_popularity.png", "learning_curves.png"):
         with open(os.path.join(out, "plots", png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

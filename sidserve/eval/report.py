@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from sidserve.eval.metrics import mean_std, paired_bootstrap
+from sidserve.eval.pipeline import valid_metric
 from sidserve.eval.tokenizers import LABELS
 from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 
@@ -26,6 +27,8 @@ GROUPS = ["all", "head", "tail"]
 # (task, metric in results, per-user array in the stage's .npz): the comparisons tested
 SIGNIFICANCE = [("sid_sasrec", "ndcg@10", "ndcg@10"), ("retrieval", "recall@10", "recall@10"),
                 ("retrieval", "ndcg@10", "ndcg@10"), ("ranking", "gauc", "auc")]
+# the validation figures every stage records at its kept epoch (what may be compared to choose)
+VALID_METRICS = {"sid_sasrec": ["recall@10", "ndcg@10"], "retrieval": ["recall@10", "ndcg@10"], "ranking": ["gauc"]}
 # published figures on Beauty's leave-one-out split, full-catalog ranking, for orientation
 ANCHORS = {
     "sasrec_ce": {"recall@10": 0.0688, "source": "SASRec with full-softmax CE (published; ~0.08 in a RecBole run)"},
@@ -71,6 +74,8 @@ def collect(ev) -> dict:
             for g in GROUPS:
                 t[g] = {m: dict(mean_std([r[g][m] for r in runs]), values=[r[g][m] for r in runs]) for m in metrics}
                 t[g]["users"] = runs[0][g]["users"]
+            t["valid"] = {m: dict(mean_std(v), values=v)
+                          for m in VALID_METRICS[task] for v in [[valid_metric(r, m) for r in runs]]}
             t["best_epoch"] = [r["early_stopping"]["best_epoch"] for r in runs]
             t["epochs_run"] = [r["early_stopping"]["epochs_run"] for r in runs]
             t["stage_seconds"] = [r.get("stage_seconds") for r in runs]
@@ -90,10 +95,11 @@ def per_user(ev, name: str, task: str, key: str, seeds: list[int]) -> np.ndarray
 
 def significance(ev, tok: dict) -> list[dict]:
     """Paired bootstrap of each tokenizer against ADC-SID (when evaluated) and against the
-    best tokenizer of each tested metric."""
+    best tokenizer of each tested metric, the best by its **validation** mean (the test
+    figures compared here do not choose what they are compared with)."""
     rows = []
     for task, metric, key in SIGNIFICANCE:
-        means = {n: e[task]["all"][metric]["mean"] for n, e in tok.items()}
+        means = {n: e[task]["valid"][metric]["mean"] for n, e in tok.items()}
         best = max(means, key=means.get)
         refs = [r for r in dict.fromkeys(["adc_sid", best]) if r in tok]
         for ref in refs:
@@ -266,11 +272,22 @@ def _markdown(r: dict, plots: list[str]) -> str:
             L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
         L.append("")
 
+    L.append("## Downstream, validation (the kept epoch of each model)\n")
+    L.append("What choices may read: the validation split's figures at the epoch early stopping kept "
+             f"(retrieval: {r['config']['retrieval']['valid_users']:,} sampled validation users).\n")
+    L.append("| tokenizer | seeds | SID-SASRec R@10 | SID-SASRec N@10 | retrieval R@10 | retrieval N@10 | GAUC |")
+    L.append("|---|---|---|---|---|---|---|")
+    for e in tok.values():
+        cells = [_fmt(e[t]["valid"][m]) for t in VALID_METRICS for m in VALID_METRICS[t]]
+        L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+    L.append("")
+
     L.append("## Significance (paired bootstrap over test users)\n")
     L.append(f"diff = mean(A) - mean(B) of the per-user metric (each tokenizer's seeds averaged per user), "
              f"95% percentile interval of {r['config']['bootstrap_samples']} resamples of users, two-sided p. "
              f"GAUC is the mean per-user AUC (one positive, the same number of negatives per user). "
-             f"B is ADC-SID or the best tokenizer on that metric (marked *). Seed spreads beside it.\n")
+             f"B is ADC-SID or the best tokenizer on that metric by its validation mean (marked *). "
+             f"Seed spreads beside it.\n")
     L.append("| task | metric | A | B | diff | 95% CI | p | std A | std B |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for s in r["significance"]:
