@@ -437,14 +437,18 @@ class Evaluation:
         d = self.path("tokenizers", name)
         return d if fs is None or fs == self.c.budget.seed else os.path.join(d, f"seed{fs}")
 
-    def table(self, name: str, seed: int) -> tuple[SIDTable, PrefixTrie]:
-        """Seed ``seed``'s SID table of ``name`` and its prefix trie (fitted first if needed)."""
+    def table(self, name: str, seed: int, wait: bool = True) -> tuple[SIDTable, PrefixTrie] | None:
+        """Seed ``seed``'s SID table of ``name`` and its prefix trie (fitted first if needed);
+        None with ``wait=False`` when another process is fitting it."""
         d = self.tokenizer_dir(name, seed)
         if d not in self._tables:
-            self._tables[d] = self.tokenize(name, seed)
+            got = self.tokenize(name, seed, wait)
+            if got is None:
+                return None
+            self._tables[d] = got
         return self._tables[d]
 
-    def tokenize(self, name: str, seed: int) -> tuple[SIDTable, PrefixTrie]:
+    def tokenize(self, name: str, seed: int, wait: bool = True) -> tuple[SIDTable, PrefixTrie] | None:
         d = self.tokenizer_dir(name, seed)
         fs = self.fit_seed(name, seed)
         items, dims = {}, {}
@@ -470,7 +474,8 @@ class Evaluation:
             q["fit_seed"] = fs
             return q
         stage = f"tokenizers:{name}" if d == self.path("tokenizers", name) else f"tokenizers:{name}:seed{fs}"
-        self._stage(stage, os.path.join(d, "quantization.json"), run)
+        if not self._stage(stage, os.path.join(d, "quantization.json"), run, wait=wait):
+            return None
         z = np.load(os.path.join(d, "sids.npz"))
         table = SIDTable.build(z["sid"], z["weights"])
         return table, PrefixTrie.build(table)
@@ -579,8 +584,9 @@ class Evaluation:
         groups = self.data.popularity_groups(self.c.head_tail_share)
         negatives = self.negatives()
         names = self.c.tokenizers
-        for name in names:  # the first seed's fits before any downstream stage; the others when needed
-            self.table(name, self.c.seeds[0])
+        for wait in (False, True):  # the first seed's fits before any downstream stage, side by side
+            for name in names:  # with --parallel; the other seeds' fits when their stages need them
+                self.table(name, self.c.seeds[0], wait=wait)
         # every tokenizer at the first seed before any second seed (an interrupted run can
         # already compare them all, the baselines before the ablations), then the other seeds; an ablation gets them only when
         # its first seed is within 2 seed spreads of ADC-SID on some headline metric
