@@ -226,5 +226,44 @@ def test_parallel_processes_share_the_stages_and_one_reports(quick_run, tmp_path
     assert len(stages) == 2 * 2 * 3  # 2 tokenizers x 2 seeds x 3 tasks, each once
     assert len({s["pid"] for s in stages}) == 2  # both processes trained some
     assert {s["torch_threads"] for s in stages} == {max(1, (os.cpu_count() or 1) // 2)}
-    locks = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".lock")]
+    locks = [f for d, _, fs in os.walk(out) for f in fs if f.endswith((".lock", ".ckpt.pt"))]
     assert not locks
+
+
+@pytest.mark.slow
+def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint(quick_run, tmp_path, monkeypatch):
+    """A process killed during a stage's training loses only the epoch in progress: the
+    next run resumes from ``<stage>.ckpt.pt`` and writes what an uninterrupted run writes."""
+    import shutil
+
+    from sidserve.eval import checkpoint as ckpt_mod
+    from sidserve.eval.pipeline import EvalConfig, Evaluation, checkpoint_path
+
+    out = str(tmp_path / "resume")
+    shutil.copytree(quick_run[0], out)
+    done = os.path.join(out, "downstream", "rqkmeans", "ranking_seed1.json")
+    before = json.load(open(done))
+    os.remove(done)
+    cfg = EvalConfig.quick_profile(SLICE, out, tokenizers=list(TOKENIZERS))
+    save = ckpt_mod.EpochCheckpoint.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self, epoch, *a, **kw):
+        save(self, epoch, *a, **kw)
+        raise Killed  # after epoch 0 was saved
+
+    monkeypatch.setattr(ckpt_mod.EpochCheckpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        Evaluation(cfg).run()
+    assert os.path.exists(checkpoint_path(done)) and not os.path.exists(done)
+    monkeypatch.setattr(ckpt_mod.EpochCheckpoint, "save", save)
+    Evaluation(cfg).run()
+    after = json.load(open(done))
+    assert after["early_stopping"]["resumed_from_epoch"] == 1
+    assert not os.path.exists(checkpoint_path(done))  # the result is written: the checkpoint goes
+    assert [h["valid_gauc"] for h in after["history"]] == pytest.approx([h["valid_gauc"] for h in before["history"]],
+                                                                        abs=1e-6)
+    assert after["all"]["gauc"] == pytest.approx(before["all"]["gauc"], abs=1e-6)
+    assert "*.ckpt.pt" in open(os.path.join(out, ".gitignore")).read().split("\n")

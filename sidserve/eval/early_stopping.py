@@ -62,6 +62,15 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
         return model
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs (``EpochCheckpoint``): best value, epoch and weights."""
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_state, self.bad_evaluations = state["best_state"], state["bad_evaluations"]
+
     def summary(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_value": self.best_value, "mode": self.mode,
                 "patience": self.patience, "min_epochs": self.min_epochs}

@@ -41,6 +41,9 @@ removes it when the stage is written; a lock whose process is gone is taken over
 prerequisites (text embeddings, SASRec, tokenizer fits, the stages that decide an ablation's
 seeds) are waited for; a downstream stage held by another process is skipped and waited for
 at the end. The workers of one run share one machine (a lock from another host is stale).
+A downstream stage saves its training state after every epoch (``<stage>.ckpt.pt``,
+``sidserve.eval.checkpoint``); whoever takes over a stale lock resumes from it, with the
+same result as an uninterrupted run, and loses at most the epoch that was in progress.
 """
 
 from __future__ import annotations
@@ -212,6 +215,11 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+def checkpoint_path(done: str) -> str:
+    """Where the stage whose result is ``done`` keeps its per-epoch training state."""
+    return os.path.splitext(done)[0] + ".ckpt.pt"
+
+
 def _lock_holder_alive(lock: str) -> bool:
     """Whether the process named in ``lock`` still runs (False for a lock from another host,
     an unreadable lock, or a pid now reused by another process)."""
@@ -306,6 +314,7 @@ class Evaluation:
         lines = ["# written by sidserve.eval.pipeline: what a kept evaluation cache leaves out",
                  "embeddings/*.npy", "tokenizers/**/artifact/", "tokenizers/**/*.artifact-tmp/", "*.tmp-*",
                  "*.lock",  # a stage being run (--parallel): meaningless on another machine
+                 "*.ckpt.pt",  # a stage's training state until its result is written (resume)
                  "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept",
                  f"!sasrec/{variant}/{which}_emb.npy",
                  "# drawn again from their fixed seeds (negatives())", "ranking_negatives*.npy"]
@@ -354,10 +363,15 @@ class Evaluation:
             result = fn()
             dt = time.perf_counter() - t0
             if result is not None:
-                result["stage_seconds"] = round(dt, 2)
+                # over every process that worked on it (a resumed stage: the epochs done before
+                # the interruption too; the epoch it interrupted is lost and not counted)
+                before = (result.get("early_stopping") or {}).get("seconds_before_resume", 0.0)
+                result["stage_seconds"] = round(dt + before, 2)
                 result["torch_threads"] = torch.get_num_threads()
                 result["pid"] = os.getpid()  # which process of a --parallel run
                 _atomic_json(done, result)
+            if os.path.exists(checkpoint_path(done)):
+                os.remove(checkpoint_path(done))  # the result is written: nothing left to resume
             self.timer.add(name.split(":")[0], dt)
             log.info("stage %s done in %.1f s", name, dt)
             return True
@@ -390,7 +404,8 @@ class Evaluation:
         def run():
             c = dataclasses.replace(self.c.sasrec, **SASREC_VARIANTS[variant])
             model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, c,
-                                          valid=self.data.targets("valid"))
+                                          valid=self.data.targets("valid"),
+                                          checkpoint=checkpoint_path(os.path.join(d, "report.json")))
             test = evaluate_sasrec(model, *self.data.targets("test"), ks=(5, 10, 50), per_user=True)
             _atomic_npz(os.path.join(d, "test_per_user.npz"), **test)
             pop = self.data.popularity()[1:]
@@ -487,9 +502,11 @@ class Evaluation:
     def sid_sasrec(self, name: str, table: SIDTable, seed: int, groups, wait: bool = True) -> bool:
         def run():
             c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
+            torch.manual_seed(seed)  # the code tables' init: from the seed, not from what this process ran before
             items = SIDItems(table, c.hidden_dim, use_dedup=self.c.sid_sasrec_dedup)
             model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, c,
-                                          valid=self.data.targets("valid"), items=items)
+                                          valid=self.data.targets("valid"), items=items,
+                                          checkpoint=checkpoint_path(self.stage_path(name, "sid_sasrec", seed)))
             hist, targets = self.data.targets("test")
             per_user = evaluate_sasrec(model, hist, targets, ks=(5, 10, 50), per_user=True)
             _atomic_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
@@ -502,7 +519,8 @@ class Evaluation:
         def run():
             c = dataclasses.replace(self.c.retrieval, seed=seed)
             model, history = train_retrieval(table, self.data.train_sequences(), self.data.targets("valid"), c,
-                                             trie=trie)
+                                             trie=trie,
+                                             checkpoint=checkpoint_path(self.stage_path(name, "retrieval", seed)))
             t0 = time.perf_counter()
             hist, targets = self.data.targets("test")
             ranked = rank_items(model, trie, hist, c.beam_size)
@@ -519,7 +537,8 @@ class Evaluation:
             c = dataclasses.replace(self.c.ranking, seed=seed)
             v_hist, v_target = self.data.targets("valid")
             model, history = train_ranker(table, self.data.train_sequences(), c,
-                                          valid=(v_hist, v_target, negatives["valid"]))
+                                          valid=(v_hist, v_target, negatives["valid"]),
+                                          checkpoint=checkpoint_path(self.stage_path(name, "ranking", seed)))
             hist, targets = self.data.targets("test")
             scores = score(model, hist, np.concatenate([targets[:, None], negatives["test"]], axis=1))
             _atomic_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))

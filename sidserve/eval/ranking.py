@@ -21,6 +21,7 @@ Shapes: B examples, H history items, L SID positions, d width.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.eval.checkpoint import EpochCheckpoint
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import auc, gauc, per_user_auc
 from sidserve.eval.sasrec import pad_left
@@ -98,11 +100,14 @@ def sample_negatives(rng: np.random.Generator, users_items: list[np.ndarray], nu
 
 
 def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig,
-                 valid: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None) -> tuple[SIDRanker, list[dict]]:
+                 valid: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None,
+                 checkpoint: str | None = None) -> tuple[SIDRanker, list[dict]]:
     """Every training prefix's next item is a positive, with sampled negatives.
 
     valid: (histories, targets, negatives (U, n)) -> early stopping on validation GAUC;
-    without it ``max_epochs`` are run. ``model.early_stopping`` says what was kept."""
+    without it ``max_epochs`` are run. ``model.early_stopping`` says what was kept.
+    checkpoint: a file to save each epoch's state to and resume an interrupted run from
+    (``EpochCheckpoint``)."""
     from sidserve.eval.retrieval import length_buckets, training_examples
 
     if c.max_epochs < 1 or c.patience < 1:
@@ -115,8 +120,10 @@ def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     n = table.num_items
     stopper = EarlyStopping(c.patience, mode="max")
-    history = []
-    for epoch in range(c.max_epochs):
+    ckpt = EpochCheckpoint(checkpoint, {"model": "ranking", "config": dataclasses.asdict(c), "num_items": n,
+                                        "examples": int(target.size)})
+    start, history, stopped = ckpt.resume(model, opt, rng, stopper)
+    for epoch in range(start, 0 if stopped else c.max_epochs):
         t0 = time.perf_counter()
         model.train()
         neg = rng.integers(1, n + 1, size=(target.size, c.negatives_per_positive))
@@ -142,10 +149,12 @@ def train_ranker(table: SIDTable, train_seqs: list[np.ndarray], c: RankingConfig
             stop = stopper.update(epoch, rec["valid_gauc"], model)
         history.append(rec)
         log.info("ranking epoch %d %s", epoch, history[-1])
+        ckpt.save(epoch, model, opt, rng, stopper, history, stop)
         if stop:
             break
     stopper.restore(model)
-    model.early_stopping = {**stopper.summary(), "epochs_run": len(history), "max_epochs": c.max_epochs}
+    model.early_stopping = {**stopper.summary(), "epochs_run": len(history), "max_epochs": c.max_epochs,
+                            **ckpt.summary()}
     return model.eval(), history
 
 

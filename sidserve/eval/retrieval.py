@@ -18,6 +18,7 @@ Shapes: U users, H history items, G beams per user, T code positions, d model wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.eval.checkpoint import EpochCheckpoint
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import grouped_means, recall_ndcg
 from sidserve.eval.sasrec import pad_left
@@ -276,10 +278,12 @@ def length_buckets(rng: np.random.Generator, lengths: np.ndarray, batch_size: in
 
 
 def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[list[np.ndarray], np.ndarray],
-                    c: RetrievalConfig, trie: PrefixTrie | None = None) -> tuple[SIDSeq2Seq, list[dict]]:
+                    c: RetrievalConfig, trie: PrefixTrie | None = None,
+                    checkpoint: str | None = None) -> tuple[SIDSeq2Seq, list[dict]]:
     """Fit on all training prefixes until the validation metric stops improving
     (``patience`` epochs), then restore the best epoch. ``model.early_stopping`` says
-    which epoch was kept."""
+    which epoch was kept. checkpoint: a file to save each epoch's state to and resume an
+    interrupted run from (``EpochCheckpoint``)."""
     c.validate()
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
@@ -299,8 +303,10 @@ def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, c.warmup_steps)))
     stopper = EarlyStopping(c.patience, mode="min" if c.valid_metric == "loss" else "max", min_epochs=c.min_epochs)
-    history = []
-    for epoch in range(c.max_epochs):
+    ckpt = EpochCheckpoint(checkpoint, {"model": "retrieval", "config": dataclasses.asdict(c),
+                                        "num_items": table.num_items, "examples": int(target.size)})
+    start, history, stopped = ckpt.resume(model, opt, rng, stopper, sched)
+    for epoch in range(start, 0 if stopped else c.max_epochs):
         t0 = time.perf_counter()
         model.train()
         total, steps = 0.0, 0
@@ -324,11 +330,14 @@ def train_retrieval(table: SIDTable, train_seqs: list[np.ndarray], valid: tuple[
         rec["valid_seconds"] = time.perf_counter() - t1
         history.append(rec)
         log.info("retrieval epoch %d %s", epoch, {k: round(v, 4) for k, v in rec.items()})
-        if stopper.update(epoch, rec[f"valid_{c.valid_metric}"], model):
+        stop = stopper.update(epoch, rec[f"valid_{c.valid_metric}"], model)
+        ckpt.save(epoch, model, opt, rng, stopper, history, stop, sched)
+        if stop:
             break
     stopper.restore(model)
     model.early_stopping = {**stopper.summary(), "metric": c.valid_metric, "epochs_run": len(history),
-                            "max_epochs": c.max_epochs, "valid_users_scored": int(v_target_gen.size)}
+                            "max_epochs": c.max_epochs, "valid_users_scored": int(v_target_gen.size),
+                            **ckpt.summary()}
     return model.eval(), history
 
 

@@ -25,6 +25,7 @@ Shapes: B sequences, T positions, N items (ids 1..N, 0 = padding), d width.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidserve.eval.checkpoint import EpochCheckpoint
 from sidserve.eval.chunked_ce import chunked_cross_entropy
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import recall_ndcg
@@ -221,7 +223,8 @@ def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int):
 
 def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
                  valid: tuple[list[np.ndarray], np.ndarray] | None = None,
-                 items: nn.Module | None = None, init: "SASRec | None" = None) -> tuple[SASRec, list[dict]]:
+                 items: nn.Module | None = None, init: "SASRec | None" = None,
+                 checkpoint: str | None = None) -> tuple[SASRec, list[dict]]:
     """Fit on ``train_seqs`` (each (n_u,) item ids); returns (model, per-epoch history).
 
     init: a model of the same shape whose weights training continues from (a warm start:
@@ -231,6 +234,9 @@ def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
     (histories, targets), every epoch is scored on it (full-catalog NDCG@10) and training
     stops after ``patience`` epochs without improvement, restoring the best epoch;
     without it, ``max_epochs`` are run. ``model.early_stopping`` says what was kept.
+
+    checkpoint: a file where the state after each epoch is saved, and from which an
+    interrupted run with the same configuration resumes (``EpochCheckpoint``).
     """
     c.validate()
     torch.manual_seed(c.seed)
@@ -247,8 +253,10 @@ def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
         model.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98))
     stopper = EarlyStopping(c.patience, mode="max")
-    history = []
-    for epoch in range(c.max_epochs):
+    ckpt = EpochCheckpoint(checkpoint, {"model": "sasrec", "config": dataclasses.asdict(c), "num_items": num_items,
+                                        "items": type(model.items).__name__, "sequences": len(usable)})
+    start, history, stopped = ckpt.resume(model, opt, rng, stopper)
+    for epoch in range(start, 0 if stopped else c.max_epochs):
         t0 = time.perf_counter()
         model.train()
         total, steps = 0.0, 0
@@ -278,10 +286,12 @@ def train_sasrec(train_seqs: list[np.ndarray], num_items: int, c: SASRecConfig,
             stop = stopper.update(epoch, rec["valid_ndcg@10"], model)
         history.append(rec)
         log.info("sasrec epoch %d %s", epoch, {k: round(v, 4) for k, v in rec.items()})
+        ckpt.save(epoch, model, opt, rng, stopper, history, stop)
         if stop:
             break
     stopper.restore(model)
-    model.early_stopping = {**stopper.summary(), "epochs_run": len(history), "max_epochs": c.max_epochs}
+    model.early_stopping = {**stopper.summary(), "epochs_run": len(history), "max_epochs": c.max_epochs,
+                            **ckpt.summary()}
     return model.eval(), history
 
 

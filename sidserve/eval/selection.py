@@ -18,6 +18,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 from sidserve.eval.data import load_dataset
 from sidserve.eval.metrics import spearman
@@ -156,6 +157,7 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
             w: spearman(np.linalg.norm(m.item_vectors(w), axis=1), pop) for w in ("input", "output")}
     elif model == "sid_sasrec":
         result["sids"] = sids
+        torch.manual_seed(c.seed)  # SIDItems' init: from the seed, not from what ran before
         m, history = train_sasrec(train, data.num_items, c, valid=valid, items=SIDItems(_sids(data, sids, table), c.hidden_dim))
     elif model == "retrieval":
         result["sids"] = sids

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from sidserve.eval.data import Dataset, load_dataset
 from sidserve.eval.sasrec import SASRecConfig
@@ -451,6 +452,7 @@ class TwoNights:
 
         def run():
             c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
+            torch.manual_seed(seed)  # SIDItems' init: from the seed, not from what ran before
             model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
                                     items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
             return {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
