@@ -228,19 +228,19 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
                    help="interactions per user night 1 does not see (the newest of its training part)")
     p.add_argument("--modes", default="scratch,warm,procrustes",
                    help="night 2's behavioral embeddings: scratch, warm, procrustes (comma-separated)")
-    p.add_argument("--deltas", default="0,0.01,0.02,0.05,0.1", help="sticky margins to measure (cosine)")
+    p.add_argument("--deltas", default="0,0.05,0.1,0.2,0.3", help="sticky margins to measure (cosine)")
     p.add_argument("--downstream-modes", default="warm",
                    help="modes whose settings get a SID-SASRec on night 2 (empty: churn only)")
-    p.add_argument("--candidates", type=int, default=8,
-                   help="codes per position scored for the sticky comparison (the assignment job's default: 8)")
-    p.add_argument("--downstream-deltas", default="0.05",
+    p.add_argument("--candidates", type=int, default=32,
+                   help="codes per position scored for the sticky comparison (the assignment job's default: 32)")
+    p.add_argument("--downstream-deltas", default="0.3",
                    help="sticky margins (among --deltas) whose settings get the SID-SASRec too")
     p.add_argument("--downstream-settings",
                    help="exactly these settings get the SID-SASRec, comma-separated (e.g. "
                         "'warm/cold,warm/none+sticky 0.3'); overrides --downstream-modes/--downstream-deltas")
     p.add_argument("--downstream-seeds",
-                   help="seeds of night 2's downstream models, comma-separated (default: 0); the report gives "
-                        "mean +- std over them")
+                   help="seeds, comma-separated (default: 0): each fits every tokenizer and trains night 2's "
+                        "downstream models; the report gives mean +- std over them")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 

@@ -15,8 +15,11 @@ from sidserve.eval.stability import (
     StabilityConfig,
     TwoNights,
     churn_table,
+    input_rows_trained,
+    mean_tree,
     procrustes,
     split_nights,
+    summarize_seeds,
 )
 
 
@@ -41,10 +44,33 @@ def test_procrustes_recovers_a_rotation_and_keeps_norms():
 def test_churn_table_by_hand():
     before = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
     after = np.array([[0, 1], [2, 9], [8, 9], [6, 7]])
-    t = churn_table(before, after, np.array([0, 5, 5, 50]))
+    t = churn_table(before, after, np.array([0, 5, 5, 50]), both_nights=np.array([False, False, True, True]))
     assert t["churn"] == 0.5 and t["changed"] == 2 and t["per_position"] == [0.25, 0.5]
     assert t["by_popularity"] == {"0": {"items": 1, "churn": 0.0}, "1-9": {"items": 2, "churn": 1.0},
                                   "10-99": {"items": 1, "churn": 0.0}}
+    assert t["both_nights"] == {"items": 2, "changed": 1, "churn": 0.5}  # items 3 and 4: 3 changed
+
+
+def test_input_rows_trained_by_hand():
+    # SASRec's inputs are each sequence's items but its last, the newest max_len of them
+    seqs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 2])]
+    assert input_rows_trained(seqs, 9, max_len=10).tolist() == [
+        True, True, False, False, True, True, True, True, False]  # 3, 8, 9: never an input; 4: a 1-item sequence
+    assert input_rows_trained(seqs, 9, max_len=2).tolist() == [
+        True, True, False, False, False, False, True, True, False]  # only 7, 8 of the third
+
+
+def test_seed_summaries_are_means_and_sample_deviations():
+    runs = {0: {"valid": {"ndcg@10": 0.1, "seconds": 5}, "test": {"ndcg@10": 0.2}, "gauc": {"valid": 0.7}},
+            1: {"valid": {"ndcg@10": 0.3, "seconds": 9}, "test": {"ndcg@10": 0.2}, "gauc": {"valid": 0.8}}}
+    out = summarize_seeds(runs)
+    assert out["valid"] == {"ndcg@10": pytest.approx(0.2)} and out["gauc"]["valid"] == pytest.approx(0.75)
+    assert out["std"]["valid"]["ndcg@10"] == pytest.approx(0.1 * 2 ** 0.5)  # ddof 1: sqrt(0.02 / 1)
+    assert out["std"]["test"]["ndcg@10"] == 0.0 and out["per_seed"]["1"] is runs[1]
+    assert summarize_seeds({0: runs[0]})["std"]["valid"]["ndcg@10"] == 0.0
+    t = mean_tree([{"items": 4, "churn": 0.5, "per_position": [0.0, 1.0], "codes_kept": None},
+                   {"items": 4, "churn": 0.25, "per_position": [1.0, 1.0], "codes_kept": None}])
+    assert t == {"items": 4, "churn": 0.375, "per_position": [0.5, 1.0], "codes_kept": None}
 
 
 def test_which_settings_get_the_downstream_model(tmp_path):
@@ -55,17 +81,32 @@ def test_which_settings_get_the_downstream_model(tmp_path):
                   for d in (0, 0.05, 0.3)]
         return {n for n in names if run.wants_downstream(n)}
 
-    # default: every plain setting of the 'warm' mode, sticky ones at 0.05
-    assert wants() == {"warm/cold", "warm/none", "warm/warm", "warm/anchored", "warm/none+sticky 0.05",
-                       "warm/warm+sticky 0.05", "warm/anchored+sticky 0.05"}
+    # default: every plain setting of the 'warm' mode, sticky ones at 0.3 (refresh's default)
+    assert wants() == {"warm/cold", "warm/none", "warm/warm", "warm/anchored", "warm/none+sticky 0.3",
+                       "warm/warm+sticky 0.3", "warm/anchored+sticky 0.3"}
     assert wants(downstream_modes=[]) == set()
     assert wants(downstream_settings=["scratch/cold", "warm/none+sticky 0.3"]) == {"scratch/cold",
                                                                                   "warm/none+sticky 0.3"}
     with pytest.raises(ValueError, match="downstream_deltas"):
         StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.1], downstream_deltas=[0.2]).validate()
+    # listed settings replace the delta rule: the rule's default need not be among the deltas
+    StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.2], downstream_deltas=[0.05],
+                    downstream_settings=["warm/none+sticky 0.2"]).validate()
+    # a misspelt setting is named before any work, not after the fits
+    with pytest.raises(ValueError, match=r"\['warm/none\+sticky 0.25'\] are not settings"):
+        StabilityConfig(data=SLICE, output=str(tmp_path), deltas=[0, 0.2],
+                        downstream_settings=["warm/none+sticky 0.25"]).validate()
     for seeds in ([0, 0], [], [-1], [0.5]):
         with pytest.raises(ValueError, match="downstream_seeds"):
             StabilityConfig(data=SLICE, output=str(tmp_path), downstream_seeds=seeds).validate()
+
+
+def test_a_cache_of_other_settings_is_refused(tmp_path):
+    out = str(tmp_path / "st")
+    TwoNights(StabilityConfig(data=SLICE, output=out))  # pins its settings in run_config.json
+    TwoNights(StabilityConfig(data=SLICE, output=out, deltas=[0, 0.3]))  # measuring other margins: same cache
+    with pytest.raises(ValueError, match=r"different settings \(holdout\)"):
+        TwoNights(StabilityConfig(data=SLICE, output=out, holdout=2))
 
 
 @pytest.mark.slow
@@ -108,11 +149,28 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
         assert set(runs) == {"0", "1"} and runs["0"]["gauc"]["valid"] != runs["1"]["gauc"]["valid"]
         for part, k in (("valid", "ndcg@10"), ("test", "recall@10"), ("gauc", "test")):
             v = [runs[x][part][k] for x in ("0", "1")]
-            assert d[part][k] == pytest.approx(np.mean(v)) and d["std"][part][k] == pytest.approx(np.std(v))
+            assert d[part][k] == pytest.approx(np.mean(v)) and d["std"][part][k] == pytest.approx(np.std(v, ddof=1))
+        assert "best_epoch" in runs["0"]["early_stopping"] and "best_epoch" in d["per_seed"]["1"]["ranking_early_stopping"]
+    # each seed is a replicate: its own tokenizer fits (night 1 and the re-fits), its own churn
+    assert os.path.exists(os.path.join(out, "tokenizers", "night1-seed1", "manifest.json"))
+    assert os.path.exists(os.path.join(out, "tokenizers", "warm-cold-seed1", "manifest.json"))
+    sid_a = load_tokenizer(os.path.join(out, "tokenizers", "night1"))
+    sid_b = load_tokenizer(os.path.join(out, "tokenizers", "night1-seed1"))
+    assert sid_a.config.seed != sid_b.config.seed
+    c = s["warm/warm"]
+    assert set(c["churn_per_seed"]) == {"0", "1"}
+    assert c["churn"] == pytest.approx(np.mean(list(c["churn_per_seed"].values())))
+    assert 0 < c["both_nights"]["items"] < r["dataset"]["items"] and r["items_both_nights"] == c["both_nights"]["items"]
+    # per-user arrays for paired tests; no training checkpoint left once results are written
+    files = os.listdir(os.path.join(out, "downstream"))
+    assert "warm_cold.npz" in files and "warm_cold_seed1_ranking.npz" in files
+    assert not [f for f in files if f.endswith(".ckpt.pt")]
+    assert os.path.exists(os.path.join(out, "behavior", "night1_model.pt"))  # the warm start's source
     md = open(os.path.join(out, "stability.md")).read()
     assert "| warm/warm+sticky 0.3 |" in md and " +- " in md
     # the cache can be committed: only the rebuilt content embeddings are left out
-    assert open(os.path.join(out, ".gitignore")).read().splitlines()[1:] == ["embeddings.npz", "*.tmp.npz"]
+    assert open(os.path.join(out, ".gitignore")).read().splitlines()[1:] == ["embeddings.npz", "*.tmp.npz",
+                                                                             "*.tmp-*", "*.ckpt.pt"]
     # cold -> warm: a larger margin keeps the content-only path's shared code for more items
     t = r["cold_to_warm"]
     assert list(t) == ["plain", "sticky 0", "sticky 0.05", "sticky 0.3"]
@@ -120,3 +178,14 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     # a rerun reads every stage from the cache
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and json.load(open(os.path.join(out, "stability.json")))["stage_seconds"] == {}
+    # the warm start continues from night 1's saved SASRec: a lost warm table is rebuilt
+    # exactly; without the saved model, night 1 is trained again and accepted only if it
+    # reproduces night 1's cached table (it does here: same machine, same threads)
+    warm = os.path.join(out, "behavior", "warm.npz")
+    before = np.load(warm)["emb"]
+    for lost in ([warm], [warm, os.path.join(out, "behavior", "night1_model.pt")]):
+        for f in lost:
+            os.remove(f)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert np.array_equal(np.load(warm)["emb"], before)

@@ -22,15 +22,22 @@ model, ``refresh --refit``) and ``anchored`` (the warm re-fit with night 1's cod
 best beats it by more than delta in cosine).
 
 Churn is the share of items whose SID changed between the nights (every catalog item has a SID
-both nights: an item unseen on night 1 is tokenized on the content-only path), overall, per
-SID position and per popularity bucket (night 2's training interactions; the refresh job's
-buckets). Night 2's downstream models are trained once per ``downstream_seeds`` seed and
-reported as mean, standard deviation and per-seed values: two fits of the same tokenizer
-differ by several percent in SID-SASRec accuracy, more than the differences a stability
-setting is judged by. Every stage is cached under ``output``, which gets a ``.gitignore``
-that leaves out only what is rebuilt (the content embeddings), so the cache can be committed
+both nights: an item unseen on night 1 is tokenized on the content-only path), overall, over
+the items with interactions on both nights, per SID position and per popularity bucket (night
+2's training interactions; the refresh job's buckets). Each seed of ``downstream_seeds`` is
+a whole replicate, as the evaluation's seeds are: it fits night 1's tokenizer and night 2's
+re-fits with that seed and trains night 2's downstream models with it; churn and quality are
+reported as mean, sample standard deviation and per-seed values (two fits of the same
+tokenizer differ by several percent in SID-SASRec accuracy, more than the differences a
+stability setting is judged by). The SASRecs that give e_b are trained once per night.
+
+Every stage is cached under ``output`` (downstream models also per epoch, so an interrupted
+one resumes); ``run_config.json`` pins what the cache's names do not say (data, holdout,
+budgets, harness version) and a run with other values is refused. The ``.gitignore`` leaves
+out only what is rebuilt (the content embeddings) or temporary, so the cache can be committed
 and a long run resumed on another machine; the report is ``stability.md`` +
-``stability.json`` (+ ``churn_vs_delta.png`` when matplotlib is installed).
+``stability.json`` (+ ``churn_vs_delta.png`` when matplotlib is installed), and per-user
+arrays of every downstream model sit beside its result (``.npz``) for paired tests.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ from sidserve.eval.tokenizers import TokenizerBudget
 
 log = logging.getLogger(__name__)
 MODES = ("scratch", "warm", "procrustes")
+# bumped when a change moves the figures of a cached stability run (run_config.json): 2 = every
+# seed fits its own tokenizers (before: one fit, only the downstream models seeded)
+STABILITY_VERSION = 2
 # night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
 # without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
 STICKY_KINDS = ("none", "warm", "anchored")
@@ -62,19 +72,22 @@ class StabilityConfig:
     output: str  # cache + report directory
     holdout: int = 1  # interactions per user night 1 does not see (the newest of its training part)
     modes: list[str] = field(default_factory=lambda: list(MODES))  # night 2's behavioral embeddings
-    deltas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1])  # sticky margins
+    # sticky margins; 0.3 is refresh's default for adc-sid (this page's result), 0 the plain assignment
+    deltas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     # which embedding modes get the downstream SID-SASRec per setting (each ~1 SASRec training)
     downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
     # codes per position the encoder scores for the sticky comparison (the assignment job's
-    # --sticky-candidates); a previous code outside them cannot be kept
-    candidates: int = 8
+    # --sticky-candidates, default 32); a previous code outside them cannot be kept
+    candidates: int = 32
     # sticky margins that get the downstream model too (each costs one SID-SASRec per kind)
-    downstream_deltas: list[float] = field(default_factory=lambda: [0.05])
+    downstream_deltas: list[float] = field(default_factory=lambda: [0.3])
     # an explicit list of setting names ("warm/none+sticky 0.3", ...) to give the downstream
     # model instead of the two rules above (each costs one SID-SASRec)
     downstream_settings: list[str] | None = None
-    # seeds of night 2's downstream models (SID-SASRec and ranker), each setting trained once
-    # per seed; None = [seed]. One seed cannot separate settings a few percent apart
+    # seeds: each one fits every tokenizer (night 1's and night 2's re-fits) and trains night
+    # 2's downstream models (SID-SASRec and ranker) with that seed, as the evaluation's seeds do;
+    # None = [seed]. One fit cannot separate settings a few percent apart. The SASRecs that
+    # give e_b are trained once (``seed``), as in the evaluation
     downstream_seeds: list[int] | None = None
     quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
     quick_users: int = 1000
@@ -100,10 +113,25 @@ class StabilityConfig:
         seeds = self.seeds()
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and x >= 0 for x in seeds):
             raise ValueError(f"downstream_seeds must be distinct ints >= 0, got {self.downstream_seeds!r}")
-        if [d for d in self.downstream_deltas if d not in self.deltas]:
-            raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
+        if self.downstream_settings is None:
+            if [d for d in self.downstream_deltas if d not in self.deltas]:
+                raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
+        else:  # named now, not after an hour of fits
+            unknown = sorted(set(self.downstream_settings) - set(self.setting_names()))
+            if unknown:
+                raise ValueError(f"downstream_settings {unknown} are not settings of this run; "
+                                 f"settings: {self.setting_names()}")
         self.sasrec.validate()
         return self
+
+    def setting_names(self) -> list[str]:
+        """Every night-2 setting the run measures, in its report's order."""
+        names = []
+        for mode in self.modes:
+            names.append(f"{mode}/cold")
+            for kind in STICKY_KINDS:
+                names += [f"{mode}/{kind}"] + [f"{mode}/{kind}+sticky {d:g}" for d in self.deltas]
+        return names
 
     def seeds(self) -> list[int]:
         return [self.seed] if self.downstream_seeds is None else list(self.downstream_seeds)
@@ -133,16 +161,51 @@ def procrustes(source: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.n
     return (u @ vt).astype(np.float32)
 
 
-def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray) -> dict:
+def input_rows_trained(seqs: list[np.ndarray], num_items: int, max_len: int) -> np.ndarray:
+    """(num_items,) bool: whether an untied SASRec trained on ``seqs`` updates item i+1's input
+    row, i.e. the item is an input somewhere (not only a sequence's last item, and among the
+    ``max_len`` most recent inputs). The other rows keep their random init, so a tokenizer reads
+    noise as their e_b."""
+    out = np.zeros(num_items + 1, bool)
+    for q in seqs:
+        if q.size >= 2:
+            out[q[:-1][-max_len:]] = True
+    return out[1:]
+
+
+def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray,
+                both_nights: np.ndarray | None = None) -> dict:
     """SIDs (N, L) of the same items on two nights -> churn overall, per position and per
-    popularity bucket (``popularity`` (N,): night 2's training interactions)."""
+    popularity bucket (``popularity`` (N,): night 2's training interactions); with
+    ``both_nights`` (N,) bool, also over the items that have interactions on both nights (the
+    issue's measure: an item new on night 2 gains behavioral codes, one without interactions
+    keeps its content-only SID)."""
     from sidserve.jobs.assign.stats import share_per_bucket
 
     changed = (before != after).any(1)
-    return {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
-            "per_position": (before != after).mean(0).round(6).tolist(),
-            "by_popularity": {name: {"items": n, "churn": share}
-                              for name, (n, share) in share_per_bucket(changed, popularity).items()}}
+    out = {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
+           "per_position": (before != after).mean(0).round(6).tolist(),
+           "by_popularity": {name: {"items": n, "churn": share}
+                             for name, (n, share) in share_per_bucket(changed, popularity).items()}}
+    if both_nights is not None:
+        out["both_nights"] = {"items": int(both_nights.sum()), "changed": int(changed[both_nights].sum()),
+                              "churn": float(changed[both_nights].mean()) if both_nights.any() else 0.0}
+    return out
+
+
+def mean_tree(trees: list):
+    """The element-wise mean of equally shaped JSON trees (dicts / lists of numbers); ints that
+    agree everywhere (item counts) are kept as they are."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: mean_tree([t[k] for t in trees]) for k in first}
+    if isinstance(first, list):
+        return [mean_tree(list(v)) for v in zip(*trees)]
+    if first is None or isinstance(first, str):
+        return first
+    if isinstance(first, int) and all(t == first for t in trees):
+        return first
+    return float(np.mean(trees))
 
 
 def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
@@ -178,24 +241,43 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
 
 def summarize_seeds(per_seed: dict[int, dict]) -> dict:
     """{seed: {"valid": {metric: v}, "test": {...}, "gauc": {"valid": v, "test": v}}} -> the
-    same tree of means, plus ``std`` (the same tree of population standard deviations over the
-    seeds) and ``per_seed`` (the input, keyed by str(seed))."""
+    same tree of means, plus ``std`` (the same tree of sample standard deviations over the
+    seeds, ddof 1 as the evaluation's; 0 for one seed) and ``per_seed`` (the input, keyed by
+    str(seed))."""
     runs = list(per_seed.values())
 
     def tree(fn):
         return {part: {k: fn([r[part][k] for r in runs]) for k in runs[0][part] if k != "seconds"}
                 for part in ("valid", "test", "gauc")}
     out = tree(lambda v: float(np.mean(v)))
-    out["std"] = tree(lambda v: float(np.std(v)))
+    out["std"] = tree(lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
     out["per_seed"] = {str(k): v for k, v in per_seed.items()}
     return out
 
 
-# what a committed cache leaves out: rebuilt from --content-from or the text model
+# what a committed cache leaves out: rebuilt from --content-from or the text model, or temporary
 GITIGNORE = """# written by sidserve stability: everything else here is kept (commit it to resume elsewhere)
 embeddings.npz
 *.tmp.npz
+*.tmp-*
+*.ckpt.pt
 """
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _write_npz(path: str, **arrays) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -210,7 +292,33 @@ class TwoNights:
         n = self.data.num_items
         self.pop1 = np.bincount(np.concatenate(self.night1), minlength=n + 1)[1:]
         self.pop2 = np.bincount(np.concatenate(self.night2), minlength=n + 1)[1:]
+        # whose e_b row each night's SASRec trains (the others are its random init)
+        self.trained1 = input_rows_trained(self.night1, n, c.sasrec.max_len)
+        self.trained2 = input_rows_trained(self.night2, n, c.sasrec.max_len)
         self.timings: dict[str, float] = {}
+        self._check_cache()
+
+    def _check_cache(self) -> None:
+        """A cache is keyed by setting names and seeds; what those names do not say (data,
+        holdout, the SASRec and tokenizer budgets, the harness's code) is pinned in
+        ``run_config.json``, and a run with other values is refused rather than mixed in."""
+        from sidserve.eval.pipeline import HARNESS_VERSION
+
+        key = {"data": os.path.abspath(self.c.data), "quick": self.c.quick,
+               "quick_users": self.c.quick_users if self.c.quick else None, "holdout": self.c.holdout,
+               "seed": self.c.seed, "sasrec": dataclasses.asdict(self.c.sasrec),
+               "budget": dataclasses.asdict(self.c.budget), "harness": HARNESS_VERSION,
+               "stability": STABILITY_VERSION}
+        p = self.path("run_config.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                old = json.load(f)
+            diff = sorted(k for k in key if old.get(k) != key[k])
+            if diff:
+                raise ValueError(f"{self.c.output} holds a stability run with different settings "
+                                 f"({', '.join(diff)}); use a new --output directory")
+        else:
+            _write_json(p, key)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.c.output, *parts)
@@ -262,8 +370,14 @@ class TwoNights:
         """night1 (N, d) and night2_<mode> (N, d) input tables (rows of unseen items unused)."""
         state = {}
 
+        model1_path = self.path("behavior", "night1_model.pt")
+
         def night1():
             state["model1"] = self._sasrec(self.night1, self.night1_valid())
+            # the warm start continues from exactly this model, also on a resumed run
+            os.makedirs(os.path.dirname(model1_path), exist_ok=True)
+            torch.save(state["model1"].state_dict(), model1_path + ".tmp")
+            os.replace(model1_path + ".tmp", model1_path)
             return {"emb": state["model1"].item_vectors("input")}
 
         def night2_scratch():
@@ -275,15 +389,32 @@ class TwoNights:
             out["scratch"] = self._cached("sasrec night 2 (scratch)", "behavior/scratch.npz", night2_scratch)["emb"]
         if "warm" in self.c.modes:
             def night2_warm():
-                if "model1" not in state:  # night 1 came from the cache: train it again (same seed, same model)
-                    state["model1"] = self._sasrec(self.night1, self.night1_valid())
+                if "model1" not in state:  # night 1 came from the cache
+                    state["model1"] = self._night1_model(e1, model1_path)
                 return {"emb": self._sasrec(self.night2, self.data.targets("valid"),
                                             init=state["model1"]).item_vectors("input")}
             out["warm"] = self._cached("sasrec night 2 (warm)", "behavior/warm.npz", night2_warm)["emb"]
         if "procrustes" in self.c.modes:
-            both = np.flatnonzero((self.pop1 > 0) & (self.pop2 > 0))
+            both = np.flatnonzero(self.trained1 & self.trained2)  # rows both SASRecs trained
             out["procrustes"] = out["scratch"] @ procrustes(out["scratch"], e1, both)
         return out
+
+    def _night1_model(self, e1: np.ndarray, path: str):
+        """Night 1's SASRec for the warm start: the saved one, or (a cache from before it was
+        saved) trained again, accepted only if it reproduces night 1's cached table exactly."""
+        from sidserve.eval.sasrec import IDItems, SASRec
+
+        if os.path.exists(path):
+            c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
+            model = SASRec(IDItems(self.data.num_items, c.hidden_dim, c.tied), c)
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        model = self._sasrec(self.night1, self.night1_valid())
+        if not np.array_equal(model.item_vectors("input"), e1):
+            raise ValueError(f"night 1's SASRec trained again differs from the one cached in {self.c.output}/behavior "
+                             "(other threads or machine): a warm start from it would not descend from night 1's "
+                             "e_b; delete behavior/ to train both nights again")
+        return model
 
     def items(self, content: dict, emb: np.ndarray, popularity: np.ndarray):
         from sidserve.items import ItemArrays
@@ -293,86 +424,101 @@ class TwoNights:
                           np.array([str(i) for i in range(1, n + 1)], dtype=object), popularity.astype(np.float64))
 
     # tokenizers ----------------------------------------------------------------------
-    def run(self) -> dict:
+    def fits(self, content: dict, beh: dict, seed: int) -> tuple[object, np.ndarray, dict[str, dict]]:
+        """Night 1's tokenizer fitted with ``seed``, its SIDs of night 1, and every night-2
+        setting's SIDs (its own re-fits with ``seed``): (tok1, sid1, {name: {"sid", "weights",
+        "codes_kept"}}). Fits are cached (``tokenizers/``; seeds other than the run's named)."""
         from sidserve.eval.tokenizers import _adc_config
         from sidserve.jobs.assign.sticky import sticky_codes
         from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 
+        dims = {m: content[m].shape[1] for m in ("text", "meta")}
+        config = _adc_config(dims, beh["night1"].shape[1], dataclasses.replace(self.c.budget, seed=seed))
+        tag = "" if seed == self.c.seed else f"-seed{seed}"
+
+        def fitted(name, cfg, items, init=None):
+            d = self.path("tokenizers", name + tag)
+            if not os.path.exists(os.path.join(d, "manifest.json")):
+                t0 = time.perf_counter()
+                SemanticIdTokenizer(cfg).fit(items, init=init).save_pretrained(d, overwrite=True)
+                self.timings[f"fit {name}{tag}"] = round(time.perf_counter() - t0, 1)
+            return SemanticIdTokenizer.from_pretrained(d)
+
+        items1 = self.items(content, beh["night1"], self.pop1)
+        tok1 = fitted("night1", config, items1)
+        sid1 = tok1.encode(items1).sid
+        k = min(self.c.candidates, config.codebook_size)
+        settings: dict[str, dict] = {}
+        for mode in self.c.modes:
+            items2 = self.items(content, beh[mode], self.pop2)
+            cold = fitted(f"{mode}-cold", config, items2).encode(items2)
+            settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
+            for kind in STICKY_KINDS:
+                tok = tok1 if kind == "none" else fitted(
+                    f"{mode}-{kind}", config.replace(train_codebooks=kind != "anchored"), items2, init=tok1)
+                enc = tok.encode(items2, candidates=k)
+                settings[f"{mode}/{kind}"] = {"sid": enc.sid, "weights": enc.behavior_weights}
+                for delta in self.c.deltas:
+                    codes, kept, _ = sticky_codes(enc.sid, enc.candidates, enc.candidate_scores, sid1, delta,
+                                                  config.codebook_size)
+                    settings[f"{mode}/{kind}+sticky {delta:g}"] = {
+                        "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum())}
+        assert list(settings) == self.c.setting_names()
+        return tok1, sid1, settings
+
+    def run(self) -> dict:
         t_start = time.perf_counter()
         os.makedirs(self.c.output, exist_ok=True)
         with open(self.path(".gitignore"), "w") as f:
             f.write(GITIGNORE)
         content = self.content()
         beh = self.behavior()
-        dims = {m: content[m].shape[1] for m in ("text", "meta")}
-        config = _adc_config(dims, beh["night1"].shape[1], self.c.budget)
-        items1 = self.items(content, beh["night1"], self.pop1)
-        tok1_dir = self.path("tokenizers", "night1")
-        if not os.path.exists(os.path.join(tok1_dir, "manifest.json")):
-            SemanticIdTokenizer(config).fit(items1).save_pretrained(tok1_dir, overwrite=True)
-        tok1 = SemanticIdTokenizer.from_pretrained(tok1_dir)
-        sid1 = tok1.encode(items1).sid
-        missing = config.codebook_size
-
-        settings: dict[str, dict] = {}
-        for mode in self.c.modes:
-            items2 = self.items(content, beh[mode], self.pop2)
-
-            def fit(kind, items2=items2, mode=mode):
-                d = self.path("tokenizers", f"{mode}-{kind}")
-                if not os.path.exists(os.path.join(d, "manifest.json")):
-                    t0 = time.perf_counter()
-                    cfg = config.replace(train_codebooks=kind != "anchored")
-                    tok = SemanticIdTokenizer(cfg).fit(items2, init=None if kind == "cold" else tok1)
-                    tok.save_pretrained(d, overwrite=True)
-                    self.timings[f"fit {mode}-{kind}"] = round(time.perf_counter() - t0, 1)
-                return SemanticIdTokenizer.from_pretrained(d)
-
-            k = min(self.c.candidates, config.codebook_size)
-            cold = fit("cold").encode(items2)
-            settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
-            for kind in STICKY_KINDS:
-                enc = (tok1 if kind == "none" else fit(kind)).encode(items2, candidates=k)
-                settings[f"{mode}/{kind}"] = {"sid": enc.sid, "weights": enc.behavior_weights}
-                for delta in self.c.deltas:
-                    codes, kept, _ = sticky_codes(enc.sid, enc.candidates, enc.candidate_scores, sid1, delta,
-                                                  missing)
-                    settings[f"{mode}/{kind}+sticky {delta:g}"] = {
-                        "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum())}
-        unknown = sorted(set(self.c.downstream_settings or []) - set(settings))
-        if unknown:
-            raise ValueError(f"downstream_settings {unknown} are not settings of this run; "
-                             f"settings: {sorted(settings)}")
+        both = (self.pop1 > 0) & (self.pop2 > 0)
+        per_seed_rows: dict[str, dict[int, dict]] = {n: {} for n in self.c.setting_names()}
+        transitions = {}
+        for seed in self.c.seeds():
+            tok1, sid1, settings = self.fits(content, beh, seed)
+            for name, s in settings.items():
+                row = churn_table(sid1, s["sid"], self.pop2, both)
+                row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
+                    1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
+                if self.wants_downstream(name):
+                    row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1, seed)
+                    rk = self.ranking(name, s["sid"], s["weights"], tok1, seed)
+                    row["downstream"]["gauc"] = {"valid": rk["valid"], "test": rk["test"]}
+                    row["downstream"]["ranking_early_stopping"] = rk.get("early_stopping")
+                per_seed_rows[name][seed] = row
+            transitions[seed] = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
+                                             min(self.c.candidates, tok1.config.codebook_size))
         rows = {}
-        for name, s in settings.items():
-            row = churn_table(sid1, s["sid"], self.pop2)
-            row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
-                1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
-            if self.wants_downstream(name):
-                per_seed = {}
-                for seed in self.c.seeds():
-                    per_seed[seed] = self.downstream(name, s["sid"], s["weights"], tok1, seed)
-                    per_seed[seed]["gauc"] = self.ranking(name, s["sid"], s["weights"], tok1, seed)
-                row["downstream"] = summarize_seeds(per_seed)
+        for name, runs in per_seed_rows.items():
+            churn_only = [{k: v for k, v in r.items() if k != "downstream"} for r in runs.values()]
+            row = mean_tree(churn_only)  # over the seeds' fits
+            row["churn_std"] = float(np.std([r["churn"] for r in churn_only], ddof=1)) if len(runs) > 1 else 0.0
+            row["both_nights"]["churn_std"] = (float(np.std([r["both_nights"]["churn"] for r in churn_only], ddof=1))
+                                               if len(runs) > 1 else 0.0)
+            row["churn_per_seed"] = {str(k): r["churn"] for k, r in runs.items()}
+            if all("downstream" in r for r in runs.values()):
+                row["downstream"] = summarize_seeds({k: r["downstream"] for k, r in runs.items()})
             rows[name] = row
-        transition = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
-                                  min(self.c.candidates, config.codebook_size))
         result = {
-            "cold_to_warm": transition,
+            "cold_to_warm": mean_tree(list(transitions.values())),
             "dataset": {"name": self.data.name, "users": self.data.num_users, "items": self.data.num_items,
                         "quick": self.c.quick},
             "holdout": self.c.holdout, "new_interaction_share": round(self.new_share, 4),
             "items_unseen_night1": int(((self.pop1 == 0) & (self.pop2 > 0)).sum()),
+            "items_both_nights": int(both.sum()),
+            # e_b rows night 1's SASRec left at their init and night 2's trains: behavior new that night too
+            "items_first_trained_night2": int((~self.trained1 & self.trained2).sum()),
             "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates,
                        "downstream_modes": self.c.downstream_modes, "downstream_deltas": self.c.downstream_deltas,
                        "downstream_settings": self.c.downstream_settings,
-                       "downstream_seeds": self.c.seeds(),
+                       "downstream_seeds": self.c.seeds(), "seeds_fit_tokenizers": True,
                        "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         }
-        with open(self.path("stability.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(self.path("stability.json"), result)
         with open(self.path("stability.md"), "w") as f:
             f.write(render(result))
         plot(result, self.path("churn_vs_delta.png"))
@@ -390,22 +536,27 @@ class TwoNights:
             return True
         return float(setting.split()[-1]) in self.c.downstream_deltas
 
-    def _cached_result(self, name: str, suffix: str, seed: int, fn) -> dict:
-        """downstream/<setting><suffix>.json if cached, else fn() timed and written there (a
-        sticky setting's file names its candidate count: other k, other SIDs; a downstream seed
-        other than the run's own seed is named too)."""
+    def _result_path(self, name: str, suffix: str, seed: int, ext: str = "json") -> str:
+        """downstream/<setting><suffix>.<ext>: a sticky setting's file names its candidate count
+        (other k, other SIDs); a seed other than the run's own seed is named too."""
         key = name.replace("/", "_").replace(" ", "_") + (f"_k{self.c.candidates}" if "+sticky" in name else "")
         key += "" if seed == self.c.seed else f"_seed{seed}"
-        p = self.path("downstream", key + suffix + ".json")
+        return self.path("downstream", f"{key}{suffix}.{ext}")
+
+    def _cached_result(self, name: str, suffix: str, seed: int, fn) -> dict:
+        """The cached result if there is one, else fn(checkpoint path) timed and written there
+        (atomically; the training checkpoint is removed once the result is written)."""
+        p = self._result_path(name, suffix, seed)
         if os.path.exists(p):
             with open(p) as f:
                 return json.load(f)
         t0 = time.perf_counter()
-        res = fn()
+        ckpt = self._result_path(name, suffix, seed, "ckpt.pt")
+        res = fn(ckpt)
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w") as f:
-            json.dump(res, f)
+        _write_json(p, res)
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
         return res
 
     def sid_table(self, sid: np.ndarray, weights: np.ndarray, tok):
@@ -419,6 +570,7 @@ class TwoNights:
     def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok, seed: int) -> dict:
         """The evaluation's ranker (AUC/GAUC over 99 sampled negatives, the evaluation's draws)
         trained on night 2 with these SIDs: validation and test GAUC (cached per setting)."""
+        from sidserve.eval.metrics import per_user_auc
         from sidserve.eval.pipeline import EVAL_NEGATIVES_SEED, VALID_NEGATIVES_SEED
         from sidserve.eval.ranking import (
             RankingConfig,
@@ -428,19 +580,22 @@ class TwoNights:
             train_ranker,
         )
 
-        def run():
+        def run(ckpt):
             neg = {split: sample_negatives(np.random.default_rng(draws), seqs, self.data.num_items, 99)
                    for split, draws, seqs in (("test", EVAL_NEGATIVES_SEED, self.data.sequences),
                                              ("valid", VALID_NEGATIVES_SEED, [q[:-1] for q in self.data.sequences]))}
             c = RankingConfig(seed=seed, max_epochs=3 if self.c.quick else RankingConfig.max_epochs)
             v_hist, v_target = self.data.targets("valid")
-            model, _ = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
-                                    valid=(v_hist, v_target, neg["valid"]))
-            res = {}
+            model, history = train_ranker(self.sid_table(sid, weights, tok), self.night2, c,
+                                          valid=(v_hist, v_target, neg["valid"]), checkpoint=ckpt)
+            res, per_user = {}, {}
             for split in ("valid", "test"):
                 hist, targets = self.data.targets(split)
                 scores = score(model, hist, np.concatenate([targets[:, None], neg[split]], axis=1))
                 res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
+                per_user[f"{split}_auc"] = per_user_auc(scores)
+            _write_npz(self._result_path(name, "_ranking", seed, "npz"), **per_user)  # paired tests
+            res.update(early_stopping=model.early_stopping, history=history)
             return res
 
         return self._cached_result(name, "_ranking", seed, run)
@@ -450,12 +605,20 @@ class TwoNights:
         Recall@10 / NDCG@10 (cached per setting)."""
         from sidserve.eval.sasrec import SIDItems, evaluate_sasrec, train_sasrec
 
-        def run():
+        def run(ckpt):
             c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
             torch.manual_seed(seed)  # SIDItems' init: from the seed, not from what ran before
-            model, _ = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
-                                    items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim))
-            return {split: evaluate_sasrec(model, *self.data.targets(split), ks=(10,)) for split in ("valid", "test")}
+            model, history = train_sasrec(self.night2, self.data.num_items, c, valid=self.data.targets("valid"),
+                                          items=SIDItems(self.sid_table(sid, weights, tok), c.hidden_dim),
+                                          checkpoint=ckpt)
+            res, per_user = {}, {}
+            for split in ("valid", "test"):
+                users = evaluate_sasrec(model, *self.data.targets(split), ks=(10,), per_user=True)
+                res[split] = {k: float(v.mean()) for k, v in users.items()}
+                per_user.update({f"{split}_{k}": v for k, v in users.items()})
+            _write_npz(self._result_path(name, "", seed, "npz"), **per_user)  # paired tests
+            res.update(early_stopping=model.early_stopping, history=history)
+            return res
 
         return self._cached_result(name, "", seed, run)
 
@@ -465,15 +628,21 @@ def render(r: dict) -> str:
     lines = [f"# Two nights on {r['dataset']['name']}: SID churn after a re-fit",
              "",
              f"Night 1 misses each user's last {r['holdout']} training interaction(s): "
-             f"{r['new_interaction_share']:.1%} of night 2's interactions are new, and "
-             f"{r['items_unseen_night1']} items have behavior on night 2 only. Churn: share of items whose "
-             "SID changed between the nights. Downstream: SID-SASRec on night 2, full-catalog ranking, "
-             f"and the ranker's GAUC; mean +- standard deviation over seeds {seeds}; 'vs cold': the "
-             "relative difference of the mean validation NDCG@10 to the same mode's cold re-fit.",
+             f"{r['new_interaction_share']:.1%} of night 2's interactions are new, "
+             f"{r['items_unseen_night1']} items have behavior on night 2 only, and "
+             f"{r.get('items_first_trained_night2', '?')} items' e_b rows are trained on night 2 only (night 1's "
+             "SASRec saw them only as a sequence's last item: their night-1 row is its random init). Churn: share "
+             "of items whose SID changed between the nights, over the whole catalog and over the "
+             f"{r.get('items_both_nights', '?')} items with interactions on both nights. Every seed of "
+             f"{seeds} fits its own tokenizers (night 1's and night 2's) and trains the downstream models "
+             "(SID-SASRec on night 2, full-catalog ranking, and the ranker's GAUC): figures are means, "
+             "+- the sample standard deviation over the seeds; 'vs cold': the relative difference of the mean "
+             "validation NDCG@10 to the same mode's cold re-fit. Night 1's SASRec is early-stopped on each "
+             "user's first held-out (night-2) interaction: night 2's data chooses only its epoch count.",
              "",
-             "| setting | churn | per position | churn by popularity (night 2) | codes kept | valid N@10 | "
-             "vs cold | test R@10 | test N@10 | valid GAUC | test GAUC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | churn | churn, items on both nights | per position | churn by popularity (night 2) | "
+             "codes kept | valid N@10 | vs cold | test R@10 | test N@10 | valid GAUC | test GAUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(d, part, k):
         if not d:
@@ -488,8 +657,13 @@ def render(r: dict) -> str:
                if d and cold and cold["valid"]["ndcg@10"] > 0 else "")
         cells = [cell(d, "valid", "ndcg@10"), rel, cell(d, "test", "recall@10"), cell(d, "test", "ndcg@10"),
                  cell(d, "gauc", "valid"), cell(d, "gauc", "test")]
-        lines.append(f"| {name} | {s['churn']:.4f} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | {pops} | "
-                     f"{'' if s['codes_kept'] is None else s['codes_kept']} | {' | '.join(cells)} |")
+        spread = len(seeds) > 1 and "churn_std" in s
+        churn = f"{s['churn']:.4f}" + (f" +- {s['churn_std']:.4f}" if spread else "")
+        b = s.get("both_nights")
+        both = "" if not b else f"{b['churn']:.4f}" + (f" +- {b['churn_std']:.4f}" if spread else "")
+        kept = "" if s["codes_kept"] is None else f"{s['codes_kept']:.0f}"
+        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | "
+                     f"{pops} | {kept} | {' | '.join(cells)} |")
     t = r.get("cold_to_warm") or {}
     if t:
         buckets = list(next(iter(t.values())))
