@@ -215,6 +215,19 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+def pin_run_config(path: str, key: dict, what: str) -> None:
+    """Write ``key`` (what a cache's results depend on) to ``path``, or, when a cache is there
+    already, refuse it if any value differs: results of other settings are never mixed in."""
+    if os.path.exists(path):
+        old = _read_json(path)
+        diff = sorted(k for k in key if old.get(k) != key[k])
+        if diff:
+            raise ValueError(f"{os.path.dirname(path)} holds {what} with different settings ({', '.join(diff)}); "
+                             f"use a new --output directory")
+    else:
+        _atomic_json(path, key)
+
+
 def checkpoint_path(done: str) -> str:
     """Where the stage whose result is ``done`` keeps its per-epoch training state."""
     return os.path.splitext(done)[0] + ".ckpt.pt"
@@ -297,15 +310,7 @@ class Evaluation:
                "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
                "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup,
                "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION}
-        p = self.path("run_config.json")
-        if os.path.exists(p):
-            old = _read_json(p)
-            diff = sorted(k for k in key if old.get(k) != key[k])
-            if diff:
-                raise ValueError(f"{self.out} holds a run with different settings ({', '.join(diff)}); "
-                                 f"use a new --output directory")
-        else:
-            _atomic_json(p, key)
+        pin_run_config(self.path("run_config.json"), key, "a run")
         self._write_gitignore()
 
     def _write_gitignore(self) -> None:

@@ -302,23 +302,14 @@ class TwoNights:
         """A cache is keyed by setting names and seeds; what those names do not say (data,
         holdout, the SASRec and tokenizer budgets, the harness's code) is pinned in
         ``run_config.json``, and a run with other values is refused rather than mixed in."""
-        from sidserve.eval.pipeline import HARNESS_VERSION
+        from sidserve.eval.pipeline import HARNESS_VERSION, pin_run_config
 
         key = {"data": os.path.abspath(self.c.data), "quick": self.c.quick,
                "quick_users": self.c.quick_users if self.c.quick else None, "holdout": self.c.holdout,
                "seed": self.c.seed, "sasrec": dataclasses.asdict(self.c.sasrec),
                "budget": dataclasses.asdict(self.c.budget), "harness": HARNESS_VERSION,
                "stability": STABILITY_VERSION}
-        p = self.path("run_config.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                old = json.load(f)
-            diff = sorted(k for k in key if old.get(k) != key[k])
-            if diff:
-                raise ValueError(f"{self.c.output} holds a stability run with different settings "
-                                 f"({', '.join(diff)}); use a new --output directory")
-        else:
-            _write_json(p, key)
+        pin_run_config(self.path("run_config.json"), key, "a stability run")
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.c.output, *parts)
