@@ -170,10 +170,16 @@ def test_too_few_resources_fail_fast(ray_session, items_dir, tmp_path):
     ray_session()
     with pytest.raises(ValueError, match="needs 3 CPUs but the cluster has 2"):
         fit_distributed(job(tmp_path, items_dir, num_workers=3, cpus_per_worker=1.0))
-    with pytest.raises(ValueError, match="plus 0.5 for Ray Data"):
+    with pytest.raises(ValueError, match="plus 1 for Ray Data"):
         fit_distributed(job(tmp_path, items_dir, num_workers=2, cpus_per_worker=1.0))
     with pytest.raises(ValueError, match="needs 2 GPUs"):
         fit_distributed(job(tmp_path, items_dir, use_gpu=True))
+    # sized automatically on 2 CPUs: the workers share one, a whole one stays with Ray Data
+    # (a streamed epoch's read tasks and Parquet footer readers each need one to start)
+    from sidserve.jobs.train.driver import _check_resources
+    auto = job(tmp_path, items_dir, cpus_per_worker=None)
+    _check_resources(auto)
+    assert auto.cpus_per_worker == 0.5
 
 
 def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):

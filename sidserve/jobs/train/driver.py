@@ -104,7 +104,11 @@ def load_tokenizer_config(path: str | None, **overrides) -> TokenizerConfig:
 
 
 CACHE_FRACTION = 0.25  # cache the cleaned catalog when it takes < this share of the object store
-DATA_CPUS = 0.5  # CPUs left to Ray Data's read/clean tasks while the trainers run
+# CPUs left to Ray Data while the trainers run: a whole one, because what a streamed epoch
+# schedules needs one to start (Parquet read tasks default to 1 CPU, and Ray 2.60's DataSource
+# V2 adds a file-listing task and footer-reader actors, which need 1 CPU to be placed and 0 to
+# run); with 0.5 left, a streamed epoch waited for its first batch forever
+DATA_CPUS = 1.0
 RESOURCE_SETTLE_S = 10.0  # how long to wait for CPUs still held by work that just ended
 
 
@@ -177,7 +181,8 @@ def _read_items(job: TrainJobConfig):
     import ray.data
 
     if job.items:
-        ds = ray.data.read_parquet(job.items)
+        # the read fuses with the 0.25-CPU cleaning step only with the same CPU request
+        ds = ray.data.read_parquet(job.items, num_cpus=0.25)
     else:
         table = demo_catalog(job)
         step = max(1, table.num_rows // 8)
