@@ -309,7 +309,11 @@ class TwoNights:
                "seed": self.c.seed, "sasrec": dataclasses.asdict(self.c.sasrec),
                "budget": dataclasses.asdict(self.c.budget), "harness": HARNESS_VERSION,
                "stability": STABILITY_VERSION}
-        pin_run_config(self.path("run_config.json"), key, "a stability run")
+        p = self.path("run_config.json")
+        if not os.path.exists(p) and any(os.path.exists(self.path(d)) for d in ("behavior", "tokenizers", "downstream")):
+            raise ValueError(f"{self.c.output} holds a stability cache from before run_config.json (its settings and "
+                             "code version are unknown); use a new --output directory")
+        pin_run_config(p, key, "a stability run")
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.c.output, *parts)
@@ -381,7 +385,7 @@ class TwoNights:
         if "warm" in self.c.modes:
             def night2_warm():
                 if "model1" not in state:  # night 1 came from the cache
-                    state["model1"] = self._night1_model(e1, model1_path)
+                    state["model1"] = self._night1_model(model1_path)
                 return {"emb": self._sasrec(self.night2, self.data.targets("valid"),
                                             init=state["model1"]).item_vectors("input")}
             out["warm"] = self._cached("sasrec night 2 (warm)", "behavior/warm.npz", night2_warm)["emb"]
@@ -390,22 +394,18 @@ class TwoNights:
             out["procrustes"] = out["scratch"] @ procrustes(out["scratch"], e1, both)
         return out
 
-    def _night1_model(self, e1: np.ndarray, path: str):
-        """Night 1's SASRec for the warm start: the saved one, or (a cache from before it was
-        saved) trained again, accepted only if it reproduces night 1's cached table exactly."""
+    def _night1_model(self, path: str):
+        """Night 1's SASRec for the warm start: exactly the one that gave night 1's e_b, saved
+        beside it (training it again on another machine or thread count need not reproduce it)."""
         from sidserve.eval.sasrec import IDItems, SASRec
 
-        if os.path.exists(path):
-            c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
-            model = SASRec(IDItems(self.data.num_items, c.hidden_dim, c.tied), c)
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval()
-        model = self._sasrec(self.night1, self.night1_valid())
-        if not np.array_equal(model.item_vectors("input"), e1):
-            raise ValueError(f"night 1's SASRec trained again differs from the one cached in {self.c.output}/behavior "
-                             "(other threads or machine): a warm start from it would not descend from night 1's "
-                             "e_b; delete behavior/ to train both nights again")
-        return model
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing: the warm start must continue from the SASRec that gave night 1's "
+                             "cached e_b; delete behavior/ to train both nights again")
+        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
+        model = SASRec(IDItems(self.data.num_items, c.hidden_dim, c.tied), c)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
 
     def items(self, content: dict, emb: np.ndarray, popularity: np.ndarray):
         from sidserve.items import ItemArrays
