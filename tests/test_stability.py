@@ -186,10 +186,16 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     # a rerun reads every stage from the cache
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and json.load(open(os.path.join(out, "stability.json")))["stage_seconds"] == {}
-    # the warm start continues from night 1's saved SASRec: a lost warm table is rebuilt exactly
+    # the warm start continues from night 1's saved SASRec: a lost warm table is rebuilt from it.
+    # Not bit for bit across processes: MKL's sgemm is reproducible run to run only under its
+    # conditional-reproducibility mode (seen on CI's machine: the printed values equal, not every
+    # bit). So: far closer to the lost table than to night 1's start or a scratch re-train.
     warm = os.path.join(out, "behavior", "warm.npz")
     before = np.load(warm)["emb"]
     os.remove(warm)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert np.array_equal(np.load(warm)["emb"], before)
+    rebuilt = np.load(warm)["emb"]
+    gap = np.linalg.norm(rebuilt - before)
+    for other in ("night1", "scratch"):
+        assert gap < 1e-3 * np.linalg.norm(before - np.load(os.path.join(out, "behavior", f"{other}.npz"))["emb"])
