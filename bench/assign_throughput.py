@@ -80,12 +80,22 @@ def role(cmdline: list[str], driver: bool) -> str | None:
 
 
 class MemorySampler:
-    """Peak RSS (every 0.5 s) and PSS (every 2 s) summed over this process and every process of
-    its Ray session, by ``role``. PSS walks each process's pages: about 0.1 s for all of them."""
+    """Memory of this process and its descendants, by ``role``. ``ray.init`` starts the GCS and
+    the raylet as its children and the raylet starts the workers, so this is exactly the job's
+    own Ray cluster: Ray processes of other sessions on the machine are not counted.
+
+    - RSS summed over the processes, every 0.5 s;
+    - PSS summed (shared pages shared out: the memory really in use), every 2 s; it walks every
+      page of every process, about 0.1 s in all;
+    - each process's own peak RSS as the kernel keeps it (``VmHWM``), so a peak between two
+      samples is not missed: their sum (``hwm``) bounds the peak RSS sum from above (the
+      processes' peaks need not coincide); a process that exits counts with its last reading.
+    """
 
     def __init__(self):
         self.peak: dict[str, float] = {}
         self.series: list = []  # (seconds since start, total PSS, {role: PSS}) at every PSS sample
+        self.hwm: dict[int, int] = {}  # pid -> its VmHWM in bytes, last read
         self._stop = False
 
     def start(self) -> "MemorySampler":
@@ -99,35 +109,48 @@ class MemorySampler:
     def stop(self) -> tuple[dict, list]:
         self._stop = True
         self.thread.join()
+        self._sample(with_pss=False)  # the processes' peaks up to now
         return self.peak, self.series
 
     def _run(self) -> None:
+        k = 0
+        while not self._stop:
+            self._sample(with_pss=k % 4 == 0)
+            k += 1
+            time.sleep(0.5)
+
+    def _sample(self, with_pss: bool) -> None:
         import shutil
 
         import psutil
 
-        me, k = psutil.Process(), 0
-        while not self._stop:
-            with_pss = k % 4 == 0
-            rss = 0
-            roles: dict[str, float] = {}
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    r = role(p.info["cmdline"] or [], p.pid == me.pid)
-                    if r is None:
-                        continue
-                    m = p.memory_full_info() if with_pss else p.memory_info()
-                    rss += m.rss
-                    if with_pss:
-                        roles[r] = roles.get(r, 0) + m.pss
-                except (psutil.Error, TypeError, AttributeError):
-                    pass
-            self.peak["rss"] = max(self.peak.get("rss", 0), rss)
-            self.peak["shm"] = max(self.peak.get("shm", 0), shutil.disk_usage("/dev/shm").used)
-            if with_pss:
-                self.series.append((time.perf_counter() - self.t0, sum(roles.values()), roles))
-            k += 1
-            time.sleep(0.5)
+        me = psutil.Process()
+        rss = 0
+        roles: dict[str, float] = {}
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                r = role(p.cmdline(), p.pid == me.pid) or "other"
+                m = p.memory_full_info() if with_pss else p.memory_info()
+                rss += m.rss
+                if with_pss:
+                    roles[r] = roles.get(r, 0) + m.pss
+                self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), vm_hwm(p.pid))
+            except (psutil.Error, OSError, TypeError, AttributeError):
+                pass  # exited between the listing and the read
+        self.peak["rss"] = max(self.peak.get("rss", 0), rss)
+        self.peak["hwm"] = sum(self.hwm.values())
+        self.peak["shm"] = max(self.peak.get("shm", 0), shutil.disk_usage("/dev/shm").used)
+        if with_pss:
+            self.series.append((time.perf_counter() - self.t0, sum(roles.values()), roles))
+
+
+def vm_hwm(pid: int) -> int:
+    """The process's peak resident set size in bytes (``VmHWM`` of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def child(mode: str, items: str, model: str, out: str, workers: int, sticky_delta: float | None = None,

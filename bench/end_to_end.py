@@ -6,9 +6,10 @@ of the items changed their embeddings. Wall time and peak memory of each step.
     .venv/bin/python bench/end_to_end.py --items 20000000 [--changed 0.05] [--epochs 1]
         [--workdir DIR]
 
-Each step runs in its own process; memory is the peak of PSS summed over that process and
-every Ray process (the memory really in use), and of RSS summed the same way, sampled as in
-``bench/assign_throughput.py``. The changed catalog of night 2 re-writes every
+Each step runs in its own process (killed past ``--timeout``); memory is the peak of PSS
+summed over that process and its own Ray cluster (the memory really in use), of RSS summed the
+same way, and the sum of each process's kernel-kept peak (VmHWM), as in
+``bench/assign_throughput.py``'s ``MemorySampler``. The changed catalog of night 2 re-writes every
 ``1/changed``-th 100k-row file with new embeddings for the same item ids and hard-links the
 others, so exactly that share of items changed. The refresh runs with its defaults (sticky
 assignment for ADC-SID, no re-fit): what a nightly job does.
@@ -63,9 +64,21 @@ def changed_catalog(src: str, dst: str, share: float) -> int:
     return changed
 
 
-def step(name: str, argv: list[str]) -> dict:
-    """Run ``--step name argv`` in a fresh process; -> its JSON line."""
-    p = subprocess.run([sys.executable, __file__, "--step", name, *argv], capture_output=True, text=True)
+def step(name: str, argv: list[str], timeout: float) -> dict:
+    """Run ``--step name argv`` in a fresh process; -> its JSON line. Past ``timeout`` seconds the
+    step and its Ray cluster are killed and the benchmark fails."""
+    from train_scale import kill_tree
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--step", name, *argv], stdout=out, stderr=err,
+                                text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            raise SystemExit(f"step {name} still running after --timeout {timeout:.0f} s: killed") from None
+        out.seek(0), err.seek(0)
+        p = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     if p.returncode:
         raise SystemExit(f"step {name} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
@@ -80,8 +93,10 @@ def run_step(name: str, argv: list[str]) -> None:
     out: dict = {}
     if name == "generate":
         n, items = int(argv[0]), argv[1]
+        out.update(reused=os.path.exists(os.path.join(items, "_DONE")), items=n)
         make_catalog(n, items)
     elif name == "change":
+        out["reused"] = os.path.exists(os.path.join(argv[1], "_DONE"))
         out["changed_rows"] = changed_catalog(argv[0], argv[1], float(argv[2]))
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -93,7 +108,7 @@ def run_step(name: str, argv: list[str]) -> None:
                 output=model, items=items, tokenizer={"epochs": int(epochs)}, storage_path=storage,
                 checkpoint_every_steps=int(every) or None, overwrite=True))
             out.update(model_version=version, catalog_cached=m["catalog_cached"],
-                       items_per_s=m["epochs"][-1]["items_per_s"], items=m["catalog"]["num_valid"])
+                       epoch_items_per_s=m["epochs"][-1]["items_per_s"], items=m["catalog"]["num_valid"])
         elif name == "assign":
             from sidserve.jobs.assign import AssignJobConfig, run_assignment
 
@@ -113,6 +128,7 @@ def run_step(name: str, argv: list[str]) -> None:
     peak, series = sampler.stop()
     top = max(series, key=lambda x: x[1]) if series else (0, 0, {})
     print(json.dumps({"step": name, "wall_s": wall, "peak_pss_mib": top[1] / MIB, "peak_rss_mib": peak["rss"] / MIB,
+                      "hwm_sum_mib": peak["hwm"] / MIB,
                       "peak_shm_mib": peak["shm"] / MIB, "pss_at_peak_mib": {k: v / MIB for k, v in top[2].items()},
                       **out}))
 
@@ -124,6 +140,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--checkpoint-every-steps", type=int, default=1000)
     p.add_argument("--workdir", help="keep the catalogs here between runs (the model and snapshots are not kept)")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one step may run before it is killed")
     p.add_argument("--step", nargs="+")
     args = p.parse_args()
     if args.step:
@@ -147,25 +164,32 @@ def main() -> None:
                            str(args.checkpoint_every_steps)]),
                 ("assign", [night1, model, snaps]), ("refresh", [night2, model, snaps])]
         for name, argv in plan:
-            r = step(name, argv)
+            r = step(name, argv, args.timeout)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
 
     print(f"\nhardware: {hardware()}; catalog {n:,} items; {args.changed:.0%} changed for night 2; "
           f"train {args.epochs} epoch(s), 2 Ray Train workers; assign/refresh 2 encoder actors")
-    print("\n| step | wall | items/s | peak PSS sum | peak RSS sum | peak /dev/shm | notes |")
-    print("|---|---|---|---|---|---|---|")
+    print("\nitems/s: the step's items over its wall time. Memory: the step's process and its descendants "
+          "(its own Ray cluster). Peaks' sum: each process's own peak RSS (VmHWM) summed, an upper bound "
+          "of the RSS sum's peak.")
+    print("\n| step | wall | items/s | peak PSS sum | peak RSS sum | peaks' sum (VmHWM) | peak /dev/shm | notes |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rate = r.get("items_per_s") or (r["items"] / r["wall_s"] if r.get("items") else None)
+        stages = json.dumps({k: round(v) for k, v in (r.get("stages") or {}).items()})
         notes = {"generate": "100k-row Parquet files",
                  "change": f"{r.get('changed_rows', 0):,} rows re-drawn, the rest hard-linked",
-                 "train": f"catalog {'cached' if r.get('catalog_cached') else 'streamed'}; "
-                          "items/s of the epoch (wall includes pre-pass, k-means sample, final pass)",
-                 "assign": f"stages {json.dumps({k: round(v) for k, v in (r.get('stages') or {}).items()})}",
-                 "refresh": f"churn {r.get('churn', 0):.4f}; stages "
-                            f"{json.dumps({k: round(v) for k, v in (r.get('stages') or {}).items()})}"}[r["step"]]
+                 "train": f"catalog {'cached' if r.get('catalog_cached') else 'streamed'}; the epoch alone: "
+                          f"{r.get('epoch_items_per_s', 0):,.0f} items/s (the wall adds the pre-pass, the k-means "
+                          "sample and the final pass)",
+                 "assign": f"stages {stages}",
+                 "refresh": f"churn {r.get('churn', 0):.4f}; stages {stages}"}[r["step"]]
+        if r.get("reused"):  # --workdir: made by an earlier run, so this run's wall is not its cost
+            notes = "reused from --workdir (made by an earlier run; wall not its cost)"
+        rate = r["items"] / r["wall_s"] if r.get("items") and not r.get("reused") else None
         print(f"| {r['step']} | {r['wall_s']:,.0f} s | {f'{rate:,.0f}' if rate else '-'} | "
-              f"{r['peak_pss_mib']:,.0f} MiB | {r['peak_rss_mib']:,.0f} MiB | {r['peak_shm_mib']:,.0f} MiB | {notes} |")
+              f"{r['peak_pss_mib']:,.0f} MiB | {r['peak_rss_mib']:,.0f} MiB | {r['hwm_sum_mib']:,.0f} MiB | "
+              f"{r['peak_shm_mib']:,.0f} MiB | {notes} |")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,25 @@ the driver and every Ray process) once its first mid-epoch checkpoint is in stor
 resumed with ``--resume`` in a fresh process and a fresh Ray cluster, as a resubmitted job
 would be; the table gives both parts and the step the resumed epoch started from.
 
+The kill waits until Ray Train has *registered* a mid-epoch checkpoint (it is named in the
+run's ``checkpoint_manager_snapshot.json``, which is what ``--resume`` reads), not merely
+until one is written; the resumed run must start inside the epoch (``resumed_at_step`` > 0)
+and run as many steps as the uninterrupted one, or the benchmark fails. A size with fewer
+steps per epoch than ``--checkpoint-every-steps`` never checkpoints mid-epoch: kill a larger one.
+
 Catalogs: ``bench/assign_throughput.py``'s (the README's column layout, dims 64 + 32 + 32,
 100k-row Parquet files), kept in ``--workdir`` between runs. The model: ADC-SID with the
-public settings (K=100, L=6) and its default batch size, ``--epochs`` epochs. The baseline of
-each ratio is the smallest size in the same run.
+public settings (K=100, L=6) and its default batch size, ``--epochs`` epochs.
+
+Ratios are like for like: the job caches the cleaned catalog in the object store when it fits
+a quarter of it and streams it otherwise, and the two differ in memory and speed. So the
+smallest size is run both ways (its own choice, and forced to stream with
+``cache_clean=False``), and each row's ratio is against the smallest size run the same way.
+
+Memory, from ``MemorySampler``: the child process and its descendants only (its own Ray
+cluster), PSS and RSS sums sampled, and the sum of each process's kernel-kept peak (VmHWM),
+which no sampling interval can miss (an upper bound of the peak RSS sum). Each child has a
+``--timeout``; past it the child and its Ray processes are killed and the benchmark fails.
 """
 
 from __future__ import annotations
@@ -22,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,8 +50,10 @@ from assign_throughput import MemorySampler, make_catalog  # noqa: E402
 MIB = 2**20
 
 
-def child(items: str, out: str, storage: str, name: str, epochs: int, every: int | None, resume: bool) -> None:
-    """One fit in this (sub)process; prints one JSON line."""
+def child(items: str, out: str, storage: str, name: str, epochs: int, every: int | None, resume: bool,
+          cache: str) -> None:
+    """One fit in this (sub)process; prints one JSON line. cache: "auto" (the job's choice) or
+    "stream" (never cache the cleaned catalog)."""
     import ray
 
     from sidserve.jobs.train.driver import TrainJobConfig, fit_distributed
@@ -47,7 +63,7 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     t0 = time.perf_counter()
     _, _, m = fit_distributed(TrainJobConfig(
         output=out, items=items, tokenizer={"epochs": epochs}, storage_path=storage, name=name, resume=resume,
-        checkpoint_every_steps=every, overwrite=True))
+        checkpoint_every_steps=every, overwrite=True, cache_clean=None if cache == "auto" else False))
     wall = time.perf_counter() - t0
     peak, series = sampler.stop()
     top = max(series, key=lambda x: x[1])
@@ -55,39 +71,67 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     print(json.dumps({
         "wall_s": wall, "items": m["catalog"]["num_valid"], "epochs": m["epochs"],
         "catalog_cached": m["catalog_cached"], "kmeans_sample": m["kmeans_sample"],
-        "peak_pss_mib": top[1] / MIB, "peak_rss_mib": peak["rss"] / MIB, "peak_shm_mib": peak["shm"] / MIB,
+        "peak_pss_mib": top[1] / MIB, "peak_rss_mib": peak["rss"] / MIB, "hwm_sum_mib": peak["hwm"] / MIB,
+        "peak_shm_mib": peak["shm"] / MIB,
         "pss_at_peak_mib": {r: top[2].get(r, 0) / MIB for r in names},
         "role_peak_pss_mib": {r: max(x[2].get(r, 0) for x in series) / MIB for r in names}}))
 
 
-def run_child(args: list[str], kill_when=None) -> dict | None:
-    """The child in a new session; ``kill_when()`` polled every 2 s: True -> kill it all."""
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (its Ray cluster: GCS, raylet, workers) at once, as
+    a lost node would lose them; other Ray clusters on the machine are left alone."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def run_child(args: list[str], timeout: float, kill_when=None) -> dict | None:
+    """The child in a new session, polled every 2 s: ``kill_when()`` True -> kill it and its Ray
+    cluster, return None; past ``timeout`` seconds -> kill it all and fail."""
     resume = args[:1] == ["--resume"]
     cmd = [sys.executable, __file__, *(["--resume"] if resume else []), "--child", *args[resume:]]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    if kill_when is not None:
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a long log cannot block the child
+        p = subprocess.Popen(cmd, stdout=out, text=True, start_new_session=True)
+        t0 = time.perf_counter()
         while p.poll() is None:
-            if kill_when():
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-                # Ray's own processes outlive their driver: stop them as a lost node would
-                subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
-                               capture_output=True)
+            if kill_when is not None and kill_when():
+                kill_tree(p.pid)
                 return None
+            if time.perf_counter() - t0 > timeout:
+                kill_tree(p.pid)
+                raise SystemExit(f"child {cmd} still running after --timeout {timeout:.0f} s: killed")
             time.sleep(2)
-    out, _ = p.communicate()
-    if p.returncode:
-        raise SystemExit(f"child {cmd} failed with exit code {p.returncode}")
-    return json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
+        if p.returncode:
+            raise SystemExit(f"child {cmd} failed with exit code {p.returncode}")
+        out.seek(0)
+        return json.loads([x for x in out.read().splitlines() if x.startswith("{")][-1])
 
 
-def has_mid_epoch_checkpoint(run_dir: str) -> bool:
+def registered_mid_epoch_checkpoint(run_dir: str) -> bool:
+    """True once Ray Train's checkpoint manager has registered a mid-epoch checkpoint of the run
+    (the snapshot ``--resume`` restores from names it, and its directory holds the partial-epoch
+    state). A checkpoint only written, not yet registered, would be lost by a kill."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
     from sidserve.jobs.train.checkpoint import PARTIAL_FILE
 
-    for _root, _dirs, files in os.walk(run_dir):
-        if PARTIAL_FILE in files:
-            return True
-    return False
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)) as f:
+            snapshot = json.load(f)
+    except (OSError, ValueError):  # not written yet, or being written
+        return False
+    return any("steps_in_epoch" in r.get("metrics", {})
+               and os.path.exists(os.path.join(run_dir, r["checkpoint_dir_name"], PARTIAL_FILE))
+               for r in snapshot.get("checkpoint_results", []))
 
 
 def main() -> None:
@@ -97,14 +141,17 @@ def main() -> None:
     p.add_argument("--checkpoint-every-steps", type=int, default=1000)
     p.add_argument("--kill-after-checkpoint", action="store_true",
                    help="also kill the largest size's fit after its first mid-epoch checkpoint and resume it")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one fit may run before it is killed")
     p.add_argument("--workdir", help="keep catalogs here between runs instead of a temp dir")
-    p.add_argument("--child", nargs=6)
+    p.add_argument("--child", nargs=7)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     if args.child:
-        items, out, storage, name, epochs, every = args.child
-        child(items, out, storage, name, int(epochs), int(every) or None, args.resume)
+        items, out, storage, name, epochs, every, cache = args.child
+        child(items, out, storage, name, int(epochs), int(every) or None, args.resume, cache)
         return
+    if sorted(args.sizes) != args.sizes:
+        raise SystemExit(f"--sizes must be ascending (the first is the baseline), got {args.sizes}")
 
     from train_throughput import hardware
 
@@ -113,40 +160,56 @@ def main() -> None:
         os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         d = args.workdir or tmp
-        for n in args.sizes:
-            items = os.path.join(d, f"items-{n}")
-            make_catalog(n, items)
-            common = [items, os.path.join(tmp, f"model-{n}"), os.path.join(tmp, "ckpt"), f"scale-{n}",
-                      str(args.epochs), str(args.checkpoint_every_steps)]
-            r = run_child(common)
-            r.update(size=n, run="uninterrupted")
-            rows.append(r)
-            print(json.dumps(r), file=sys.stderr)
-        if args.kill_after_checkpoint:
-            n = args.sizes[-1]
-            name = f"scale-{n}-killed"
-            common = [os.path.join(d, f"items-{n}"), os.path.join(tmp, f"model-{n}-killed"),
-                      os.path.join(tmp, "ckpt"), name, str(args.epochs), str(args.checkpoint_every_steps)]
-            t0 = time.perf_counter()
-            run_child(common, kill_when=lambda: has_mid_epoch_checkpoint(os.path.join(tmp, "ckpt", name)))
-            killed_after = time.perf_counter() - t0
-            r = run_child(["--resume", *common])  # a fresh process and cluster: --resume
-            r.update(size=n, run=f"killed after {killed_after:.0f} s, resumed")
+        storage = os.path.join(tmp, "ckpt")
+
+        def fit(n: int, cache: str, run: str, kill: bool = False) -> None:
+            name = f"scale-{n}-{cache}{'-killed' if kill else ''}"
+            common = [os.path.join(d, f"items-{n}"), os.path.join(tmp, f"model-{name}"), storage, name,
+                      str(args.epochs), str(args.checkpoint_every_steps), cache]
+            if kill:
+                t0 = time.perf_counter()
+                run_child(common, args.timeout,
+                          kill_when=lambda: registered_mid_epoch_checkpoint(os.path.join(storage, name)))
+                run = f"killed after {time.perf_counter() - t0:.0f} s, resumed"
+                common = ["--resume", *common]  # a fresh process and Ray cluster, as a resubmitted job
+            r = run_child(common, args.timeout)
+            r.update(size=n, run=run, cache=cache)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
 
+        for n in args.sizes:
+            make_catalog(n, os.path.join(d, f"items-{n}"))
+            fit(n, "auto", "uninterrupted")
+            if n == args.sizes[0]:  # the baseline of streamed rows, whatever the job chose here
+                fit(n, "stream", "uninterrupted, streaming forced")
+        if args.kill_after_checkpoint:
+            n = args.sizes[-1]
+            fit(n, "auto", "", kill=True)
+            resumed, whole = rows[-1], next(r for r in rows if r["size"] == n and r["cache"] == "auto")
+            first, again = whole["epochs"][0], resumed["epochs"][resumed["epochs"][-1]["started_at_epoch"]]
+            if not again.get("resumed_at_step"):
+                raise SystemExit(f"the killed {n:,} fit did not resume inside its epoch: {again}")
+            if again["steps"] != first["steps"]:
+                raise SystemExit(f"the resumed epoch ran {again['steps']} steps, the uninterrupted one "
+                                 f"{first['steps']}")
+
     print(f"\nhardware: {hardware()}; 2 Ray Train workers; {args.epochs} epoch(s); "
           f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps")
-    base = rows[0]
+    print("\nMemory: the fit's own processes (driver + its Ray cluster). PSS: the memory really in use. "
+          "Peaks' sum: each process's own peak RSS (VmHWM), summed (an upper bound of the RSS sum's peak). "
+          "Ratio: against the smallest size with the catalog held the same way (cached / streamed).")
     print("\n| catalog | run | cleaned catalog | epoch items/s | steps (resumed at) | wall (s) | peak PSS sum | "
-          "vs smallest | peak RSS sum | peak /dev/shm | k-means sample |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs smallest | peak RSS sum | peaks' sum (VmHWM) | vs smallest | peak /dev/shm | k-means sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        base = next(b for b in rows if b["catalog_cached"] == r["catalog_cached"])
         last = r["epochs"][-1]
         print(f"| {r['size']:,} | {r['run']} | {'cached' if r['catalog_cached'] else 'streamed'} | "
               f"{last['items_per_s']:,.0f} | {last['steps']} ({last.get('resumed_at_step', 0)}) | {r['wall_s']:,.0f} | "
               f"{r['peak_pss_mib']:,.0f} MiB | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f}x | "
-              f"{r['peak_rss_mib']:,.0f} MiB | {r['peak_shm_mib']:,.0f} MiB | {r['kmeans_sample']:,} |")
+              f"{r['peak_rss_mib']:,.0f} MiB | {r['hwm_sum_mib']:,.0f} MiB | "
+              f"{r['hwm_sum_mib'] / base['hwm_sum_mib']:.2f}x | {r['peak_shm_mib']:,.0f} MiB | "
+              f"{r['kmeans_sample']:,} |")
     names = sorted({k for r in rows for k in r["role_peak_pss_mib"]})
     print("\n| catalog | run | " + " | ".join(f"{k}: at peak (own peak)" for k in names) + " |")
     print("|---|---|" + "---|" * len(names))

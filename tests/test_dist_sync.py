@@ -33,6 +33,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     mine = sync.exchange_by_hash(hash_codes(codes_of(rank)))
     np.save(os.path.join(out, f"mine{rank}.npy"), mine)
     np.save(os.path.join(out, f"report{rank}.npy"), np.array([stats.reduce(sync)], dtype=object))
+    # the mid-epoch checkpoint's parts: every rank's to rank 0, nothing to the others
+    np.save(os.path.join(out, f"root{rank}.npy"),
+            np.array([sync.gather_object_to_root({"rank": rank, "codes": codes_of(rank)})], dtype=object))
     dist.destroy_process_group()
 
 
@@ -55,3 +58,7 @@ def test_the_collision_rate_over_two_workers_equals_one_process_over_their_union
     for r, part in enumerate(mine):  # each worker holds one hash range ...
         assert (part % world == r).all()
     assert sorted(np.concatenate(mine)) == sorted(hash_codes(union))  # ... and together every hash once
+    root = [np.load(tmp_path / f"root{r}.npy", allow_pickle=True)[0] for r in range(world)]
+    assert [p["rank"] for p in root[0]] == list(range(world)) and root[1] is None
+    assert all(np.array_equal(p["codes"], codes_of(r)) for r, p in enumerate(root[0]))
+    assert Sync().gather_object_to_root(7) == [7]  # one process: it is rank 0

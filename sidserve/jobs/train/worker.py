@@ -74,6 +74,11 @@ class DistSync(Sync):
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_object_to_root(self, obj) -> list | None:
+        out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def exchange_by_hash(self, values: np.ndarray) -> np.ndarray:
         # one gather per destination (gloo has no all_to_all): worker r receives every worker's
         # values with value % world == r, padded to the longest part
@@ -285,11 +290,12 @@ def train_loop(cfg: dict) -> None:
 
 def mid_epoch_checkpoint(model, optimizer, epoch: int, state: TrainState, history: list[dict], sync: Sync,
                          rank: int, mine: dict) -> None:
-    """Every rank's part of the epoch so far to rank 0, which writes the checkpoint; every
-    rank reports (Ray Train counts the reports of each worker)."""
+    """Every rank's part of the epoch so far to rank 0 only (each part holds its rank's share of
+    the epoch's SID hashes, 8 bytes per item: gathered to every rank, each would hold them all),
+    which writes the checkpoint; every rank reports (Ray Train counts each worker's reports)."""
     import ray.train
 
-    parts = sync.gather_object(mine)
+    parts = sync.gather_object_to_root(mine)
     metrics = {"epoch": epoch, "steps_in_epoch": mine["steps"]}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:

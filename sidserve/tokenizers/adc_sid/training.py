@@ -45,6 +45,11 @@ class Sync:
         """Any picklable object -> [the object of rank 0, rank 1, ...] on every worker."""
         return [obj]
 
+    def gather_object_to_root(self, obj) -> list | None:
+        """Any picklable object -> [the object of rank 0, rank 1, ...] on rank 0, None on the
+        others: for what only rank 0 writes (a checkpoint), so no worker holds every part."""
+        return [obj]
+
     def exchange_by_hash(self, values: np.ndarray) -> np.ndarray:
         """(n_local,) int64 -> the values of every worker with ``value % world == rank``: equal
         values meet on one worker, and each holds about 1/world of them."""
