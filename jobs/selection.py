@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "RQVAEConfig for rqvae, ...; repeatable)")
     p.add_argument("--behavior-embedding", default="untied-input",
                    help="SASRec table the candidate reads as e_b (default: untied-input)")
+    p.add_argument("--sid-weights", choices=["r", "one"], default="r",
+                   help="sid_sasrec: behavioral code embeddings scaled by the tokenizer's R(e_b) (r, the "
+                        "evaluation's) or by 1 (one)")
     p.add_argument("--log", help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -51,8 +54,10 @@ def main(argv=None) -> int:
                          "behavior_embedding": args.behavior_embedding}
         elif args.tok_set:
             raise ValueError("--tok-set needs --tokenizer")
+        if args.sid_weights != "r" and args.model != "sid_sasrec":
+            raise ValueError(f"--sid-weights is sid_sasrec's (--model {args.model} has use_sid_weights: use --set)")
         print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log,
-                                tokenizer=tokenizer)))
+                                tokenizer=tokenizer, sid_weights=args.sid_weights == "r")))
 
     return run_job(body)
 

@@ -404,3 +404,7 @@ def test_select_breaks_validation_down_by_popularity_group(tmp_path):
         assert g["all"][metric] == pytest.approx(r["valid"][metric], abs=1e-6)
         assert g["all"]["users"] == 300 and 0 < g["head"]["users"] + g["tail"]["users"] <= 300
         assert all(0 <= g[k][metric] <= 1 for k in ("head", "tail"))
+        if model == "sid_sasrec":  # the code weights R(e_b) can be set to 1 (same seed, same init)
+            assert r["sid_weights"] == "r"
+            ones = select(str(tmp_path / "d"), model, small[model], sids=str(sids), sid_weights=False)
+            assert ones["sid_weights"] == "one" and ones["valid"] != r["valid"]

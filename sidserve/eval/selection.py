@@ -130,11 +130,13 @@ def valid_by_group(model: str, m, data, table: SIDTable, c) -> dict:
 
 
 def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
-           tokenizer: dict | None = None) -> dict:
+           tokenizer: dict | None = None, sid_weights: bool = True) -> dict:
     """Train ``model`` with ``overrides`` and return its validation result (no test).
 
     tokenizer: {"name", "eval_cache", "overrides", "behavior_embedding"} fits that
-    tokenizer candidate first and uses its SIDs (instead of ``sids``)."""
+    tokenizer candidate first and uses its SIDs (instead of ``sids``).
+    sid_weights: sid_sasrec scales behavioral code embeddings by R(e_b) (the evaluation's
+    SID-SASRec) or, False, by 1 (the other models: their config's ``use_sid_weights``)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     data = load_dataset(data_dir)
@@ -156,9 +158,10 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
         result["norm_popularity_spearman"] = {
             w: spearman(np.linalg.norm(m.item_vectors(w), axis=1), pop) for w in ("input", "output")}
     elif model == "sid_sasrec":
-        result["sids"] = sids
+        result.update(sids=sids, sid_weights="r" if sid_weights else "one")
         torch.manual_seed(c.seed)  # SIDItems' init: from the seed, not from what ran before
-        m, history = train_sasrec(train, data.num_items, c, valid=valid, items=SIDItems(_sids(data, sids, table), c.hidden_dim))
+        items = SIDItems(_sids(data, sids, table), c.hidden_dim, use_weights=sid_weights)
+        m, history = train_sasrec(train, data.num_items, c, valid=valid, items=items)
     elif model == "retrieval":
         result["sids"] = sids
         m, history = train_retrieval(_sids(data, sids, table), train, valid, c)
