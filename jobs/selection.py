@@ -27,8 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tok-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the --tokenizer candidate's config (TokenizerConfig for ADC-SID, "
                    "RQVAEConfig for rqvae, ...; repeatable)")
-    p.add_argument("--behavior-embedding", default="untied-input",
-                   help="SASRec table the candidate reads as e_b (default: untied-input)")
+    p.add_argument("--behavior-embedding",
+                   help="SASRec table the candidate reads as e_b (default: the tokenizer's own, e.g. tied for "
+                        "rqkmeans_tied, else untied-input)")
     p.add_argument("--sid-weights", choices=["r", "one"], default="r",
                    help="sid_sasrec: behavioral code embeddings scaled by the tokenizer's R(e_b) (r, the "
                         "evaluation's) or by 1 (one)")

@@ -161,6 +161,7 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     assert not any(f.startswith("embeddings/") and f.endswith(".npy") for f in kept)  # rebuilt from text
     assert not any("/artifact/" in f or f.startswith("ranking_negatives") or f.endswith(".lock") for f in kept)
     assert "sasrec/untied/input_emb.npy" in kept and "sasrec/tied/input_norms.npy" in kept  # e_b, the plot
+    assert "sasrec/tied/input_emb.npy" in kept  # rqkmeans_tied's e_b
     assert "downstream/adc_sid/retrieval_seed1.npz" in kept
     assert "tokenizers/adc_sid/seed1/sids.npz" in kept  # seed 1's fit: its SIDs, not its artifact
 
@@ -267,3 +268,20 @@ def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint(quick_run,
                                                                         abs=1e-6)
     assert after["all"]["gauc"] == pytest.approx(before["all"]["gauc"], abs=1e-6)
     assert "*.ckpt.pt" in open(os.path.join(out, ".gitignore")).read().split("\n")
+
+
+def test_an_embedding_variant_fits_on_its_own_table(quick_run):
+    """rqkmeans_tied is rqkmeans with the tied SASRec table as e_b: the same SIDs as rqkmeans
+    told to read that table, other SIDs than on the run's e_b; a contradicting table is refused,
+    and a run without the tied SASRec cannot plan it."""
+    from sidserve.eval.pipeline import EvalConfig
+    from sidserve.eval.selection import fit_candidate
+    small = {"codebook_size": 16, "num_levels": 3}
+    variant, _ = fit_candidate(quick_run[0], "rqkmeans_tied", small)
+    same, _ = fit_candidate(quick_run[0], "rqkmeans", small, "tied")
+    run_eb, _ = fit_candidate(quick_run[0], "rqkmeans", small)
+    assert np.array_equal(variant.codes, same.codes) and not np.array_equal(variant.codes, run_eb.codes)
+    with pytest.raises(ValueError, match="reads the 'tied' table"):
+        fit_candidate(quick_run[0], "rqkmeans_tied", small, "untied-input")
+    with pytest.raises(ValueError, match="needs the 'tied' SASRec variant"):
+        EvalConfig(data=SLICE, output="x", tokenizers=["rqkmeans_tied"], sasrec_variants=["untied"]).validate()

@@ -83,6 +83,7 @@ from sidserve.eval.tokenizers import (
     ABLATIONS,
     ALL_TOKENIZERS,
     DEFAULT_TOKENIZERS,
+    EMBEDDING_VARIANTS,
     TokenizerBudget,
     fit_tokenizer,
 )
@@ -149,6 +150,11 @@ class EvalConfig:
         if need not in self.sasrec_variants:
             raise ValueError(f"behavior_embedding={self.behavior_embedding!r} needs the {need!r} SASRec variant; "
                              f"sasrec_variants is {self.sasrec_variants}")
+        for t in self.tokenizers:
+            if t in EMBEDDING_VARIANTS and EMBEDDING_SOURCE[EMBEDDING_VARIANTS[t][1]][0] not in self.sasrec_variants:
+                raise ValueError(f"tokenizer {t!r} reads the {EMBEDDING_VARIANTS[t][1]!r} table, which needs the "
+                                 f"{EMBEDDING_SOURCE[EMBEDDING_VARIANTS[t][1]][0]!r} SASRec variant; "
+                                 f"sasrec_variants is {self.sasrec_variants}")
         self.sasrec.validate()
         self.retrieval.validate()
         return self
@@ -294,7 +300,7 @@ class Evaluation:
         self.data: Dataset = full.subsample(config.quick_users, seed=0) if config.quick else full
         self.report = True  # False in the extra processes of --parallel: the first one reports
         self.workers: list = []  # those processes (subprocess.Popen), waited for before the report
-        self._fit_inputs: tuple[dict, dict] | None = None  # (items, dims), read when a fit is due
+        self._fit_inputs: dict[str, tuple[dict, dict]] = {}  # e_b table -> (items, dims), read when a fit is due
         self._tables: dict[str, tuple[SIDTable, PrefixTrie]] = {}  # by tokenizer_dir
         self._check_cache()
 
@@ -320,8 +326,9 @@ class Evaluation:
                  "embeddings/*.npy", "tokenizers/**/artifact/", "tokenizers/**/*.artifact-tmp/", "*.tmp-*",
                  "*.lock",  # a stage being run (--parallel): meaningless on another machine
                  "*.ckpt.pt",  # a stage's training state until its result is written (resume)
-                 "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept",
-                 f"!sasrec/{variant}/{which}_emb.npy",
+                 "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept (the variants' too)",
+                 *sorted({f"!sasrec/{variant}/{which}_emb.npy"} | {
+                     "!sasrec/{}/{}_emb.npy".format(*EMBEDDING_SOURCE[t]) for _, t in EMBEDDING_VARIANTS.values()}),
                  "# drawn again from their fixed seeds (negatives())", "ranking_negatives*.npy"]
         os.makedirs(self.out, exist_ok=True)
         with open(self.path(".gitignore"), "w") as f:
@@ -429,24 +436,31 @@ class Evaluation:
                     "test": {k: float(v.mean()) for k, v in test.items()}, "tables": tables}
         return self._stage(f"sasrec:{variant}", os.path.join(d, "report.json"), run, wait=wait)
 
-    def behavior(self) -> np.ndarray:
+    def behavior(self, embedding: str | None = None) -> np.ndarray:
+        """e_b: the ``embedding`` table (default: the run's ``behavior_embedding``)."""
         for v in self.c.sasrec_variants:
             self.sasrec_variant(v)
-        variant, which = EMBEDDING_SOURCE[self.c.behavior_embedding]
+        variant, which = EMBEDDING_SOURCE[embedding or self.c.behavior_embedding]
         return np.load(self.path("sasrec", variant, f"{which}_emb.npy"))
 
+    def embedding_of(self, name: str) -> str:
+        """The SASRec table tokenizer ``name`` reads as e_b."""
+        return EMBEDDING_VARIANTS[name][1] if name in EMBEDDING_VARIANTS else self.c.behavior_embedding
+
     # 3 ---------------------------------------------------------------------------------
-    def fit_inputs(self) -> tuple[dict, dict]:
-        """(items, dims) a fit reads: text embeddings (built when the cache lacks them) and e_b;
-        read once, and only when some fit is still to be done."""
-        if self._fit_inputs is None:
+    def fit_inputs(self, embedding: str | None = None) -> tuple[dict, dict]:
+        """(items, dims) a fit reads: text embeddings (built when the cache lacks them) and e_b
+        (the ``embedding`` table, default the run's); read once per table, and only when some
+        fit is still to be done."""
+        embedding = embedding or self.c.behavior_embedding
+        if embedding not in self._fit_inputs:
             content = self.embeddings()
             items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                     "meta_emb": content["meta"], "behavior_emb": self.behavior(),
+                     "meta_emb": content["meta"], "behavior_emb": self.behavior(embedding),
                      # interactions per item in the training split (richness_signal="popularity")
                      "popularity": self.data.popularity()[1:].astype(np.float64)}
-            self._fit_inputs = items, {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
-        return self._fit_inputs
+            self._fit_inputs[embedding] = items, {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
+        return self._fit_inputs[embedding]
 
     def fit_seed(self, name: str, seed: int) -> int | None:
         """The seed ``name`` is fitted with for downstream seed ``seed`` (None: LETTER, not fitted)."""
@@ -473,7 +487,7 @@ class Evaluation:
         fs = self.fit_seed(name, seed)
         items, dims = {}, {}
         if not os.path.exists(os.path.join(d, "quantization.json")):
-            items, dims = self.fit_inputs()
+            items, dims = self.fit_inputs(self.embedding_of(name))
 
         def run():
             budget = self.c.budget if fs is None else dataclasses.replace(self.c.budget, seed=fs)

@@ -68,14 +68,22 @@ def _sids(data, sids: str, table: SIDTable | None = None) -> SIDTable:
     return SIDTable.build(z["sid"], z["weights"])
 
 
-def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embedding: str = "untied-input",
+def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embedding: str | None = None,
                   seed: int = 0, data=None) -> tuple[SIDTable, dict]:
     """Fit tokenizer ``name`` (an evaluation tokenizer, e.g. 'adc_sid') with TokenizerConfig
     ``overrides`` on the inputs an evaluation cached in ``eval_cache`` (its sentence
-    embeddings and SASRec item table) -> (its SIDs, its quantization metrics)."""
-    from sidserve.eval.pipeline import EMBEDDING_SOURCE
-    from sidserve.eval.tokenizers import TokenizerBudget, fit_tokenizer
+    embeddings and SASRec item table) -> (its SIDs, its quantization metrics).
 
+    behavior_embedding: the SASRec table read as e_b; None: the embedding variant's own
+    (``rqkmeans_tied``: tied), else the evaluation's default, ``untied-input``."""
+    from sidserve.eval.pipeline import EMBEDDING_SOURCE
+    from sidserve.eval.tokenizers import EMBEDDING_VARIANTS, TokenizerBudget, fit_tokenizer
+
+    own = EMBEDDING_VARIANTS.get(name, (name, None))[1]
+    if own is not None and behavior_embedding not in (None, own):
+        raise ValueError(f"tokenizer {name!r} reads the {own!r} table as e_b; behavior_embedding="
+                         f"{behavior_embedding!r} contradicts it (use {EMBEDDING_VARIANTS[name][0]!r})")
+    behavior_embedding = behavior_embedding or own or "untied-input"
     if behavior_embedding not in EMBEDDING_SOURCE:
         raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {behavior_embedding!r}")
     variant, which = EMBEDDING_SOURCE[behavior_embedding]
@@ -149,7 +157,7 @@ def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log
         if model == "sasrec":
             raise ValueError("a tokenizer candidate needs a SID model: sid_sasrec, retrieval or ranking")
         table, quant = fit_candidate(tokenizer["eval_cache"], tokenizer["name"], tokenizer.get("overrides", {}),
-                                     tokenizer.get("behavior_embedding", "untied-input"), data=data)
+                                     tokenizer.get("behavior_embedding"), data=data)
         result["tokenizer"] = {**tokenizer, "quantization": quant}
         sids = f"tokenizer:{tokenizer['name']}"
     if model == "sasrec":
