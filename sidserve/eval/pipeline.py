@@ -87,6 +87,7 @@ from sidserve.eval.tokenizers import (
     TokenizerBudget,
     fit_tokenizer,
 )
+from sidserve.eval.tokenizers import embedding_of as variant_embedding
 
 log = logging.getLogger(__name__)
 EVAL_NEGATIVES_SEED = 12345  # one draw of ranking negatives shared by every tokenizer and seed
@@ -445,7 +446,7 @@ class Evaluation:
 
     def embedding_of(self, name: str) -> str:
         """The SASRec table tokenizer ``name`` reads as e_b."""
-        return EMBEDDING_VARIANTS[name][1] if name in EMBEDDING_VARIANTS else self.c.behavior_embedding
+        return variant_embedding(name, self.c.behavior_embedding)
 
     # 3 ---------------------------------------------------------------------------------
     def fit_inputs(self, embedding: str | None = None) -> tuple[dict, dict]:

@@ -77,13 +77,17 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
     behavior_embedding: the SASRec table read as e_b; None: the embedding variant's own
     (``rqkmeans_tied``: tied), else the evaluation's default, ``untied-input``."""
     from sidserve.eval.pipeline import EMBEDDING_SOURCE
-    from sidserve.eval.tokenizers import EMBEDDING_VARIANTS, TokenizerBudget, fit_tokenizer
+    from sidserve.eval.tokenizers import (
+        EMBEDDING_VARIANTS,
+        TokenizerBudget,
+        embedding_of,
+        fit_tokenizer,
+    )
 
-    own = EMBEDDING_VARIANTS.get(name, (name, None))[1]
-    if own is not None and behavior_embedding not in (None, own):
-        raise ValueError(f"tokenizer {name!r} reads the {own!r} table as e_b; behavior_embedding="
+    if name in EMBEDDING_VARIANTS and behavior_embedding not in (None, embedding_of(name, None)):
+        raise ValueError(f"tokenizer {name!r} reads the {embedding_of(name, None)!r} table as e_b; behavior_embedding="
                          f"{behavior_embedding!r} contradicts it (use {EMBEDDING_VARIANTS[name][0]!r})")
-    behavior_embedding = behavior_embedding or own or "untied-input"
+    behavior_embedding = embedding_of(name, behavior_embedding or "untied-input")
     if behavior_embedding not in EMBEDDING_SOURCE:
         raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {behavior_embedding!r}")
     variant, which = EMBEDDING_SOURCE[behavior_embedding]

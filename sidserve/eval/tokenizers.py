@@ -85,6 +85,12 @@ def base_tokenizer(name: str) -> str:
     return EMBEDDING_VARIANTS[name][0] if name in EMBEDDING_VARIANTS else name
 
 
+def embedding_of(name: str, default: str) -> str:
+    """The SASRec table tokenizer ``name`` reads as e_b: an embedding variant's own
+    (``rqkmeans_tied`` -> ``tied``), else ``default`` (the run's ``behavior_embedding``)."""
+    return EMBEDDING_VARIANTS[name][1] if name in EMBEDDING_VARIANTS else default
+
+
 @dataclass
 class TokenizerBudget:
     codebook_size: int = 100  # K (paper's public setting)
