@@ -30,9 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--behavior-embedding",
                    help="SASRec table the candidate reads as e_b (default: the tokenizer's own, e.g. tied for "
                         "rqkmeans_tied, else untied-input)")
-    p.add_argument("--sid-weights", choices=["r", "one"], default="r",
-                   help="sid_sasrec: behavioral code embeddings scaled by the tokenizer's R(e_b) (r, the "
-                        "evaluation's) or by 1 (one)")
+    p.add_argument("--sid-weights", choices=["r", "one"],
+                   help="sid_sasrec: behavioral code embeddings scaled by the tokenizer's R(e_b) (r) or by 1 "
+                        "(one); default: as the evaluation reads the --tokenizer candidate (ADC-SID: one), else r")
     p.add_argument("--log", help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -55,10 +55,11 @@ def main(argv=None) -> int:
                          "behavior_embedding": args.behavior_embedding}
         elif args.tok_set:
             raise ValueError("--tok-set needs --tokenizer")
-        if args.sid_weights != "r" and args.model != "sid_sasrec":
+        if args.sid_weights is not None and args.model != "sid_sasrec":
             raise ValueError(f"--sid-weights is sid_sasrec's (--model {args.model} has use_sid_weights: use --set)")
         print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log,
-                                tokenizer=tokenizer, sid_weights=args.sid_weights == "r")))
+                                tokenizer=tokenizer,
+                                sid_weights=None if args.sid_weights is None else args.sid_weights == "r")))
 
     return run_job(body)
 

@@ -285,3 +285,48 @@ def test_an_embedding_variant_fits_on_its_own_table(quick_run):
         fit_candidate(quick_run[0], "rqkmeans_tied", small, "untied-input")
     with pytest.raises(ValueError, match="needs the 'tied' SASRec variant"):
         EvalConfig(data=SLICE, output="x", tokenizers=["rqkmeans_tied"], sasrec_variants=["untied"]).validate()
+
+
+@pytest.mark.slow
+def test_adc_sid_runs_in_its_validated_configuration_and_a_fit_of_another_is_refused(quick_run, tmp_path):
+    """adc_sid reads the tied table with popularity richness and no downstream weights
+    (tokenizers.ADC_EVAL); every stage file records that spec, and a cache holding a fit or a
+    downstream stage made with another spec (here: the paper's configuration, as adc_sid was
+    cached before specs were kept) is refused with what to remove, not mixed in."""
+    import shutil
+
+    from sidserve.eval.tokenizers import ADC_EVAL, spec
+    out, _ = quick_run
+    want = json.load(open(os.path.join(out, "tokenizers", "adc_sid", "quantization.json")))["spec"]
+    assert want == {"tokenizer": "adc_sid", "embedding": ADC_EVAL["embedding"],
+                    "overrides": ADC_EVAL["overrides"], "sid_weights": ADC_EVAL["sid_weights"]}
+    for task in ("sid_sasrec", "retrieval", "ranking"):
+        assert json.load(open(os.path.join(out, "downstream", "adc_sid", f"{task}_seed0.json")))["spec"] == want
+    fitted = json.load(open(os.path.join(out, "tokenizers", "adc_sid", "artifact", "config.json")))["config"]
+    assert fitted["richness_signal"] == "popularity"
+    assert spec("rqkmeans", "untied-input")["sid_weights"] and spec("adc_sid_untied", "untied-input") == {
+        "tokenizer": "adc_sid_untied", "embedding": "untied-input", "overrides": {}, "sid_weights": True}
+    args = ("--data", SLICE, "--quick", "--tokenizers", ",".join(TOKENIZERS))
+    for stage in ("tokenizers/adc_sid/quantization.json", "downstream/adc_sid/ranking_seed1.json"):
+        copy = str(tmp_path / stage.split("/")[0])
+        shutil.copytree(out, copy)
+        path = os.path.join(copy, stage)
+        d = json.load(open(path))
+        del d["spec"]  # a file from before specs: read as the paper's configuration
+        json.dump(d, open(path, "w"))
+        p = evaluate(*args, "--output", copy)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert path in p.stderr and "remove tokenizers/adc_sid/ and downstream/adc_sid/" in p.stderr
+
+
+def test_adc_sid_and_the_papers_configuration_fit_what_they_say():
+    """fit_tokenizer builds adc_sid from ADC_EVAL's overrides and adc_sid_untied from the
+    paper's defaults; a selection trial's override still wins over the family's."""
+    from sidserve.eval.tokenizers import TokenizerBudget, _adc_config, in_adc_eval, uses_sid_weights
+    dims, b = {"text": 8, "meta": 8}, TokenizerBudget(codebook_size=8)
+    assert _adc_config(dims, 4, b, {"richness_signal": "popularity"}).richness_signal == "popularity"
+    assert _adc_config(dims, 4, b).richness_signal == "norm"
+    trial = TokenizerBudget(codebook_size=8, overrides={"richness_signal": "norm"})
+    assert _adc_config(dims, 4, trial, {"richness_signal": "popularity"}).richness_signal == "norm"
+    assert in_adc_eval("adc_sid") and in_adc_eval("adc_sid_no_gate") and not in_adc_eval("adc_sid_untied")
+    assert not in_adc_eval("rqkmeans_tied") and uses_sid_weights("adc_sid_untied") and uses_sid_weights("opq")

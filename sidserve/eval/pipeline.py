@@ -83,11 +83,13 @@ from sidserve.eval.tokenizers import (
     ABLATIONS,
     ALL_TOKENIZERS,
     DEFAULT_TOKENIZERS,
-    EMBEDDING_VARIANTS,
     TokenizerBudget,
     fit_tokenizer,
+    legacy_spec,
+    uses_sid_weights,
 )
 from sidserve.eval.tokenizers import embedding_of as variant_embedding
+from sidserve.eval.tokenizers import spec as variant_spec
 
 log = logging.getLogger(__name__)
 EVAL_NEGATIVES_SEED = 12345  # one draw of ranking negatives shared by every tokenizer and seed
@@ -152,9 +154,10 @@ class EvalConfig:
             raise ValueError(f"behavior_embedding={self.behavior_embedding!r} needs the {need!r} SASRec variant; "
                              f"sasrec_variants is {self.sasrec_variants}")
         for t in self.tokenizers:
-            if t in EMBEDDING_VARIANTS and EMBEDDING_SOURCE[EMBEDDING_VARIANTS[t][1]][0] not in self.sasrec_variants:
-                raise ValueError(f"tokenizer {t!r} reads the {EMBEDDING_VARIANTS[t][1]!r} table, which needs the "
-                                 f"{EMBEDDING_SOURCE[EMBEDDING_VARIANTS[t][1]][0]!r} SASRec variant; "
+            table = variant_embedding(t, self.behavior_embedding)
+            if EMBEDDING_SOURCE[table][0] not in self.sasrec_variants:
+                raise ValueError(f"tokenizer {t!r} reads the {table!r} table, which needs the "
+                                 f"{EMBEDDING_SOURCE[table][0]!r} SASRec variant; "
                                  f"sasrec_variants is {self.sasrec_variants}")
         self.sasrec.validate()
         self.retrieval.validate()
@@ -329,7 +332,8 @@ class Evaluation:
                  "*.ckpt.pt",  # a stage's training state until its result is written (resume)
                  "sasrec/*/*_emb.npy", "# e_b, which the tokenizer fits read, is kept (the variants' too)",
                  *sorted({f"!sasrec/{variant}/{which}_emb.npy"} | {
-                     "!sasrec/{}/{}_emb.npy".format(*EMBEDDING_SOURCE[t]) for _, t in EMBEDDING_VARIANTS.values()}),
+                     "!sasrec/{}/{}_emb.npy".format(*EMBEDDING_SOURCE[variant_embedding(t, self.c.behavior_embedding)])
+                     for t in ALL_TOKENIZERS}),
                  "# drawn again from their fixed seeds (negatives())", "ranking_negatives*.npy"]
         os.makedirs(self.out, exist_ok=True)
         with open(self.path(".gitignore"), "w") as f:
@@ -483,6 +487,20 @@ class Evaluation:
             self._tables[d] = got
         return self._tables[d]
 
+    def spec(self, name: str) -> dict:
+        """What ``name``'s stages depend on beyond ``run_config.json`` (its e_b, config
+        overrides, whether downstream models read its weights): kept in each of its stage files."""
+        return variant_spec(name, self.c.behavior_embedding, self.c.budget)
+
+    def check_spec(self, name: str, done: str) -> None:
+        """Refuse the cached stage ``done`` of ``name`` if it was made with another spec (a
+        file from before specs were kept has ``legacy_spec``): never mix two versions of a
+        tokenizer in one report."""
+        had = _read_json(done).get("spec", legacy_spec(name, self.c.behavior_embedding))
+        if had != self.spec(name):
+            raise ValueError(f"{done} was made with {name!r} = {had}, but {name!r} is now {self.spec(name)}: "
+                             f"remove tokenizers/{name}/ and downstream/{name}/ (or use a new --output)")
+
     def tokenize(self, name: str, seed: int, wait: bool = True) -> tuple[SIDTable, PrefixTrie] | None:
         d = self.tokenizer_dir(name, seed)
         fs = self.fit_seed(name, seed)
@@ -507,10 +525,12 @@ class Evaluation:
             q["sid_length"] = int(tk.sid.shape[1])
             q["items_sharing_sid"] = float(1 - np.unique(tk.sid, axis=0).shape[0] / tk.sid.shape[0])
             q["fit_seed"] = fs
+            q["spec"] = self.spec(name)
             return q
         stage = f"tokenizers:{name}" if d == self.path("tokenizers", name) else f"tokenizers:{name}:seed{fs}"
         if not self._stage(stage, os.path.join(d, "quantization.json"), run, wait=wait):
             return None
+        self.check_spec(name, os.path.join(d, "quantization.json"))
         z = np.load(os.path.join(d, "sids.npz"))
         table = SIDTable.build(z["sid"], z["weights"])
         return table, PrefixTrie.build(table)
@@ -523,7 +543,8 @@ class Evaluation:
         def run():
             c = dataclasses.replace(self.c.sasrec, seed=seed, loss="ce", tied=True)
             torch.manual_seed(seed)  # the code tables' init: from the seed, not from what this process ran before
-            items = SIDItems(table, c.hidden_dim, use_dedup=self.c.sid_sasrec_dedup)
+            items = SIDItems(table, c.hidden_dim, use_dedup=self.c.sid_sasrec_dedup,
+                             use_weights=uses_sid_weights(name))
             model, history = train_sasrec(self.data.train_sequences(), self.data.num_items, c,
                                           valid=self.data.targets("valid"), items=items,
                                           checkpoint=checkpoint_path(self.stage_path(name, "sid_sasrec", seed)))
@@ -533,11 +554,12 @@ class Evaluation:
             res = grouped_means(per_user, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
-        return self._stage(f"sid_sasrec:{name}:{seed}", self.stage_path(name, "sid_sasrec", seed), run, wait)
+        return self._staged(name, "sid_sasrec", seed, run, wait)
 
     def retrieval(self, name: str, table: SIDTable, trie: PrefixTrie, seed: int, groups, wait: bool = True) -> bool:
         def run():
-            c = dataclasses.replace(self.c.retrieval, seed=seed)
+            c = dataclasses.replace(self.c.retrieval, seed=seed,
+                                    use_sid_weights=self.c.retrieval.use_sid_weights and uses_sid_weights(name))
             model, history = train_retrieval(table, self.data.train_sequences(), self.data.targets("valid"), c,
                                              trie=trie,
                                              checkpoint=checkpoint_path(self.stage_path(name, "retrieval", seed)))
@@ -550,11 +572,12 @@ class Evaluation:
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed),
                        generate_seconds=time.perf_counter() - t0, valid_sid_share=float((ranked >= 0).mean()))
             return res
-        return self._stage(f"retrieval:{name}:{seed}", self.stage_path(name, "retrieval", seed), run, wait)
+        return self._staged(name, "retrieval", seed, run, wait)
 
     def ranking(self, name: str, table: SIDTable, seed: int, groups, negatives: dict, wait: bool = True) -> bool:
         def run():
-            c = dataclasses.replace(self.c.ranking, seed=seed)
+            c = dataclasses.replace(self.c.ranking, seed=seed,
+                                    use_sid_weights=self.c.ranking.use_sid_weights and uses_sid_weights(name))
             v_hist, v_target = self.data.targets("valid")
             model, history = train_ranker(table, self.data.train_sequences(), c,
                                           valid=(v_hist, v_target, negatives["valid"]),
@@ -565,7 +588,19 @@ class Evaluation:
             res = evaluate_ranking(scores, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
-        return self._stage(f"ranking:{name}:{seed}", self.stage_path(name, "ranking", seed), run, wait)
+        return self._staged(name, "ranking", seed, run, wait)
+
+    def _staged(self, name: str, task: str, seed: int, run, wait: bool) -> bool:
+        """``task``'s stage of ``name`` at ``seed``: its result records the spec, a cached one is checked."""
+        def with_spec():
+            res = run()
+            res["spec"] = self.spec(name)
+            return res
+        done = self.stage_path(name, task, seed)
+        ok = self._stage(f"{task}:{name}:{seed}", done, with_spec, wait)
+        if ok:
+            self.check_spec(name, done)
+        return ok
 
     def negatives(self) -> dict[str, np.ndarray]:
         """Sampled ranking candidates: 'test' avoids each user's whole sequence, 'valid'

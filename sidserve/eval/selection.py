@@ -87,7 +87,7 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
     if name in EMBEDDING_VARIANTS and behavior_embedding not in (None, embedding_of(name, None)):
         raise ValueError(f"tokenizer {name!r} reads the {embedding_of(name, None)!r} table as e_b; behavior_embedding="
                          f"{behavior_embedding!r} contradicts it (use {EMBEDDING_VARIANTS[name][0]!r})")
-    behavior_embedding = embedding_of(name, behavior_embedding or "untied-input")
+    behavior_embedding = behavior_embedding or embedding_of(name, "untied-input")
     if behavior_embedding not in EMBEDDING_SOURCE:
         raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {behavior_embedding!r}")
     variant, which = EMBEDDING_SOURCE[behavior_embedding]
@@ -142,17 +142,25 @@ def valid_by_group(model: str, m, data, table: SIDTable, c) -> dict:
 
 
 def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
-           tokenizer: dict | None = None, sid_weights: bool = True) -> dict:
+           tokenizer: dict | None = None, sid_weights: bool | None = None) -> dict:
     """Train ``model`` with ``overrides`` and return its validation result (no test).
 
     tokenizer: {"name", "eval_cache", "overrides", "behavior_embedding"} fits that
     tokenizer candidate first and uses its SIDs (instead of ``sids``).
-    sid_weights: sid_sasrec scales behavioral code embeddings by R(e_b) (the evaluation's
-    SID-SASRec) or, False, by 1 (the other models: their config's ``use_sid_weights``)."""
+    sid_weights: sid_sasrec scales behavioral code embeddings by R(e_b) (True) or by 1 (False);
+    None: as the evaluation does for the tokenizer candidate (``tokenizers.uses_sid_weights``:
+    ADC-SID at 1), else True. Retrieval and ranking take ``use_sid_weights`` from ``overrides``,
+    or as the evaluation does for the candidate."""
+    from sidserve.eval.tokenizers import uses_sid_weights
     if model not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     data = load_dataset(data_dir)
     train, valid = data.train_sequences(), data.targets("valid")
+    evaluation_weights = uses_sid_weights(tokenizer["name"]) if tokenizer is not None else True
+    if sid_weights is None:
+        sid_weights = evaluation_weights
+    if model in ("retrieval", "ranking") and "use_sid_weights" not in overrides:
+        overrides = {**overrides, "use_sid_weights": evaluation_weights}
     c = MODELS[model](**overrides)
     t0 = time.perf_counter()
     result: dict = {"model": model, "data": data.name, "overrides": overrides}
