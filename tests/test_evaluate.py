@@ -314,9 +314,10 @@ def test_adc_sid_runs_in_its_validated_configuration_and_a_fit_of_another_is_ref
         d = json.load(open(path))
         del d["spec"]  # a file from before specs: read as the paper's configuration
         json.dump(d, open(path, "w"))
-        p = evaluate(*args, "--output", copy)
-        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-        assert path in p.stderr and "remove tokenizers/adc_sid/ and downstream/adc_sid/" in p.stderr
+        for mode in ((), ("--report-only",)):  # neither trained on nor reported
+            p = evaluate(*args, "--output", copy, *mode)
+            assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+            assert path in p.stderr and "remove tokenizers/adc_sid/ and downstream/adc_sid/" in p.stderr
 
 
 def test_adc_sid_and_the_papers_configuration_fit_what_they_say():

@@ -61,6 +61,7 @@ def collect(ev) -> dict:
     for name in ev.c.tokenizers:
         if name in waiting:
             continue
+        ev.check_spec(name, ev.path("tokenizers", name, "quantization.json"))  # never report a stale variant
         entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json"))}
         # near collisions (issue 8), from the SIDs themselves so cached stages get it too
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
@@ -69,6 +70,8 @@ def collect(ev) -> dict:
         seeds = sorted(set.intersection(*(set(seeds_present(ev, name, t)) for t in TASK_METRICS)))
         entry["seeds"] = seeds
         for task, metrics in TASK_METRICS.items():
+            for s in seeds:
+                ev.check_spec(name, ev.stage_path(name, task, s))
             runs = [_load(ev.stage_path(name, task, s)) for s in seeds]
             t = {}
             for g in GROUPS:
