@@ -304,6 +304,9 @@ def test_adc_sid_runs_in_its_validated_configuration_and_a_fit_of_another_is_ref
         assert json.load(open(os.path.join(out, "downstream", "adc_sid", f"{task}_seed0.json")))["spec"] == want
     fitted = json.load(open(os.path.join(out, "tokenizers", "adc_sid", "artifact", "config.json")))["config"]
     assert fitted["richness_signal"] == "popularity"
+    report = open(os.path.join(out, "report.md")).read()  # the report says which table each one read
+    assert "receive `untied-input` as e_b, except ADC-SID (`tied`, richness_signal=popularity, its codes read " \
+           "at weight 1 downstream)." in report
     assert spec("rqkmeans", "untied-input")["sid_weights"] and spec("adc_sid_untied", "untied-input") == {
         "tokenizer": "adc_sid_untied", "embedding": "untied-input", "overrides": {}, "sid_weights": True}
     args = ("--data", SLICE, "--quick", "--tokenizers", ",".join(TOKENIZERS))

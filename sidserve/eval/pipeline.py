@@ -490,7 +490,7 @@ class Evaluation:
     def spec(self, name: str) -> dict:
         """What ``name``'s stages depend on beyond ``run_config.json`` (its e_b, config
         overrides, whether downstream models read its weights): kept in each of its stage files."""
-        return variant_spec(name, self.c.behavior_embedding, self.c.budget)
+        return variant_spec(name, self.c.behavior_embedding)
 
     def check_spec(self, name: str, done: str) -> None:
         """Refuse the cached stage ``done`` of ``name`` if it was made with another spec (a

@@ -62,7 +62,8 @@ def collect(ev) -> dict:
         if name in waiting:
             continue
         ev.check_spec(name, ev.path("tokenizers", name, "quantization.json"))  # never report a stale variant
-        entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json"))}
+        entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json")),
+                 "spec": ev.spec(name)}
         # near collisions (issue 8), from the SIDs themselves so cached stages get it too
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
         entry["quantization"]["items_within_hamming_1"] = find_overlaps(sid, 1, max_group_pairs=10_000).overlap_rate
@@ -205,7 +206,14 @@ def _markdown(r: dict, plots: list[str]) -> str:
                  f"{', '.join(r['pending'])}. Rows below have the seeds listed in their `seeds` column.\n")
 
     L.append("## Behavioral embeddings: ID SASRec\n")
-    L.append(f"The tokenizers receive `{r['config']['behavior_embedding']}` as e_b. Full-catalog ranking, "
+    default = r["config"]["behavior_embedding"]
+    own = [f"{e['label']} (`{e['spec']['embedding']}`"
+           + "".join(f", {k}={v}" for k, v in e["spec"]["overrides"].items() if k == "richness_signal")
+           + (", its codes read at weight 1 downstream" if not e["spec"]["sid_weights"] else "") + ")"
+           for e in r["tokenizers"].values()
+           if e["spec"]["embedding"] not in (None, default) or not e["spec"]["sid_weights"]]
+    L.append(f"The tokenizers receive `{default}` as e_b"
+             + (f", except {'; '.join(own)}" if own else "") + ". Full-catalog ranking, "
              f"history items excluded. Anchors: {ANCHORS['sasrec_ce']['source']}: R@10 "
              f"{ANCHORS['sasrec_ce']['recall@10']}; {ANCHORS['sasrec_bce']['source']}: "
              f"{ANCHORS['sasrec_bce']['recall@10']}.\n")

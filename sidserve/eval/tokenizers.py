@@ -127,13 +127,18 @@ def uses_sid_weights(name: str) -> bool:
     return ADC_EVAL["sid_weights"] if in_adc_eval(name) else True
 
 
-def spec(name: str, default_embedding: str, b: TokenizerBudget | None = None) -> dict:
-    """What ``name``'s SIDs depend on beyond the run's settings, recorded with its cached fit
-    and compared when the cache is read (a changed variant is refused, not mixed in)."""
-    overrides = {**(ADC_EVAL["overrides"] if in_adc_eval(name) else {}),
-                 **(b.overrides if b is not None else {}), **ADC_VARIANTS.get(name, {})}
+def family_overrides(name: str) -> dict:
+    """Config fields ``name`` is fitted with beyond the budget's: ADC_EVAL's for ADC-SID in the
+    evaluation's configuration, then the variant's own switches (an ablation's, ...)."""
+    return {**(ADC_EVAL["overrides"] if in_adc_eval(name) else {}), **ADC_VARIANTS.get(name, {})}
+
+
+def spec(name: str, default_embedding: str) -> dict:
+    """What ``name``'s SIDs and downstream stages depend on beyond the run's settings (which
+    ``run_config.json`` pins, the budget among them), recorded in each of its stage files and
+    compared when the cache is read (a changed variant is refused, not mixed in)."""
     return {"tokenizer": base_tokenizer(name), "embedding": embedding_of(name, default_embedding),
-            "overrides": overrides, "sid_weights": uses_sid_weights(name)}
+            "overrides": family_overrides(name), "sid_weights": uses_sid_weights(name)}
 
 
 def legacy_spec(name: str, default_embedding: str) -> dict:
@@ -213,7 +218,7 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         k = int(sid.max()) + 1
         return Tokenized(sid, np.ones(sid.shape, np.float32), quantization_report(sid, k), k)
     if name == "adc_sid" or name in ADC_VARIANTS:
-        family = ADC_EVAL["overrides"] if in_adc_eval(name) else {}
+        family = ADC_EVAL["overrides"] if in_adc_eval(name) else {}  # under the budget's overrides (trials)
         tok = SemanticIdTokenizer(_adc_config(dims, behavior_dim, b, family, **ADC_VARIANTS.get(name, {}))).fit(items)
         enc = tok.encode(items)
         weights = np.ones(enc.sid.shape, np.float32)
