@@ -96,7 +96,7 @@ def test_a_new_item_gets_the_same_richness_and_weights_after_save_and_load(tok, 
 NEW_FIELDS = dict(recon_reduction="mean", recon_balance=False, richness_normalization="minmax",
                   richness_quantile_points=11, gate_straight_through=False, sparsity_lambda_update="sign",
                   richness_signal="popularity", sparsity_control="lambda", sparsity_threshold_gain=1.0,
-                  behavior_weight_scale="unit_mean")
+                  behavior_weight_scale="unit_mean", behavior_quantization="residual")
 
 
 def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
@@ -117,7 +117,7 @@ def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
 @pytest.mark.parametrize("field,value", [("recon_reduction", "max"), ("richness_normalization", "rank"),
                                          ("richness_quantile_points", 1), ("sparsity_lambda_update", "pid"),
                                          ("richness_signal", "clicks"), ("sparsity_control", "pid"),
-                                         ("sparsity_threshold_gain", 0.0)])
+                                         ("sparsity_threshold_gain", 0.0), ("behavior_quantization", "tree")])
 def test_bad_new_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         TokenizerConfig(**{field: value}).validate()

@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from sidserve.config import TokenizerConfig
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.adc_sid.model import ADCSIDModel, CosineCodebook, ModelInput
+from sidserve.tokenizers.adc_sid.model.euclidean_codebook import EuclideanCodebook
+from sidserve.tokenizers.adc_sid.training import init_codebooks
+
+QUANTIZATIONS = ["parallel", "residual"]
 
 
 def make_input(B=8, behavior=True, has=None):
@@ -31,8 +36,9 @@ def test_codebook_assigns_highest_cosine():
     assert book.assign(z).tolist() == [0, 1, 2]
 
 
-def test_straight_through_gradient_path():
-    model = ADCSIDModel(tiny_config()).train()
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_straight_through_gradient_path(quantization):
+    model = ADCSIDModel(tiny_config(behavior_quantization=quantization)).train()
     model.set_catalog_stats(0.5, 10.0)
     model.fit_input_stats(make_input(64))
     out = model(make_input())
@@ -50,9 +56,11 @@ def test_straight_through_gradient_path():
     assert all(book.embed.grad.abs().sum() > 0 for book in model.codebooks)
 
 
-def test_decoder_sees_quantized_value():
-    """Eq. 14: the decoder's input equals z_q in value (z + sg(z_q - z))."""
-    model = ADCSIDModel(tiny_config()).eval()
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_decoder_sees_quantized_value(quantization):
+    """Eq. 14: the decoder's input equals z_q in value (z + sg(z_q - z)); residual levels add
+    their codewords, each weighted by its R(e_b)_i, as parallel experts do."""
+    model = ADCSIDModel(tiny_config(behavior_quantization=quantization)).eval()
     model.set_catalog_stats(0.5, 10.0)
     model.fit_input_stats(make_input(64))
     seen = {}
@@ -153,8 +161,9 @@ def test_kmeans_init_uses_every_code():
     assert book.assign(z).unique().numel() == 8
 
 
-def test_codes_only_inference_matches_the_full_forward():
-    model = ADCSIDModel(tiny_config(codebook_size=16)).eval()
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_codes_only_inference_matches_the_full_forward(quantization):
+    model = ADCSIDModel(tiny_config(codebook_size=16, behavior_quantization=quantization)).eval()
     model.set_catalog_stats(0.5, 10.0)
     model.fit_input_stats(make_input(64))
     has = torch.tensor([True, False, True, True, False, True, True, False])
@@ -246,3 +255,84 @@ def test_cold_consistency_term_by_hand():
     plain.set_catalog_stats(0.5, 10.0)
     plain.fit_input_stats(make_input(64))
     assert plain(x).losses["consistency"] == 0
+
+
+def test_euclidean_codebook_picks_the_nearest_codeword_not_the_most_similar_direction():
+    book = EuclideanCodebook(dim=2, codebook_size=3)
+    book.embed.data = torch.tensor([[1.0, 0.0], [0.0, 0.2], [-2.0, -2.0]])
+    z = torch.tensor([[0.1, 0.05], [0.9, 0.1], [-1.5, -1.0]])
+    # row 0: cosine would pick code 0 (0.89 vs 0.45); code 1 is nearer (0.0325 vs 0.8125)
+    d2 = ((z[:, None, :] - book.embed.data[None]) ** 2).sum(-1)  # (3, 3) by hand
+    assert book.assign(z).tolist() == [1, 0, 2] == d2.argmin(1).tolist()
+    codes, scores = book.top(z, 2)
+    assert codes[:, 0].tolist() == [1, 0, 2]
+    torch.testing.assert_close(scores, -d2.double().gather(1, codes), rtol=0, atol=1e-6)
+    assert bool((scores[:, 0] >= scores[:, 1]).all())
+    with invariant.batch_invariant():  # the exact path agrees
+        exact_codes, exact_scores = book.top(z, 2)
+    assert torch.equal(exact_codes, codes)
+    torch.testing.assert_close(exact_scores, scores, rtol=0, atol=1e-6)
+
+
+def test_residual_levels_code_what_the_levels_before_left():
+    """behavior_quantization="residual": r_0 is the expert's unit latent, each level's code is
+    the codeword nearest its residual, and r_i+1 = r_i - c_i[code_i]."""
+    model = ADCSIDModel(tiny_config(behavior_quantization="residual", codebook_size=8)).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
+    assert len(model.behavior_experts) == 1  # one expert feeds every level
+    out = model(make_input(B=16))
+    c = model.config
+    k = c.sid_length - c.num_behavior_experts
+    r = out.latents[k:]  # (16, D) per level: what that level quantized
+    torch.testing.assert_close(r[0].norm(dim=-1), torch.ones(16))
+    for i in range(c.num_behavior_experts):
+        words = model.codebooks[k + i].codewords()
+        d2 = ((r[i][:, None, :] - words[None]) ** 2).sum(-1)
+        assert torch.equal(out.codes[:, k + i], d2.argmin(1))
+        if i + 1 < c.num_behavior_experts:
+            torch.testing.assert_close(r[i + 1], r[i] - words[out.codes[:, k + i]])
+
+
+def test_residual_init_shrinks_what_is_left_level_by_level():
+    """k-means at each level on what the levels before left (init_codebooks runs them in
+    order): the residual's mean length falls at every level."""
+    torch.manual_seed(0)
+    model = ADCSIDModel(tiny_config(behavior_quantization="residual", codebook_size=8, latent_dim=6))
+    model.set_catalog_stats(0.5, 10.0)
+    sample = make_input(B=600)
+    init_codebooks(model, sample)
+    model.eval()
+    out = model(sample)
+    c = model.config
+    k = c.sid_length - c.num_behavior_experts
+    lengths = [float(z.norm(dim=-1).mean()) for z in out.latents[k:]]
+    last = out.latents[-1] - model.codebooks[-1].codewords()[out.codes[:, -1]]
+    lengths.append(float(last.norm(dim=-1).mean()))
+    assert all(a > b for a, b in zip(lengths, lengths[1:])), lengths
+
+
+def test_residual_candidates_follow_the_chosen_path():
+    model = ADCSIDModel(tiny_config(behavior_quantization="residual", codebook_size=8)).eval()
+    model.set_catalog_stats(0.5, 10.0)
+    model.fit_input_stats(make_input(64))
+    x = make_input(B=8, has=torch.tensor([True, False] * 4))
+    out = model(x, codes_only=True, candidates=3)
+    assert torch.equal(out.candidates[:, :, 0], out.codes)
+    k = model.config.sid_length - model.config.num_behavior_experts
+    assert bool(out.candidates[1::2, k:].eq(model.config.missing_code).all())
+    s = out.candidate_scores[::2, k:]  # (4, N_b, 3): -||r - c||^2, best first
+    assert bool((s <= 0).all()) and bool((s[..., :-1] >= s[..., 1:]).all())
+
+
+def test_euclidean_restart_puts_dead_codes_on_residuals():
+    torch.manual_seed(0)
+    book = EuclideanCodebook(dim=3, codebook_size=4)
+    before = book.codewords().clone()
+    book.usage.copy_(torch.tensor([50.0, 50.0, 0.0, 1.0]))
+    z = 0.2 * torch.randn(10, 3)  # residuals are short: a restart keeps their scale
+    assert book.restart_dead_codes(z, threshold=0.1, generator=torch.Generator().manual_seed(0)) == 2
+    after = book.codewords()
+    assert torch.equal(before[:2], after[:2])
+    for j in (2, 3):
+        assert float(((z - after[j]) ** 2).sum(-1).min().sqrt()) < 0.01

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidserve.config import TokenizerConfig
+from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.ids import hash_codes
 from sidserve.items import ItemArrays
 from sidserve.metrics import CodeCounter
@@ -192,7 +192,11 @@ def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = N
     model.eval()
     model.fit_input_stats(sample)
     out = model(sample)
-    for i, (book, z) in enumerate(zip(model.codebooks, out.latents)):
+    for i, book in enumerate(model.codebooks):
+        where = model.config.sid_layout[i]
+        if c.behavior_quantization == "residual" and where["group"] == BEHAVIOR and where["index"] > 0:
+            out = model(sample)  # a residual level quantizes what the levels before it, now set, left
+        z = out.latents[i]
         if z.shape[0] < c.codebook_size:
             raise ValueError(
                 f"codebook {i} ({model.config.sid_layout[i]['group']}) needs at least "

@@ -7,6 +7,8 @@ One forward pass, for a batch of B items:
     z_s,i = E_s,i([h_t, h_v, h_b])    shared experts                 (eq. 3-4)
     z_m,i = E_m,i(e_m), z_b,i = E_b,i(e_b)   specific experts        (eq. 6, typo fixed)
     codes = argmax cosine per expert codebook                        (eq. 5, 7-9)
+      or, behavior_quantization="residual": r_0 = unit E_b(e_b), level i picks the nearest
+      codeword q_i of r_i (Euclidean), r_i+1 = r_i - q_i; z_b,i := q_i
     z  = sum z_s + sum g_m z_m + sum R(e_b) z_b,  z_q likewise       (eq. 10-13, 22)
     L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14, summed over
                                                                       elements; config.recon_reduction)
@@ -38,6 +40,7 @@ from sidserve.tokenizers.adc_sid.model.controller import (
     normalized_norm,
     quantile_normalized,
 )
+from sidserve.tokenizers.adc_sid.model.euclidean_codebook import EuclideanCodebook
 from sidserve.tokenizers.adc_sid.model.experts import MLP
 from sidserve.tokenizers.adc_sid.model.gates import BehaviorWeightingGate, ContentGate
 from sidserve.tokenizers.adc_sid.model.sparsity import SparsityRegularizer
@@ -126,8 +129,14 @@ class ADCSIDModel(nn.Module):
         )
         if c.has_behavior:
             Nb = c.num_behavior_experts
-            self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
-            self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
+            if c.behavior_quantization == "residual":  # one expert, N_b residual levels
+                self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D)])
+                self.behavior_codebooks = nn.ModuleList([
+                    EuclideanCodebook(dim=D, codebook_size=K, commitment_weight=c.commitment_weight)
+                    for _ in range(Nb)])
+            else:
+                self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
+                self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
             self.behavior_gate = BehaviorWeightingGate(
                 dim=c.behavior_dim, num_experts=Nb, hidden_dim=X, bias_init=c.gate_bias_init,
                 straight_through=c.gate_straight_through,
@@ -340,15 +349,22 @@ class ADCSIDModel(nn.Module):
             else:
                 r = torch.ones(B, c.num_behavior_experts, device=dev)
             r_full = torch.where(has_b.unsqueeze(-1), r, torch.zeros_like(r))
-            for expert, book in zip(self.behavior_experts, self.behavior_codebooks):
+            residual = c.behavior_quantization == "residual"
+            r_b = invariant.normalize(self.behavior_experts[0](x.behavior)) if residual else None  # (B, D)
+            for i, book in enumerate(self.behavior_codebooks):
+                z_b = r_b if residual else self.behavior_experts[i](x.behavior)  # (B, D)
                 if candidates:
-                    top, sims = book.top(expert(x.behavior), candidates)
+                    top, sims = book.top(z_b, candidates)
+                    best = top[:, 0]
                     top = torch.where(has_b.unsqueeze(-1), top, c.missing_code)
                     cand.append(top)
                     cand_scores.append(torch.where(has_b.unsqueeze(-1), sims, torch.full_like(sims, float("nan"))))
                     codes.append(top[:, 0])
                 else:
-                    codes.append(torch.where(has_b, book.assign(expert(x.behavior)), c.missing_code))
+                    best = book.assign(z_b)
+                    codes.append(torch.where(has_b, best, c.missing_code))
+                if residual:  # the next level codes what this one left
+                    r_b = r_b - book.codewords()[best]
         elif c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
@@ -360,11 +376,18 @@ class ADCSIDModel(nn.Module):
             r_full = torch.zeros(B, c.num_behavior_experts, device=dev)
             r_full = r_full.index_put((rows,), gates_fuse)
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
-            for i, (expert, book) in enumerate(zip(self.behavior_experts, self.behavior_codebooks)):
+            residual = c.behavior_quantization == "residual"
+            r_b = invariant.normalize(self.behavior_experts[0](e_b)) if residual else None  # (B_b, D)
+            for i, book in enumerate(self.behavior_codebooks):
                 full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
-                z_hat, z_q, idx, loss = book(expert(e_b))
+                z_hat, z_q, idx, loss = book(r_b if residual else self.behavior_experts[i](e_b))
                 vq = vq + loss
                 latents.append(z_hat)
+                if residual:
+                    # value z_q, gradient to the expert through this level's residual; the
+                    # next level gets what is left, the codeword held fixed (RQ-VAE)
+                    z_hat = z_hat + (z_q - z_hat).detach()
+                    r_b = r_b - z_q.detach()
                 z_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_hat, rows, B))
                 zq_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_q, rows, B))
                 codes.append(full_idx.index_put((rows,), idx))
