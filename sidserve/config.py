@@ -62,10 +62,11 @@ class TokenizerConfig(ModalityInputs):
     # how the N_b behavioral codes are made: "parallel" (the paper: N_b experts on e_b, each
     # with its own cosine codebook) or "residual" (one behavioral expert, its unit latent
     # quantized coarse-to-fine by N_b Euclidean codebooks, level i coding what levels < i
-    # left; R(e_b)_i weighs level i). Models that embed each code and sum the embeddings
-    # read residual codes better: on Beauty's validation split ADC-SID's three parallel
-    # behavioral codes gave a ranker GAUC 0.7711 alone where three residual k-means levels of
-    # the same table gave 0.8211 (docs/evaluation.md, "Parallel or residual behavioral codes")
+    # left; R(e_b)_i weighs level i) or "residual_input" (the same levels on e_b itself, no
+    # behavioral expert: online residual k-means of the table, read by the fusion through a
+    # linear map). On Beauty's validation split ADC-SID's three parallel behavioral codes gave
+    # a ranker GAUC 0.7711 alone where three residual k-means levels of the same table gave
+    # 0.8211, mostly on long-tail items (docs/evaluation.md, "Parallel or residual behavioral codes")
     behavior_quantization: str = "parallel"
 
     # ---- network sizes -------------------------------------------------------------
@@ -256,8 +257,9 @@ class TokenizerConfig(ModalityInputs):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.behavior_quantization not in ("parallel", "residual"):
-            raise ValueError(f"behavior_quantization must be 'parallel' or 'residual', got {self.behavior_quantization!r}")
+        if self.behavior_quantization not in ("parallel", "residual", "residual_input"):
+            raise ValueError("behavior_quantization must be 'parallel', 'residual' or 'residual_input', "
+                             f"got {self.behavior_quantization!r}")
         if self.richness_signal not in ("norm", "popularity"):
             raise ValueError(f"richness_signal must be 'norm' or 'popularity', got {self.richness_signal!r}")
         if self.richness_normalization not in ("minmax", "quantile"):

@@ -117,7 +117,7 @@ def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
 @pytest.mark.parametrize("field,value", [("recon_reduction", "max"), ("richness_normalization", "rank"),
                                          ("richness_quantile_points", 1), ("sparsity_lambda_update", "pid"),
                                          ("richness_signal", "clicks"), ("sparsity_control", "pid"),
-                                         ("sparsity_threshold_gain", 0.0), ("behavior_quantization", "tree")])
+                                         ("sparsity_threshold_gain", 0.0), ("behavior_quantization", "tree"), ("behavior_quantization", "residual_table")])
 def test_bad_new_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         TokenizerConfig(**{field: value}).validate()

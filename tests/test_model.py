@@ -10,7 +10,7 @@ from sidserve.tokenizers.adc_sid.model import ADCSIDModel, CosineCodebook, Model
 from sidserve.tokenizers.adc_sid.model.euclidean_codebook import EuclideanCodebook
 from sidserve.tokenizers.adc_sid.training import init_codebooks
 
-QUANTIZATIONS = ["parallel", "residual"]
+QUANTIZATIONS = ["parallel", "residual", "residual_input"]
 
 
 def make_input(B=8, behavior=True, has=None):
@@ -82,7 +82,10 @@ def test_decoder_sees_quantized_value(quantization):
             z_q = z_q + g[:, i:i + 1] * books[pos].codewords()[out.codes[:, pos]]
             pos += 1
     for i in range(c.num_behavior_experts):
-        z_q = z_q + out.behavior_weights[:, i:i + 1] * books[pos].codewords()[out.codes[:, pos]]
+        word = books[pos].codewords()[out.codes[:, pos]]
+        if quantization == "residual_input":  # a level of e_b reaches the fusion through W
+            word = model.behavior_out(word)
+        z_q = z_q + out.behavior_weights[:, i:i + 1] * word
         pos += 1
     assert torch.allclose(seen["x"], z_q, atol=1e-5)
 
@@ -274,18 +277,23 @@ def test_euclidean_codebook_picks_the_nearest_codeword_not_the_most_similar_dire
     torch.testing.assert_close(exact_scores, scores, rtol=0, atol=1e-6)
 
 
-def test_residual_levels_code_what_the_levels_before_left():
-    """behavior_quantization="residual": r_0 is the expert's unit latent, each level's code is
-    the codeword nearest its residual, and r_i+1 = r_i - c_i[code_i]."""
-    model = ADCSIDModel(tiny_config(behavior_quantization="residual", codebook_size=8)).eval()
+@pytest.mark.parametrize("quantization", ["residual", "residual_input"])
+def test_residual_levels_code_what_the_levels_before_left(quantization):
+    """r_0 is the expert's unit latent ("residual") or e_b itself ("residual_input"), each
+    level's code is the codeword nearest its residual, and r_i+1 = r_i - c_i[code_i]."""
+    model = ADCSIDModel(tiny_config(behavior_quantization=quantization, codebook_size=8)).eval()
     model.set_catalog_stats(0.5, 10.0)
     model.fit_input_stats(make_input(64))
-    assert len(model.behavior_experts) == 1  # one expert feeds every level
-    out = model(make_input(B=16))
+    x = make_input(B=16)
+    out = model(x)
     c = model.config
     k = c.sid_length - c.num_behavior_experts
-    r = out.latents[k:]  # (16, D) per level: what that level quantized
-    torch.testing.assert_close(r[0].norm(dim=-1), torch.ones(16))
+    r = out.latents[k:]  # (16, D or d_b) per level: what that level quantized
+    if quantization == "residual":
+        assert len(model.behavior_experts) == 1  # one expert feeds every level
+        torch.testing.assert_close(r[0].norm(dim=-1), torch.ones(16))
+    else:
+        assert len(model.behavior_experts) == 0 and torch.equal(r[0], x.behavior)
     for i in range(c.num_behavior_experts):
         words = model.codebooks[k + i].codewords()
         d2 = ((r[i][:, None, :] - words[None]) ** 2).sum(-1)
@@ -294,11 +302,12 @@ def test_residual_levels_code_what_the_levels_before_left():
             torch.testing.assert_close(r[i + 1], r[i] - words[out.codes[:, k + i]])
 
 
-def test_residual_init_shrinks_what_is_left_level_by_level():
+@pytest.mark.parametrize("quantization", ["residual", "residual_input"])
+def test_residual_init_shrinks_what_is_left_level_by_level(quantization):
     """k-means at each level on what the levels before left (init_codebooks runs them in
     order): the residual's mean length falls at every level."""
     torch.manual_seed(0)
-    model = ADCSIDModel(tiny_config(behavior_quantization="residual", codebook_size=8, latent_dim=6))
+    model = ADCSIDModel(tiny_config(behavior_quantization=quantization, codebook_size=8, latent_dim=6))
     model.set_catalog_stats(0.5, 10.0)
     sample = make_input(B=600)
     init_codebooks(model, sample)

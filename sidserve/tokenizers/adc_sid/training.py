@@ -194,7 +194,7 @@ def init_codebooks(model: ADCSIDModel, sample: ModelInput, sync: Sync | None = N
     out = model(sample)
     for i, book in enumerate(model.codebooks):
         where = model.config.sid_layout[i]
-        if c.behavior_quantization == "residual" and where["group"] == BEHAVIOR and where["index"] > 0:
+        if c.behavior_quantization != "parallel" and where["group"] == BEHAVIOR and where["index"] > 0:
             out = model(sample)  # a residual level quantizes what the levels before it, now set, left
         z = out.latents[i]
         if z.shape[0] < c.codebook_size:

@@ -9,6 +9,7 @@ One forward pass, for a batch of B items:
     codes = argmax cosine per expert codebook                        (eq. 5, 7-9)
       or, behavior_quantization="residual": r_0 = unit E_b(e_b), level i picks the nearest
       codeword q_i of r_i (Euclidean), r_i+1 = r_i - q_i; z_b,i := q_i
+      or "residual_input": the same levels on r_0 = e_b itself; z_b,i := W q_i
     z  = sum z_s + sum g_m z_m + sum R(e_b) z_b,  z_q likewise       (eq. 10-13, 22)
     L_recon = ||e - decoder(z + sg(z_q - z))||^2                     (eq. 14, summed over
                                                                       elements; config.recon_reduction)
@@ -134,6 +135,12 @@ class ADCSIDModel(nn.Module):
                 self.behavior_codebooks = nn.ModuleList([
                     EuclideanCodebook(dim=D, codebook_size=K, commitment_weight=c.commitment_weight)
                     for _ in range(Nb)])
+            elif c.behavior_quantization == "residual_input":  # N_b residual levels of e_b itself
+                self.behavior_experts = nn.ModuleList()
+                self.behavior_codebooks = nn.ModuleList([
+                    EuclideanCodebook(dim=c.behavior_dim, codebook_size=K, commitment_weight=c.commitment_weight)
+                    for _ in range(Nb)])
+                self.behavior_out = nn.Linear(c.behavior_dim, D, bias=False)  # a level's codeword -> fusion
             else:
                 self.behavior_experts = nn.ModuleList([MLP(c.behavior_dim, X, D) for _ in range(Nb)])
                 self.behavior_codebooks = nn.ModuleList([codebook() for _ in range(Nb)])
@@ -161,6 +168,14 @@ class ADCSIDModel(nn.Module):
         self.register_buffer("weight_scale", torch.ones(c.num_behavior_experts if c.has_behavior else 0))
 
     # ------------------------------------------------------------------------------
+    def _behavior_residual(self, e_b: torch.Tensor) -> torch.Tensor | None:
+        """e_b (B, d_b) -> what the first behavioral level quantizes: the expert's unit latent
+        (B, D) for "residual", e_b itself for "residual_input", None for parallel experts."""
+        mode = self.config.behavior_quantization
+        if mode == "residual":
+            return invariant.normalize(self.behavior_experts[0](e_b))
+        return e_b if mode == "residual_input" else None
+
     @property
     def codebooks(self) -> list[CosineCodebook]:
         """All codebooks in SID layout order."""
@@ -349,8 +364,8 @@ class ADCSIDModel(nn.Module):
             else:
                 r = torch.ones(B, c.num_behavior_experts, device=dev)
             r_full = torch.where(has_b.unsqueeze(-1), r, torch.zeros_like(r))
-            residual = c.behavior_quantization == "residual"
-            r_b = invariant.normalize(self.behavior_experts[0](x.behavior)) if residual else None  # (B, D)
+            residual = c.behavior_quantization != "parallel"
+            r_b = self._behavior_residual(x.behavior)  # (B, D or d_b); None for parallel experts
             for i, book in enumerate(self.behavior_codebooks):
                 z_b = r_b if residual else self.behavior_experts[i](x.behavior)  # (B, D)
                 if candidates:
@@ -376,14 +391,19 @@ class ADCSIDModel(nn.Module):
             r_full = torch.zeros(B, c.num_behavior_experts, device=dev)
             r_full = r_full.index_put((rows,), gates_fuse)
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
-            residual = c.behavior_quantization == "residual"
-            r_b = invariant.normalize(self.behavior_experts[0](e_b)) if residual else None  # (B_b, D)
+            residual = c.behavior_quantization != "parallel"
+            r_b = self._behavior_residual(e_b)  # (B_b, D or d_b); None for parallel experts
             for i, book in enumerate(self.behavior_codebooks):
                 full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
                 z_hat, z_q, idx, loss = book(r_b if residual else self.behavior_experts[i](e_b))
                 vq = vq + loss
                 latents.append(z_hat)
-                if residual:
+                if c.behavior_quantization == "residual_input":
+                    # e_b has no encoder to train: the codewords follow their own loss (online
+                    # k-means of each level's residual), the fusion reads them through a map
+                    r_b = r_b - z_q.detach()
+                    z_hat = z_q = self.behavior_out(z_q.detach())  # (B_b, D)
+                elif residual:
                     # value z_q, gradient to the expert through this level's residual; the
                     # next level gets what is left, the codeword held fixed (RQ-VAE)
                     z_hat = z_hat + (z_q - z_hat).detach()
