@@ -68,6 +68,15 @@ class TokenizerConfig(ModalityInputs):
     # a ranker GAUC 0.7711 alone where three residual k-means levels of the same table gave
     # 0.8211, mostly on long-tail items (docs/evaluation.md, "Parallel or residual behavioral codes")
     behavior_quantization: str = "parallel"
+    # trust in e_b by behavioral richness, on the input: a thin item's e_b is mostly noise,
+    # so every part of the model reads e_b' = a e_b + (1 - a) W [e_m], a = pop / (pop + k),
+    # where W (a ridge map from the content embeddings to e_b, fitted on the fit sample with
+    # each item weighted by its a, stored in the artifact) predicts behavior from content.
+    # k > 0 turns it on (needs richness_signal="popularity": the same per-item popularity);
+    # 0 reads e_b as given (the paper). Chosen on Beauty's validation split: see
+    # docs/evaluation.md, "Thin items' e_b shrunk toward content"
+    behavior_shrinkage: float = 0.0
+    behavior_prior_ridge: float = 1.0  # ridge penalty of W (content embeddings of unit norm)
 
     # ---- network sizes -------------------------------------------------------------
     hidden_dim: int = 128  # width of h_m = D_m(e_m), the space where alignment happens
@@ -260,6 +269,13 @@ class TokenizerConfig(ModalityInputs):
         if self.behavior_quantization not in ("parallel", "residual", "residual_input"):
             raise ValueError("behavior_quantization must be 'parallel', 'residual' or 'residual_input', "
                              f"got {self.behavior_quantization!r}")
+        if not self.behavior_shrinkage >= 0:
+            raise ValueError(f"behavior_shrinkage must be >= 0, got {self.behavior_shrinkage!r}")
+        if self.behavior_shrinkage > 0 and self.richness_signal != "popularity":
+            raise ValueError(f"behavior_shrinkage={self.behavior_shrinkage!r} reads each item's popularity: "
+                             f"it needs richness_signal='popularity', got {self.richness_signal!r}")
+        if not self.behavior_prior_ridge > 0:
+            raise ValueError(f"behavior_prior_ridge must be > 0, got {self.behavior_prior_ridge!r}")
         if self.richness_signal not in ("norm", "popularity"):
             raise ValueError(f"richness_signal must be 'norm' or 'popularity', got {self.richness_signal!r}")
         if self.richness_normalization not in ("minmax", "quantile"):

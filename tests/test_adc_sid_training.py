@@ -96,7 +96,8 @@ def test_a_new_item_gets_the_same_richness_and_weights_after_save_and_load(tok, 
 NEW_FIELDS = dict(recon_reduction="mean", recon_balance=False, richness_normalization="minmax",
                   richness_quantile_points=11, gate_straight_through=False, sparsity_lambda_update="sign",
                   richness_signal="popularity", sparsity_control="lambda", sparsity_threshold_gain=1.0,
-                  behavior_weight_scale="unit_mean", behavior_quantization="residual")
+                  behavior_weight_scale="unit_mean", behavior_quantization="residual",
+                  behavior_shrinkage=2.0, behavior_prior_ridge=0.5)
 
 
 def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
@@ -112,12 +113,20 @@ def test_new_fields_round_trip_through_config_json(catalog, tmp_path):
     for k, v in NEW_FIELDS.items():
         assert getattr(loaded.config, k) == v, k
     assert loaded.model_.richness_quantiles.shape == (11,)
+    part = catalog.slice(0, 200)  # the learned state too (behavior_shrinkage's W among it)
+    np.testing.assert_array_equal(loaded.encode(part).sid, tok.encode(part).sid)
+
+
+def test_behavior_shrinkage_needs_the_popularity_it_reads():
+    with pytest.raises(ValueError, match="behavior_shrinkage"):
+        TokenizerConfig(behavior_shrinkage=3.0, richness_signal="norm").validate()
 
 
 @pytest.mark.parametrize("field,value", [("recon_reduction", "max"), ("richness_normalization", "rank"),
                                          ("richness_quantile_points", 1), ("sparsity_lambda_update", "pid"),
                                          ("richness_signal", "clicks"), ("sparsity_control", "pid"),
-                                         ("sparsity_threshold_gain", 0.0), ("behavior_quantization", "tree"), ("behavior_quantization", "residual_table")])
+                                         ("sparsity_threshold_gain", 0.0), ("behavior_quantization", "tree"), ("behavior_quantization", "residual_table"),
+                                         ("behavior_shrinkage", -1.0), ("behavior_prior_ridge", 0.0)])
 def test_bad_new_fields_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         TokenizerConfig(**{field: value}).validate()

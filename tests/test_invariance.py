@@ -99,7 +99,15 @@ def fitted_residual_input(small_config, small_catalog):
     return SemanticIdTokenizer(small_config.replace(behavior_quantization="residual_input")).fit(small_catalog)
 
 
-@pytest.mark.parametrize("model", ["fitted", "fitted_residual", "fitted_residual_input"])
+@pytest.fixture(scope="module")
+def fitted_shrunk(small_config, small_catalog):
+    from sidserve import SemanticIdTokenizer
+
+    return SemanticIdTokenizer(small_config.replace(richness_signal="popularity", behavior_shrinkage=3.0)).fit(
+        small_catalog)
+
+
+@pytest.mark.parametrize("model", ["fitted", "fitted_residual", "fitted_residual_input", "fitted_shrunk"])
 def test_adc_sid_encode_is_batch_invariant(model, small_catalog, request):
     """The whole catalog in one call vs random pieces (sizes 1, 7, 64, 333, ...) in a random
     order, and vs a tiny batch_size: the same SIDs and the same weight bits (residual

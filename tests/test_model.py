@@ -345,3 +345,37 @@ def test_euclidean_restart_puts_dead_codes_on_residuals():
     assert torch.equal(before[:2], after[:2])
     for j in (2, 3):
         assert float(((z - after[j]) ** 2).sum(-1).min().sqrt()) < 0.01
+
+
+def test_behavior_shrinkage_by_hand():
+    """e_b' = a e_b + (1 - a) W [e_m], a = pop / (pop + k); W a ridge fit of e_b on the
+    content, so on a catalog where e_b is exactly linear in the content W recovers it."""
+    torch.manual_seed(0)
+    k = 4.0
+    model = ADCSIDModel(tiny_config(richness_signal="popularity", behavior_shrinkage=k, behavior_prior_ridge=1e-6))
+    B = 200
+    content = {"text": torch.randn(B, 6), "image": torch.randn(B, 5)}
+    W, b = torch.randn(11, 4), torch.randn(4)
+    e_b = torch.cat([content["text"], content["image"]], -1) @ W + b  # (B, 4)
+    pop = torch.randint(0, 50, (B,)).double()
+    has = torch.ones(B, dtype=torch.bool)
+    has[:5] = False
+    e_b[:5] = 0.0
+    x = ModelInput(content, e_b, has, pop)
+    model.fit_input_stats(x)
+    prior = model.behavior_prior(torch.cat([content["text"], content["image"]], -1))
+    torch.testing.assert_close(prior[has], e_b[has], atol=1e-3, rtol=1e-3)  # W recovered
+    # a noisy e_b: shrunk toward the prior by a = pop / (pop + k), rows without behavior kept
+    noisy = ModelInput(content, e_b + torch.randn(B, 4), has, pop)
+    got = model.shrink_behavior(noisy).behavior
+    a = (pop / (pop + k)).float().unsqueeze(-1)
+    want = a * noisy.behavior + (1 - a) * prior
+    torch.testing.assert_close(got[has], want[has])
+    assert torch.equal(got[~has], noisy.behavior[~has])
+    # the more popular, the less an item's e_b moves
+    moved = (got - noisy.behavior).norm(dim=-1) / (noisy.behavior - prior).norm(dim=-1)
+    order = torch.argsort(pop[has])
+    assert bool((moved[has][order].diff() <= 1e-5).all())
+    # off: e_b as given
+    off = ADCSIDModel(tiny_config())
+    assert off.shrink_behavior(noisy) is noisy

@@ -152,6 +152,10 @@ class ADCSIDModel(nn.Module):
                 theta=c.sparsity_theta, lambda_init=c.sparsity_lambda_init, rate=c.sparsity_lambda_rate,
                 update=c.sparsity_lambda_update,
             )
+        if c.has_behavior and c.behavior_shrinkage > 0:
+            # W of behavior_shrinkage: content -> e_b, a ridge fit (fit_input_stats), not trained
+            self.behavior_prior = invariant.Linear(sum(c.modality_dims[m] for m in mods), c.behavior_dim)
+            self.behavior_prior.requires_grad_(False)
         out_dim = sum(c.modality_dims.values()) + (c.behavior_dim or 0)
         self.decoder = MLP(D, X, out_dim)
         # catalog statistics (eq. 15), set before training from the whole catalog
@@ -198,6 +202,9 @@ class ADCSIDModel(nn.Module):
         """Statistics read from a uniform sample of the catalog before training: the
         richness quantiles and the per-modality reconstruction scales."""
         c = self.config
+        if c.has_behavior and c.behavior_shrinkage > 0:
+            self.fit_behavior_prior(sample)
+            sample = self.shrink_behavior(sample)
         parts = [sample.content[m] for m in c.content_modalities]
         if c.has_behavior:
             e_b = sample.behavior[sample.has_behavior]
@@ -212,6 +219,44 @@ class ADCSIDModel(nn.Module):
             if not bool((energy > 0).all()):
                 raise ValueError("an input modality is all zeros in the fit sample: cannot balance L_recon")
             self.recon_scale.copy_((1.0 / energy).to(self.recon_scale))
+
+    def _trust(self, x: ModelInput) -> torch.Tensor:
+        """(B, 1) a = pop / (pop + k) of behavior_shrinkage (0 for rows without behavior)."""
+        if x.popularity is None:
+            raise ValueError("behavior_shrinkage needs each item's 'popularity' (column or field)")
+        pop = _filled(x.popularity, x.has_behavior).to(torch.float64).clamp_min(0.0)
+        return (pop / (pop + self.config.behavior_shrinkage)).unsqueeze(-1)
+
+    @torch.no_grad()
+    def fit_behavior_prior(self, sample: ModelInput) -> None:
+        """W of behavior_shrinkage: ridge regression of e_b on the concatenated content
+        embeddings over the sample's items with behavior, each weighted by its trust a (so
+        the map is learned from the items whose e_b means something); bias unpenalised."""
+        c = self.config
+        rows = sample.has_behavior
+        if not bool(rows.any()):
+            raise ValueError("the fit sample has no item with a behavior embedding")
+        X = torch.cat([sample.content[m][rows] for m in c.content_modalities], -1).double()  # (n, d_c)
+        Y = sample.behavior[rows].double()  # (n, d_b)
+        a = self._trust(sample)[rows]  # (n, 1)
+        mx, my = (a * X).sum(0) / a.sum(), (a * Y).sum(0) / a.sum()
+        Xc, Yc = X - mx, Y - my
+        gram = Xc.t() @ (a * Xc) + c.behavior_prior_ridge * torch.eye(X.shape[1], dtype=torch.float64)
+        W = torch.linalg.solve(gram, Xc.t() @ (a * Yc))  # (d_c, d_b)
+        self.behavior_prior.weight.copy_(W.t().to(self.behavior_prior.weight))
+        self.behavior_prior.bias.copy_((my - mx @ W).to(self.behavior_prior.bias))
+
+    def shrink_behavior(self, x: ModelInput) -> ModelInput:
+        """x with e_b' = a e_b + (1 - a) W [e_m] (behavior_shrinkage; x unchanged when off)."""
+        c = self.config
+        if not (c.has_behavior and c.behavior_shrinkage > 0):
+            return x
+        if not bool(x.has_behavior.any()):
+            return x  # nothing reads a missing row's e_b
+        prior = self.behavior_prior(torch.cat([x.content[m] for m in c.content_modalities], -1))  # (B, d_b)
+        a = self._trust(x).to(prior.dtype)  # (B, 1)
+        e_b = torch.where(x.has_behavior.unsqueeze(-1), a * x.behavior + (1 - a) * prior, x.behavior)
+        return ModelInput(x.content, e_b, x.has_behavior, x.popularity)
 
     @torch.no_grad()
     def set_weight_scale(self, mean_r: torch.Tensor) -> None:
@@ -300,6 +345,7 @@ class ADCSIDModel(nn.Module):
         c = self.config
         B = x.batch_size
         dev = x.has_behavior.device
+        x = self.shrink_behavior(x)  # e_b' for every part below (behavior_shrinkage)
         h = {m: self.proj[m](x.content[m]) for m in c.content_modalities}  # (B, H) each
 
         latents: list[torch.Tensor] = []
