@@ -85,34 +85,21 @@ def test_nearest_l2_is_exact_and_breaks_ties_by_lowest_index():
     assert not bool((picks == 3).any()) and bool((picks == 2).any())
 
 
-@pytest.fixture(scope="module")
-def fitted_residual(small_config, small_catalog):
-    from sidserve import SemanticIdTokenizer
-
-    return SemanticIdTokenizer(small_config.replace(behavior_quantization="residual")).fit(small_catalog)
-
-
-@pytest.fixture(scope="module")
-def fitted_residual_input(small_config, small_catalog):
-    from sidserve import SemanticIdTokenizer
-
-    return SemanticIdTokenizer(small_config.replace(behavior_quantization="residual_input")).fit(small_catalog)
+# ADC-SID variants whose encode has its own arithmetic (residual levels, the shrunk e_b)
+VARIANTS = {"residual": dict(behavior_quantization="residual"),
+            "residual_input": dict(behavior_quantization="residual_input"),
+            "shrunk": dict(richness_signal="popularity", behavior_shrinkage=3.0)}
 
 
-@pytest.fixture(scope="module")
-def fitted_shrunk(small_config, small_catalog):
-    from sidserve import SemanticIdTokenizer
-
-    return SemanticIdTokenizer(small_config.replace(richness_signal="popularity", behavior_shrinkage=3.0)).fit(
-        small_catalog)
-
-
-@pytest.mark.parametrize("model", ["fitted", "fitted_residual", "fitted_residual_input", "fitted_shrunk"])
-def test_adc_sid_encode_is_batch_invariant(model, small_catalog, request):
+@pytest.mark.parametrize("variant", [None, *VARIANTS])
+def test_adc_sid_encode_is_batch_invariant(variant, fitted, small_config, small_catalog):
     """The whole catalog in one call vs random pieces (sizes 1, 7, 64, 333, ...) in a random
     order, and vs a tiny batch_size: the same SIDs and the same weight bits (residual
     behavioral levels too: each level's residual comes from the exact codes before it)."""
-    fitted = request.getfixturevalue(model)
+    if variant is not None:
+        from sidserve import SemanticIdTokenizer
+
+        fitted = SemanticIdTokenizer(small_config.replace(**VARIANTS[variant])).fit(small_catalog)
     torch.set_num_threads(2)  # the context must force its own thread count
     whole = fitted.encode(small_catalog)
     assert (whole.behavior_weights > 0).any()  # the weights compared are not all zeros
