@@ -73,8 +73,9 @@ class TokenizerConfig(ModalityInputs):
     # where W (a ridge map from the content embeddings to e_b, fitted on the fit sample with
     # each item weighted by its a, stored in the artifact) predicts behavior from content.
     # k > 0 turns it on (needs richness_signal="popularity": the same per-item popularity);
-    # 0 reads e_b as given (the paper). Chosen on Beauty's validation split: see
-    # docs/evaluation.md, "Thin items' e_b shrunk toward content"
+    # 0 reads e_b as given (the paper). On Beauty's validation split (k = 3) it lifted a
+    # ranker's long tail and cost SID-SASRec's, so it is off (docs/evaluation.md, "Thin
+    # items' e_b shrunk toward their content"): validate it against your downstream model
     behavior_shrinkage: float = 0.0
     behavior_prior_ridge: float = 1.0  # ridge penalty of W (content embeddings of unit norm)
 
