@@ -347,6 +347,23 @@ def test_euclidean_restart_puts_dead_codes_on_residuals():
         assert float(((z - after[j]) ** 2).sum(-1).min().sqrt()) < 0.01
 
 
+@pytest.mark.parametrize("cls", [CosineCodebook, EuclideanCodebook])
+def test_exact_assignment_sees_restarted_codewords(cls):
+    """The exact path caches the codewords in fixed point; a dead-code restart changes them
+    without an optimizer step, and the next exact assignment must use the new ones."""
+    torch.manual_seed(0)
+    book = cls(dim=3, codebook_size=4)
+    z = torch.randn(10, 3)
+    with invariant.batch_invariant():
+        book.assign(z)  # fills the fixed-point cache
+    book.usage.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))  # codes 2, 3 dead
+    far = 5.0 * torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert book.restart_dead_codes(far, threshold=0.1, generator=torch.Generator().manual_seed(0)) == 2
+    with invariant.batch_invariant():
+        exact = book.assign(z)
+    assert torch.equal(exact, book.assign(z))  # the float path reads the codewords directly
+
+
 def test_behavior_shrinkage_by_hand():
     """e_b' = a e_b + (1 - a) W [e_m], a = pop / (pop + k); W a ridge fit of e_b on the
     content, so on a catalog where e_b is exactly linear in the content W recovers it."""

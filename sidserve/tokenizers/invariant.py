@@ -160,12 +160,15 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / row_norm(x).clamp_min(eps).unsqueeze(-1)
 
 
-def similarity_l2(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """x (B, d), centroids (K, d) -> 2 x.c_k - ||c_k||^2 (B, K) float64 (= ||x||^2 - ||x - c_k||^2:
-    the larger, the nearer), each row a function of its row of x alone."""
-    q, scale = _fixed_point(centroids, _bits(centroids.shape[-1]))
-    c_sq = (q * q).sum(-1) * (scale[:, 0] * scale[:, 0])  # (K,) float64, exact then rounded
-    xc = exact_matmul(x, (q.t(), scale.t()))  # (B, K): the fixed point of x.c needs the same bits
+def similarity_l2(x: torch.Tensor, centroids: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, d), centroids (K, d) (or their ``fixed_point_weight``/``FixedPointWeight`` result)
+    -> 2 x.c_k - ||c_k||^2 (B, K) float64 (= ||x||^2 - ||x - c_k||^2: the larger, the nearer),
+    each row a function of its row of x alone."""
+    if isinstance(centroids, torch.Tensor):
+        centroids = fixed_point_weight(centroids)
+    q_t, scale_t = centroids  # (d, K), (1, K)
+    c_sq = (q_t * q_t).sum(0) * (scale_t[0] * scale_t[0])  # (K,) float64, exact then rounded
+    xc = exact_matmul(x, centroids)  # (B, K): the fixed point of x.c needs the same bits
     return 2.0 * xc - c_sq.unsqueeze(0)
 
 

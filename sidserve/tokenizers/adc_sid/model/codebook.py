@@ -84,10 +84,14 @@ class CosineCodebook(nn.Module):
         vq_loss = F.mse_loss(z_q, z_hat.detach()) + self.commitment_weight * F.mse_loss(
             z_hat, z_q.detach()
         )
-        if self.training:
-            with torch.no_grad():
-                self.usage += torch.bincount(codes, minlength=self.codebook_size).to(self.usage)
+        self._count_usage(codes)
         return z_hat, z_q, codes, vq_loss
+
+    @torch.no_grad()
+    def _count_usage(self, codes: torch.Tensor) -> None:
+        """codes (B,) int64 assigned in a training step -> usage, for the dead-code check."""
+        if self.training:
+            self.usage += torch.bincount(codes, minlength=self.codebook_size).to(self.usage)
 
     @torch.no_grad()
     def init_from_kmeans(self, z: torch.Tensor, *, niter: int, seed: int) -> None:
@@ -122,6 +126,6 @@ class CosineCodebook(nn.Module):
             pick = torch.randint(0, z_hat.shape[0], (n_dead,), generator=generator)
             noise = 0.01 * torch.randn(n_dead, self.dim, generator=generator)
             new = F.normalize(z_hat[pick.to(z_hat.device)] + noise.to(z_hat.device), dim=-1)
-            self.embed.data[dead] = new.to(self.embed)
+            self.embed[dead] = new.to(self.embed)  # bumps _version: _fixed_point is remade
         self.usage.zero_()
         return n_dead

@@ -30,6 +30,7 @@ class EuclideanCodebook(CosineCodebook):
         super().__init__(dim=dim, codebook_size=codebook_size, commitment_weight=commitment_weight)
         with torch.no_grad():  # k-means replaces these; small, as later levels' residuals are
             self.embed.mul_(0.1)
+        self._fixed_point_l2 = invariant.FixedPointWeight()  # the raw codewords, made once per change
 
     def codewords(self) -> torch.Tensor:
         return self.embed  # (K, d)
@@ -38,7 +39,7 @@ class EuclideanCodebook(CosineCodebook):
         """r (B, d) -> 2 r.c_j - ||c_j||^2 (B, K) (= ||r||^2 - ||r - c_j||^2: argmax = the
         nearest codeword); exact float64 (batch-invariant) inside ``invariant.batch_invariant()``."""
         if invariant.active():
-            return invariant.similarity_l2(r, self.embed.detach())
+            return invariant.similarity_l2(r, self._fixed_point_l2(self.embed))
         return 2.0 * r @ self.embed.t() - (self.embed ** 2).sum(-1)
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:
@@ -57,9 +58,7 @@ class EuclideanCodebook(CosineCodebook):
         codes = self.assign(r.detach())  # (B,)
         z_q = self.embed[codes]  # (B, d)
         vq_loss = F.mse_loss(z_q, r.detach()) + self.commitment_weight * F.mse_loss(r, z_q.detach())
-        if self.training:
-            with torch.no_grad():
-                self.usage += torch.bincount(codes, minlength=self.codebook_size).to(self.usage)
+        self._count_usage(codes)
         return r, z_q, codes, vq_loss
 
     @torch.no_grad()
@@ -85,6 +84,6 @@ class EuclideanCodebook(CosineCodebook):
             pick = torch.randint(0, z.shape[0], (n_dead,), generator=generator)
             scale = z.norm(dim=-1).mean().item()
             noise = 0.01 * scale / self.dim ** 0.5 * torch.randn(n_dead, self.dim, generator=generator)
-            self.embed.data[dead] = (z[pick.to(z.device)] + noise.to(z.device)).to(self.embed)
+            self.embed[dead] = (z[pick.to(z.device)] + noise.to(z.device)).to(self.embed)  # bumps _version: the cache is remade
         self.usage.zero_()
         return n_dead
