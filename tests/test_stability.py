@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import ROOT, SLICE
 
 from sidserve import load_tokenizer
+from sidserve.config import BEHAVIOR
 from sidserve.eval.stability import (
     StabilityConfig,
     TwoNights,
@@ -58,6 +60,28 @@ def test_input_rows_trained_by_hand():
         True, True, False, False, True, True, True, True, False]  # 3, 8, 9: never an input; 4: a 1-item sequence
     assert input_rows_trained(seqs, 9, max_len=2).tolist() == [
         True, True, False, False, False, False, True, True, False]  # only 7, 8 of the third
+    # a tied table is also every target's output row: an item that is only a last item is trained
+    assert input_rows_trained(seqs, 9, max_len=10, tied=True).tolist() == [
+        True, True, True, False, True, True, True, True, False]  # 4: a 1-item sequence, no pair; 9: absent
+    assert input_rows_trained(seqs, 9, max_len=2, tied=True).tolist() == [
+        True, True, True, False, False, False, True, True, False]  # the newest max_len + 1 of the third
+
+
+@pytest.mark.parametrize("tokenizer, weighted", [("adc_sid", False), ("adc_sid_untied", True)])
+def test_sid_table_reads_codes_as_the_evaluation_does(tmp_path, tokenizer, weighted):
+    """The evaluation's ADC-SID reads every code at weight 1; the paper's configuration scales
+    the behavioral codes by R(e_b). The simulation must judge night 2's SIDs the same way."""
+    run = TwoNights(StabilityConfig(data=SLICE, output=str(tmp_path), tokenizer=tokenizer))
+    assert run.c.tied() is (tokenizer == "adc_sid")
+    layout = SimpleNamespace(sid_layout=[{"position": 0, "group": "shared"}, {"position": 1, "group": BEHAVIOR},
+                                         {"position": 2, "group": BEHAVIOR}])
+    sid = np.array([[1, 2, 3], [4, 5, 6]])
+    beh = np.array([[0.5, 0.0], [2.0, 1.5]], np.float32)
+    table = run.sid_table(sid, beh, layout)
+    expect = np.ones((2, 3), np.float32)
+    if weighted:
+        expect[:, 1:] = beh
+    assert np.array_equal(table.weights[1:, :3], expect)
 
 
 def test_seed_summaries_are_means_and_sample_deviations():
@@ -107,6 +131,10 @@ def test_a_cache_of_other_settings_is_refused(tmp_path):
     TwoNights(StabilityConfig(data=SLICE, output=out, deltas=[0, 0.3]))  # measuring other margins: same cache
     with pytest.raises(ValueError, match=r"different settings \(holdout\)"):
         TwoNights(StabilityConfig(data=SLICE, output=out, holdout=2))
+    with pytest.raises(ValueError, match=r"different settings \(tokenizer\)"):  # another e_b and config
+        TwoNights(StabilityConfig(data=SLICE, output=out, tokenizer="adc_sid_untied"))
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        StabilityConfig(data=SLICE, output=out, tokenizer="rqkmeans").validate()
     # a cache from before run_config.json: its settings are unknown, so it is not adopted
     os.makedirs(os.path.join(out, "behavior"))
     os.remove(os.path.join(out, "run_config.json"))
@@ -130,6 +158,9 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     r = json.load(open(os.path.join(out, "stability.json")))
     s = r["settings"]
     assert 0 < r["new_interaction_share"] < 0.5
+    # the configuration the evaluation runs: a tied SASRec's table, richness from popularity
+    assert r["config"]["tokenizer"] == "adc_sid" and r["config"]["tied"] is True
+    assert load_tokenizer(os.path.join(out, "tokenizers", "night1")).config.richness_signal == "popularity"
     kinds = ("none", "warm", "anchored")
     assert set(s) == {f"{m}/{k}" for m in ("scratch", "warm", "procrustes")
                       for k in ("cold", *kinds, *(f"{k}+sticky {d}" for k in kinds for d in ("0", "0.05", "0.3")))}

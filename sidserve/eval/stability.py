@@ -6,8 +6,11 @@ sees the whole training split. Validation and test (the evaluation's leave-one-o
 stay unseen both nights, so night 2's SIDs are judged the way docs/evaluation.md judges
 tokenizers (SID-SASRec, full-catalog Recall@10 / NDCG@10).
 
-Both nights compute behavioral embeddings as a production system would, the input table of
-an untied CE SASRec (what the evaluation hands the tokenizers), in one of three ways on night 2:
+Both nights compute behavioral embeddings as a production system would, from a CE SASRec: the
+table ADC-SID reads as e_b in the evaluation (``tokenizer``: ``adc_sid``, the evaluation's
+configuration, reads the tied table with richness from popularity and its codes at weight 1
+downstream; ``adc_sid_untied``, the paper's, the untied input table with richness from its
+norm and R(e_b) as weights), in one of three ways on night 2:
 
     scratch      a new SASRec trained on night 2 (same seed): its space is unrelated to night 1's
     warm         night 1's SASRec trained on night 2's interactions
@@ -54,13 +57,27 @@ import torch
 
 from sidserve.eval.data import Dataset, load_dataset
 from sidserve.eval.sasrec import SASRecConfig
-from sidserve.eval.tokenizers import TokenizerBudget
+from sidserve.eval.tokenizers import (
+    TokenizerBudget,
+    embedding_of,
+    family_overrides,
+    uses_sid_weights,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("scratch", "warm", "procrustes")
 # bumped when a change moves the figures of a cached stability run (run_config.json): 2 = every
 # seed fits its own tokenizers (before: one fit, only the downstream models seeded)
 STABILITY_VERSION = 2
+# ADC-SID configurations the simulation fits (sidserve.eval.tokenizers): the evaluation's
+# (ADC_EVAL) and the paper's
+TOKENIZERS = ("adc_sid", "adc_sid_untied")
+TOKENIZER_TEXT = {
+    "adc_sid": "the evaluation's configuration (e_b the tied CE SASRec's table, richness from popularity, "
+               "codes at weight 1 downstream)",
+    "adc_sid_untied": "the paper's configuration (e_b the untied CE SASRec's input table, richness from its norm, "
+                      "behavioral codes scaled by R(e_b) downstream)",
+}
 # night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
 # without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
 STICKY_KINDS = ("none", "warm", "anchored")
@@ -95,10 +112,18 @@ class StabilityConfig:
     # (embeddings/text.npy, meta.npy) to reuse instead of embedding the item text again
     content_from: str | None = None
     seed: int = 0
+    # the ADC-SID configuration measured (TOKENIZERS): "adc_sid", the one the evaluation chose on
+    # validation (tied table, richness from popularity, codes at weight 1), so the churn and
+    # quality figures describe what docs/evaluation.md recommends; "adc_sid_untied", the paper's
+    # (this page's figures before 2026-12-02)
+    tokenizer: str = "adc_sid"
+    # the SASRec that gives e_b: its ``tied`` is set from ``tokenizer`` (the table it reads)
     sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(loss="ce", tied=False))
     budget: TokenizerBudget = field(default_factory=TokenizerBudget)
 
     def validate(self) -> "StabilityConfig":
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
         if not isinstance(self.holdout, int) or self.holdout < 1:
             raise ValueError(f"holdout must be an int >= 1, got {self.holdout!r}")
         bad = [m for m in [*self.modes, *self.downstream_modes] if m not in MODES]
@@ -136,6 +161,10 @@ class StabilityConfig:
     def seeds(self) -> list[int]:
         return [self.seed] if self.downstream_seeds is None else list(self.downstream_seeds)
 
+    def tied(self) -> bool:
+        """Whether e_b is a tied SASRec's item table (else an untied one's input table)."""
+        return embedding_of(self.tokenizer, "untied-input") == "tied"
+
     @classmethod
     def quick_profile(cls, data: str, output: str, **kw) -> "StabilityConfig":
         c = cls(data=data, output=output, quick=True, **kw)
@@ -161,15 +190,17 @@ def procrustes(source: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.n
     return (u @ vt).astype(np.float32)
 
 
-def input_rows_trained(seqs: list[np.ndarray], num_items: int, max_len: int) -> np.ndarray:
-    """(num_items,) bool: whether an untied SASRec trained on ``seqs`` updates item i+1's input
-    row, i.e. the item is an input somewhere (not only a sequence's last item, and among the
-    ``max_len`` most recent inputs). The other rows keep their random init, so a tokenizer reads
-    noise as their e_b."""
+def input_rows_trained(seqs: list[np.ndarray], num_items: int, max_len: int, tied: bool = False) -> np.ndarray:
+    """(num_items,) bool: whether a SASRec trained on ``seqs`` learns item i+1's e_b row from
+    the item's own interactions. Untied (the input table): the item is an input somewhere (not
+    only a sequence's last item, and among the ``max_len`` most recent inputs); the other rows
+    keep their random init, so a tokenizer reads noise as their e_b. Tied (one table for inputs
+    and targets): the item is an input or a target there; a row of neither moves only as
+    every target's softmax negative."""
     out = np.zeros(num_items + 1, bool)
     for q in seqs:
         if q.size >= 2:
-            out[q[:-1][-max_len:]] = True
+            out[q[-(max_len + 1):] if tied else q[:-1][-max_len:]] = True
     return out[1:]
 
 
@@ -293,8 +324,8 @@ class TwoNights:
         self.pop1 = np.bincount(np.concatenate(self.night1), minlength=n + 1)[1:]
         self.pop2 = np.bincount(np.concatenate(self.night2), minlength=n + 1)[1:]
         # whose e_b row each night's SASRec trains (the others are its random init)
-        self.trained1 = input_rows_trained(self.night1, n, c.sasrec.max_len)
-        self.trained2 = input_rows_trained(self.night2, n, c.sasrec.max_len)
+        self.trained1 = input_rows_trained(self.night1, n, c.sasrec.max_len, c.tied())
+        self.trained2 = input_rows_trained(self.night2, n, c.sasrec.max_len, c.tied())
         self.timings: dict[str, float] = {}
         self._check_cache()
 
@@ -308,7 +339,7 @@ class TwoNights:
                "quick_users": self.c.quick_users if self.c.quick else None, "holdout": self.c.holdout,
                "seed": self.c.seed, "sasrec": dataclasses.asdict(self.c.sasrec),
                "budget": dataclasses.asdict(self.c.budget), "harness": HARNESS_VERSION,
-               "stability": STABILITY_VERSION}
+               "stability": STABILITY_VERSION, "tokenizer": self.c.tokenizer}
         p = self.path("run_config.json")
         if not os.path.exists(p) and any(os.path.exists(self.path(d)) for d in ("behavior", "tokenizers", "downstream")):
             raise ValueError(f"{self.c.output} holds a stability cache from before run_config.json (its settings and "
@@ -353,7 +384,7 @@ class TwoNights:
     def _sasrec(self, seqs, valid, init=None):
         from sidserve.eval.sasrec import train_sasrec
 
-        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
+        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=self.c.tied())
         return train_sasrec(seqs, self.data.num_items, c, valid=valid, init=init)[0]
 
     def night1_valid(self):
@@ -362,7 +393,8 @@ class TwoNights:
         return [self.night1[u] for u in users], np.array([self.night2[u][-self.c.holdout] for u in users])
 
     def behavior(self) -> dict[str, np.ndarray]:
-        """night1 (N, d) and night2_<mode> (N, d) input tables (rows of unseen items unused)."""
+        """night1 (N, d) and night2_<mode> (N, d) e_b tables, the SASRec's input table (the only
+        one when tied; rows of unseen items unused)."""
         state = {}
 
         model1_path = self.path("behavior", "night1_model.pt")
@@ -402,7 +434,7 @@ class TwoNights:
         if not os.path.exists(path):
             raise ValueError(f"{path} is missing: the warm start must continue from the SASRec that gave night 1's "
                              "cached e_b; delete behavior/ to train both nights again")
-        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=False)
+        c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=self.c.tied())
         model = SASRec(IDItems(self.data.num_items, c.hidden_dim, c.tied), c)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -424,7 +456,8 @@ class TwoNights:
         from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 
         dims = {m: content[m].shape[1] for m in ("text", "meta")}
-        config = _adc_config(dims, beh["night1"].shape[1], dataclasses.replace(self.c.budget, seed=seed))
+        config = _adc_config(dims, beh["night1"].shape[1], dataclasses.replace(self.c.budget, seed=seed),
+                             family_overrides(self.c.tokenizer))
         tag = "" if seed == self.c.seed else f"-seed{seed}"
 
         def fitted(name, cfg, items, init=None):
@@ -501,7 +534,7 @@ class TwoNights:
             "items_both_nights": int(both.sum()),
             # e_b rows night 1's SASRec left at their init and night 2's trains: behavior new that night too
             "items_first_trained_night2": int((~self.trained1 & self.trained2).sum()),
-            "config": {"modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates,
+            "config": {"tokenizer": self.c.tokenizer, "tied": self.c.tied(), "modes": self.c.modes, "deltas": self.c.deltas, "candidates": self.c.candidates,
                        "downstream_modes": self.c.downstream_modes, "downstream_deltas": self.c.downstream_deltas,
                        "downstream_settings": self.c.downstream_settings,
                        "downstream_seeds": self.c.seeds(), "seeds_fit_tokenizers": True,
@@ -555,7 +588,8 @@ class TwoNights:
         from sidserve.eval.sid_table import SIDTable
 
         w = np.ones(sid.shape, np.float32)
-        w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
+        if uses_sid_weights(self.c.tokenizer):  # else every code at weight 1, as the evaluation reads it
+            w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
         return SIDTable.build(sid, w)
 
     def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok, seed: int) -> dict:
@@ -621,8 +655,11 @@ def render(r: dict) -> str:
              f"Night 1 misses each user's last {r['holdout']} training interaction(s): "
              f"{r['new_interaction_share']:.1%} of night 2's interactions are new, "
              f"{r['items_unseen_night1']} items have behavior on night 2 only, and "
-             f"{r.get('items_first_trained_night2', '?')} items' e_b rows are trained on night 2 only (night 1's "
-             "SASRec saw them only as a sequence's last item: their night-1 row is its random init). Churn: share "
+             f"{r.get('items_first_trained_night2', '?')} items' e_b rows are trained on night 2 only "
+             + ("(night 1's tied SASRec had no interaction of theirs: their row moved only as a softmax negative). "
+                if r["config"].get("tied") else
+                "(night 1's SASRec saw them only as a sequence's last item: their night-1 row is its random init). ")
+             + f"ADC-SID: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "
              "of items whose SID changed between the nights, over the whole catalog and over the "
              f"{r.get('items_both_nights', '?')} items with interactions on both nights. Every seed of "
              f"{seeds} fits its own tokenizers (night 1's and night 2's) and trains the downstream models "
@@ -719,7 +756,7 @@ def run_cli(args) -> int:
                  downstream_settings=[x.strip() for x in args.downstream_settings.split(",")]
                  if args.downstream_settings else None,
                  downstream_seeds=[int(x) for x in args.downstream_seeds.split(",")] if args.downstream_seeds else None,
-                 content_from=args.content_from)
+                 content_from=args.content_from, tokenizer=args.tokenizer)
         r = TwoNights(c).run()
         print(render(r))
 
