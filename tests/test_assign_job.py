@@ -586,7 +586,7 @@ def test_candidates_follow_the_codebooks_similarity(world):
         torch.testing.assert_close(sims.double(), expect, rtol=0, atol=1e-6)
 
 
-def test_residual_tokenizers_refuse_candidates(small_catalog):
+def test_residual_tokenizers_refuse_candidates(small_catalog, tmp_path):
     from sidserve.tokenizers.baselines import (
         BaselineConfig,
         OPQConfig,
@@ -598,6 +598,16 @@ def test_residual_tokenizers_refuse_candidates(small_catalog):
     rq = RQKmeansTokenizer(BaselineConfig(**dims)).fit(small_catalog)
     with pytest.raises(ValueError, match="residual"):
         rq.encode(small_catalog, candidates=2)
+    # the assignment job refuses a margin for it before any work (no snapshot, no Ray)
+    rq.save_pretrained(str(tmp_path / "rq"))
+    with pytest.raises(ValueError, match="model is residual"):
+        run_assignment(AssignJobConfig(items="x", model=str(tmp_path / "rq"), output=str(tmp_path / "out"),
+                                       sticky_delta=0.1))
+    assert not (tmp_path / "out").exists()
+    # ADC-SID's positions are independent unless its behavioral codes are residual levels
+    for mode in ("parallel", "residual", "residual_input"):
+        tok = SemanticIdTokenizer(TokenizerConfig(behavior_quantization=mode))
+        assert tok.independent_positions is (mode == "parallel")
     opq = OPQTokenizer(OPQConfig(opq_iters=1, **dims)).fit(small_catalog)
     enc = opq.encode(small_catalog, candidates=2)
     assert (enc.candidates[:, :, 0] == opq.encode(small_catalog).sid).all()

@@ -357,11 +357,12 @@ def test_exact_assignment_sees_restarted_codewords(cls):
     with invariant.batch_invariant():
         book.assign(z)  # fills the fixed-point cache
     book.usage.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))  # codes 2, 3 dead
-    far = 5.0 * torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    assert book.restart_dead_codes(far, threshold=0.1, generator=torch.Generator().manual_seed(0)) == 2
+    # restarted onto two of the rows themselves: those rows must now pick a restarted code
+    assert book.restart_dead_codes(z[:2], threshold=0.1, generator=torch.Generator().manual_seed(0)) == 2
     with invariant.batch_invariant():
         exact = book.assign(z)
     assert torch.equal(exact, book.assign(z))  # the float path reads the codewords directly
+    assert bool((exact >= 2).any())  # a restarted codeword is chosen: the new ones were read
 
 
 def test_behavior_shrinkage_by_hand():

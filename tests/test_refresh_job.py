@@ -80,6 +80,8 @@ def test_the_refresh_sticky_default_is_per_tokenizer():
     assert resolve_sticky("auto", "adc-sid") == STICKY_DELTA > 0
     assert resolve_sticky("auto", "rq-kmeans") is None and resolve_sticky("auto", "opq") is None
     assert resolve_sticky(0.05, "opq") == 0.05 and resolve_sticky(None, "adc-sid") is None
+    # adc-sid with residual behavioral codes: a code cannot be kept alone, so plain assignment
+    assert resolve_sticky("auto", "adc-sid", independent_positions=False) is None
     for bad in ("always", -0.1):
         with pytest.raises(ValueError, match="sticky_delta"):
             resolve_sticky(bad, "adc-sid")

@@ -15,7 +15,7 @@ norm and R(e_b) as weights), in one of three ways on night 2:
     scratch      a new SASRec trained on night 2 (same seed): its space is unrelated to night 1's
     warm         night 1's SASRec trained on night 2's interactions
     procrustes   the scratch table rotated onto night 1's by orthogonal Procrustes over the items
-                 both nights know (norms, which ADC-SID reads as richness, are kept)
+                 both nights know (norms are kept: the paper's configuration reads them as richness)
 
 and tokenizes night 2 in four ways: ``cold`` (a re-fit from scratch, the baseline), ``none``
 (night 1's model as it is, a refresh without ``--refit``), ``warm`` (a re-fit from night 1's
@@ -61,6 +61,7 @@ from sidserve.eval.tokenizers import (
     TokenizerBudget,
     embedding_of,
     family_overrides,
+    spec,
     uses_sid_weights,
 )
 
@@ -323,7 +324,8 @@ class TwoNights:
         n = self.data.num_items
         self.pop1 = np.bincount(np.concatenate(self.night1), minlength=n + 1)[1:]
         self.pop2 = np.bincount(np.concatenate(self.night2), minlength=n + 1)[1:]
-        # whose e_b row each night's SASRec trains (the others are its random init)
+        # whose e_b row each night's SASRec learns from the item's own interactions (untied: the
+        # others keep their random init; tied: they move only as softmax negatives)
         self.trained1 = input_rows_trained(self.night1, n, c.sasrec.max_len, c.tied())
         self.trained2 = input_rows_trained(self.night2, n, c.sasrec.max_len, c.tied())
         self.timings: dict[str, float] = {}
@@ -339,7 +341,10 @@ class TwoNights:
                "quick_users": self.c.quick_users if self.c.quick else None, "holdout": self.c.holdout,
                "seed": self.c.seed, "sasrec": dataclasses.asdict(self.c.sasrec),
                "budget": dataclasses.asdict(self.c.budget), "harness": HARNESS_VERSION,
-               "stability": STABILITY_VERSION, "tokenizer": self.c.tokenizer}
+               "stability": STABILITY_VERSION,
+               # what the tokenizer's name stands for (its e_b table, config fields, downstream
+               # weights): a change of ADC_EVAL under the same name is a different run
+               "tokenizer": {"name": self.c.tokenizer, **spec(self.c.tokenizer, "untied-input")}}
         p = self.path("run_config.json")
         if not os.path.exists(p) and any(os.path.exists(self.path(d)) for d in ("behavior", "tokenizers", "downstream")):
             raise ValueError(f"{self.c.output} holds a stability cache from before run_config.json (its settings and "
@@ -538,7 +543,8 @@ class TwoNights:
                        "downstream_modes": self.c.downstream_modes, "downstream_deltas": self.c.downstream_deltas,
                        "downstream_settings": self.c.downstream_settings,
                        "downstream_seeds": self.c.seeds(), "seeds_fit_tokenizers": True,
-                       "sasrec": dataclasses.asdict(self.c.sasrec), "budget": dataclasses.asdict(self.c.budget)},
+                       "sasrec": dataclasses.asdict(dataclasses.replace(self.c.sasrec, tied=self.c.tied())),
+                       "budget": dataclasses.asdict(self.c.budget)},
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         }
@@ -656,7 +662,7 @@ def render(r: dict) -> str:
              f"{r['new_interaction_share']:.1%} of night 2's interactions are new, "
              f"{r['items_unseen_night1']} items have behavior on night 2 only, and "
              f"{r.get('items_first_trained_night2', '?')} items' e_b rows are trained on night 2 only "
-             + ("(night 1's tied SASRec had no interaction of theirs: their row moved only as a softmax negative). "
+             + ("(night 1's tied SASRec had no training pair with them: their row moved only as a softmax negative). "
                 if r["config"].get("tied") else
                 "(night 1's SASRec saw them only as a sequence's last item: their night-1 row is its random init). ")
              + f"ADC-SID: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "

@@ -101,11 +101,12 @@ def push_failure(gateway: str) -> None:
     pushadd_to_gateway(gateway, job=JOB_LABEL, registry=reg)
 
 
-def resolve_sticky(delta: float | str | None, tokenizer_type: str) -> float | None:
-    """The margin a refresh assigns with: ``"auto"`` -> STICKY_DELTA for adc-sid, None (plain
-    assignment) for the other tokenizers; a number or None as given."""
+def resolve_sticky(delta: float | str | None, tokenizer_type: str, independent_positions: bool = True) -> float | None:
+    """The margin a refresh assigns with: ``"auto"`` -> STICKY_DELTA for adc-sid with parallel
+    behavioral codes (its positions independent), None (plain assignment) for the other
+    tokenizers and for residual behavioral codes; a number or None as given."""
     if delta == "auto":
-        return STICKY_DELTA if tokenizer_type == "adc-sid" else None
+        return STICKY_DELTA if tokenizer_type == "adc-sid" and independent_positions else None
     if delta is not None and (isinstance(delta, str) or not delta >= 0):
         raise ValueError(f"sticky_delta must be 'auto', None or a number >= 0, got {delta!r}")
     return delta
@@ -162,7 +163,8 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
                                                  rows_per_partition=job.rows_per_partition,
                                                  keep_snapshots=job.keep_snapshots,
                                                  reserve_nights=job.reserve_nights,
-                                                 sticky_delta=resolve_sticky(job.sticky_delta, tok.tokenizer_type),
+                                                 sticky_delta=resolve_sticky(job.sticky_delta, tok.tokenizer_type,
+                                                                              tok.independent_positions),
                                                  sticky_candidates=job.sticky_candidates, max_churn=job.max_churn,
                                                  columns=job.columns))
         summary["prepass"] = prepass

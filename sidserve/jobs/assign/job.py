@@ -148,8 +148,10 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     sticky = job.sticky_delta is not None
     if sticky and not tok.independent_positions:
-        raise ValueError(f"--sticky-delta: {tok.tokenizer_type} is residual (a position's code depends on the codes "
-                         "before it), so a code cannot be kept alone; sticky assignment needs adc-sid or opq")
+        raise ValueError(f"--sticky-delta: this {tok.tokenizer_type} model is residual (a position's code depends on "
+                         "the codes before it: a residual baseline, or adc-sid with behavior_quantization residual / "
+                         "residual_input), so a code cannot be kept alone; sticky assignment needs independent "
+                         "positions (adc-sid with parallel behavioral codes, or opq)")
     candidates = min(job.sticky_candidates, tok.codebook_size) if sticky else 0
     if not ray.is_initialized():
         ray.init()

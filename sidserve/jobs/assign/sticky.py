@@ -10,7 +10,9 @@ similarity: cosine for ADC-SID, 2 x.c - ||c||^2 for OPQ), the previous code is k
 
 and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best,
 which is today's assignment. Positions are independent (ADC-SID's experts, OPQ's
-subspaces); residual tokenizers cannot offer per-position alternatives and are refused upstream.
+subspaces); residual tokenizers (and ADC-SID with residual behavioral codes,
+``behavior_quantization`` residual / residual_input) cannot keep a code alone and are refused
+upstream (``independent_positions``).
 
 Only the encoder's k best codes per position come with a score (``encode(candidates=k)``), and
 of those only the ones within delta of the best can be kept, so the assignment job stages just

@@ -49,11 +49,18 @@ LEGACY_BUFFERS = ("richness_quantiles", "recon_scale")
 
 class SemanticIdTokenizer(BaseTokenizer):
     tokenizer_type = "adc-sid"
-    independent_positions = True  # one codebook per expert, each on its own latent
     config_class = TokenizerConfig
 
     def __init__(self, config: TokenizerConfig | None = None):
         self.config = config if config is not None else TokenizerConfig()
+
+    @property
+    def independent_positions(self) -> bool:
+        """One codebook per expert, each on its own latent (so a position's code can be kept
+        alone, as sticky assignment does), unless the behavioral codes are residual levels
+        (``behavior_quantization`` residual / residual_input: level i codes what the levels
+        before it left, and its scores are squared distances, not cosines)."""
+        return self.config.behavior_quantization == "parallel"
 
     # ---- BaseTokenizer hooks -----------------------------------------------------
     def _fitted_attr(self) -> str:
