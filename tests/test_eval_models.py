@@ -408,3 +408,32 @@ def test_select_breaks_validation_down_by_popularity_group(tmp_path):
             assert r["sid_weights"] == "r"
             ones = select(str(tmp_path / "d"), model, small[model], sids=str(sids), sid_weights=False)
             assert ones["sid_weights"] == "one" and ones["valid"] != r["valid"]
+
+
+def test_ablations_are_judged_on_validation_against_the_full_models_spread():
+    from sidserve.eval.report import _ablation_markdown, ablations
+
+    def entry(label, seeds, sid, ret, gauc, test=0.5):
+        def task(metric, values):
+            return {"valid": {metric: {**mean_std(values), "values": values}},
+                    "all": {metric: {**mean_std([test] * len(values)), "values": [test] * len(values)}}}
+        return {"label": label, "seeds": seeds, "sid_sasrec": task("ndcg@10", sid),
+                "retrieval": task("recall@10", ret), "ranking": task("gauc", gauc)}
+    tok = {"adc_sid": entry("ADC-SID", [0, 1, 2], [0.04, 0.05, 0.06], [0.06, 0.06, 0.06], [0.80, 0.81, 0.82]),
+           "adc_sid_no_align": entry("w/o alignment loss", [0], [0.02], [0.05], [0.79], test=0.9),
+           "adc_sid_no_gate": entry("w/o gate", [0, 1], [0.03, 0.05], [0.07, 0.07], [0.80, 0.80]),
+           "rqkmeans": entry("RQ-Kmeans", [0], [0.09], [0.09], [0.90])}
+    rows = {r["name"]: r for r in ablations(tok)}
+    assert set(rows) == {"adc_sid_no_align", "adc_sid_no_gate"}  # ablations only, never the baselines
+    a = rows["adc_sid_no_align"]["tasks"]
+    # full model: mean 0.05, sample std 0.01, so 0.02 is -0.03 = -3 spreads
+    assert a["sid_sasrec"]["diff"] == pytest.approx(-0.03) and a["sid_sasrec"]["spreads"] == pytest.approx(-3.0)
+    assert a["retrieval"]["spreads"] is None  # the full model's seeds agree exactly: no spread to count in
+    assert a["ranking"]["diff"] == pytest.approx(-0.02) and rows["adc_sid_no_align"]["loses_all"]
+    g = rows["adc_sid_no_gate"]  # the mean over the ablation's own seeds; ahead in retrieval
+    assert g["tasks"]["sid_sasrec"]["ablation"] == pytest.approx(0.04) and g["tasks"]["retrieval"]["diff"] > 0
+    assert not g["loses_all"]
+    md = "\n".join(_ablation_markdown(list(rows.values()), tok))
+    assert "-3.0 spreads" in md and "| w/o alignment loss | 1 |" in md and md.count("| yes |") == 1
+    tok_without_full = {k: v for k, v in tok.items() if k != "adc_sid"}
+    assert ablations(tok_without_full) == []

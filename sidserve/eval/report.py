@@ -16,8 +16,8 @@ import re
 import numpy as np
 
 from sidserve.eval.metrics import mean_std, paired_bootstrap
-from sidserve.eval.pipeline import valid_metric
-from sidserve.eval.tokenizers import LABELS
+from sidserve.eval.pipeline import HEADLINE, valid_metric
+from sidserve.eval.tokenizers import ABLATIONS, LABELS
 from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 
 RETRIEVAL_METRICS = ["recall@5", "recall@10", "recall@50", "ndcg@5", "ndcg@10", "ndcg@50"]
@@ -120,6 +120,33 @@ def significance(ev, tok: dict) -> list[dict]:
     return rows
 
 
+def ablations(tok: dict) -> list[dict]:
+    """The paper's Table 3 read on the **validation** split: each ablation's headline metrics
+    (the kept epoch of each model, mean over its seeds) against the full model's.
+
+    ``spreads`` is the gap in units of the full model's seed spread (sample std; None with one
+    seed), the unit the run's rule for extra seeds uses; ``loses_all``: below the full model on
+    every headline metric, the direction Table 3 reports. Test figures are not read here."""
+    if "adc_sid" not in tok:
+        return []
+    full = tok["adc_sid"]
+    rows = []
+    for name in ABLATIONS:
+        if name not in tok:
+            continue
+        e = tok[name]
+        cells = {}
+        for task, metric in HEADLINE.items():
+            f, a = full[task]["valid"][metric], e[task]["valid"][metric]
+            diff = a["mean"] - f["mean"]
+            cells[task] = {"metric": metric, "full": f["mean"], "full_std": f["std"], "ablation": a["mean"],
+                           "ablation_std": a["std"], "diff": diff,
+                           "spreads": diff / f["std"] if f["std"] else None}
+        rows.append({"name": name, "seeds": e["seeds"], "full_seeds": full["seeds"], "tasks": cells,
+                     "loses_all": all(c["diff"] < 0 for c in cells.values())})
+    return rows
+
+
 def stage_seconds(ev) -> dict[str, float]:
     """Seconds per stage kind summed over every stage file of the run (cached or not)."""
     total: dict[str, float] = {}
@@ -164,6 +191,7 @@ def write_report(ev, wall_seconds: float) -> dict:
         "tokenizers": tok,
         "pending": waiting,
         "significance": significance(ev, tok) if tok else [],
+        "ablations": ablations(tok),
         "stage_seconds_total": secs,
         "compute_seconds_total": round(sum(secs.values()), 1),
         "stage_seconds_this_invocation": {k: round(v, 1) for k, v in ev.timer.stages.items()},
@@ -293,6 +321,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
         L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
     L.append("")
 
+    if r.get("ablations"):
+        L += _ablation_markdown(r["ablations"], tok)
+
     L.append("## Significance (paired bootstrap over test users)\n")
     L.append(f"diff = mean(A) - mean(B) of the per-user metric (each tokenizer's seeds averaged per user), "
              f"95% percentile interval of {r['config']['bootstrap_samples']} resamples of users, two-sided p. "
@@ -329,6 +360,33 @@ def _markdown(r: dict, plots: list[str]) -> str:
              f"wall {r['wall_seconds_this_invocation']} s. Environment: {r['environment']}.\n")
     L.append("Configuration:\n\n```json\n" + json.dumps(r["config"], indent=1) + "\n```\n")
     return "\n".join(L)
+
+
+_TASK_NAMES = {"sid_sasrec": "SID-SASRec", "retrieval": "retrieval", "ranking": "ranking"}
+_METRIC_NAMES = {"ndcg@10": "N@10", "recall@10": "R@10", "gauc": "GAUC"}
+
+
+def _ablation_markdown(rows: list[dict], tok: dict) -> list[str]:
+    full = tok["adc_sid"]
+    L = ["## Ablations (the paper's Table 3), on the validation split\n",
+         "Each ablation's validation figure (kept epoch, mean over its seeds) minus the full model's "
+         f"(mean over its {len(full['seeds'])} seeds); in brackets the gap in units of the full model's seed "
+         "spread. Table 3's direction is every ablation below the full model on every metric. Test is not "
+         "read for this.\n",
+         "| variant | seeds | " + " | ".join(f"{_TASK_NAMES[t]} valid {_METRIC_NAMES[m]}" for t, m in HEADLINE.items()) +
+         " | below the full model on all |",
+         "|---|---|" + "---|" * len(HEADLINE) + "---|"]
+    L.append(f"| {full['label']} (full model) | {len(full['seeds'])} | " +
+             " | ".join(_fmt(full[t]["valid"][m]) for t, m in HEADLINE.items()) + " | |")
+    for row in rows:
+        cells = []
+        for c in row["tasks"].values():
+            sp = "" if c["spreads"] is None else f", {c['spreads']:+.1f} spreads"
+            cells.append(f"{c['ablation']:.4f} ({c['diff']:+.4f}{sp})")
+        L.append(f"| {tok[row['name']]['label']} | {len(row['seeds'])} | " + " | ".join(cells) +
+                 f" | {'yes' if row['loses_all'] else 'no'} |")
+    L.append("")
+    return L
 
 
 def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
