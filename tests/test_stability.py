@@ -50,7 +50,10 @@ def test_churn_table_by_hand():
     assert t["churn"] == 0.5 and t["changed"] == 2 and t["per_position"] == [0.25, 0.5]
     assert t["by_popularity"] == {"0": {"items": 1, "churn": 0.0}, "1-9": {"items": 2, "churn": 1.0},
                                   "10-99": {"items": 1, "churn": 0.0}}
-    assert t["both_nights"] == {"items": 2, "changed": 1, "churn": 0.5}  # items 3 and 4: 3 changed
+    # items 3 and 4 alone (3 changed at both positions, 4 kept): new items never enter these figures
+    assert t["both_nights"] == {"items": 2, "changed": 1, "churn": 0.5, "per_position": [0.5, 0.5],
+                                "by_popularity": {"1-9": {"items": 1, "churn": 1.0},
+                                                  "10-99": {"items": 1, "churn": 0.0}}}
 
 
 def test_input_rows_trained_by_hand():
@@ -171,6 +174,11 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
             assert churns[0] >= churns[1] >= churns[2]  # a larger margin keeps more codes
             kept = [s[f"{mode}/{kind}+sticky {d}"]["codes_kept"] for d in ("0", "0.05", "0.3")]
             assert kept[0] == 0 and kept[1] <= kept[2]
+            assert all(s[f"{mode}/{kind}+sticky {d}"]["codes_unscored"] >= 0 for d in ("0", "0.05", "0.3"))
+            assert s[f"{mode}/{kind}"]["codes_unscored"] is None  # no sticky decision, nothing unscored
+            b = s[f"{mode}/{kind}"]["both_nights"]  # the per-position figures over the items on both nights
+            assert len(b["per_position"]) == len(s[f"{mode}/{kind}"]["per_position"])
+            assert sum(v["items"] for v in b["by_popularity"].values()) == b["items"]
         # night 1's model on night 2: the content-only positions see the same content, so
         # none of them changes (the encode is batch-invariant, the model the same)
         layout = load_tokenizer(os.path.join(out, "tokenizers", "night1")).config.sid_layout
@@ -204,6 +212,7 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     files = os.listdir(os.path.join(out, "downstream"))
     assert "warm_cold.npz" in files and "warm_cold_seed1_ranking.npz" in files
     assert not [f for f in files if f.endswith(".ckpt.pt")]
+    assert not [f for f in os.listdir(os.path.join(out, "behavior")) if f.endswith(".ckpt.pt")]  # nor the nights'
     assert os.path.exists(os.path.join(out, "behavior", "night1_model.pt"))  # the warm start's source
     md = open(os.path.join(out, "stability.md")).read()
     assert "| warm/warm+sticky 0.3 |" in md and " +- " in md

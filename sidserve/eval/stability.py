@@ -209,9 +209,10 @@ def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray,
                 both_nights: np.ndarray | None = None) -> dict:
     """SIDs (N, L) of the same items on two nights -> churn overall, per position and per
     popularity bucket (``popularity`` (N,): night 2's training interactions); with
-    ``both_nights`` (N,) bool, also over the items that have interactions on both nights (the
-    issue's measure: an item new on night 2 gains behavioral codes, one without interactions
-    keeps its content-only SID)."""
+    ``both_nights`` (N,) bool, the same three figures over the items that have interactions on
+    both nights (the issue's measure: an item new on night 2 gains behavioral codes and always
+    changes, which would inflate the lowest popularity bucket; one without interactions keeps
+    its content-only SID)."""
     from sidserve.jobs.assign.stats import share_per_bucket
 
     changed = (before != after).any(1)
@@ -219,9 +220,14 @@ def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray,
            "per_position": (before != after).mean(0).round(6).tolist(),
            "by_popularity": {name: {"items": n, "churn": share}
                              for name, (n, share) in share_per_bucket(changed, popularity).items()}}
-    if both_nights is not None:
-        out["both_nights"] = {"items": int(both_nights.sum()), "changed": int(changed[both_nights].sum()),
-                              "churn": float(changed[both_nights].mean()) if both_nights.any() else 0.0}
+    if both_nights is not None:  # the same figures over those items alone: the ones that can stay stable
+        b = both_nights
+        out["both_nights"] = {
+            "items": int(b.sum()), "changed": int(changed[b].sum()),
+            "churn": float(changed[b].mean()) if b.any() else 0.0,
+            "per_position": ((before[b] != after[b]).mean(0) if b.any() else np.zeros(before.shape[1])).round(6).tolist(),
+            "by_popularity": {name: {"items": n, "churn": share}
+                              for name, (n, share) in share_per_bucket(changed[b], popularity[b]).items()}}
     return out
 
 
@@ -386,11 +392,18 @@ class TwoNights:
             return out
         return self._cached("content embeddings", "embeddings.npz", run)
 
-    def _sasrec(self, seqs, valid, init=None):
+    def _sasrec(self, seqs, valid, name: str, init=None):
+        """A night's SASRec, saving its state after every epoch under behavior/ so an interrupted
+        run resumes it (the file goes once the night's e_b is cached)."""
         from sidserve.eval.sasrec import train_sasrec
 
         c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=self.c.tied())
-        return train_sasrec(seqs, self.data.num_items, c, valid=valid, init=init)[0]
+        ckpt = self.path("behavior", f"{name}.ckpt.pt")
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        model = train_sasrec(seqs, self.data.num_items, c, valid=valid, init=init, checkpoint=ckpt)[0]
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        return model
 
     def night1_valid(self):
         """Night 1's early stopping target: each user's first held-out interaction."""
@@ -405,7 +418,7 @@ class TwoNights:
         model1_path = self.path("behavior", "night1_model.pt")
 
         def night1():
-            state["model1"] = self._sasrec(self.night1, self.night1_valid())
+            state["model1"] = self._sasrec(self.night1, self.night1_valid(), "night1")
             # the warm start continues from exactly this model, also on a resumed run
             os.makedirs(os.path.dirname(model1_path), exist_ok=True)
             torch.save(state["model1"].state_dict(), model1_path + ".tmp")
@@ -413,7 +426,7 @@ class TwoNights:
             return {"emb": state["model1"].item_vectors("input")}
 
         def night2_scratch():
-            return {"emb": self._sasrec(self.night2, self.data.targets("valid")).item_vectors("input")}
+            return {"emb": self._sasrec(self.night2, self.data.targets("valid"), "scratch").item_vectors("input")}
 
         e1 = self._cached("sasrec night 1", "behavior/night1.npz", night1)["emb"]
         out = {"night1": e1}
@@ -423,7 +436,7 @@ class TwoNights:
             def night2_warm():
                 if "model1" not in state:  # night 1 came from the cache
                     state["model1"] = self._night1_model(model1_path)
-                return {"emb": self._sasrec(self.night2, self.data.targets("valid"),
+                return {"emb": self._sasrec(self.night2, self.data.targets("valid"), "warm",
                                             init=state["model1"]).item_vectors("input")}
             out["warm"] = self._cached("sasrec night 2 (warm)", "behavior/warm.npz", night2_warm)["emb"]
         if "procrustes" in self.c.modes:
@@ -438,7 +451,8 @@ class TwoNights:
 
         if not os.path.exists(path):
             raise ValueError(f"{path} is missing: the warm start must continue from the SASRec that gave night 1's "
-                             "cached e_b; delete behavior/ to train both nights again")
+                             "cached e_b; delete behavior/, tokenizers/ and downstream/ together to train both "
+                             "nights again (fits and downstream models built on the old e_b would be reused)")
         c = dataclasses.replace(self.c.sasrec, seed=self.c.seed, loss="ce", tied=self.c.tied())
         model = SASRec(IDItems(self.data.num_items, c.hidden_dim, c.tied), c)
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -488,10 +502,12 @@ class TwoNights:
                 enc = tok.encode(items2, candidates=k)
                 settings[f"{mode}/{kind}"] = {"sid": enc.sid, "weights": enc.behavior_weights}
                 for delta in self.c.deltas:
-                    codes, kept, _ = sticky_codes(enc.sid, enc.candidates, enc.candidate_scores, sid1, delta,
-                                                  config.codebook_size)
+                    codes, kept, unscored = sticky_codes(enc.sid, enc.candidates, enc.candidate_scores, sid1,
+                                                         delta, config.codebook_size)
+                    # unscored: replaced codes that a larger --candidates might have kept
                     settings[f"{mode}/{kind}+sticky {delta:g}"] = {
-                        "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum())}
+                        "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum()),
+                        "codes_unscored": int(unscored.sum())}
         assert list(settings) == self.c.setting_names()
         return tok1, sid1, settings
 
@@ -509,7 +525,7 @@ class TwoNights:
             tok1, sid1, settings = self.fits(content, beh, seed)
             for name, s in settings.items():
                 row = churn_table(sid1, s["sid"], self.pop2, both)
-                row.update(codes_kept=s.get("codes_kept"), collision_rate=float(
+                row.update(codes_kept=s.get("codes_kept"), codes_unscored=s.get("codes_unscored"), collision_rate=float(
                     1 - np.unique(s["sid"], axis=0).shape[0] / s["sid"].shape[0]))
                 if self.wants_downstream(name):
                     row["downstream"] = self.downstream(name, s["sid"], s["weights"], tok1, seed)
@@ -674,8 +690,9 @@ def render(r: dict) -> str:
              "validation NDCG@10 to the same mode's cold re-fit. Night 1's SASRec is early-stopped on each "
              "user's first held-out (night-2) interaction: night 2's data chooses only its epoch count.",
              "",
-             "| setting | churn | churn, items on both nights | per position | churn by popularity (night 2) | "
-             "codes kept | valid N@10 | vs cold | test R@10 | test N@10 | valid GAUC | test GAUC |",
+             "| setting | churn | churn, items on both nights | per position (both nights) | "
+             "churn by popularity (night 2; both nights) | codes kept (unscored) | valid N@10 | vs cold | "
+             "test R@10 | test N@10 | valid GAUC | test GAUC |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(d, part, k):
@@ -686,17 +703,20 @@ def render(r: dict) -> str:
     for name, s in r["settings"].items():
         d = s.get("downstream") or {}
         cold = r["settings"].get(name.split("/")[0] + "/cold", {}).get("downstream")
-        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in s["by_popularity"].items())
+        b = s.get("both_nights")
+        per = b if b and "per_position" in b else s  # items new on night 2 always change: left out where known
+        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in per["by_popularity"].items())
         rel = (f"{d['valid']['ndcg@10'] / cold['valid']['ndcg@10'] - 1:+.1%}"
                if d and cold and cold["valid"]["ndcg@10"] > 0 else "")
         cells = [cell(d, "valid", "ndcg@10"), rel, cell(d, "test", "recall@10"), cell(d, "test", "ndcg@10"),
                  cell(d, "gauc", "valid"), cell(d, "gauc", "test")]
         spread = len(seeds) > 1 and "churn_std" in s
         churn = f"{s['churn']:.4f}" + (f" +- {s['churn_std']:.4f}" if spread else "")
-        b = s.get("both_nights")
         both = "" if not b else f"{b['churn']:.4f}" + (f" +- {b['churn_std']:.4f}" if spread else "")
         kept = "" if s["codes_kept"] is None else f"{s['codes_kept']:.0f}"
-        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in s['per_position'])} | "
+        if s.get("codes_unscored") is not None:
+            kept += f" ({s['codes_unscored']:.0f})"
+        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in per['per_position'])} | "
                      f"{pops} | {kept} | {' | '.join(cells)} |")
     t = r.get("cold_to_warm") or {}
     if t:
@@ -707,6 +727,11 @@ def render(r: dict) -> str:
         lines += [f"| {name} | " + " | ".join(f"{row[b]:.3f}" for b in buckets) + " |" for name, row in t.items()]
     lines += ["", f"Wall time {r['wall_seconds']:.0f} s; stages (s): {json.dumps(r['stage_seconds'])}", ""]
     return "\n".join(lines)
+
+
+def _churn(setting: dict) -> float:
+    """The churn a plot shows: over the items with interactions on both nights where known."""
+    return (setting.get("both_nights") or setting)["churn"]
 
 
 def plot(r: dict, path: str) -> None:
@@ -724,23 +749,23 @@ def plot(r: dict, path: str) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode in r["config"]["modes"]:
         for kind in STICKY_KINDS:
-            pts = sorted((float(k.split()[-1]), v["churn"]) for k, v in r["settings"].items()
+            pts = sorted((float(k.split()[-1]), _churn(v)) for k, v in r["settings"].items()
                          if k.startswith(f"{mode}/{kind}+sticky"))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}: {kind} + sticky")
         cold = r["settings"].get(f"{mode}/cold")
         if cold:
-            ax.axhline(cold["churn"], ls="--", alpha=0.5, color="gray")
+            ax.axhline(_churn(cold), ls="--", alpha=0.5, color="gray")
     ax.set_xlabel("sticky margin delta (cosine)")
-    ax.set_ylabel("churn (share of items whose SID changed)")
+    ax.set_ylabel("churn (share of items on both nights whose SID changed)")
     ax.set_title("churn vs delta (dashed: cold re-fits)")
     ax.legend(fontsize=6)
     for name, v in r["settings"].items():
         d = v.get("downstream")
         if d:
-            bx.errorbar(v["churn"], d["valid"]["ndcg@10"], yerr=d["std"]["valid"]["ndcg@10"], fmt="o", ms=4)
-            bx.annotate(name, (v["churn"], d["valid"]["ndcg@10"]), fontsize=6)
-    bx.set_xlabel("churn")
+            bx.errorbar(_churn(v), d["valid"]["ndcg@10"], yerr=d["std"]["valid"]["ndcg@10"], fmt="o", ms=4)
+            bx.annotate(name, (_churn(v), d["valid"]["ndcg@10"]), fontsize=6)
+    bx.set_xlabel("churn, items on both nights")
     bx.set_ylabel("night-2 SID-SASRec valid NDCG@10")
     bx.set_title("quality vs churn")
     fig.tight_layout()

@@ -8,8 +8,9 @@ similarity: cosine for ADC-SID, 2 x.c - ||c||^2 for OPQ), the previous code is k
 
     score(best) - score(previous) <= delta
 
-and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best,
-which is today's assignment. Positions are independent (ADC-SID's experts, OPQ's
+and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best
+exactly, so it is today's assignment except on an exact float tie between two codewords
+(plain assignment then takes the lower index, sticky the previous code). Positions are independent (ADC-SID's experts, OPQ's
 subspaces); residual tokenizers (and ADC-SID with residual behavioral codes,
 ``behavior_quantization`` residual / residual_input) cannot keep a code alone and are refused
 upstream (``independent_positions``).
