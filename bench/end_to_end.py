@@ -104,11 +104,20 @@ def run_step(name: str, argv: list[str]) -> None:
             from sidserve.jobs.train.driver import TrainJobConfig, fit_distributed
 
             items, model, storage, epochs, every = argv
-            _, version, m = fit_distributed(TrainJobConfig(
-                output=model, items=items, tokenizer={"epochs": int(epochs)}, storage_path=storage,
-                checkpoint_every_steps=int(every) or None, overwrite=True))
-            out.update(model_version=version, catalog_cached=m["catalog_cached"],
-                       epoch_items_per_s=m["epochs"][-1]["items_per_s"], items=m["catalog"]["num_valid"])
+            if os.path.exists(os.path.join(model, "manifest.json")):  # --workdir: trained by an earlier run
+                from sidserve.tokenizers.registry import load_tokenizer
+
+                load_tokenizer(model)  # a complete artifact, or this step fails here
+                out.update(reused=True, model_version=json.load(open(os.path.join(model, "manifest.json"))).get("version"))
+                m = None
+            else:
+                _, version, m = fit_distributed(TrainJobConfig(
+                    output=model, items=items, tokenizer={"epochs": int(epochs)}, storage_path=storage,
+                    checkpoint_every_steps=int(every) or None, overwrite=True,
+                    max_failures=0))  # a restart from a checkpoint would hide in the row's time and memory
+            if m is not None:
+                out.update(model_version=version, catalog_cached=m["catalog_cached"],
+                           epoch_items_per_s=m["epochs"][-1]["items_per_s"], items=m["catalog"]["num_valid"])
         elif name == "assign":
             from sidserve.jobs.assign import AssignJobConfig, run_assignment
 
@@ -139,8 +148,11 @@ def main() -> None:
     p.add_argument("--changed", type=float, default=0.05, help="share of items whose embeddings change for night 2")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--checkpoint-every-steps", type=int, default=1000)
-    p.add_argument("--workdir", help="keep the catalogs here between runs (the model and snapshots are not kept)")
-    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one step may run before it is killed")
+    p.add_argument("--workdir", help="keep the catalogs and the trained model here between runs (a rerun after a "
+                   "failed assign or refresh does not train again); the snapshots are not kept")
+    p.add_argument("--timeout", type=float, default=8 * 3600,
+                   help="seconds one step may run before it is killed (training 20M items streams the catalog: "
+                        "hours on 2 CPUs)")
     p.add_argument("--step", nargs="+")
     args = p.parse_args()
     if args.step:
@@ -158,7 +170,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         d = args.workdir or tmp
         night1, night2 = os.path.join(d, f"items-{n}"), os.path.join(d, f"items-{n}-changed-{args.changed:g}")
-        model, snaps = os.path.join(tmp, "model"), os.path.join(tmp, "snapshots")
+        model = os.path.join(d, f"model-{n}-epochs{args.epochs}")
+        snaps = os.path.join(tmp, "snapshots")
         plan = [("generate", [str(n), night1]), ("change", [night1, night2, str(args.changed)]),
                 ("train", [night1, model, os.path.join(tmp, "ckpt"), str(args.epochs),
                            str(args.checkpoint_every_steps)]),
@@ -167,6 +180,9 @@ def main() -> None:
             r = step(name, argv, args.timeout)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
+            if args.workdir:  # each row as it finishes: a later step's failure loses none of them
+                with open(os.path.join(args.workdir, "rows.jsonl"), "a") as f:
+                    f.write(json.dumps(r) + "\n")
 
     print(f"\nhardware: {hardware()}; catalog {n:,} items; {args.changed:.0%} changed for night 2; "
           f"train {args.epochs} epoch(s), 2 Ray Train workers; assign/refresh 2 encoder actors")

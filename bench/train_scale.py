@@ -13,8 +13,12 @@ would be; the table gives both parts and the step the resumed epoch started from
 
 The kill waits until Ray Train has *registered* a mid-epoch checkpoint (it is named in the
 run's ``checkpoint_manager_snapshot.json``, which is what ``--resume`` reads), not merely
-until one is written; the resumed run must start inside the epoch (``resumed_at_step`` > 0)
-and run as many steps as the uninterrupted one, or the benchmark fails. A size with fewer
+until one is written; the resumed run must start inside the epoch (``resumed_at_step`` > 0),
+run as many steps as the uninterrupted one and cover as many items, or the benchmark fails;
+the table gives both runs' final reconstruction and collision rate side by side (two
+streamed workers need not see their rows in the same order, so they are compared, not
+required equal). Fits run with ``max_failures=0``: a Ray Train restart from a checkpoint
+fails the benchmark instead of hiding inside an "uninterrupted" row. A size with fewer
 steps per epoch than ``--checkpoint-every-steps`` never checkpoints mid-epoch: kill a larger one.
 
 Catalogs: ``bench/assign_throughput.py``'s (the README's column layout, dims 64 + 32 + 32,
@@ -63,13 +67,15 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     t0 = time.perf_counter()
     _, _, m = fit_distributed(TrainJobConfig(
         output=out, items=items, tokenizer={"epochs": epochs}, storage_path=storage, name=name, resume=resume,
-        checkpoint_every_steps=every, overwrite=True, cache_clean=None if cache == "auto" else False))
+        checkpoint_every_steps=every, overwrite=True, cache_clean=None if cache == "auto" else False,
+        max_failures=0))  # a silent restart from a checkpoint would hide inside an "uninterrupted" row
     wall = time.perf_counter() - t0
     peak, series = sampler.stop()
     top = max(series, key=lambda x: x[1])
     names = sorted({r for _, _, roles in series for r in roles})
     print(json.dumps({
         "wall_s": wall, "items": m["catalog"]["num_valid"], "epochs": m["epochs"],
+        "final": {k: m["final"][k] for k in ("recon", "entropy_mean", "utilisation_mean", "collision_rate")},
         "catalog_cached": m["catalog_cached"], "kmeans_sample": m["kmeans_sample"],
         "peak_pss_mib": top[1] / MIB, "peak_rss_mib": peak["rss"] / MIB, "hwm_sum_mib": peak["hwm"] / MIB,
         "peak_shm_mib": peak["shm"] / MIB,
@@ -174,6 +180,8 @@ def main() -> None:
                 common = ["--resume", *common]  # a fresh process and Ray cluster, as a resubmitted job
             r = run_child(common, args.timeout)
             r.update(size=n, run=run, cache=cache)
+            if not kill and any(e.get("started_at_epoch") or e.get("resumed_at_step") for e in r["epochs"]):
+                raise SystemExit(f"the {n:,} fit '{run}' resumed from a checkpoint: not an uninterrupted run")
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
 
@@ -192,24 +200,29 @@ def main() -> None:
             if again["steps"] != first["steps"]:
                 raise SystemExit(f"the resumed epoch ran {again['steps']} steps, the uninterrupted one "
                                  f"{first['steps']}")
+            if resumed["items"] != whole["items"]:
+                raise SystemExit(f"the resumed fit covered {resumed['items']:,} items, the uninterrupted one "
+                                 f"{whole['items']:,}")
 
     print(f"\nhardware: {hardware()}; 2 Ray Train workers; {args.epochs} epoch(s); "
           f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps")
     print("\nMemory: the fit's own processes (driver + its Ray cluster). PSS: the memory really in use. "
           "Peaks' sum: each process's own peak RSS (VmHWM), summed (an upper bound of the RSS sum's peak). "
-          "Ratio: against the smallest size with the catalog held the same way (cached / streamed).")
+          "It counts every process the run ever had, exited ones too (Ray Data's short-lived read actors, "
+          "idle workers restarted), so it grows with a run's length, not only its memory: the ratio is on "
+          "PSS alone. Ratio: against the smallest size with the catalog held the same way (cached / streamed).")
     print("\n| catalog | run | cleaned catalog | epoch items/s | steps (resumed at) | wall (s) | peak PSS sum | "
-          "vs smallest | peak RSS sum | peaks' sum (VmHWM) | vs smallest | peak /dev/shm | k-means sample |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs smallest | peak RSS sum | peaks' sum (VmHWM) | peak /dev/shm | k-means sample | recon | "
+          "collision rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if b["catalog_cached"] == r["catalog_cached"])
         last = r["epochs"][-1]
         print(f"| {r['size']:,} | {r['run']} | {'cached' if r['catalog_cached'] else 'streamed'} | "
               f"{last['items_per_s']:,.0f} | {last['steps']} ({last.get('resumed_at_step', 0)}) | {r['wall_s']:,.0f} | "
               f"{r['peak_pss_mib']:,.0f} MiB | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f}x | "
-              f"{r['peak_rss_mib']:,.0f} MiB | {r['hwm_sum_mib']:,.0f} MiB | "
-              f"{r['hwm_sum_mib'] / base['hwm_sum_mib']:.2f}x | {r['peak_shm_mib']:,.0f} MiB | "
-              f"{r['kmeans_sample']:,} |")
+              f"{r['peak_rss_mib']:,.0f} MiB | {r['hwm_sum_mib']:,.0f} MiB | {r['peak_shm_mib']:,.0f} MiB | "
+              f"{r['kmeans_sample']:,} | {r['final']['recon']:.4f} | {r['final']['collision_rate']:.4f} |")
     names = sorted({k for r in rows for k in r["role_peak_pss_mib"]})
     print("\n| catalog | run | " + " | ".join(f"{k}: at peak (own peak)" for k in names) + " |")
     print("|---|---|" + "---|" * len(names))

@@ -110,3 +110,19 @@ def test_end_to_end_labels_reused_catalogs(tmp_path):
     second = json.loads(again.stdout.splitlines()[-1])
     assert first["reused"] is False and second["reused"] is True
     assert first["items"] == second["items"] == 1000
+
+
+def test_end_to_end_reuses_a_trained_model_from_the_workdir(fitted, tmp_path):
+    """A 20M rerun after a failed assign or refresh must not train again: a complete model in
+    --workdir is loaded, marked reused (its wall is not a training cost), never overwritten."""
+    model = str(tmp_path / "model")
+    fitted.save_pretrained(model)
+    before = json.load(open(os.path.join(model, "manifest.json")))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "end_to_end.py"), "--step", "train",
+                          str(tmp_path / "no-catalog-needed"), model, str(tmp_path / "ckpt"), "1", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["reused"] is True and r["model_version"] == before["version"]
+    assert json.load(open(os.path.join(model, "manifest.json"))) == before
+    assert not os.path.exists(tmp_path / "ckpt")  # nothing trained
