@@ -199,7 +199,11 @@ def _adc_config(dims: dict[str, int], behavior_dim: int, b: TokenizerBudget, fam
     if nb <= 0:
         raise ValueError(f"sid_length={b.sid_length} leaves no behavioral position with {len(dims)} modalities")
     fields = dict(codebook_size=b.codebook_size, num_shared_experts=1, num_content_experts=1,
-                  num_behavior_experts=nb, epochs=b.adc_epochs, batch_size=b.adc_batch_size, seed=b.seed)
+                  num_behavior_experts=nb, epochs=b.adc_epochs, batch_size=b.adc_batch_size, seed=b.seed,
+                  # the evaluation's ADC-SID and its ablations are the paper's losses; the
+                  # consistency term (the library's default since 2026-12-02) is measured as its
+                  # own variant, adc_sid_cold_consistency, so each cached name keeps its meaning
+                  cold_consistency_weight=0.0)
     fields.update(family or {})  # ADC_EVAL's settings (none for adc_sid_untied)
     fields.update(b.overrides)  # overrides win over the shared budget (e.g. batch_size)
     fields.update(switches)
