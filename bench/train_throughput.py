@@ -1,4 +1,5 @@
-"""Training throughput: in-process fit (with and without collision regulation) vs Ray
+"""Training throughput: in-process fit (with and without collision regulation, and without
+the cold-path consistency term) vs Ray
 Train with 1 and 2 workers, and the cost of one training step relative to the model's
 forward pass on the same batch.
 
@@ -108,6 +109,14 @@ def main() -> None:
     wall = time.perf_counter() - t0
     ips = statistics.mean(h["items_per_s"] for h in tok.history_[1:] or tok.history_)
     rows.append(("in-process fit + collision regulation (adaptive, h=1)", 1, ips, wall))
+
+    # 2c. the paper's model: without the cold-path consistency term (default 0.3 since
+    # 2026-12-02), which runs the shared experts once more per warm item, on its content-only input
+    t0 = time.perf_counter()
+    tok = SemanticIdTokenizer(config.replace(cold_consistency_weight=0.0)).fit(items)
+    wall = time.perf_counter() - t0
+    ips = statistics.mean(h["items_per_s"] for h in tok.history_[1:] or tok.history_)
+    rows.append(("in-process fit, cold_consistency_weight 0 (the paper's model)", 1, ips, wall))
 
     # 3. Ray Train, 1 and 2 workers
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
