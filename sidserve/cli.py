@@ -242,9 +242,10 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
                    help="seeds, comma-separated (default: 0): each fits every tokenizer and trains night 2's "
                         "downstream models; the report gives mean +- std over them")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
-    p.add_argument("--tokenizer", default="adc_sid", choices=["adc_sid", "adc_sid_untied"],
+    p.add_argument("--tokenizer", default="adc_sid", choices=["adc_sid", "adc_sid_cold_consistency", "adc_sid_untied"],
                    help="ADC-SID as the evaluation runs it (tied SASRec table, richness from popularity, codes at "
-                        "weight 1) or the paper's configuration (untied input table, norm, R(e_b) weights)")
+                        "weight 1), the library's default (the same plus cold-path consistency 0.3) or the paper's "
+                        "configuration (untied input table, norm, R(e_b) weights)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 
 

@@ -70,12 +70,13 @@ def test_input_rows_trained_by_hand():
         True, True, True, False, False, False, True, True, False]  # the newest max_len + 1 of the third
 
 
-@pytest.mark.parametrize("tokenizer, weighted", [("adc_sid", False), ("adc_sid_untied", True)])
+@pytest.mark.parametrize("tokenizer, weighted", [("adc_sid", False), ("adc_sid_cold_consistency", False),
+                                                 ("adc_sid_untied", True)])
 def test_sid_table_reads_codes_as_the_evaluation_does(tmp_path, tokenizer, weighted):
     """The evaluation's ADC-SID reads every code at weight 1; the paper's configuration scales
     the behavioral codes by R(e_b). The simulation must judge night 2's SIDs the same way."""
     run = TwoNights(StabilityConfig(data=SLICE, output=str(tmp_path), tokenizer=tokenizer))
-    assert run.c.tied() is (tokenizer == "adc_sid")
+    assert run.c.tied() is (tokenizer != "adc_sid_untied")
     layout = SimpleNamespace(sid_layout=[{"position": 0, "group": "shared"}, {"position": 1, "group": BEHAVIOR},
                                          {"position": 2, "group": BEHAVIOR}])
     sid = np.array([[1, 2, 3], [4, 5, 6]])
@@ -85,6 +86,19 @@ def test_sid_table_reads_codes_as_the_evaluation_does(tmp_path, tokenizer, weigh
     if weighted:
         expect[:, 1:] = beh
     assert np.array_equal(table.weights[1:, :3], expect)
+
+
+def test_the_library_default_is_measured_as_its_own_choice():
+    """``adc_sid`` and ``adc_sid_untied`` are the paper's losses (their caches keep that
+    meaning); ``adc_sid_cold_consistency`` is what the library fits by default."""
+    from sidserve import TokenizerConfig
+    from sidserve.eval.stability import TOKENIZERS
+    from sidserve.eval.tokenizers import TokenizerBudget, _adc_config, family_overrides
+
+    weight = {t: _adc_config({"text": 8, "meta": 8}, 8, TokenizerBudget(), family_overrides(t)).cold_consistency_weight
+              for t in TOKENIZERS}
+    assert weight["adc_sid"] == weight["adc_sid_untied"] == 0.0
+    assert weight["adc_sid_cold_consistency"] == TokenizerConfig().cold_consistency_weight > 0
 
 
 def test_seed_summaries_are_means_and_sample_deviations():

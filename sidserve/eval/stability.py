@@ -71,11 +71,13 @@ MODES = ("scratch", "warm", "procrustes")
 # seed fits its own tokenizers (before: one fit, only the downstream models seeded)
 STABILITY_VERSION = 2
 # ADC-SID configurations the simulation fits (sidserve.eval.tokenizers): the evaluation's
-# (ADC_EVAL) and the paper's
-TOKENIZERS = ("adc_sid", "adc_sid_untied")
+# (ADC_EVAL), the library's default (the same plus cold-path consistency 0.3) and the paper's
+TOKENIZERS = ("adc_sid", "adc_sid_cold_consistency", "adc_sid_untied")
 TOKENIZER_TEXT = {
     "adc_sid": "the evaluation's configuration (e_b the tied CE SASRec's table, richness from popularity, "
                "codes at weight 1 downstream)",
+    "adc_sid_cold_consistency": "the library's default (the evaluation's configuration plus cold-path consistency "
+                                "0.3: `cold_consistency_weight`)",
     "adc_sid_untied": "the paper's configuration (e_b the untied CE SASRec's input table, richness from its norm, "
                       "behavioral codes scaled by R(e_b) downstream)",
 }
@@ -683,7 +685,7 @@ def render(r: dict) -> str:
                 "(night 1's SASRec saw them only as a sequence's last item: their night-1 row is its random init). ")
              + f"ADC-SID: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "
              "of items whose SID changed between the nights, over the whole catalog and over the "
-             f"{r.get('items_both_nights', '?')} items with interactions on both nights. Every seed of "
+             f"{r['items_both_nights']} items with interactions on both nights. Every seed of "
              f"{seeds} fits its own tokenizers (night 1's and night 2's) and trains the downstream models "
              "(SID-SASRec on night 2, full-catalog ranking, and the ranker's GAUC): figures are means, "
              "+- the sample standard deviation over the seeds; 'vs cold': the relative difference of the mean "
@@ -703,20 +705,19 @@ def render(r: dict) -> str:
     for name, s in r["settings"].items():
         d = s.get("downstream") or {}
         cold = r["settings"].get(name.split("/")[0] + "/cold", {}).get("downstream")
-        b = s.get("both_nights")
-        per = b if b and "per_position" in b else s  # items new on night 2 always change: left out where known
-        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in per["by_popularity"].items())
+        b = s["both_nights"]  # items new on night 2 always change: the buckets are over the others
+        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in b["by_popularity"].items())
         rel = (f"{d['valid']['ndcg@10'] / cold['valid']['ndcg@10'] - 1:+.1%}"
                if d and cold and cold["valid"]["ndcg@10"] > 0 else "")
         cells = [cell(d, "valid", "ndcg@10"), rel, cell(d, "test", "recall@10"), cell(d, "test", "ndcg@10"),
                  cell(d, "gauc", "valid"), cell(d, "gauc", "test")]
         spread = len(seeds) > 1 and "churn_std" in s
         churn = f"{s['churn']:.4f}" + (f" +- {s['churn_std']:.4f}" if spread else "")
-        both = "" if not b else f"{b['churn']:.4f}" + (f" +- {b['churn_std']:.4f}" if spread else "")
+        both = f"{b['churn']:.4f}" + (f" +- {b['churn_std']:.4f}" if spread else "")
         kept = "" if s["codes_kept"] is None else f"{s['codes_kept']:.0f}"
         if s.get("codes_unscored") is not None:
             kept += f" ({s['codes_unscored']:.0f})"
-        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in per['per_position'])} | "
+        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in b['per_position'])} | "
                      f"{pops} | {kept} | {' | '.join(cells)} |")
     t = r.get("cold_to_warm") or {}
     if t:
@@ -730,8 +731,8 @@ def render(r: dict) -> str:
 
 
 def _churn(setting: dict) -> float:
-    """The churn a plot shows: over the items with interactions on both nights where known."""
-    return (setting.get("both_nights") or setting)["churn"]
+    """The churn a plot shows: over the items with interactions on both nights."""
+    return setting["both_nights"]["churn"]
 
 
 def plot(r: dict, path: str) -> None:
