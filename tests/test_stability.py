@@ -88,6 +88,16 @@ def test_sid_table_reads_codes_as_the_evaluation_does(tmp_path, tokenizer, weigh
     assert np.array_equal(table.weights[1:, :3], expect)
 
 
+def test_the_cli_offers_every_measured_configuration():
+    """The CLI keeps its imports lazy, so it names the choices itself: they must be these."""
+    from sidserve.cli import build_parser
+    from sidserve.eval.stability import TOKENIZERS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["stability"]
+    choice = next(a for a in sub._actions if a.dest == "tokenizer")
+    assert tuple(choice.choices) == TOKENIZERS and choice.default == TOKENIZERS[0]
+
+
 def test_the_library_default_is_measured_as_its_own_choice():
     """``adc_sid`` and ``adc_sid_untied`` are the paper's losses (their caches keep that
     meaning); ``adc_sid_cold_consistency`` is what the library fits by default."""

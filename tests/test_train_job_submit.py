@@ -71,3 +71,19 @@ def test_cli_exits_nonzero_with_message_on_bad_config(tmp_path):
                            "--output", str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "num_behaviour_experts" in proc.stderr
+
+
+def test_the_working_dir_package_is_the_code_only(tmp_path):
+    """What `ray job submit --working-dir .` uploads (Ray's own packaging, honouring .gitignore
+    and .rayignore): the package and the job scripts, not the git history or the evaluation
+    caches committed under docs/ (which would grow it towards Ray's 512 MiB upload limit)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    create_package(str(ROOT), tmp_path / "pkg.zip", include_gitignore=True)
+    names = zipfile.ZipFile(tmp_path / "pkg.zip").namelist()
+    assert {"jobs/train.py", "sidserve/__init__.py", "pyproject.toml", "constraints.txt"} <= set(names)
+    assert any(n.startswith("deploy/") for n in names)
+    heavy = [n for n in names if n.split("/")[0] in {".git", "docs", "tests", "bench", ".venv"}]
+    assert not heavy, heavy[:10]
