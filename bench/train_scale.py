@@ -22,7 +22,9 @@ fails the benchmark instead of hiding inside an "uninterrupted" row. A size with
 steps per epoch than ``--checkpoint-every-steps`` never checkpoints mid-epoch: kill a larger one.
 
 Catalogs: ``bench/assign_throughput.py``'s (the README's column layout, dims 64 + 32 + 32,
-100k-row Parquet files), kept in ``--workdir`` between runs. The model: ADC-SID with the
+100k-row Parquet files), kept in ``--workdir`` between runs with every finished fit's row
+(``rows.jsonl``, with when and on which commit it was measured): a rerun after a failure reuses
+those rows instead of repeating fits of an hour; delete the file to measure everything again. The model: ADC-SID with the
 public settings (K=100, L=6) and its default batch size, ``--epochs`` epochs.
 
 Ratios are like for like: the job caches the cleaned catalog in the object store when it fits
@@ -55,9 +57,9 @@ MIB = 2**20
 
 
 def child(items: str, out: str, storage: str, name: str, epochs: int, every: int | None, resume: bool,
-          cache: str) -> None:
+          cache: str, buffer_mib: int | None) -> None:
     """One fit in this (sub)process; prints one JSON line. cache: "auto" (the job's choice) or
-    "stream" (never cache the cleaned catalog)."""
+    "stream" (never cache the cleaned catalog); buffer_mib: ``TrainJobConfig.stream_buffer_mib``."""
     import ray
 
     from sidserve.jobs.train.driver import TrainJobConfig, fit_distributed
@@ -68,7 +70,7 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     _, _, m = fit_distributed(TrainJobConfig(
         output=out, items=items, tokenizer={"epochs": epochs}, storage_path=storage, name=name, resume=resume,
         checkpoint_every_steps=every, overwrite=True, cache_clean=None if cache == "auto" else False,
-        max_failures=0))  # a silent restart from a checkpoint would hide inside an "uninterrupted" row
+        stream_buffer_mib=buffer_mib, max_failures=0))  # a silent restart from a checkpoint would hide inside an "uninterrupted" row
     wall = time.perf_counter() - t0
     peak, series = sampler.stop()
     top = max(series, key=lambda x: x[1])
@@ -122,6 +124,19 @@ def run_child(args: list[str], timeout: float, kill_when=None) -> dict | None:
         return json.loads([x for x in out.read().splitlines() if x.startswith("{")][-1])
 
 
+def code_revision() -> str:
+    """The repository's commit, with "+changes" when sidserve/ or bench/ differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "sidserve", "bench"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+changes" if dirty else "")
+
+
 def registered_mid_epoch_checkpoint(run_dir: str) -> bool:
     """True once Ray Train's checkpoint manager has registered a mid-epoch checkpoint of the run
     (the snapshot ``--resume`` restores from names it, and its directory holds the partial-epoch
@@ -141,6 +156,8 @@ def registered_mid_epoch_checkpoint(run_dir: str) -> bool:
 
 
 def main() -> None:
+    from sidserve.jobs.train.driver import TrainJobConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--epochs", type=int, default=1)
@@ -148,13 +165,18 @@ def main() -> None:
     p.add_argument("--kill-after-checkpoint", action="store_true",
                    help="also kill the largest size's fit after its first mid-epoch checkpoint and resume it")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one fit may run before it is killed")
-    p.add_argument("--workdir", help="keep catalogs here between runs instead of a temp dir")
-    p.add_argument("--child", nargs=7)
+    p.add_argument("--workdir", help="keep catalogs here between runs instead of a temp dir, and every "
+                   "finished fit's row in its rows.jsonl: a rerun reuses the rows of the fits it would repeat "
+                   "(same size, catalog holding, kill, epochs, checkpoint interval) and says so")
+    p.add_argument("--stream-buffer-mib", default=str(TrainJobConfig.stream_buffer_mib),
+                   help="the job's Ray Data object-store budget (default: the job's); 'none': Ray Data's default")
+    p.add_argument("--child", nargs=8)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     if args.child:
-        items, out, storage, name, epochs, every, cache = args.child
-        child(items, out, storage, name, int(epochs), int(every) or None, args.resume, cache)
+        items, out, storage, name, epochs, every, cache, buffer = args.child
+        child(items, out, storage, name, int(epochs), int(every) or None, args.resume, cache,
+              None if buffer == "none" else int(buffer))
         return
     if sorted(args.sizes) != args.sizes:
         raise SystemExit(f"--sizes must be ascending (the first is the baseline), got {args.sizes}")
@@ -162,16 +184,27 @@ def main() -> None:
     from train_throughput import hardware
 
     rows = []
+    earlier = {}  # key -> a row an earlier invocation measured in this workdir
+    rows_file = os.path.join(args.workdir, "rows.jsonl") if args.workdir else None
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
+        if os.path.exists(rows_file):
+            with open(rows_file) as f:
+                earlier = {r["key"]: r for r in map(json.loads, f) if "key" in r}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         d = args.workdir or tmp
         storage = os.path.join(tmp, "ckpt")
 
         def fit(n: int, cache: str, run: str, kill: bool = False) -> None:
             name = f"scale-{n}-{cache}{'-killed' if kill else ''}"
+            key = f"{name}-epochs{args.epochs}-every{args.checkpoint_every_steps}-buffer{args.stream_buffer_mib}"
+            if key in earlier:  # a fit of hours is not run again after a later one failed
+                rows.append(earlier[key])
+                print(f"[bench] {key}: the row measured at {earlier[key]['measured_at']} "
+                      f"(code {earlier[key]['code']}), from {rows_file}", file=sys.stderr)
+                return
             common = [os.path.join(d, f"items-{n}"), os.path.join(tmp, f"model-{name}"), storage, name,
-                      str(args.epochs), str(args.checkpoint_every_steps), cache]
+                      str(args.epochs), str(args.checkpoint_every_steps), cache, args.stream_buffer_mib]
             if kill:
                 t0 = time.perf_counter()
                 run_child(common, args.timeout,
@@ -182,8 +215,12 @@ def main() -> None:
             r.update(size=n, run=run, cache=cache)
             if not kill and any(e.get("started_at_epoch") or e.get("resumed_at_step") for e in r["epochs"]):
                 raise SystemExit(f"the {n:,} fit '{run}' resumed from a checkpoint: not an uninterrupted run")
+            r.update(key=key, measured_at=time.strftime("%Y-%m-%d %H:%M"), code=code_revision())
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
+            if rows_file:  # each row as it finishes: a later fit's failure loses none of them
+                with open(rows_file, "a") as f:
+                    f.write(json.dumps(r) + "\n")
 
         for n in args.sizes:
             make_catalog(n, os.path.join(d, f"items-{n}"))
@@ -205,7 +242,8 @@ def main() -> None:
                                  f"{whole['items']:,}")
 
     print(f"\nhardware: {hardware()}; 2 Ray Train workers; {args.epochs} epoch(s); "
-          f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps")
+          f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps; Ray Data's object-store budget "
+          f"(stream_buffer_mib) {args.stream_buffer_mib}")
     print("\nMemory: the fit's own processes (driver + its Ray cluster). PSS: the memory really in use. "
           "Peaks' sum: each process's own peak RSS (VmHWM), summed (an upper bound of the RSS sum's peak). "
           "It counts every process the run ever had, exited ones too (Ray Data's short-lived read actors, "
@@ -229,6 +267,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['size']:,} | {r['run']} | " + " | ".join(
             f"{r['pss_at_peak_mib'].get(k, 0):,.0f} ({r['role_peak_pss_mib'].get(k, 0):,.0f})" for k in names) + " |")
+    print("\nMeasured: " + "; ".join(f"{r['size']:,} {r['run']} at {r['measured_at']} (code {r['code']})"
+                                      for r in rows))
     print("\nper epoch (data wait / step seconds, mean over workers):")
     for r in rows:
         print(f"  {r['size']:,} {r['run']}: " + ", ".join(

@@ -288,3 +288,21 @@ def test_an_existing_model_is_not_overwritten_unless_asked(ray_session, items_di
     with pytest.raises(ValueError, match=r"already holds model v[0-9a-f]+; artifacts are immutable.*--overwrite"):
         fit_distributed(job(tmp_path, items_dir))
     assert load_tokenizer(str(tmp_path / "model")).version == fitted.version  # untouched
+
+
+def test_the_reads_stay_within_the_stream_buffer(ray_session, items_dir, tmp_path):
+    """Every read of the job (pre-pass, k-means sample, streamed epochs: datasets derived from
+    the one read) runs within ``stream_buffer_mib`` of the object store, Ray Data's default
+    (a share of the whole store) only when it is None; a budget below 1 MiB is refused."""
+    ray_session()
+    from sidserve.jobs.train.driver import _read_items
+
+    for mib, expect in ((64, 64 * 2**20), (None, None)):
+        ds = _read_items(job(tmp_path, items_dir, stream_buffer_mib=mib))
+        derived = ds.map_batches(lambda t: t, batch_format="pyarrow").random_sample(0.5, seed=0)
+        for d in (ds, derived):
+            limit = d.context.execution_options.resource_limits.object_store_memory
+            assert limit == expect if expect else limit in (None, float("inf"))
+            assert d.context.execution_options.preserve_order
+    with pytest.raises(ValueError, match="--stream-buffer-mib must be >= 1, got 0"):
+        fit_distributed(job(tmp_path, items_dir, stream_buffer_mib=0))

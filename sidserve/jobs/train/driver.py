@@ -51,6 +51,13 @@ class TrainJobConfig:
     checkpoint_every_steps: int | None = None
     demo_items: int = 20000  # size of the synthetic demo catalog
     cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
+    # Ray Data's object-store budget for the job's reads (pre-pass, k-means sample, every streamed
+    # epoch), MiB; None: Ray Data's default, a share of the whole store. The store's pages that a
+    # read once touched stay resident in /dev/shm and mapped by the train workers, so with the
+    # default the job's memory grew with the catalog until that share was full (10M items: 1.55x
+    # of 1M on 2 CPUs, docs/benchmarks.md); 1 GiB is about ten cleaned 100k-row blocks, enough to
+    # keep two CPU workers fed. Raise it for fast (GPU) workers that wait on data.
+    stream_buffer_mib: int | None = 1024
     init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
     # worker hooks (sidserve.jobs.train.worker.TrainCallback), picklable; run on every worker
     callbacks: list = field(default_factory=list)
@@ -187,7 +194,10 @@ def _read_items(job: TrainJobConfig):
         table = demo_catalog(job)
         step = max(1, table.num_rows // 8)
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
+    options = ds.context.execution_options  # this dataset's own copy of the context
+    options.preserve_order = True
+    if job.stream_buffer_mib is not None:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=job.stream_buffer_mib * 2**20)
     return ds
 
 
@@ -274,6 +284,8 @@ def fit_distributed(job: TrainJobConfig):
         _refuse_existing_artifact(job.output)
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
+    if job.stream_buffer_mib is not None and job.stream_buffer_mib < 1:
+        raise ValueError(f"--stream-buffer-mib must be >= 1, got {job.stream_buffer_mib}")
     if job.checkpoint_every_steps is not None and job.checkpoint_every_steps < 1:
         raise ValueError(f"--checkpoint-every-steps must be >= 1, got {job.checkpoint_every_steps}")
     if not ray.is_initialized():
@@ -345,6 +357,7 @@ def fit_distributed(job: TrainJobConfig):
     }
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the workers' shards in input order too (see _read_items)
+    ingest.resource_limits = clean.context.execution_options.resource_limits  # and within the same budget
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -403,7 +416,7 @@ def run_cli(args) -> int:
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=args.name, resume=args.resume,
             max_failures=args.max_failures, demo_items=args.demo_items, overwrite=args.overwrite,
-            checkpoint_every_steps=args.checkpoint_every_steps,
+            checkpoint_every_steps=args.checkpoint_every_steps, stream_buffer_mib=args.stream_buffer_mib,
         )
         tok, version, metrics = fit_distributed(job)
         if job.items is None:  # the demo: show what the artifact gives a few items
