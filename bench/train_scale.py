@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--workdir", help="keep catalogs here between runs instead of a temp dir, and every "
                    "finished fit's row in its rows.jsonl: a rerun reuses the rows of the fits it would repeat "
                    "(same size, catalog holding, kill, epochs, checkpoint interval) and says so")
-    p.add_argument("--stream-buffer-mib", default=str(TrainJobConfig.stream_buffer_mib),
+    p.add_argument("--stream-buffer-mib", default=str(TrainJobConfig.stream_buffer_mib).lower(),
                    help="the job's Ray Data object-store budget (default: the job's); 'none': Ray Data's default")
     p.add_argument("--child", nargs=8)
     p.add_argument("--resume", action="store_true")

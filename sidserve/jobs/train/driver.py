@@ -52,12 +52,13 @@ class TrainJobConfig:
     demo_items: int = 20000  # size of the synthetic demo catalog
     cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
     # Ray Data's object-store budget for the job's reads (pre-pass, k-means sample, every streamed
-    # epoch), MiB; None: Ray Data's default, a share of the whole store. The store's pages that a
-    # read once touched stay resident in /dev/shm and mapped by the train workers, so with the
-    # default the job's memory grew with the catalog until that share was full (10M items: 1.55x
-    # of 1M on 2 CPUs, docs/benchmarks.md); 1 GiB is about ten cleaned 100k-row blocks, enough to
-    # keep two CPU workers fed. Raise it for fast (GPU) workers that wait on data.
-    stream_buffer_mib: int | None = 1024
+    # epoch), MiB; None: Ray Data's default, a share of the whole store. The store pages a read
+    # touched stay resident in /dev/shm and mapped by the train workers, so with the default a
+    # streamed fit's memory grows with the catalog until that share is full (10M items: 1.55x of
+    # 1M on 2 CPUs); 1024 gave 1.33x but 0.80x the items/s (Ray Data's split coordinator spins
+    # under the tighter budget and takes CPU from the workers; docs/benchmarks.md). A knob for
+    # memory-tight nodes, not the default.
+    stream_buffer_mib: int | None = None
     init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
     # worker hooks (sidserve.jobs.train.worker.TrainCallback), picklable; run on every worker
     callbacks: list = field(default_factory=list)
