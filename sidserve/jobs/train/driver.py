@@ -46,7 +46,7 @@ class TrainJobConfig:
     resume: bool = False  # continue the run `name` from its last checkpoint
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     # also checkpoint every this many steps inside an epoch (None: at epoch ends only): one epoch
-    # over 10M items is about 15 minutes on 2 CPUs (docs/benchmarks.md), more than a preempted
+    # over 10M items is about 25 minutes on 2 CPUs (docs/benchmarks.md), more than a preempted
     # node should cost. Not with collision regulation (its pairs are planned at the epoch start)
     checkpoint_every_steps: int | None = None
     demo_items: int = 20000  # size of the synthetic demo catalog
