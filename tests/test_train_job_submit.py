@@ -2,8 +2,11 @@
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +34,48 @@ def run(cmd, env, timeout=300, check=True):
     return proc
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop the one cluster whose session lives under ``temp_dir``: its GCS, raylet and helpers
+    name that directory on their command lines, its workers are their children. (``ray stop``
+    would stop every Ray cluster on the machine, a benchmark's or another test run's too.)"""
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in p.info["cmdline"] or []):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    procs = {p.pid: p for r in roots for p in [r, *_children(r)]}
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _children(p):
+    import psutil
+
+    try:
+        return p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_job_submit_train(tmp_path):
@@ -43,24 +88,32 @@ def test_ray_job_submit_train(tmp_path):
     ray_cli = os.path.join(bin_dir, "ray")
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
     output = tmp_path / "model"
-    run([ray_cli, "start", "--head", "--num-cpus=2", "--dashboard-port=8265", "--include-dashboard=true",
-         "--disable-usage-stats"], env)
+    # its own ports and session directory (short: Ray's socket paths must stay under 108 bytes),
+    # so it neither meets nor stops another cluster on this machine
+    temp_dir = tempfile.mkdtemp(prefix="sidserve-ray-", dir="/tmp")
+    dashboard = f"http://127.0.0.1:{(dash_port := free_port())}"
     try:
+        ports = [f"--{name}={free_port()}" for name in (
+            "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "ray-client-server-port")]  # another cluster may hold the defaults
+        run([ray_cli, "start", "--head", "--num-cpus=2", *ports, f"--temp-dir={temp_dir}",
+             f"--dashboard-port={dash_port}", "--include-dashboard=true", "--disable-usage-stats"], env)
         job_id = f"sidserve-test-{int(time.time())}"
-        proc = run([ray_cli, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
+        proc = run([ray_cli, "job", "submit", "--address", dashboard, "--working-dir", ".",
                     "--submission-id", job_id, "--",
                     "python", "jobs/train.py", "--config", str(tmp_path / "tiny.yaml"), "--epochs", "2",
                     "--demo-items", "3000", "--num-workers", "2", "--cpus-per-worker", "0.5",
                     "--output", str(output), "--storage-path", str(tmp_path / "ckpt")], env, timeout=540)
         assert "[sidserve] model v" in proc.stdout
-        status = run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8265", job_id], env)
+        status = run([ray_cli, "job", "status", "--address", dashboard, job_id], env)
         text = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
         assert f"Job '{job_id}' succeeded" in text, text  # the CLI's wording of JobStatus.SUCCEEDED
         tok = SemanticIdTokenizer.from_pretrained(str(output))
         assert tok.config.codebook_size == 16
         assert (output / "metrics.json").exists()
     finally:
-        run([ray_cli, "stop", "--force"], env, check=False)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
