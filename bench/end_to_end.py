@@ -129,7 +129,8 @@ def run_step(name: str, argv: list[str]) -> None:
 
             items, model, snapshots = argv
             s = run_refresh(RefreshJobConfig(items=items, model=model, output=snapshots))
-            out.update(items=s["items"], stages=s["stage_seconds"], churn=s["churn"]["churn"],
+            out.update(items=s["items"], stages={"prepass": s["prepass"]["seconds"], **s["stage_seconds"]},
+                       prepass_stats=s["prepass"], churn=s["churn"]["churn"],
                        sticky=s.get("sticky"), staging_bytes=s.get("staging_bytes"))
         else:
             raise SystemExit(f"unknown step {name}")
@@ -161,6 +162,7 @@ def main() -> None:
     if not 0 < args.changed <= 1:
         raise SystemExit(f"--changed must be in (0, 1], got {args.changed}")
 
+    from train_scale import code_revision
     from train_throughput import hardware
 
     n = args.items
@@ -178,6 +180,7 @@ def main() -> None:
                 ("assign", [night1, model, snaps]), ("refresh", [night2, model, snaps])]
         for name, argv in plan:
             r = step(name, argv, args.timeout)
+            r.update(measured_at=time.strftime("%Y-%m-%d %H:%M"), code=code_revision())
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
             if args.workdir:  # each row as it finishes: a later step's failure loses none of them

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, pushadd
 
 from sidserve.config import TokenizerConfig
 from sidserve.jobs.assign import AssignJobConfig, input_renames, run_assignment
-from sidserve.jobs.catalog import catalog_prepass
+from sidserve.jobs.assign.encode import catalog_dataset
+from sidserve.jobs.catalog import parquet_prepass
 from sidserve.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,6 @@ def resolve_sticky(delta: float | str | None, tokenizer_type: str, independent_p
 
 def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
     import ray
-    import ray.data
 
     if job.refit_codebooks not in (None, "train", "frozen"):
         raise ValueError(f"refit_codebooks must be 'train', 'frozen' or None, got {job.refit_codebooks!r}")
@@ -130,10 +130,9 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
         columns = job.columns if job.columns is not None else (getattr(tok, "inputs_", None) or {}).get("columns", {})
         adc = isinstance(tok.config, TokenizerConfig)
         if adc:
-            ds = ray.data.read_parquet(job.items)
-            mapping = input_renames(job.columns, tok, list(ds.schema().names))
-            stats = catalog_prepass(ds.rename_columns(mapping) if mapping else ds, tok.config)
-            prepass = stats.to_dict()
+            names = list(catalog_dataset(job.items).schema.names)
+            stats = parquet_prepass(job.items, tok.config, renames=input_renames(job.columns, tok, names))
+            prepass = {**stats.to_dict(), "seconds": time.perf_counter() - t0}
             model_range = (tok.catalog_stats_.get("n_min"), tok.catalog_stats_.get("n_max"))
             log.info("pre-pass: %s; model trained on N_min/N_max %s", prepass, model_range)
         model_uri = job.model

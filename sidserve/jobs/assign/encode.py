@@ -109,6 +109,17 @@ def ragged_list_column(values: np.ndarray, lengths: np.ndarray, null: np.ndarray
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values), mask=pa.array(null))
 
 
+def catalog_dataset(items_uri: str):
+    """The catalog's Parquet files as a pyarrow Dataset (hive partitions as columns); its
+    ``schema`` is read from one footer."""
+    import pyarrow.dataset as pads
+
+    from sidserve.artifact import resolve
+
+    fs, path = resolve(items_uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+
+
 def plan_units(items_uri: str, rows_per_unit: int) -> tuple[list[dict], pa.Schema]:
     """The catalog's Parquet files -> read units and the catalog's schema, from footers only.
 
@@ -116,12 +127,7 @@ def plan_units(items_uri: str, rows_per_unit: int) -> tuple[list[dict], pa.Schem
     rows, or one row group if that alone is larger (it is then read in slices of
     ``rows_per_unit``). Each unit: {"path", "row_groups", "rows"}, in file order.
     """
-    import pyarrow.dataset as pads
-
-    from sidserve.artifact import resolve
-
-    fs, path = resolve(items_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    dataset = catalog_dataset(items_uri)
     units: list[dict] = []
     for fragment in dataset.get_fragments():
         meta = fragment.metadata
