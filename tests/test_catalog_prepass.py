@@ -1,12 +1,12 @@
 """The Parquet pre-pass (the refresh's: tasks read their own row groups, nothing through the
-object store) counts what the Ray Data pre-pass counts, on the same input."""
+object store) counts what the checks count on the whole input at once."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from sidserve import TokenizerConfig, make_synthetic_catalog
-from sidserve.jobs.catalog import catalog_prepass, parquet_prepass
+from sidserve.jobs.catalog import batch_stats, parquet_prepass
 
 CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
            num_behavior_experts=2, epochs=1)
@@ -34,12 +34,10 @@ def write(table: pa.Table, root, renames: dict[str, str] | None = None) -> str:
     return str(root)
 
 
-def test_parquet_prepass_equals_the_ray_data_prepass(ray_session, tmp_path):
+def test_parquet_prepass_equals_the_checks_of_the_whole_table(ray_session, tmp_path):
     ray_session()
-    import ray.data
-
     config, table = TokenizerConfig(**CFG), bad_rows()
-    reference = catalog_prepass(ray.data.from_arrow(table), config)
+    reference = batch_stats(table, config)
     assert reference.num_rows == 2300 and reference.num_valid == 2295  # the bad rows above, skipped
     assert 0 < reference.num_with_behavior < reference.num_valid
     # a row group read whole (rows_per_read >= 600: units of two groups) or in slices (128)

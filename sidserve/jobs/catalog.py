@@ -1,5 +1,6 @@
 """Catalog-wide passes over the items: validation + statistics (the pre-pass of the training
-and refresh jobs) and the cleaned stream the trainers read.
+and refresh jobs: ``parquet_prepass`` for a Parquet catalog, ``catalog_prepass`` for a Ray
+Dataset such as the demo's) and the cleaned rows the trainers read.
 
 Fatal problems (the whole input is unusable) raise ``ValueError`` before any training:
 missing columns, embeddings of the wrong dimension, an empty input, behavior null
@@ -216,3 +217,19 @@ def parquet_prepass(items: str, config: TokenizerConfig, *, renames: dict[str, s
         total = total.merge(CatalogStats(**json.loads(s)))
     total.raise_if_unusable(config)
     return total
+
+
+def input_prepass(config: TokenizerConfig, *, items: str | None, ds=None,
+                  columns: dict[str, str] | None = None) -> CatalogStats:
+    """The jobs' pre-pass: a Parquet catalog (``items``) by ``parquet_prepass`` with the
+    ``columns`` mapping (modality -> input column), an in-memory dataset (``ds``, the demo's,
+    columns already standard) by ``catalog_prepass``."""
+    if not items:
+        if ds is None:
+            raise ValueError("input_prepass needs items (a Parquet catalog) or ds (a Ray Dataset)")
+        return catalog_prepass(ds, config)
+    from sidserve.inputs import renames
+    from sidserve.jobs.assign.encode import catalog_dataset
+
+    mapping = renames(columns, list(catalog_dataset(items).schema.names)) if columns else {}
+    return parquet_prepass(items, config, renames=mapping)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sidserve.jobs.catalog import HAS_BEHAVIOR, CatalogStats, catalog_prepass, clean_batch
+from sidserve.jobs.catalog import HAS_BEHAVIOR, CatalogStats, clean_batch, input_prepass
 
 
 def _fit(kind: str, config: dict[str, Any], sample: dict[str, np.ndarray], device: str):
@@ -51,7 +51,7 @@ def fit_sampled(job, ds, config, inputs: dict[str, Any], t0: float):
 
     if job.sample_size < config.codebook_size:
         raise ValueError(f"sample_size={job.sample_size} is smaller than codebook_size={config.codebook_size}")
-    stats = catalog_prepass(ds, config)
+    stats = input_prepass(config, items=job.items, ds=ds, columns=job.columns)
     print(f"[sidserve] pre-pass: {stats.num_rows} rows, {stats.num_valid} usable, "
           f"{sum(stats.skipped.values())} skipped {stats.skipped or ''} ({time.perf_counter() - t0:.1f} s)",
           flush=True)

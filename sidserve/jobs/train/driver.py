@@ -16,7 +16,7 @@ import yaml
 
 from sidserve.config import TokenizerConfig
 from sidserve.items import ITEM_ID
-from sidserve.jobs.catalog import HAS_BEHAVIOR, CatalogStats, catalog_prepass, clean_batch
+from sidserve.jobs.catalog import HAS_BEHAVIOR, CatalogStats, clean_batch, input_prepass
 from sidserve.jobs.train.checkpoint import read_result
 from sidserve.jobs.train.worker import train_loop
 
@@ -313,7 +313,7 @@ def fit_distributed(job: TrainJobConfig):
         from sidserve.jobs.train.baselines import fit_sampled
 
         return fit_sampled(job, ds, tcfg, inputs, t0)
-    stats = catalog_prepass(ds, tcfg)
+    stats = input_prepass(tcfg, items=job.items, ds=ds, columns=job.columns)
     print(f"[sidserve] pre-pass: {stats.num_rows} rows, {stats.num_valid} usable, "
           f"{sum(stats.skipped.values())} skipped {stats.skipped or ''}, "
           f"null behavior {stats.null_behavior_share:.1%}, N_min={stats.n_min}, N_max={stats.n_max} "
