@@ -145,6 +145,22 @@ def plan_units(items_uri: str, rows_per_unit: int) -> tuple[list[dict], pa.Schem
     return units, dataset.schema
 
 
+def read_unit(fs, unit: dict, rows_per_read: int, columns: list[str] | None = None):
+    """Yield the rows of a read unit (``plan_units``) as tables of at most ``rows_per_read``
+    rows, only ``columns``; raises once read if they are not the rows its footer counted."""
+    import pyarrow.parquet as pq
+
+    read = 0
+    with fs.open_input_file(unit["path"]) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_read, row_groups=unit["row_groups"],
+                                                   columns=columns):
+            read += batch.num_rows
+            yield pa.Table.from_batches([batch])
+    if read != unit["rows"]:
+        raise RuntimeError(f"{unit['path']} row groups {unit['row_groups']}: read {read} rows, "
+                           f"the footer says {unit['rows']} (was the file replaced during the run?)")
+
+
 class EncodeAndScatter(Encoder):
     """Map side of the item_id grouping: read a unit of the catalog (``plan_units``), encode it
     in calls of ``rows_per_task`` rows, and write each call's rows to one staging file split by
@@ -164,20 +180,10 @@ class EncodeAndScatter(Encoder):
         self.rows_per_task = rows_per_task
 
     def __call__(self, units: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
-
         manifests = [MANIFEST_SCHEMA.empty_table()]
         for unit in units.to_pylist():
-            with self.fs.open_input_file(unit["path"]) as f:
-                reader = pq.ParquetFile(f)
-                read = 0
-                for batch in reader.iter_batches(batch_size=self.rows_per_task, row_groups=unit["row_groups"],
-                                                 columns=self.read_columns):
-                    manifests.append(self.encode_and_scatter(pa.Table.from_batches([batch])))
-                    read += batch.num_rows
-            if read != unit["rows"]:
-                raise RuntimeError(f"{unit['path']} row groups {unit['row_groups']}: read {read} rows, "
-                                   f"the footer says {unit['rows']} (was the file replaced during the run?)")
+            for table in read_unit(self.fs, unit, self.rows_per_task, self.read_columns):
+                manifests.append(self.encode_and_scatter(table))
         return pa.concat_tables(manifests)
 
     def encode_and_scatter(self, table: pa.Table) -> pa.Table:

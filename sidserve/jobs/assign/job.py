@@ -12,7 +12,7 @@ from typing import Any
 from sidserve.artifact import write_bytes
 from sidserve.items import ITEM_ID, POPULARITY
 from sidserve.jobs.assign.dedup import dedup_partition
-from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames, plan_units
+from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames, plan_units, read_unit
 from sidserve.jobs.assign.publish import ensure_nonempty_dir
 from sidserve.jobs.assign.resolve import resolve_partition
 from sidserve.jobs.assign.shuffle import (
@@ -123,6 +123,29 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
     return collect_manifest(out)
 
 
+def scatter_previous_units(uri: str, columns: list[str], staging: str, n_parts: int, rows_per_read: int) -> list:
+    """The previous snapshot's rows under ``uri`` (its items or reservations) written to staging
+    split by item_id partition -> their manifests (MANIFEST_SCHEMA tables).
+
+    One 1-CPU task per read unit (``plan_units``) reads its own row groups, as the encoders do:
+    no row passes through the object store. Through a Ray Data read (0.5-CPU tasks, blocks in
+    the store) this step was the refresh's peak at 20M items on 2 CPUs: 6.2 GiB PSS, against
+    ~3 GiB in the rest of the job (docs/benchmarks.md)."""
+    import pyarrow as pa
+
+    units, _ = plan_units(uri, rows_per_read)
+    write = scatter_previous(staging, n_parts)
+
+    def scatter_unit(unit: dict) -> pa.Table:
+        from sidserve.artifact import resolve
+
+        # the unit's rows whole (item_id, SID, dedup: ~50 bytes a row), so one staging file per unit
+        rows = pa.concat_tables(list(read_unit(resolve(uri)[0], unit, rows_per_read, columns)))
+        return write(rows).cast(MANIFEST_SCHEMA)
+
+    return run_tasks(scatter_unit, units)
+
+
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     """Encode, dedup, write and publish a snapshot. Returns its summary."""
     import pyarrow as pa
@@ -190,9 +213,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                           ("reservations", ["item_id", "sid_str", "dedup", "nights_absent"])):
             if sub == "reservations" and not root.count_reservations(previous):
                 continue  # none held (or a snapshot from before reservations)
-            prev_manifests.append(collect_manifest(
-                ray.data.read_parquet(f"{root.snapshot_dir(previous)}/{sub}", columns=cols)
-                .map_batches(scatter_previous(staging, n_parts), batch_format="pyarrow", num_cpus=0.5)))
+            prev_manifests += scatter_previous_units(f"{root.snapshot_dir(previous)}/{sub}", cols, staging, n_parts,
+                                                     job.rows_per_partition)
     prev_manifest = pa.concat_tables([MANIFEST_SCHEMA.empty_table(), *prev_manifests])
     lap("encode")
     log.info("encoded %d rows into %d partitions in %.1f s", n_input, n_parts, stages["encode"])
