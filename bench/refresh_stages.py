@@ -2,9 +2,9 @@
 sticky assignment for ADC-SID, no re-fit) against the published snapshot of ``--snapshots``, with
 PSS summed by role every 2 s (``MemorySampler``, this process and its own Ray cluster).
 
-    .venv/bin/python bench/refresh_stages.py --items NIGHT2 --model MODEL --snapshots ROOT [--series]
+    .venv/bin/python bench/refresh_stages.py --items NIGHT2 --model MODEL --snapshots ROOT [--version V] [--series]
 
-``ROOT`` is not modified: its published snapshot is hard-linked into a temporary root (same
+``ROOT`` is not modified: its published snapshot (or ``--version``) is hard-linked into a temporary root (same
 filesystem), the refresh publishes there, and the temporary root is deleted. Prints one JSON line
 (wall, peak PSS and the role breakdown at the peak, when it came and in which stage, each stage's
 seconds and peak) and with ``--series`` every sample. ``bench/end_to_end.py`` makes such a
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--items", required=True, help="tonight's catalog (Parquet)")
     p.add_argument("--model", required=True)
     p.add_argument("--snapshots", required=True, help="a snapshot root (local) with a published snapshot")
+    p.add_argument("--version", help="the snapshot of --snapshots to refresh against (default: its published one)")
     p.add_argument("--series", action="store_true", help="also print every sample")
     args = p.parse_args()
 
@@ -43,9 +44,10 @@ def main() -> None:
     from sidserve.jobs.refresh import RefreshJobConfig, run_refresh
     from sidserve.snapshot import SnapshotRoot
 
-    version = SnapshotRoot(args.snapshots).latest()
-    if version is None:
-        raise SystemExit(f"{args.snapshots}: no published snapshot (LATEST)")
+    version = args.version or SnapshotRoot(args.snapshots).latest()
+    if version is None or not os.path.isdir(os.path.join(args.snapshots, "snapshots", version)):
+        raise SystemExit(f"{args.snapshots}: no snapshot {version!r}" if version else
+                         f"{args.snapshots}: no published snapshot (LATEST)")
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.snapshots))) as root:
         shutil.copytree(os.path.join(args.snapshots, "snapshots", version), os.path.join(root, "snapshots", version),
                         copy_function=os.link)
