@@ -130,9 +130,10 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
         columns = job.columns if job.columns is not None else (getattr(tok, "inputs_", None) or {}).get("columns", {})
         adc = isinstance(tok.config, TokenizerConfig)
         if adc:
+            t_prepass = time.perf_counter()
             names = list(catalog_dataset(job.items).schema.names)
             stats = parquet_prepass(job.items, tok.config, renames=input_renames(job.columns, tok, names))
-            prepass = {**stats.to_dict(), "seconds": time.perf_counter() - t0}
+            prepass = {**stats.to_dict(), "seconds": time.perf_counter() - t_prepass}
             model_range = (tok.catalog_stats_.get("n_min"), tok.catalog_stats_.get("n_max"))
             log.info("pre-pass: %s; model trained on N_min/N_max %s", prepass, model_range)
         model_uri = job.model
