@@ -116,7 +116,7 @@ def run_step(name: str, argv: list[str]) -> None:
                     checkpoint_every_steps=int(every) or None, overwrite=True,
                     max_failures=0))  # a restart from a checkpoint would hide in the row's time and memory
             if m is not None:
-                out.update(model_version=version, catalog_cached=m["catalog_cached"],
+                out.update(model_version=version, catalog_cached=m["catalog_cached"], ingest=m["ingest"],
                            epoch_items_per_s=m["epochs"][-1]["items_per_s"], items=m["catalog"]["num_valid"])
         elif name == "assign":
             from sidserve.jobs.assign import AssignJobConfig, run_assignment
@@ -152,8 +152,7 @@ def main() -> None:
     p.add_argument("--workdir", help="keep the catalogs and the trained model here between runs (a rerun after a "
                    "failed assign or refresh does not train again); the snapshots are not kept")
     p.add_argument("--timeout", type=float, default=8 * 3600,
-                   help="seconds one step may run before it is killed (training 20M items streams the catalog: "
-                        "hours on 2 CPUs)")
+                   help="seconds one step may run before it is killed (training 20M items: hours on 2 CPUs)")
     p.add_argument("--step", nargs="+")
     args = p.parse_args()
     if args.step:
@@ -198,7 +197,8 @@ def main() -> None:
         stages = json.dumps({k: round(v) for k, v in (r.get("stages") or {}).items()})
         notes = {"generate": "100k-row Parquet files",
                  "change": f"{r.get('changed_rows', 0):,} rows re-drawn, the rest hard-linked",
-                 "train": f"catalog {'cached' if r.get('catalog_cached') else 'streamed'}; the epoch alone: "
+                 "train": f"{r.get('ingest', 'ray-data')} ingest, catalog {'cached' if r.get('catalog_cached') else 'streamed'}; "
+                          "the epoch alone: "
                           f"{r.get('epoch_items_per_s', 0):,.0f} items/s (the wall adds the pre-pass, the k-means "
                           "sample and the final pass)",
                  "assign": f"stages {stages}",

@@ -1,7 +1,7 @@
 """Training at scale: the Ray Train fit (``sidserve train``, 2 workers) for one epoch on
 synthetic catalogs of several sizes, in one run: items/s, wall time, peak memory summed over
-the driver and every Ray process (PSS, by role), the object store's peak (/dev/shm), and
-whether the cleaned catalog was cached in the object store or streamed each epoch.
+the driver and every Ray process (PSS, by role), the object store's peak (/dev/shm), and how
+the workers got their rows (a Parquet catalog: each reads its own row groups every epoch).
 
     .venv/bin/python bench/train_scale.py --sizes 1000000 10000000 [--workdir DIR]
         [--epochs 1] [--checkpoint-every-steps 1000] [--kill-after-checkpoint]
@@ -15,9 +15,7 @@ The kill waits until Ray Train has *registered* a mid-epoch checkpoint (it is na
 run's ``checkpoint_manager_snapshot.json``, which is what ``--resume`` reads), not merely
 until one is written; the resumed run must start inside the epoch (``resumed_at_step`` > 0),
 run as many steps as the uninterrupted one and cover as many items, or the benchmark fails;
-the table gives both runs' final reconstruction and collision rate side by side (two
-streamed workers need not see their rows in the same order, so they are compared, not
-required equal). Fits run with ``max_failures=0``: a Ray Train restart from a checkpoint
+the table gives both runs' final reconstruction and collision rate side by side. Fits run with ``max_failures=0``: a Ray Train restart from a checkpoint
 fails the benchmark instead of hiding inside an "uninterrupted" row. A size with fewer
 steps per epoch than ``--checkpoint-every-steps`` never checkpoints mid-epoch: kill a larger one.
 
@@ -27,10 +25,8 @@ Catalogs: ``bench/assign_throughput.py``'s (the README's column layout, dims 64 
 those rows instead of repeating fits of an hour; delete the file to measure everything again. The model: ADC-SID with the
 public settings (K=100, L=6) and its default batch size, ``--epochs`` epochs.
 
-Ratios are like for like: the job caches the cleaned catalog in the object store when it fits
-a quarter of it and streams it otherwise, and the two differ in memory and speed. So the
-smallest size is run both ways (its own choice, and forced to stream with
-``cache_clean=False``), and each row's ratio is against the smallest size run the same way.
+Ratios are against the smallest size (the first of ``--sizes``), read the same way: the workers
+read a Parquet catalog of any size the same way (sidserve/jobs/train/ingest.py).
 
 Memory, from ``MemorySampler``: the child process and its descendants only (its own Ray
 cluster), PSS and RSS sums sampled, and the sum of each process's kernel-kept peak (VmHWM),
@@ -56,10 +52,8 @@ from assign_throughput import MemorySampler, make_catalog  # noqa: E402
 MIB = 2**20
 
 
-def child(items: str, out: str, storage: str, name: str, epochs: int, every: int | None, resume: bool,
-          cache: str, buffer_mib: int | None) -> None:
-    """One fit in this (sub)process; prints one JSON line. cache: "auto" (the job's choice) or
-    "stream" (never cache the cleaned catalog); buffer_mib: ``TrainJobConfig.stream_buffer_mib``."""
+def child(items: str, out: str, storage: str, name: str, epochs: int, every: int | None, resume: bool) -> None:
+    """One fit in this (sub)process; prints one JSON line."""
     import ray
 
     from sidserve.jobs.train.driver import TrainJobConfig, fit_distributed
@@ -69,8 +63,7 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     t0 = time.perf_counter()
     _, _, m = fit_distributed(TrainJobConfig(
         output=out, items=items, tokenizer={"epochs": epochs}, storage_path=storage, name=name, resume=resume,
-        checkpoint_every_steps=every, overwrite=True, cache_clean=None if cache == "auto" else False,
-        stream_buffer_mib=buffer_mib, max_failures=0))  # a silent restart from a checkpoint would hide inside an "uninterrupted" row
+        checkpoint_every_steps=every, overwrite=True, max_failures=0))  # a silent restart from a checkpoint would hide inside an "uninterrupted" row
     wall = time.perf_counter() - t0
     peak, series = sampler.stop()
     top = max(series, key=lambda x: x[1])
@@ -78,7 +71,8 @@ def child(items: str, out: str, storage: str, name: str, epochs: int, every: int
     print(json.dumps({
         "wall_s": wall, "items": m["catalog"]["num_valid"], "epochs": m["epochs"],
         "final": {k: m["final"][k] for k in ("recon", "entropy_mean", "utilisation_mean", "collision_rate")},
-        "catalog_cached": m["catalog_cached"], "kmeans_sample": m["kmeans_sample"],
+        "ingest": m["ingest"], "catalog_cached": m["catalog_cached"], "kmeans_sample": m["kmeans_sample"],
+        "cpus_per_worker": m.get("cpus_per_worker"),
         "peak_pss_mib": top[1] / MIB, "peak_rss_mib": peak["rss"] / MIB, "hwm_sum_mib": peak["hwm"] / MIB,
         "peak_shm_mib": peak["shm"] / MIB,
         "pss_at_peak_mib": {r: top[2].get(r, 0) / MIB for r in names},
@@ -156,8 +150,6 @@ def registered_mid_epoch_checkpoint(run_dir: str) -> bool:
 
 
 def main() -> None:
-    from sidserve.jobs.train.driver import TrainJobConfig
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--epochs", type=int, default=1)
@@ -168,15 +160,12 @@ def main() -> None:
     p.add_argument("--workdir", help="keep catalogs here between runs instead of a temp dir, and every "
                    "finished fit's row in its rows.jsonl: a rerun reuses the rows of the fits it would repeat "
                    "(same size, catalog holding, kill, epochs, checkpoint interval) and says so")
-    p.add_argument("--stream-buffer-mib", default=str(TrainJobConfig.stream_buffer_mib).lower(),
-                   help="the job's Ray Data object-store budget (default: the job's); 'none': Ray Data's default")
-    p.add_argument("--child", nargs=8)
+    p.add_argument("--child", nargs=6)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     if args.child:
-        items, out, storage, name, epochs, every, cache, buffer = args.child
-        child(items, out, storage, name, int(epochs), int(every) or None, args.resume, cache,
-              None if buffer == "none" else int(buffer))
+        items, out, storage, name, epochs, every = args.child
+        child(items, out, storage, name, int(epochs), int(every) or None, args.resume)
         return
     if sorted(args.sizes) != args.sizes:
         raise SystemExit(f"--sizes must be ascending (the first is the baseline), got {args.sizes}")
@@ -195,16 +184,16 @@ def main() -> None:
         d = args.workdir or tmp
         storage = os.path.join(tmp, "ckpt")
 
-        def fit(n: int, cache: str, run: str, kill: bool = False) -> None:
-            name = f"scale-{n}-{cache}{'-killed' if kill else ''}"
-            key = f"{name}-epochs{args.epochs}-every{args.checkpoint_every_steps}-buffer{args.stream_buffer_mib}"
+        def fit(n: int, run: str, kill: bool = False) -> None:
+            name = f"scale-{n}{'-killed' if kill else ''}"
+            key = f"{name}-epochs{args.epochs}-every{args.checkpoint_every_steps}-parquet-ingest"
             if key in earlier:  # a fit of hours is not run again after a later one failed
                 rows.append(earlier[key])
                 print(f"[bench] {key}: the row measured at {earlier[key]['measured_at']} "
                       f"(code {earlier[key]['code']}), from {rows_file}", file=sys.stderr)
                 return
             common = [os.path.join(d, f"items-{n}"), os.path.join(tmp, f"model-{name}"), storage, name,
-                      str(args.epochs), str(args.checkpoint_every_steps), cache, args.stream_buffer_mib]
+                      str(args.epochs), str(args.checkpoint_every_steps)]
             if kill:
                 t0 = time.perf_counter()
                 run_child(common, args.timeout,
@@ -212,7 +201,7 @@ def main() -> None:
                 run = f"killed after {time.perf_counter() - t0:.0f} s, resumed"
                 common = ["--resume", *common]  # a fresh process and Ray cluster, as a resubmitted job
             r = run_child(common, args.timeout)
-            r.update(size=n, run=run, cache=cache)
+            r.update(size=n, run=run)
             if not kill and any(e.get("started_at_epoch") or e.get("resumed_at_step") for e in r["epochs"]):
                 raise SystemExit(f"the {n:,} fit '{run}' resumed from a checkpoint: not an uninterrupted run")
             r.update(key=key, measured_at=time.strftime("%Y-%m-%d %H:%M"), code=code_revision())
@@ -224,13 +213,11 @@ def main() -> None:
 
         for n in args.sizes:
             make_catalog(n, os.path.join(d, f"items-{n}"))
-            fit(n, "auto", "uninterrupted")
-            if n == args.sizes[0]:  # the baseline of streamed rows, whatever the job chose here
-                fit(n, "stream", "uninterrupted, streaming forced")
+            fit(n, "uninterrupted")
         if args.kill_after_checkpoint:
             n = args.sizes[-1]
-            fit(n, "auto", "", kill=True)
-            resumed, whole = rows[-1], next(r for r in rows if r["size"] == n and r["cache"] == "auto")
+            fit(n, "", kill=True)
+            resumed, whole = rows[-1], next(r for r in rows if r["size"] == n)
             first, again = whole["epochs"][0], resumed["epochs"][resumed["epochs"][-1]["started_at_epoch"]]
             if not again.get("resumed_at_step"):
                 raise SystemExit(f"the killed {n:,} fit did not resume inside its epoch: {again}")
@@ -242,21 +229,22 @@ def main() -> None:
                                  f"{whole['items']:,}")
 
     print(f"\nhardware: {hardware()}; 2 Ray Train workers; {args.epochs} epoch(s); "
-          f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps; Ray Data's object-store budget "
-          f"(stream_buffer_mib) {args.stream_buffer_mib}")
+          f"{', '.join(sorted({str(r.get('cpus_per_worker')) for r in rows}))} CPU per worker; "
+          f"mid-epoch checkpoints every {args.checkpoint_every_steps} steps")
     print("\nMemory: the fit's own processes (driver + its Ray cluster). PSS: the memory really in use. "
           "Peaks' sum: each process's own peak RSS (VmHWM), summed (an upper bound of the RSS sum's peak). "
           "It counts every process the run ever had, exited ones too (Ray Data's short-lived read actors, "
           "idle workers restarted), so it grows with a run's length, not only its memory: the ratio is on "
-          "PSS alone. Ratio: against the smallest size with the catalog held the same way (cached / streamed).")
-    print("\n| catalog | run | cleaned catalog | epoch items/s | steps (resumed at) | wall (s) | peak PSS sum | "
+          "PSS alone. Ratio: against the smallest size.")
+    print("\n| catalog | run | ingest | epoch items/s | steps (resumed at) | wall (s) | peak PSS sum | "
           "vs smallest | peak RSS sum | peaks' sum (VmHWM) | peak /dev/shm | k-means sample | recon | "
           "collision rate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(b for b in rows if b["catalog_cached"] == r["catalog_cached"])
+        base = rows[0]
         last = r["epochs"][-1]
-        print(f"| {r['size']:,} | {r['run']} | {'cached' if r['catalog_cached'] else 'streamed'} | "
+        held = r.get("ingest", "ray-data") + (", cached" if r["catalog_cached"] else "")
+        print(f"| {r['size']:,} | {r['run']} | {held} | "
               f"{last['items_per_s']:,.0f} | {last['steps']} ({last.get('resumed_at_step', 0)}) | {r['wall_s']:,.0f} | "
               f"{r['peak_pss_mib']:,.0f} MiB | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f}x | "
               f"{r['peak_rss_mib']:,.0f} MiB | {r['hwm_sum_mib']:,.0f} MiB | {r['peak_shm_mib']:,.0f} MiB | "

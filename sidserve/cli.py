@@ -81,9 +81,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
     p.add_argument("--checkpoint-every-steps", type=int,
                    help="ADC-SID: also checkpoint every N steps inside an epoch (long epochs on large catalogs)")
-    p.add_argument("--stream-buffer-mib", type=int,
-                   help="ADC-SID: Ray Data's object-store budget for the job's reads and streamed epochs "
-                        "(default: Ray Data's, a share of the store); less memory on large catalogs, fewer items/s")
     p.add_argument("--demo-items", type=int, default=20000, help="size of the demo catalog (no --items)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model already at --output (refused otherwise: artifacts are immutable)")

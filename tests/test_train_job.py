@@ -54,12 +54,13 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     ray_session()
     shards = tmp_path / "shards"
     shards.mkdir()
-    # cache_clean=False: the streaming path that large catalogs take (re-read every epoch);
-    # with collision regulation, whose overlaps are found across both workers' shards
+    # the workers read their own row groups every epoch (ingest.py), with collision
+    # regulation, whose overlaps are found across both workers' shards
     tcfg = TokenizerConfig(**TINY).replace(collision_regulation="adaptive", collision_hamming=1,
                                            collision_refresh_every=2)
     tok, version, metrics = fit_distributed(job(tmp_path, items_dir, callbacks=[RecordShards(str(shards))],
-                                                cache_clean=False, tokenizer=tcfg))
+                                                tokenizer=tcfg))
+    assert metrics["ingest"] == "parquet" and not metrics["catalog_cached"]
 
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
     assert loaded.version == version
@@ -67,10 +68,10 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     assert enc.sid.shape == (catalog.num_rows, 6)
     np.testing.assert_array_equal(enc.sid, tok.encode(catalog).sid)
 
-    # every worker saw a disjoint shard, together (up to the equal-split remainder) all items
+    # every worker saw a disjoint shard, together every item (equal shares: the same steps)
     seen = [set((shards / f"rank-{r}-epoch-0.txt").read_text().split()) for r in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) >= catalog.num_rows - 1
+    assert len(seen[0] | seen[1]) == catalog.num_rows
 
     # metrics a person can follow: per epoch and final, in metrics.json inside the artifact
     m = json.loads((tmp_path / "model" / "metrics.json").read_text())
@@ -80,7 +81,7 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
         assert key in m["epochs"][-1]
     assert len(m["final"]["utilisation_per_position"]) == 6
     # the job's final metrics are the ones an in-process evaluate of the same model gives
-    # (over every worker's shard = the catalog up to the equal-split remainder of one item)
+    # (over every worker's shard = the catalog)
     ref = loaded.evaluate(catalog)
     warm = sum(v is not None for v in catalog.column("behavior_emb").to_pylist())
     for key in ("cold_path_agreement", "gate_zero_share"):
@@ -101,7 +102,7 @@ def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tm
     assert not (shards / "rank-0-pairs-epoch-1.json").exists() and "regulated_pairs" not in m["epochs"][1]
     crossing = [p for p in ranks[0]["pairs"] if (p[0] in seen[0]) != (p[1] in seen[0])]
     assert crossing  # pairs whose items were trained by different workers were found
-    assert m["final"]["num_items"] == m["catalog"]["num_valid"] - m["catalog"]["num_valid"] % 2
+    assert m["final"]["num_items"] == m["catalog"]["num_valid"]
     assert m["catalog"]["num_rows"] == catalog.num_rows
     # the catalog statistics are over the whole input, not a worker's shard
     norms = [np.linalg.norm(v) for v in catalog.column("behavior_emb").to_pylist() if v is not None]
@@ -170,16 +171,19 @@ def test_too_few_resources_fail_fast(ray_session, items_dir, tmp_path):
     ray_session()
     with pytest.raises(ValueError, match="needs 3 CPUs but the cluster has 2"):
         fit_distributed(job(tmp_path, items_dir, num_workers=3, cpus_per_worker=1.0))
+    # an in-memory catalog streams through Ray Data, which keeps a CPU beside the workers
     with pytest.raises(ValueError, match="plus 1 for Ray Data"):
-        fit_distributed(job(tmp_path, items_dir, num_workers=2, cpus_per_worker=1.0))
+        fit_distributed(job(tmp_path, None, num_workers=2, cpus_per_worker=1.0))
     with pytest.raises(ValueError, match="needs 2 GPUs"):
         fit_distributed(job(tmp_path, items_dir, use_gpu=True))
-    # sized automatically on 2 CPUs: the workers share one, a whole one stays with Ray Data
-    # (a streamed epoch's read tasks and Parquet footer readers each need one to start)
+    # sized automatically on 2 CPUs: a Parquet catalog is read by the workers themselves, so
+    # they take every CPU; with Ray Data they share one and a whole one stays with it (a
+    # streamed epoch's read tasks need one to start)
     from sidserve.jobs.train.driver import _check_resources
-    auto = job(tmp_path, items_dir, cpus_per_worker=None)
-    _check_resources(auto)
-    assert auto.cpus_per_worker == 0.5
+    for items, share in ((items_dir, 1.0), (None, 0.5)):
+        auto = job(tmp_path, items, cpus_per_worker=None)
+        _check_resources(auto)
+        assert auto.cpus_per_worker == share, items
 
 
 def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):
@@ -288,21 +292,3 @@ def test_an_existing_model_is_not_overwritten_unless_asked(ray_session, items_di
     with pytest.raises(ValueError, match=r"already holds model v[0-9a-f]+; artifacts are immutable.*--overwrite"):
         fit_distributed(job(tmp_path, items_dir))
     assert load_tokenizer(str(tmp_path / "model")).version == fitted.version  # untouched
-
-
-def test_the_reads_stay_within_the_stream_buffer(ray_session, items_dir, tmp_path):
-    """Every read of the job (pre-pass, k-means sample, streamed epochs: datasets derived from
-    the one read) runs within ``stream_buffer_mib`` of the object store, Ray Data's default
-    (a share of the whole store) only when it is None; a budget below 1 MiB is refused."""
-    ray_session()
-    from sidserve.jobs.train.driver import _read_items
-
-    for mib, expect in ((64, 64 * 2**20), (None, None)):
-        ds = _read_items(job(tmp_path, items_dir, stream_buffer_mib=mib))
-        derived = ds.map_batches(lambda t: t, batch_format="pyarrow").random_sample(0.5, seed=0)
-        for d in (ds, derived):
-            limit = d.context.execution_options.resource_limits.object_store_memory
-            assert limit == expect if expect else limit in (None, float("inf"))
-            assert d.context.execution_options.preserve_order
-    with pytest.raises(ValueError, match="--stream-buffer-mib must be >= 1, got 0"):
-        fit_distributed(job(tmp_path, items_dir, stream_buffer_mib=0))

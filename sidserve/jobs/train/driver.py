@@ -40,7 +40,7 @@ class TrainJobConfig:
     num_workers: int = 2  # Ray Train workers (data-parallel)
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float | None = None  # CPUs per worker; None: 1, or less on a small cluster
-    # so that Ray Data keeps DATA_CPUS for reading (Train holding every CPU starves Data forever)
+    # (an in-memory catalog: so that Ray Data keeps DATA_CPUS; Train holding every CPU starves it)
     storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters)
     name: str | None = None  # run name under storage_path
     resume: bool = False  # continue the run `name` from its last checkpoint
@@ -50,15 +50,9 @@ class TrainJobConfig:
     # node should cost. Not with collision regulation (its pairs are planned at the epoch start)
     checkpoint_every_steps: int | None = None
     demo_items: int = 20000  # size of the synthetic demo catalog
-    cache_clean: bool | None = None  # keep the cleaned catalog in the object store; None: if small
-    # Ray Data's object-store budget for the job's reads (pre-pass, k-means sample, every streamed
-    # epoch), MiB; None: Ray Data's default, a share of the whole store. The store pages a read
-    # touched stay resident in /dev/shm and mapped by the train workers, so with the default a
-    # streamed fit's memory grows with the catalog until that share is full (10M items: 1.55x of
-    # 1M on 2 CPUs); 1024 gave 1.33x but 0.80x the items/s (Ray Data's split coordinator spins
-    # under the tighter budget and takes CPU from the workers; docs/benchmarks.md). A knob for
-    # memory-tight nodes, not the default.
-    stream_buffer_mib: int | None = None
+    # an in-memory catalog (the demo's; a Parquet one is read by the workers every epoch): keep
+    # the cleaned rows in the object store; None: if they take under CACHE_FRACTION of it
+    cache_clean: bool | None = None
     init_model: str | None = None  # warm start: weights of this artifact instead of k-means init
     # worker hooks (sidserve.jobs.train.worker.TrainCallback), picklable; run on every worker
     callbacks: list = field(default_factory=list)
@@ -137,14 +131,17 @@ def _available_after_settling(cpus: float, timeout_s: float = RESOURCE_SETTLE_S)
 
 
 def _check_resources(job: TrainJobConfig) -> None:
-    """Fail fast (Ray Train v2 would wait forever) and size cpus_per_worker if unset."""
+    """Fail fast (Ray Train v2 would wait forever) and size cpus_per_worker if unset. A Parquet
+    catalog is read by the workers themselves (``ingest.ParquetShards``): every free CPU can
+    go to them; an in-memory catalog streams through Ray Data, which keeps ``DATA_CPUS``."""
     import ray
 
+    data_cpus = 0.0 if job.items else DATA_CPUS
     total = ray.cluster_resources()
-    want = job.num_workers * (job.cpus_per_worker or 1.0) + DATA_CPUS
+    want = job.num_workers * (job.cpus_per_worker or 1.0) + data_cpus
     free = _available_after_settling(min(want, total.get("CPU", 0)))
     if job.cpus_per_worker is None:
-        room = (free.get("CPU", 0) - DATA_CPUS) / job.num_workers
+        room = (free.get("CPU", 0) - data_cpus) / job.num_workers
         job.cpus_per_worker = 1.0 if room >= 1.0 else max(0.1, round(room, 2))
     if job.cpus_per_worker <= 0:
         raise ValueError(f"--cpus-per-worker must be > 0, got {job.cpus_per_worker}")
@@ -159,10 +156,11 @@ def _check_resources(job: TrainJobConfig) -> None:
             f"--use-gpu with --num-workers {job.num_workers} needs {job.num_workers} GPUs but the cluster "
             f"has {total.get('GPU', 0):g}"
         )
-    if free.get("CPU", 0) < need_cpu + DATA_CPUS:
+    if free.get("CPU", 0) < need_cpu + data_cpus:
         raise ValueError(
-            f"the job needs {need_cpu:g} free CPUs for {job.num_workers} workers plus {DATA_CPUS:g} for "
-            f"Ray Data, but only {free.get('CPU', 0):g} of {total.get('CPU', 0):g} are free (another job "
+            f"the job needs {need_cpu:g} free CPUs for {job.num_workers} workers"
+            + (f" plus {data_cpus:g} for Ray Data" if data_cpus else "")
+            + f", but only {free.get('CPU', 0):g} of {total.get('CPU', 0):g} are free (another job "
             "or a Serve app holds the rest); Ray Train would wait for them forever. Lower "
             "--num-workers / --cpus-per-worker or free the cluster"
         )
@@ -195,10 +193,7 @@ def _read_items(job: TrainJobConfig):
         table = demo_catalog(job)
         step = max(1, table.num_rows // 8)
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    options = ds.context.execution_options  # this dataset's own copy of the context
-    options.preserve_order = True
-    if job.stream_buffer_mib is not None:
-        options.resource_limits = options.resource_limits.copy(object_store_memory=job.stream_buffer_mib * 2**20)
+    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
     return ds
 
 
@@ -247,12 +242,19 @@ def resolve_inputs(job: TrainJobConfig, ds):
     return ds, config, spec, inferred
 
 
-def _kmeans_sample(clean_ds, stats: CatalogStats, config: TokenizerConfig) -> dict[str, np.ndarray]:
+def _kmeans_sample(clean, stats: CatalogStats, config: TokenizerConfig) -> dict[str, np.ndarray]:
+    """At most ``kmeans_init_samples`` cleaned rows, drawn uniformly: ``clean`` is the workers'
+    ``ParquetShards`` (one task per unit) or the cleaned Ray Dataset of an in-memory catalog."""
+    from sidserve.jobs.train.ingest import ParquetShards, sample_rows
+
     n = min(config.kmeans_init_samples, stats.num_valid)
-    fraction = min(1.0, 1.5 * n / stats.num_valid)
-    ds = clean_ds if fraction >= 1.0 else clean_ds.random_sample(fraction, seed=config.seed)
-    sample = ds.limit(n).take_batch(n, batch_format="numpy")
-    if len(sample[HAS_BEHAVIOR]) < config.codebook_size:
+    if isinstance(clean, ParquetShards):
+        sample = sample_rows(clean, stats.num_valid, n, config.seed)
+    else:
+        fraction = min(1.0, 1.5 * n / stats.num_valid)
+        ds = clean if fraction >= 1.0 else clean.random_sample(fraction, seed=config.seed)
+        sample = ds.limit(n).take_batch(n, batch_format="numpy")
+    if len(sample.get(HAS_BEHAVIOR, ())) < config.codebook_size:
         raise ValueError(
             f"{stats.num_valid} usable items are too few for codebook_size={config.codebook_size}"
         )
@@ -285,8 +287,6 @@ def fit_distributed(job: TrainJobConfig):
         _refuse_existing_artifact(job.output)
     if job.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {job.num_workers}")
-    if job.stream_buffer_mib is not None and job.stream_buffer_mib < 1:
-        raise ValueError(f"--stream-buffer-mib must be >= 1, got {job.stream_buffer_mib}")
     if job.checkpoint_every_steps is not None and job.checkpoint_every_steps < 1:
         raise ValueError(f"--checkpoint-every-steps must be >= 1, got {job.checkpoint_every_steps}")
     if not ray.is_initialized():
@@ -330,15 +330,25 @@ def fit_distributed(job: TrainJobConfig):
         raise ValueError("collision_regulation needs an item_id column in the input (to match colliding "
                          "items across workers); the input has none")
     cfg_dict = tcfg.to_dict()
-    clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
-                           batch_format="pyarrow", batch_size=4096, num_cpus=0.25)
-    row_bytes = 4 * (sum(tcfg.modality_dims.values()) + (tcfg.behavior_dim or 0)) + 64
-    fits = stats.num_valid * row_bytes < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
-    cached = job.cache_clean if job.cache_clean is not None else fits
-    if cached:
-        # small enough: clean once and keep it in the object store instead of re-reading
-        # and re-validating the input every epoch; larger catalogs stream each epoch
-        clean = clean.materialize()
+    cached, datasets, shards = False, {}, None
+    if job.items:  # the workers read their own row groups (ingest.py): nothing through the object store
+        from sidserve.inputs import renames
+        from sidserve.jobs.assign.encode import catalog_dataset
+        from sidserve.jobs.train.ingest import ParquetShards
+
+        mapping = renames(job.columns, list(catalog_dataset(job.items).schema.names)) if job.columns else {}
+        clean = shards = ParquetShards.plan(job.items, tcfg, renames=mapping)
+    else:  # an in-memory catalog (the demo's): Ray Data's streaming split
+        clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
+                               batch_format="pyarrow", batch_size=4096, num_cpus=0.25)
+        row_bytes = 4 * (sum(tcfg.modality_dims.values()) + (tcfg.behavior_dim or 0)) + 64
+        fits = stats.num_valid * row_bytes < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
+        cached = job.cache_clean if job.cache_clean is not None else fits
+        if cached:
+            # small enough: clean once and keep it in the object store instead of re-reading
+            # and re-validating the input every epoch; larger catalogs stream each epoch
+            clean = clean.materialize()
+        datasets = {"train": clean}
     sample = _kmeans_sample(clean, stats, tcfg)
 
     init_state = None
@@ -355,10 +365,10 @@ def fit_distributed(job: TrainJobConfig):
         "tokenizer": cfg_dict, "n_min": stats.n_min, "n_max": stats.n_max,
         "sample_ref": ray.put(sample), "callbacks": list(job.callbacks),
         "init_state_ref": init_state, "checkpoint_every_steps": job.checkpoint_every_steps,
+        "shards": shards,
     }
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the workers' shards in input order too (see _read_items)
-    ingest.resource_limits = clean.context.execution_options.resource_limits  # and within the same budget
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -371,7 +381,7 @@ def fit_distributed(job: TrainJobConfig):
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": clean},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
@@ -387,7 +397,11 @@ def fit_distributed(job: TrainJobConfig):
         "epochs": history,
         "final": final,
         "num_workers": job.num_workers,
+        "cpus_per_worker": job.cpus_per_worker,
         "use_gpu": job.use_gpu,
+        # how the workers got their rows: "parquet" (each reads its own row groups every epoch,
+        # ingest.py) or "ray-data" (an in-memory catalog's streaming split)
+        "ingest": "parquet" if shards is not None else "ray-data",
         # the cleaned catalog kept in the object store (True) or read again every epoch (False)
         "catalog_cached": bool(cached),
         "kmeans_sample": int(len(sample[HAS_BEHAVIOR])),  # rows the codebooks were initialised from
@@ -417,7 +431,7 @@ def run_cli(args) -> int:
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=args.name, resume=args.resume,
             max_failures=args.max_failures, demo_items=args.demo_items, overwrite=args.overwrite,
-            checkpoint_every_steps=args.checkpoint_every_steps, stream_buffer_mib=args.stream_buffer_mib,
+            checkpoint_every_steps=args.checkpoint_every_steps,
         )
         tok, version, metrics = fit_distributed(job)
         if job.items is None:  # the demo: show what the artifact gives a few items

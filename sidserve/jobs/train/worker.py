@@ -190,7 +190,8 @@ def train_loop(cfg: dict) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    shard = ray.train.get_dataset_shard("train")
+    shards = cfg.get("shards")  # a Parquet catalog: this worker reads its own rows (ingest.py)
+    shard = shards.for_rank(rank, world) if shards is not None else ray.train.get_dataset_shard("train")
     callbacks = cfg.get("callbacks") or []
     every = cfg.get("checkpoint_every_steps")  # mid-epoch checkpoints (None: at epoch ends only)
     pair_set, pair_step = None, 0

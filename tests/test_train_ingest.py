@@ -1,0 +1,168 @@
+"""The train workers' own Parquet reads (sidserve/jobs/train/ingest.py): every valid row once
+per epoch across the workers, equal shares, a seeded order that a resume can replay, bad rows
+left out, the input's column names mapped, and the k-means sample drawn from the valid rows."""
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sidserve import TokenizerConfig, make_synthetic_catalog
+from sidserve.jobs.catalog import HAS_BEHAVIOR, clean_batch
+from sidserve.jobs.train.ingest import ParquetShards, prefetched, sample_rows, spans
+
+CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
+           num_behavior_experts=2, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    t = make_synthetic_catalog(2300, modality_dims=CFG["modality_dims"], behavior_dim=8, cold_share=0.2, seed=5)
+    rows = t.to_pylist()
+    for i in (4, 1200, 2299):  # rows cleaning skips
+        rows[i]["image_emb"][0] = float("nan")
+    rows[17]["text_emb"] = None
+    return pa.Table.from_pylist(rows, schema=t.schema)
+
+
+def write(table: pa.Table, root, renames=None) -> str:
+    """Three files of unequal size, several row groups each (units and slices vary)."""
+    root.mkdir()
+    if renames:
+        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
+    for i, (a, b) in enumerate(((0, 1000), (1000, 1900), (1900, 2300))):
+        pq.write_table(table.slice(a, b - a), root / f"part-{i}.parquet", row_group_size=300)
+    return str(root)
+
+
+def valid_ids(table: pa.Table) -> list[str]:
+    return list(clean_batch(table, TokenizerConfig(**CFG))["item_id"])
+
+
+def ids_of(batches) -> list[str]:
+    return [i for b in batches for i in b["item_id"]]
+
+
+def test_spans_are_equal_shares_that_cover_every_row_once():
+    units = [{"rows": r} for r in (300, 1, 0, 700, 299, 5)]
+    total = sum(u["rows"] for u in units)
+    for world in (1, 2, 3, 7):
+        for order in (np.arange(len(units)), np.array([3, 0, 5, 1, 2, 4])):
+            covered, sizes = [], []
+            for rank in range(world):
+                got = spans(units, rank, world, order)
+                sizes.append(sum(b - a for _, a, b in got))
+                covered += [(i, r) for i, a, b in got for r in range(a, b)]
+                assert all(0 <= a < b <= units[i]["rows"] for i, a, b in got)
+            assert sorted(covered) == sorted((i, r) for i, u in enumerate(units) for r in range(u["rows"]))
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == total
+
+
+@pytest.mark.parametrize("rows_per_read", [700, 128])
+def test_every_valid_row_once_per_epoch_across_workers(table, tmp_path, rows_per_read):
+    shards = ParquetShards.plan(write(table, tmp_path / "items"), TokenizerConfig(**CFG), rows_per_read=rows_per_read)
+    assert shards.num_rows == 2300
+    expect = sorted(valid_ids(table))
+    assert len(expect) == 2296  # the four bad rows are not trained on
+    for world in (1, 2, 3):
+        for seed in (None, 11):  # file order (evaluation passes) and a shuffled epoch
+            parts = [ids_of(shards.for_rank(r, world).iter_batches(
+                batch_size=256, local_shuffle_buffer_size=1024 if seed else None, local_shuffle_seed=seed))
+                for r in range(world)]
+            assert sorted(itertools.chain(*parts)) == expect, (world, seed)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 4  # equal input shares, bad rows aside
+
+
+def test_batches_hold_the_cleaned_columns_of_their_rows(table, tmp_path):
+    config = TokenizerConfig(**CFG)
+    shard = ParquetShards.plan(write(table, tmp_path / "items"), config).for_rank(0, 1)
+    batches = list(shard.iter_batches(batch_size=500, local_shuffle_buffer_size=1000, local_shuffle_seed=3))
+    assert [len(b["item_id"]) for b in batches[:-1]] == [500] * (len(batches) - 1)
+    assert 0 < len(batches[-1]["item_id"]) <= 500
+    reference = clean_batch(table, config)
+    where = {k: i for i, k in enumerate(reference["item_id"])}
+    for b in batches:
+        rows = np.array([where[k] for k in b["item_id"]])
+        for col in ("text_emb", "image_emb", "behavior_emb", HAS_BEHAVIOR):
+            np.testing.assert_array_equal(b[col], reference[col][rows], err_msg=col)
+        assert b["text_emb"].dtype == np.float32 and b["text_emb"].shape == (len(rows), 16)
+
+
+def test_the_order_is_a_function_of_the_seed(table, tmp_path):
+    shards = ParquetShards.plan(write(table, tmp_path / "items"), TokenizerConfig(**CFG), rows_per_read=256)
+
+    def order(rank, seed, buffer=1024):
+        return ids_of(shards.for_rank(rank, 2).iter_batches(batch_size=128, local_shuffle_buffer_size=buffer,
+                                                             local_shuffle_seed=seed))
+
+    assert order(0, 7) == order(0, 7)  # a resumed epoch replays the same batches
+    assert order(0, 7) != order(0, 8)  # another epoch, another order
+    assert set(order(0, 7)) != set(order(0, 8))  # units are permuted across workers too, not only within
+    plain = ids_of(shards.for_rank(0, 1).iter_batches(batch_size=128))
+    assert plain == valid_ids(table)  # no shuffle buffer: file order
+
+
+def test_input_column_names_are_mapped(table, tmp_path):
+    config = TokenizerConfig(**CFG)
+    items = write(table, tmp_path / "items", {"text_emb": "title_vec"})
+    shards = ParquetShards.plan(items, config, renames={"title_vec": "text_emb"})
+    assert "title_vec" in shards.read_columns
+    got = list(shards.for_rank(0, 1).iter_batches(batch_size=4096))
+    assert ids_of(got) == valid_ids(table) and got[0]["text_emb"].shape[1] == 16
+
+
+def test_refusals(table, tmp_path):
+    config = TokenizerConfig(**CFG)
+    items = write(table, tmp_path / "items")
+    with pytest.raises(ValueError, match="rows_per_read must be >= 1, got 0"):
+        ParquetShards.plan(items, config, rows_per_read=0)
+    shards = ParquetShards.plan(items, config)
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        shards.for_rank(2, 2)
+    with pytest.raises(ValueError, match="numpy batches, not 'pandas'"):
+        next(shards.for_rank(0, 1).iter_batches(batch_size=8, batch_format="pandas"))
+    (tmp_path / "empty").mkdir()
+    pq.write_table(table.slice(0, 0), tmp_path / "empty" / "part-0.parquet")
+    with pytest.raises(ValueError, match="no Parquet rows"):
+        ParquetShards.plan(str(tmp_path / "empty"), config)
+
+
+def test_prefetched_raises_the_readers_error_and_stops_with_the_consumer():
+    import threading
+    import time
+
+    def failing():
+        yield 1
+        raise RuntimeError("bad row group")
+
+    it = prefetched(failing())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="bad row group"):
+        next(it)
+    before = threading.active_count()
+    it = prefetched(itertools.count())  # endless: the thread must stop when the consumer does
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_the_kmeans_sample_is_bounded_uniform_and_seeded(ray_session, table, tmp_path):
+    ray_session()
+    config = TokenizerConfig(**CFG)
+    shards = ParquetShards.plan(write(table, tmp_path / "items"), config, rows_per_read=256)
+    valid = set(valid_ids(table))
+    a = sample_rows(shards, len(valid), 500, seed=1)
+    assert len(a["item_id"]) == 500 and len(set(a["item_id"])) == 500 and set(a["item_id"]) <= valid
+    assert list(sample_rows(shards, len(valid), 500, seed=1)["item_id"]) == list(a["item_id"])
+    assert list(sample_rows(shards, len(valid), 500, seed=2)["item_id"]) != list(a["item_id"])
+    # drawn from every file, not from the first rows read
+    rows = np.flatnonzero(np.isin(table.column("item_id").to_numpy(zero_copy_only=False), a["item_id"]))
+    files = set(np.searchsorted([1000, 1900], rows, side="right").tolist())
+    assert files == {0, 1, 2}
+    # asked for more than there are: every valid row
+    assert sorted(sample_rows(shards, len(valid), 10_000, seed=1)["item_id"]) == sorted(valid)
