@@ -70,7 +70,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ADC-SID)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (baselines: a GPU for the fit)")
     p.add_argument("--cpus-per-worker", type=float,
-                   help="CPUs per worker (default: 1, or less on a small cluster so Ray Data keeps 0.5 CPU)")
+                   help="CPUs per worker (default: 1, or less on a small cluster; the workers read a Parquet "
+                        "catalog themselves, the in-memory demo leaves Ray Data 1 CPU)")
     p.add_argument("--epochs", type=int, help="overrides the config's epochs (ADC-SID, rq-vae)")
     p.add_argument("--batch-size", type=int, help="per-worker batch size; overrides the config")
     p.add_argument("--sample-size", type=int, default=200_000,
