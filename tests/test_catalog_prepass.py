@@ -4,6 +4,7 @@ object store) counts what the checks count on the whole input at once."""
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from catalog_files import write_catalog
 
 from sidserve import TokenizerConfig, make_synthetic_catalog
 from sidserve.jobs.catalog import batch_stats, parquet_prepass
@@ -24,14 +25,7 @@ def bad_rows() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=t.schema)
 
 
-def write(table: pa.Table, root, renames: dict[str, str] | None = None) -> str:
-    """Three files of unequal size, each of several row groups (so units and slices vary)."""
-    root.mkdir()
-    if renames:
-        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
-    for i, (a, b) in enumerate(((0, 1000), (1000, 1900), (1900, 2300))):
-        pq.write_table(table.slice(a, b - a), root / f"part-{i}.parquet", row_group_size=300)
-    return str(root)
+write = write_catalog
 
 
 def test_parquet_prepass_equals_the_checks_of_the_whole_table(ray_session, tmp_path):

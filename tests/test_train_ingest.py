@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from catalog_files import write_catalog
 
 from sidserve import TokenizerConfig, make_synthetic_catalog
 from sidserve.jobs.catalog import HAS_BEHAVIOR, clean_batch
@@ -27,14 +28,7 @@ def table() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=t.schema)
 
 
-def write(table: pa.Table, root, renames=None) -> str:
-    """Three files of unequal size, several row groups each (units and slices vary)."""
-    root.mkdir()
-    if renames:
-        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
-    for i, (a, b) in enumerate(((0, 1000), (1000, 1900), (1900, 2300))):
-        pq.write_table(table.slice(a, b - a), root / f"part-{i}.parquet", row_group_size=300)
-    return str(root)
+write = write_catalog
 
 
 def valid_ids(table: pa.Table) -> list[str]:
