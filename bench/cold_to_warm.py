@@ -6,7 +6,7 @@ refresh tokenizes it on the full path, with sticky assignment against the previo
 (which held the cold SID). The figure is the share of items with behavior whose shared code
 is the one the content-only path gave them, per popularity bucket (training interactions),
 with plain assignment and with sticky assignment at each margin
-(``sidserve.eval.stability.cold_to_warm``). Each weight is one ADC-SID fit with the
+(``sidserve.eval.churn.cold_to_warm``). Each weight is one ADC-SID fit with the
 evaluation's budget (K = 100, L = 6) on the evaluation's text/meta embeddings and behavioral
 embedding (the untied SASRec's input table) over the full training split; weight 0 reuses the
 run's own fitted ``adc_sid`` when its artifact is there.
@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
 
+    from sidserve.eval.churn import cold_to_warm
     from sidserve.eval.data import load_dataset
-    from sidserve.eval.stability import cold_to_warm
     from sidserve.eval.tokenizers import TokenizerBudget, _adc_config
     from sidserve.items import ItemArrays
     from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer

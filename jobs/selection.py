@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sidserve.cli import run_job
     from sidserve.eval.selection import MODELS, parse_overrides, select
+    from sidserve.runner import run_job
 
     def body():
         from sidserve.eval.tokenizers import config_class

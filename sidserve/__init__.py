@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BaseTokenizer": "sidserve.tokenizers.base", "Encoding": "sidserve.tokenizers.base", "NotFittedError": "sidserve.tokenizers.base",
-    "load_tokenizer": "sidserve.tokenizers.registry", "TokenizerConfig": "sidserve.config",
+    "load_tokenizer": "sidserve.tokenizers.registry", "TokenizerConfig": "sidserve.tokenizers.adc_sid.config",
     "alignment_strength": "sidserve.tokenizers.adc_sid.model.controller", "make_synthetic_catalog": "sidserve.synthetic",
     "SemanticIdTokenizer": "sidserve.tokenizers.adc_sid.tokenizer",
 }

@@ -1,4 +1,4 @@
-"""Self-describing artifact directories with a verified manifest (DESIGN.md §2).
+"""Self-describing artifact directories with a verified manifest.
 
 An artifact is a directory (local path or any pyarrow filesystem URI) of named files
 plus ``manifest.json``: the sha256 of every file, a content-derived version id, the

@@ -16,13 +16,15 @@ naming it) and/or as flags; with no config the input dimensions come from the da
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
 import time
 
-TOKENIZERS = ["adc-sid", "rq-kmeans", "rq-vae", "opq"]
+from sidserve.runner import configure_logging, run_job
+from sidserve.tokenizers.registry import BUILTIN
+
+TOKENIZERS = list(BUILTIN)  # the built-in types, in the registry's order (adc-sid first)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -35,25 +37,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
                 and action.option_strings):
             help_ += " (default: %(default)s)"
         return help_
-
-
-def _logging() -> None:
-    # Ray Data's progress bars go to stderr on a terminal; off a TTY (CI, `ray job logs`)
-    # they would print one line per update, so the jobs log plain lines there instead
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-
-
-def run_job(body) -> int:
-    """Run a job's body with the jobs' logging. Bad input (ValueError) or a missing/unreadable
-    file (OSError) ends it with exit code 2 and the message on stderr, never a traceback."""
-    _logging()
-    try:
-        body()
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 # ---- train ---------------------------------------------------------------------------
@@ -328,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.prog, args.argv = "sidserve", argv
-    _logging()
+    configure_logging()
     try:
         return args.func(args)
     except ValueError as err:
@@ -344,7 +327,7 @@ def job_main(command: str) -> int:
     COMMANDS[command][0](parser)
     args = parser.parse_args(argv)
     args.prog, args.argv = prog, argv
-    _logging()
+    configure_logging()
     try:
         return COMMANDS[command][1](args)
     except ValueError as err:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from sidserve.config import BEHAVIOR
 from sidserve.items import column_name
+from sidserve.tokenizers.config import BEHAVIOR
 
 SUFFIX = "_emb"
 PEEK_ROWS = 1024  # rows read to find a non-null value of a variable-length list column

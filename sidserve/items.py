@@ -1,7 +1,7 @@
 """Item input contract: coercion of Arrow tables / numpy dicts to dense arrays, and
 per-row validation.
 
-Columns (DESIGN.md §3): ``item_id`` (string or int64), ``<modality>_emb`` per content
+Columns (the contract every job and the service read; README.md, "The command line"): ``item_id`` (string or int64), ``<modality>_emb`` per content
 modality (list<float32> or fixed_size_list, required), ``behavior_emb`` (nullable),
 optional ``popularity``. A numpy dict uses the same keys with (N, d) float arrays;
 ``behavior_emb`` may also be a list whose entries are a vector or None (cold item).
@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.config import BEHAVIOR
 
 ITEM_ID = "item_id"
 POPULARITY = "popularity"

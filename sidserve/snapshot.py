@@ -15,10 +15,8 @@ system, a single-object PUT on object stores).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-import os
 import time
 import uuid
 
@@ -27,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from sidserve.artifact import read_bytes, resolve, safe_name, write_bytes
+from sidserve.files import file_lock
 
 LATEST = "LATEST"
 SUMMARY = "summary.json"
@@ -55,35 +54,6 @@ STAGING_MAX_AGE_S = 24 * 3600.0  # a run's staging untouched this long belongs t
 
 class PublishConflict(RuntimeError):
     """LATEST moved while a run was building on it."""
-
-
-@contextlib.contextmanager
-def _exclusive(path: str, timeout_s: float = LOCK_TIMEOUT_S):
-    """A lock file created with O_EXCL (atomic on POSIX), removed on exit. A lock older than
-    ``timeout_s`` belongs to a publisher that died holding it and is taken over."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                stale = time.time() - os.path.getmtime(path) > timeout_s
-            except FileNotFoundError:
-                continue
-            if stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path}: another publisher holds the lock") from None
-            time.sleep(0.05)
-    try:
-        os.close(fd)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 def new_version() -> str:
@@ -125,13 +95,13 @@ class SnapshotRoot:
         Publishing then succeeds only if LATEST still names it, so of two runs that started
         from the same snapshot the second to finish fails instead of silently replacing the
         first (whose dedup continuity it would break). On a local file system the check and
-        the rename happen under an exclusive lock file; on object stores (no compare-and-swap
+        the rename happen under an exclusive lock (sidserve/files.py); on object stores (no compare-and-swap
         through pyarrow) the check runs just before the PUT, a window of one request.
         """
         safe_name(version, "snapshot version")
         data = (version + "\n").encode()
         if isinstance(self.fs, pafs.LocalFileSystem):
-            with _exclusive(self.join(f".{LATEST}.lock")):
+            with file_lock(self.join(f".{LATEST}.lock"), LOCK_TIMEOUT_S, "another publisher"):
                 self._check_expected(expected, version)
                 tmp = self.join(f".{LATEST}.{uuid.uuid4().hex}")
                 write_bytes(self.fs, tmp, data)

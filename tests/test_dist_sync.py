@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sidserve.config import TokenizerConfig
 from sidserve.ids import hash_codes
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.training import CodeStats, Sync
 
 CONFIG = TokenizerConfig(modality_dims={"text": 8}, behavior_dim=None, codebook_size=16)  # 2 positions

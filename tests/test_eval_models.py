@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sidserve.eval.chunked_ce import chunked_cross_entropy
+from sidserve.eval.config import EvalConfig
 from sidserve.eval.data import Dataset
 from sidserve.eval.early_stopping import EarlyStopping
 from sidserve.eval.metrics import gauc, mean_std, paired_bootstrap, per_user_auc, recall_ndcg
-from sidserve.eval.pipeline import EvalConfig, Evaluation
+from sidserve.eval.pipeline import Evaluation
 from sidserve.eval.ranking import RankingConfig, sample_negatives, train_ranker
 from sidserve.eval.retrieval import RetrievalConfig, SIDSeq2Seq
 from sidserve.eval.sasrec import (

@@ -190,24 +190,32 @@ def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
 
 
 def test_a_stage_lock_is_held_by_a_live_process_and_taken_over_from_a_dead_one(tmp_path):
-    import socket
+    import signal
     import subprocess
     import sys
 
-    from sidserve.eval.pipeline import _start_time, claim
+    from sidserve.files import try_lock
 
     done = str(tmp_path / "downstream" / "x" / "ranking_seed0.json")
-    assert claim(done) and not claim(done)  # held by this (live) process
-    os.remove(done + ".lock")
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    for holder in (f"{socket.gethostname()} {gone.pid} 1",  # its process has ended
-                   f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}x",  # pid reused since
-                   f"another-host {os.getpid()} 0"):  # a lock copied from another machine
-        with open(done + ".lock", "w") as f:
-            f.write(holder + "\n")
-        assert claim(done), holder
-        os.remove(done + ".lock")
+    lock = try_lock(done + ".lock")
+    assert lock is not None and try_lock(done + ".lock") is None  # held by this (live) process
+    lock.release()
+    # another process takes the stage and is killed holding it (no cleanup of any kind)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from sidserve.files import try_lock; "
+                               "l = try_lock(sys.argv[1]); print(l is not None, flush=True); sys.stdin.read()",
+                               done + ".lock"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    assert try_lock(done + ".lock") is None  # held by a live process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = try_lock(done + ".lock")  # the kernel dropped the dead process' lock
+    assert lock is not None
+    lock.release()
+    with open(done + ".lock", "w") as f:  # a lock file copied from another machine: nobody holds it
+        f.write("another-host 1234 0\n")
+    lock = try_lock(done + ".lock")
+    assert lock is not None
+    lock.release()
 
 
 @pytest.mark.slow
@@ -227,8 +235,12 @@ def test_parallel_processes_share_the_stages_and_one_reports(quick_run, tmp_path
     assert len(stages) == 2 * 2 * 3  # 2 tokenizers x 2 seeds x 3 tasks, each once
     assert len({s["pid"] for s in stages}) == 2  # both processes trained some
     assert {s["torch_threads"] for s in stages} == {max(1, (os.cpu_count() or 1) // 2)}
-    locks = [f for d, _, fs in os.walk(out) for f in fs if f.endswith((".lock", ".ckpt.pt"))]
-    assert not locks
+    from sidserve.files import try_lock
+
+    assert not [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".ckpt.pt")]
+    for lock in (try_lock(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs if f.endswith(".lock")):
+        assert lock is not None  # every stage's lock was released
+        lock.release()
 
 
 @pytest.mark.slow
@@ -238,7 +250,8 @@ def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint(quick_run,
     import shutil
 
     from sidserve.eval import checkpoint as ckpt_mod
-    from sidserve.eval.pipeline import EvalConfig, Evaluation, checkpoint_path
+    from sidserve.eval.config import EvalConfig, checkpoint_path
+    from sidserve.eval.pipeline import Evaluation
 
     out = str(tmp_path / "resume")
     shutil.copytree(quick_run[0], out)
@@ -274,7 +287,7 @@ def test_an_embedding_variant_fits_on_its_own_table(quick_run):
     """rqkmeans_tied is rqkmeans with the tied SASRec table as e_b: the same SIDs as rqkmeans
     told to read that table, other SIDs than on the run's e_b; a contradicting table is refused,
     and a run without the tied SASRec cannot plan it."""
-    from sidserve.eval.pipeline import EvalConfig
+    from sidserve.eval.config import EvalConfig
     from sidserve.eval.selection import fit_candidate
     small = {"codebook_size": 16, "num_levels": 3}
     variant, _ = fit_candidate(quick_run[0], "rqkmeans_tied", small)

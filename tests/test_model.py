@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidserve.config import TokenizerConfig
 from sidserve.tokenizers import invariant
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.model import ADCSIDModel, CosineCodebook, ModelInput
 from sidserve.tokenizers.adc_sid.model.euclidean_codebook import EuclideanCodebook
 from sidserve.tokenizers.adc_sid.training import init_codebooks

@@ -10,7 +10,8 @@ import torch
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 from sidserve.items import ItemArrays, coerce_items
-from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel, ModelOutput
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
+from sidserve.tokenizers.adc_sid.model.io import ModelOutput
 from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 from sidserve.tokenizers.adc_sid.regulation.pairs import (
     OverlapPlan,

@@ -13,12 +13,12 @@ import pytest
 from conftest import free_port
 from test_serve import item_json, write_snapshot
 
-from sidserve.config import TokenizerConfig
 from sidserve.ids import hash_strings as hash_ids
 from sidserve.serving import schema
 from sidserve.serving.catalog_index import CatalogIndex
 from sidserve.serving.state import ServiceConfig, load_state
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,3 +392,23 @@ def test_bodies_over_the_limit_get_413_before_the_replica_reads_them(tmp_path, f
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_merged_requests_keep_every_field():
+    """@serve.batch merges requests with concat_arrays: popularity (read by richness_signal=
+    "popularity" and behavior_shrinkage) and item ids must reach the model call whole (issue 50.1:
+    popularity went in as item_ids and the merged call failed)."""
+    from sidserve.items import ItemArrays
+
+    def part(n, start):
+        return ItemArrays(content={"text": np.full((n, 3), start, np.float32)},
+                          behavior=np.ones((n, 2), np.float32), has_behavior=np.ones(n, bool),
+                          item_ids=np.array([f"i{start + k}" for k in range(n)], object),
+                          popularity=np.arange(start, start + n, dtype=np.float64))
+
+    merged = schema.concat_arrays([part(2, 0), part(3, 10)])
+    assert merged.popularity.tolist() == [0, 1, 10, 11, 12]
+    assert merged.item_ids.tolist() == ["i0", "i1", "i10", "i11", "i12"]
+    assert merged.content["text"][:, 0].tolist() == [0, 0, 10, 10, 10] and len(merged) == 5
+    single = part(1, 5)
+    assert schema.concat_arrays([single]) is single

@@ -12,10 +12,7 @@ import pytest
 from conftest import ROOT, SLICE
 
 from sidserve import load_tokenizer
-from sidserve.config import BEHAVIOR
-from sidserve.eval.stability import (
-    StabilityConfig,
-    TwoNights,
+from sidserve.eval.churn import (
     churn_table,
     input_rows_trained,
     mean_tree,
@@ -23,6 +20,9 @@ from sidserve.eval.stability import (
     split_nights,
     summarize_seeds,
 )
+from sidserve.eval.stability import TwoNights
+from sidserve.eval.stability_config import StabilityConfig
+from sidserve.tokenizers.config import BEHAVIOR
 
 
 def test_split_nights_holds_out_the_newest_interactions():
@@ -91,7 +91,7 @@ def test_sid_table_reads_codes_as_the_evaluation_does(tmp_path, tokenizer, weigh
 def test_the_cli_offers_every_measured_configuration():
     """The CLI keeps its imports lazy, so it names the choices itself: they must be these."""
     from sidserve.cli import build_parser
-    from sidserve.eval.stability import TOKENIZERS
+    from sidserve.eval.stability_config import TOKENIZERS
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["stability"]
     choice = next(a for a in sub._actions if a.dest == "tokenizer")
@@ -102,7 +102,7 @@ def test_the_library_default_is_measured_as_its_own_choice():
     """``adc_sid`` and ``adc_sid_untied`` are the paper's losses (their caches keep that
     meaning); ``adc_sid_cold_consistency`` is what the library fits by default."""
     from sidserve import TokenizerConfig
-    from sidserve.eval.stability import TOKENIZERS
+    from sidserve.eval.stability_config import TOKENIZERS
     from sidserve.eval.tokenizers import TokenizerBudget, _adc_config, family_overrides
 
     weight = {t: _adc_config({"text": 8, "meta": 8}, 8, TokenizerBudget(), family_overrides(t)).cold_consistency_weight

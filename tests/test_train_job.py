@@ -179,10 +179,10 @@ def test_too_few_resources_fail_fast(ray_session, items_dir, tmp_path):
     # sized automatically on 2 CPUs: a Parquet catalog is read by the workers themselves, so
     # they take every CPU; with Ray Data they share one and a whole one stays with it (a
     # streamed epoch's read tasks need one to start)
-    from sidserve.jobs.train.driver import _check_resources
+    from sidserve.jobs.train.resources import check_resources
     for items, share in ((items_dir, 1.0), (None, 0.5)):
         auto = job(tmp_path, items, cpus_per_worker=None)
-        _check_resources(auto)
+        check_resources(auto)
         assert auto.cpus_per_worker == share, items
 
 
@@ -193,7 +193,7 @@ def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):
 
     import ray
 
-    from sidserve.jobs.train.driver import _available_after_settling
+    from sidserve.jobs.train.resources import available_after_settling
 
     ray_session()
 
@@ -207,9 +207,9 @@ def test_resource_check_waits_for_cpus_that_are_being_released(ray_session):
     total = ray.cluster_resources()["CPU"]
     assert ray.available_resources().get("CPU", 0) <= total - 1
     threading.Timer(1.0, ray.kill, args=(holder,)).start()
-    assert _available_after_settling(total, timeout_s=60).get("CPU", 0) >= total
+    assert available_after_settling(total, timeout_s=60).get("CPU", 0) >= total
     # more than the cluster has: gives up after the timeout and reports what is free
-    assert _available_after_settling(total + 1, timeout_s=0.5).get("CPU", 0) == total
+    assert available_after_settling(total + 1, timeout_s=0.5).get("CPU", 0) == total
 
 
 # input validation before any training --------------------------------------------------

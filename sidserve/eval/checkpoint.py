@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sidserve.eval.early_stopping import EarlyStopping
+from sidserve.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,8 @@ class EpochCheckpoint:
                  "scheduler": None if sched is None else sched.state_dict(),
                  "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state,
                  "stopper": stopper.state_dict(), "history": history, "seconds": self.seconds()}
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as f:
+            torch.save(state, f)
 
     def seconds(self) -> float:
         """Training time of the stage so far, over every process that worked on it."""

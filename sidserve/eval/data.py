@@ -1,6 +1,6 @@
 """The evaluation dataset: user sequences + item text, leave-one-out split, popularity.
 
-Layout (``../shared/data/amazon-beauty-5core/README.md``): a directory with
+Layout (as tests/data/beauty-slice/, a slice of Amazon Beauty, holds it): a directory with
 ``sequences.txt`` (one line per user: ``user_id item_id item_id ...``, 1-based item ids,
 chronological) and ``items.jsonl`` (one object per item: ``item_id``, ``title``,
 ``brand``, ``categories``). Any catalog written in that layout can be evaluated.
@@ -112,7 +112,7 @@ class Dataset:
 
 
 def load_dataset(root: str) -> Dataset:
-    """Read ``root/sequences.txt`` and ``root/items.jsonl``; errors name file and line."""
+    """Read ``<root>/sequences.txt`` and ``<root>/items.jsonl``; errors name file and line."""
     seq_path, items_path = os.path.join(root, SEQUENCES_FILE), os.path.join(root, ITEMS_FILE)
     for p in (seq_path, items_path):
         if not os.path.isfile(p):

@@ -1,5 +1,8 @@
 """The evaluation pipeline, stage by stage, each cached under the output directory so an
-interrupted run restarts where it stopped (a stage's result is written atomically last):
+interrupted run restarts where it stopped (a stage's result is written atomically last).
+Longer than 450 lines: ``Evaluation`` is one stage graph (each stage's cache path, what it
+waits for, its order and its locks), read top to bottom; its config, constants, report and
+plots live in config.py, report.py and plots.py. The stages:
 
     embeddings/{text,meta}.npy              1. sentence embeddings of item text
     sasrec/<variant>/                       2. ID SASRec (CE, tied / untied; BCE optional):
@@ -36,11 +39,11 @@ and e_b only when some tokenizer is still to be fitted.
 Several processes can work on one output directory (``--parallel N`` starts them, each with
 ``cpus / N`` torch threads: two 1-thread processes train these small models 1.29x faster
 than one 2-thread process on 2 CPUs, docs/evaluation.md). A process claims a stage by
-creating ``<stage file>.lock`` (O_EXCL; host, pid and the pid's start time inside) and
-removes it when the stage is written; a lock whose process is gone is taken over. The
+locking ``<stage file>.lock`` (flock, sidserve/files.py) until the stage is written; the
+kernel drops the lock of a process that dies, so another process takes the stage over. The
 prerequisites (text embeddings, SASRec, tokenizer fits, the stages that decide an ablation's
 seeds) are waited for; a downstream stage held by another process is skipped and waited for
-at the end. The workers of one run share one machine (a lock from another host is stale).
+at the end. The workers of one run share one machine (the locks are local to it).
 A downstream stage saves its training state after every epoch (``<stage>.ckpt.pt``,
 ``sidserve.eval.checkpoint``); whoever takes over a stale lock resumes from it, with the
 same result as an uninterrupted run, and loses at most the epoch that was in progress.
@@ -49,31 +52,39 @@ same result as an uninterrupted run, and loses at most the epoch that was in pro
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from sidserve.eval.config import (
+    EMBEDDING_SOURCE,
+    EVAL_NEGATIVES_SEED,
+    HARNESS_VERSION,
+    HEADLINE,
+    SASREC_VARIANTS,
+    VALID_NEGATIVES_SEED,
+    EvalConfig,
+    checkpoint_path,
+    pin_run_config,
+    read_json,
+    valid_metric,
+)
 from sidserve.eval.data import Dataset, load_dataset
 from sidserve.eval.metrics import grouped_means, per_user_auc, recall_ndcg, spearman
 from sidserve.eval.ranking import (
-    RankingConfig,
     evaluate_ranking,
     sample_negatives,
     score,
     train_ranker,
 )
-from sidserve.eval.retrieval import RetrievalConfig, rank_items, train_retrieval
+from sidserve.eval.retrieval import rank_items, train_retrieval
 from sidserve.eval.sasrec import (
-    SASRecConfig,
     SIDItems,
     evaluate_sasrec,
     train_sasrec,
@@ -82,210 +93,15 @@ from sidserve.eval.sid_table import PrefixTrie, SIDTable
 from sidserve.eval.tokenizers import (
     ABLATIONS,
     ALL_TOKENIZERS,
-    DEFAULT_TOKENIZERS,
-    TokenizerBudget,
     fit_tokenizer,
     legacy_spec,
     uses_sid_weights,
 )
 from sidserve.eval.tokenizers import embedding_of as variant_embedding
 from sidserve.eval.tokenizers import spec as variant_spec
+from sidserve.files import try_lock, write_json, write_npy, write_npz
 
 log = logging.getLogger(__name__)
-EVAL_NEGATIVES_SEED = 12345  # one draw of ranking negatives shared by every tokenizer and seed
-VALID_NEGATIVES_SEED = 54321  # the validation draw (early stopping of the ranker)
-# ID SASRec variants: loss and table tying; each is trained once (seed 0)
-SASREC_VARIANTS = {"tied": {"loss": "ce", "tied": True}, "untied": {"loss": "ce", "tied": False},
-                   "bce": {"loss": "bce", "tied": True}}
-# which variant and table each EMBEDDINGS choice reads
-EMBEDDING_SOURCE = {"tied": ("tied", "input"), "untied-input": ("untied", "input"),
-                    "untied-output": ("untied", "output"), "bce": ("bce", "input")}
-TASKS = ("sid_sasrec", "retrieval", "ranking")
-# changes whenever a code change moves the figures a cache holds (not caught by the settings
-# below): a cache written before it is refused instead of mixed with new stages.
-# 2: SASRec masks padding keys (before, scoring at full width differed from training's trimmed batches)
-HARNESS_VERSION = 2
-# the metrics whose seed spread decides whether an ablation gets every seed
-HEADLINE = {"sid_sasrec": "ndcg@10", "retrieval": "recall@10", "ranking": "gauc"}
-
-
-@dataclass
-class EvalConfig:
-    data: str  # dataset directory (sequences.txt + items.jsonl)
-    output: str  # cache + report directory
-    tokenizers: list[str] = field(default_factory=lambda: list(DEFAULT_TOKENIZERS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # downstream model seeds
-    # ablations run the first seed; the rest only where a headline metric is within
-    # 2 seed spreads of ADC-SID's (a difference the seeds cannot yet tell apart)
-    ablation_seeds_adaptive: bool = True
-    quick: bool = False  # subsample users and shrink every stage (tests, smoke runs)
-    quick_users: int = 1000  # users kept by --quick
-    head_tail_share: float = 0.25  # head = top 25% items by training popularity, tail = bottom 25%
-    ranking_negatives: int = 99  # sampled negatives per test user for AUC/GAUC
-    sasrec_variants: list[str] = field(default_factory=lambda: ["tied", "untied"])  # ID SASRec models trained
-    # the table handed to the tokenizers as e_b: the untied model's input table, whose norm
-    # tracks popularity; its accuracy is within the tied one's (docs/evaluation.md, "Selection")
-    behavior_embedding: str = "untied-input"
-    sid_sasrec_dedup: bool = False  # SID-SASRec: add the dedup code's embedding to the item vector
-    bootstrap_samples: int = 2000  # paired bootstrap resamples of users
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
-    budget: TokenizerBudget = field(default_factory=TokenizerBudget)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    ranking: RankingConfig = field(default_factory=RankingConfig)
-    command: str = ""  # the command line, recorded in the report
-
-    def validate(self) -> "EvalConfig":
-        unknown = [t for t in self.tokenizers if t not in ALL_TOKENIZERS]
-        if unknown:
-            raise ValueError(f"unknown tokenizers {unknown}; choose from {ALL_TOKENIZERS}")
-        if not self.tokenizers:
-            raise ValueError("tokenizers must name at least one tokenizer")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        if self.retrieval.beam_size < 50:
-            raise ValueError(f"retrieval.beam_size must be >= 50 (Recall@50 is reported), got {self.retrieval.beam_size}")
-        bad = [v for v in self.sasrec_variants if v not in SASREC_VARIANTS]
-        if bad or not self.sasrec_variants:
-            raise ValueError(f"sasrec_variants must name some of {list(SASREC_VARIANTS)}, got {self.sasrec_variants}")
-        if self.behavior_embedding not in EMBEDDING_SOURCE:
-            raise ValueError(f"behavior_embedding must be one of {list(EMBEDDING_SOURCE)}, got {self.behavior_embedding!r}")
-        need = EMBEDDING_SOURCE[self.behavior_embedding][0]
-        if need not in self.sasrec_variants:
-            raise ValueError(f"behavior_embedding={self.behavior_embedding!r} needs the {need!r} SASRec variant; "
-                             f"sasrec_variants is {self.sasrec_variants}")
-        for t in self.tokenizers:
-            table = variant_embedding(t, self.behavior_embedding)
-            if EMBEDDING_SOURCE[table][0] not in self.sasrec_variants:
-                raise ValueError(f"tokenizer {t!r} reads the {table!r} table, which needs the "
-                                 f"{EMBEDDING_SOURCE[table][0]!r} SASRec variant; "
-                                 f"sasrec_variants is {self.sasrec_variants}")
-        self.sasrec.validate()
-        self.retrieval.validate()
-        return self
-
-    @classmethod
-    def quick_profile(cls, data: str, output: str, **kw) -> "EvalConfig":
-        """Small everything: a smoke test of every stage, not a measurement."""
-        kw.setdefault("seeds", [0, 1])
-        kw.setdefault("bootstrap_samples", 200)
-        c = cls(data=data, output=output, quick=True, **kw)
-        c.sasrec = dataclasses.replace(c.sasrec, max_epochs=4, patience=2, batch_size=64, max_len=20)
-        c.budget = dataclasses.replace(c.budget, adc_epochs=3, rqvae_epochs=3, batch_size=256)
-        c.retrieval = dataclasses.replace(c.retrieval, max_epochs=2, patience=1, d_model=32, ff_dim=64,
-                                          batch_size=128, valid_users=100, warmup_steps=10)
-        c.ranking = dataclasses.replace(c.ranking, max_epochs=2, patience=1, d_model=32, mlp_dim=32, batch_size=256)
-        return c
-
-
-# ---- small helpers ---------------------------------------------------------------------
-def _atomic_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
-
-
-def _atomic_npy(path: str, arr: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _atomic_npz(path: str, **arrays) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)  # per-user hit arrays are mostly zeros: ~10x smaller
-    os.replace(tmp, path)
-
-
-def valid_metric(stage: dict, metric: str) -> float:
-    """The validation ``metric`` of a downstream stage's kept (early-stopped) epoch, from its
-    per-epoch history: what a decision between runs may read (its ``all`` figures are test)."""
-    best = stage["early_stopping"]["best_epoch"]
-    for rec in stage["history"]:
-        if rec["epoch"] == best and f"valid_{metric}" in rec:
-            return float(rec[f"valid_{metric}"])
-    raise ValueError(f"the stage's history has no valid_{metric} at its kept epoch {best}")
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time (clock ticks since boot; '' off Linux): a reused pid differs."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def pin_run_config(path: str, key: dict, what: str) -> None:
-    """Write ``key`` (what a cache's results depend on) to ``path``, or, when a cache is there
-    already, refuse it if any value differs: results of other settings are never mixed in."""
-    if os.path.exists(path):
-        old = _read_json(path)
-        diff = sorted(k for k in key if old.get(k) != key[k])
-        if diff:
-            raise ValueError(f"{os.path.dirname(path)} holds {what} with different settings ({', '.join(diff)}); "
-                             f"use a new --output directory")
-    else:
-        _atomic_json(path, key)
-
-
-def checkpoint_path(done: str) -> str:
-    """Where the stage whose result is ``done`` keeps its per-epoch training state."""
-    return os.path.splitext(done)[0] + ".ckpt.pt"
-
-
-def _lock_holder_alive(lock: str) -> bool:
-    """Whether the process named in ``lock`` still runs (False for a lock from another host,
-    an unreadable lock, or a pid now reused by another process)."""
-    try:
-        with open(lock) as f:
-            host, pid, started = (f.read().split() + ["", "", ""])[:3]
-        pid_n = int(pid)
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid_n, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return _start_time(pid_n) == started
-
-
-def claim(done: str) -> bool:
-    """Take the stage whose result is ``done``: True if this process now holds its lock (a
-    stale lock is removed first), False if another live process holds it."""
-    lock = done + ".lock"
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_holder_alive(lock):
-                return False
-            log.warning("taking over %s: its process is gone", lock)
-            try:
-                os.remove(lock)
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}\n")
-        return True
-    return False
-
-
 class Timer:
     def __init__(self):
         self.stages: dict[str, float] = {}
@@ -359,8 +175,10 @@ class Evaluation:
         # progress: stage k of at most N (ablations past their first seed only when close to ADC-SID)
         at = f"[{self._stages_seen[name]}/{self.planned_stages()}]"
         waited = False
+        lock = None
         while not os.path.exists(done):
-            if claim(done):
+            lock = try_lock(done + ".lock")
+            if lock is not None:
                 break
             if not wait:
                 log.info("%s stage %s: another process is running it", at, name)
@@ -386,17 +204,14 @@ class Evaluation:
                 result["stage_seconds"] = round(dt + before, 2)
                 result["torch_threads"] = torch.get_num_threads()
                 result["pid"] = os.getpid()  # which process of a --parallel run
-                _atomic_json(done, result)
+                write_json(done, result)
             if os.path.exists(checkpoint_path(done)):
                 os.remove(checkpoint_path(done))  # the result is written: nothing left to resume
             self.timer.add(name.split(":")[0], dt)
             log.info("stage %s done in %.1f s", name, dt)
             return True
         finally:
-            try:
-                os.remove(done + ".lock")
-            except FileNotFoundError:
-                pass
+            lock.release()
 
     # 1 ---------------------------------------------------------------------------------
     def embeddings(self) -> dict[str, np.ndarray]:
@@ -406,7 +221,7 @@ class Evaluation:
             for modality, texts in self.data.item_texts().items():
                 uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
                 emb = embed_texts(list(uniq), model=model)[inv.ravel()]
-                _atomic_npy(self.path("embeddings", f"{modality}.npy"), emb)
+                write_npy(self.path("embeddings", f"{modality}.npy"), emb)
             return {"modalities": ["text", "meta"]}
         done = self.path("embeddings", "done.json")
         if os.path.exists(done) and not all(os.path.exists(self.path("embeddings", f"{m}.npy")) for m in ("text", "meta")):
@@ -424,14 +239,14 @@ class Evaluation:
                                           valid=self.data.targets("valid"),
                                           checkpoint=checkpoint_path(os.path.join(d, "report.json")))
             test = evaluate_sasrec(model, *self.data.targets("test"), ks=(5, 10, 50), per_user=True)
-            _atomic_npz(os.path.join(d, "test_per_user.npz"), **test)
+            write_npz(os.path.join(d, "test_per_user.npz"), **test)
             pop = self.data.popularity()[1:]
             tables = {}
             for which in ("input", "output"):
                 emb = model.item_vectors(which)
-                _atomic_npy(os.path.join(d, f"{which}_emb.npy"), emb)
+                write_npy(os.path.join(d, f"{which}_emb.npy"), emb)
                 norms = np.linalg.norm(emb, axis=1)
-                _atomic_npy(os.path.join(d, f"{which}_norms.npy"), norms.astype(np.float32))  # the report's plot
+                write_npy(os.path.join(d, f"{which}_norms.npy"), norms.astype(np.float32))  # the report's plot
                 tables[which] = {"norm_popularity_spearman": spearman(norms, pop),
                                  "norm_quantiles": np.quantile(norms, [0, 0.25, 0.5, 0.75, 1]).round(6).tolist()}
             return {"variant": variant, "config": dataclasses.asdict(c), "history": history,
@@ -496,7 +311,7 @@ class Evaluation:
         """Refuse the cached stage ``done`` of ``name`` if it was made with another spec (a
         file from before specs were kept has ``legacy_spec``): never mix two versions of a
         tokenizer in one report."""
-        had = _read_json(done).get("spec", legacy_spec(name, self.c.behavior_embedding))
+        had = read_json(done).get("spec", legacy_spec(name, self.c.behavior_embedding))
         if had != self.spec(name):
             raise ValueError(f"{done} was made with {name!r} = {had}, but {name!r} is now {self.spec(name)}: "
                              f"remove tokenizers/{name}/ and downstream/{name}/ (or use a new --output)")
@@ -519,7 +334,7 @@ class Evaluation:
                 shutil.rmtree(os.path.join(d, "artifact"), ignore_errors=True)
                 os.makedirs(d, exist_ok=True)
                 os.replace(art, os.path.join(d, "artifact"))
-            _atomic_npz(os.path.join(d, "sids.npz"), sid=tk.sid, weights=tk.weights)
+            write_npz(os.path.join(d, "sids.npz"), sid=tk.sid, weights=tk.weights)
             q = dict(tk.quantization)
             q["codebook_size"] = tk.codebook_size
             q["sid_length"] = int(tk.sid.shape[1])
@@ -550,7 +365,7 @@ class Evaluation:
                                           checkpoint=checkpoint_path(self.stage_path(name, "sid_sasrec", seed)))
             hist, targets = self.data.targets("test")
             per_user = evaluate_sasrec(model, hist, targets, ks=(5, 10, 50), per_user=True)
-            _atomic_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
+            write_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
             res = grouped_means(per_user, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
@@ -567,7 +382,7 @@ class Evaluation:
             hist, targets = self.data.targets("test")
             ranked = rank_items(model, trie, hist, c.beam_size)
             per_user = recall_ndcg(ranked, targets, (5, 10, 50))
-            _atomic_npz(self.stage_path(name, "retrieval", seed, "npz"), **per_user)
+            write_npz(self.stage_path(name, "retrieval", seed, "npz"), **per_user)
             res = grouped_means(per_user, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed),
                        generate_seconds=time.perf_counter() - t0, valid_sid_share=float((ranked >= 0).mean()))
@@ -584,7 +399,7 @@ class Evaluation:
                                           checkpoint=checkpoint_path(self.stage_path(name, "ranking", seed)))
             hist, targets = self.data.targets("test")
             scores = score(model, hist, np.concatenate([targets[:, None], negatives["test"]], axis=1))
-            _atomic_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))
+            write_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))
             res = evaluate_ranking(scores, targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
@@ -611,7 +426,7 @@ class Evaluation:
             p = self.path(f"ranking_negatives_{split}.npy" if split == "valid" else "ranking_negatives.npy")
             if not os.path.exists(p):
                 rng = np.random.default_rng(seed)
-                _atomic_npy(p, sample_negatives(rng, seqs, self.data.num_items, self.c.ranking_negatives))
+                write_npy(p, sample_negatives(rng, seqs, self.data.num_items, self.c.ranking_negatives))
             out[split] = np.load(p)
         return out
 
@@ -634,8 +449,8 @@ class Evaluation:
             return list(self.c.seeds)
         first = self.c.seeds[0]
         for task, metric in HEADLINE.items():  # decided on validation: test is never read to choose
-            ref = [valid_metric(_read_json(self.stage_path("adc_sid", task, s)), metric) for s in self.c.seeds]
-            mine = valid_metric(_read_json(self.stage_path(name, task, first)), metric)
+            ref = [valid_metric(read_json(self.stage_path("adc_sid", task, s)), metric) for s in self.c.seeds]
+            mine = valid_metric(read_json(self.stage_path(name, task, first)), metric)
             spread = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
             if abs(mine - float(np.mean(ref))) <= 2 * spread:
                 return list(self.c.seeds)
@@ -739,7 +554,7 @@ def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int 
 
 def run_cli(args, command: str = "") -> int:
     """jobs/evaluate.py: build the config from its arguments and run (exit 2 on bad input)."""
-    from sidserve.cli import run_job
+    from sidserve.runner import run_job
 
     def body():
         kw = dict(command=command)

@@ -15,8 +15,9 @@ import re
 
 import numpy as np
 
+from sidserve.eval.config import HEADLINE, read_json, valid_metric
 from sidserve.eval.metrics import mean_std, paired_bootstrap
-from sidserve.eval.pipeline import HEADLINE, valid_metric
+from sidserve.eval.plots import write_plots
 from sidserve.eval.tokenizers import ABLATIONS, LABELS
 from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 
@@ -38,11 +39,6 @@ ANCHORS = {
 }
 
 
-def _load(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def seeds_present(ev, name: str, task: str) -> list[int]:
     files = glob.glob(ev.path("downstream", name, f"{task}_seed*.json"))
     return sorted(int(re.search(r"_seed(\d+)\.json$", f).group(1)) for f in files)
@@ -62,7 +58,7 @@ def collect(ev) -> dict:
         if name in waiting:
             continue
         ev.check_spec(name, ev.path("tokenizers", name, "quantization.json"))  # never report a stale variant
-        entry = {"label": LABELS[name], "quantization": _load(ev.path("tokenizers", name, "quantization.json")),
+        entry = {"label": LABELS[name], "quantization": read_json(ev.path("tokenizers", name, "quantization.json")),
                  "spec": ev.spec(name)}
         # near collisions (issue 8), from the SIDs themselves so cached stages get it too
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
@@ -73,7 +69,7 @@ def collect(ev) -> dict:
         for task, metrics in TASK_METRICS.items():
             for s in seeds:
                 ev.check_spec(name, ev.stage_path(name, task, s))
-            runs = [_load(ev.stage_path(name, task, s)) for s in seeds]
+            runs = [read_json(ev.stage_path(name, task, s)) for s in seeds]
             t = {}
             for g in GROUPS:
                 t[g] = {m: dict(mean_std([r[g][m] for r in runs]), values=[r[g][m] for r in runs]) for m in metrics}
@@ -153,7 +149,7 @@ def stage_seconds(ev) -> dict[str, float]:
 
     def add(kind, path):
         if os.path.exists(path):
-            s = _load(path).get("stage_seconds")
+            s = read_json(path).get("stage_seconds")
             if s is not None:
                 total[kind] = total.get(kind, 0.0) + s
     add("embeddings", ev.path("embeddings", "done.json"))
@@ -170,7 +166,7 @@ def stage_seconds(ev) -> dict[str, float]:
 def write_report(ev, wall_seconds: float) -> dict:
     tok = collect(ev)
     waiting = pending(ev)
-    sasrec = {v: _load(ev.path("sasrec", v, "report.json")) for v in ev.c.sasrec_variants
+    sasrec = {v: read_json(ev.path("sasrec", v, "report.json")) for v in ev.c.sasrec_variants
               if os.path.exists(ev.path("sasrec", v, "report.json"))}
     d = ev.data
     secs = stage_seconds(ev)
@@ -199,7 +195,7 @@ def write_report(ev, wall_seconds: float) -> dict:
     }
     with open(ev.path("results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plots = _plots(ev, tok, sasrec) if tok else []
+    plots = write_plots(ev, tok, sasrec) if tok else []
     with open(ev.path("report.md"), "w") as f:
         f.write(_markdown(results, plots))
     return results
@@ -387,103 +383,3 @@ def _ablation_markdown(rows: list[dict], tok: dict) -> list[str]:
                  f" | {'yes' if row['loses_all'] else 'no'} |")
     L.append("")
     return L
-
-
-def _plots(ev, tok: dict, sasrec: dict) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(ev.path("plots"), exist_ok=True)
-    names = list(tok)
-    labels = [tok[n]["label"] for n in names]
-    x = np.arange(len(names))
-    files = []
-
-    panels = [("sid_sasrec", "recall@10"), ("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"),
-              ("retrieval", "ndcg@10"), ("ranking", "gauc")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.5))
-    for ax, (task, m) in zip(axes, panels):
-        mean = [tok[n][task]["all"][m]["mean"] for n in names]
-        std = [tok[n][task]["all"][m]["std"] or 0.0 for n in names]  # one seed: no error bar
-        ax.bar(x, mean, yerr=std, capsize=3, color="tab:blue")
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{task} {m}")
-        lo = min(mean) - 3 * max(max(std), 1e-4)
-        ax.set_ylim(max(0.0, lo), None)
-    fig.tight_layout()
-    fig.savefig(ev.path("plots", "metrics.png"), dpi=110)
-    plt.close(fig)
-    files.append("metrics.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(20, 4.5))
-    for ax, (task, m) in zip(axes, [("sid_sasrec", "recall@10"), ("retrieval", "recall@10"), ("ranking", "gauc")]):
-        for j, g in enumerate(["head", "tail"]):
-            mean = [tok[n][task][g][m]["mean"] for n in names]
-            std = [tok[n][task][g][m]["std"] or 0.0 for n in names]
-            ax.bar(x + (j - 0.5) * 0.4, mean, 0.4, yerr=std, capsize=2, label=g)
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{task} {m}: head vs long tail")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(ev.path("plots", "head_tail.png"), dpi=110)
-    plt.close(fig)
-    files.append("head_tail.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    for n in names:
-        q = tok[n]["quantization"]
-        pos = np.arange(len(q["entropy_per_position"]))
-        axes[0].plot(pos, np.asarray(q["entropy_per_position"]) / np.log(q["codebook_size"]), marker="o",
-                     label=tok[n]["label"])
-        axes[1].plot(pos, q["utilisation_per_position"], marker="o", label=tok[n]["label"])
-    axes[0].set_title("code entropy per position / ln K")
-    axes[1].set_title("codebook utilisation per position")
-    for ax in axes:
-        ax.set_xlabel("SID position")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(ev.path("plots", "codebook_usage.png"), dpi=110)
-    plt.close(fig)
-    files.append("codebook_usage.png")
-
-    # embedding norm vs training popularity, per SASRec variant and table
-    pop = ev.data.popularity()[1:]
-    tables = [(v, w) for v, r in sasrec.items() for w in (("input",) if r["tied"] else ("input", "output"))]
-    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.2), squeeze=False)
-    for ax, (v, w) in zip(axes[0], tables):
-        kept = ev.path("sasrec", v, f"{w}_norms.npy")  # a kept cache has the norms, not every table
-        norms = np.load(kept) if os.path.exists(kept) else np.linalg.norm(
-            np.load(ev.path("sasrec", v, f"{w}_emb.npy")), axis=1)
-        ax.scatter(pop + 1, norms, s=2, alpha=0.3)  # + 1: items never seen in training stay on the plot
-        ax.set_xscale("log")
-        rho = sasrec[v]["tables"][w]["norm_popularity_spearman"]
-        ax.set_title(f"SASRec {v}, {w} table: Spearman {rho:.2f}", fontsize=9)
-        ax.set_xlabel("training interactions + 1 (log)")
-        ax.set_ylabel("L2 norm")
-    fig.tight_layout()
-    fig.savefig(ev.path("plots", "norm_vs_popularity.png"), dpi=110)
-    plt.close(fig)
-    files.append("norm_vs_popularity.png")
-
-    # learning curves: the validation metric per epoch, first seed of each tokenizer
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
-    for v, rep in sasrec.items():
-        axes[0].plot([h["valid_ndcg@10"] for h in rep["history"]], marker=".", label=f"ID SASRec {v}")
-    for n in names:
-        s0 = tok[n]["seeds"][0]
-        for ax, task, key in ((axes[1], "sid_sasrec", "valid_ndcg@10"),
-                              (axes[2], "retrieval", f"valid_{ev.c.retrieval.valid_metric}"),
-                              (axes[3], "ranking", "valid_gauc")):
-            hist = _load(ev.stage_path(n, task, s0))["history"]
-            ax.plot([h[key] for h in hist], marker=".", label=tok[n]["label"])
-    for ax, title in zip(axes, ["ID SASRec valid NDCG@10", "SID-SASRec valid NDCG@10",
-                                f"retrieval valid {ev.c.retrieval.valid_metric}", "ranking valid GAUC"]):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(ev.path("plots", "learning_curves.png"), dpi=110)
-    plt.close(fig)
-    files.append("learning_curves.png")
-    return files

@@ -76,7 +76,7 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
 
     behavior_embedding: the SASRec table read as e_b; None: the embedding variant's own
     (``rqkmeans_tied``: tied), else the evaluation's default, ``untied-input``."""
-    from sidserve.eval.pipeline import EMBEDDING_SOURCE
+    from sidserve.eval.config import EMBEDDING_SOURCE
     from sidserve.eval.tokenizers import (
         EMBEDDING_VARIANTS,
         TokenizerBudget,

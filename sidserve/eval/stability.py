@@ -50,276 +50,35 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from sidserve.eval.churn import (
+    churn_table,
+    cold_to_warm,
+    input_rows_trained,
+    mean_tree,
+    procrustes,
+    split_nights,
+    summarize_seeds,
+)
 from sidserve.eval.data import Dataset, load_dataset
-from sidserve.eval.sasrec import SASRecConfig
+from sidserve.eval.stability_config import (
+    GITIGNORE,
+    STABILITY_VERSION,
+    STICKY_KINDS,
+    StabilityConfig,
+)
+from sidserve.eval.stability_report import plot, render
 from sidserve.eval.tokenizers import (
-    TokenizerBudget,
-    embedding_of,
     family_overrides,
     spec,
     uses_sid_weights,
 )
+from sidserve.files import atomic_write, write_json, write_npz
 
 log = logging.getLogger(__name__)
-MODES = ("scratch", "warm", "procrustes")
-# bumped when a change moves the figures of a cached stability run (run_config.json): 2 = every
-# seed fits its own tokenizers (before: one fit, only the downstream models seeded)
-STABILITY_VERSION = 2
-# ADC-SID configurations the simulation fits (sidserve.eval.tokenizers): the evaluation's
-# (ADC_EVAL), the library's default (the same plus cold-path consistency 0.3) and the paper's
-TOKENIZERS = ("adc_sid", "adc_sid_cold_consistency", "adc_sid_untied")
-TOKENIZER_TEXT = {
-    "adc_sid": "the evaluation's configuration (e_b the tied CE SASRec's table, richness from popularity, "
-               "codes at weight 1 downstream)",
-    "adc_sid_cold_consistency": "the library's default (the evaluation's configuration plus cold-path consistency "
-                                "0.3: `cold_consistency_weight`)",
-    "adc_sid_untied": "the paper's configuration (e_b the untied CE SASRec's input table, richness from its norm, "
-                      "behavioral codes scaled by R(e_b) downstream)",
-}
-# night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
-# without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
-STICKY_KINDS = ("none", "warm", "anchored")
-
-
-@dataclass
-class StabilityConfig:
-    data: str  # dataset directory (sequences.txt + items.jsonl)
-    output: str  # cache + report directory
-    holdout: int = 1  # interactions per user night 1 does not see (the newest of its training part)
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # night 2's behavioral embeddings
-    # sticky margins; 0.3 is refresh's default for adc-sid (this page's result), 0 the plain assignment
-    deltas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
-    # which embedding modes get the downstream SID-SASRec per setting (each ~1 SASRec training)
-    downstream_modes: list[str] = field(default_factory=lambda: ["warm"])
-    # codes per position the encoder scores for the sticky comparison (the assignment job's
-    # --sticky-candidates, default 32); a previous code outside them cannot be kept
-    candidates: int = 32
-    # sticky margins that get the downstream model too (each costs one SID-SASRec per kind)
-    downstream_deltas: list[float] = field(default_factory=lambda: [0.3])
-    # an explicit list of setting names ("warm/none+sticky 0.3", ...) to give the downstream
-    # model instead of the two rules above (each costs one SID-SASRec)
-    downstream_settings: list[str] | None = None
-    # seeds: each one fits every tokenizer (night 1's and night 2's re-fits) and trains night
-    # 2's downstream models (SID-SASRec and ranker) with that seed, as the evaluation's seeds do;
-    # None = [seed]. One fit cannot separate settings a few percent apart. The SASRecs that
-    # give e_b are trained once (``seed``), as in the evaluation
-    downstream_seeds: list[int] | None = None
-    quick: bool = False  # subsample users and shrink every model (tests, smoke runs)
-    quick_users: int = 1000
-    # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
-    # (embeddings/text.npy, meta.npy) to reuse instead of embedding the item text again
-    content_from: str | None = None
-    seed: int = 0
-    # the ADC-SID configuration measured (TOKENIZERS): "adc_sid", the one the evaluation chose on
-    # validation (tied table, richness from popularity, codes at weight 1), so the churn and
-    # quality figures describe what docs/evaluation.md recommends; "adc_sid_untied", the paper's
-    # (this page's figures before 2026-12-02)
-    tokenizer: str = "adc_sid"
-    # the SASRec that gives e_b: its ``tied`` is set from ``tokenizer`` (the table it reads)
-    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(loss="ce", tied=False))
-    budget: TokenizerBudget = field(default_factory=TokenizerBudget)
-
-    def validate(self) -> "StabilityConfig":
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
-        if not isinstance(self.holdout, int) or self.holdout < 1:
-            raise ValueError(f"holdout must be an int >= 1, got {self.holdout!r}")
-        bad = [m for m in [*self.modes, *self.downstream_modes] if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"modes must name some of {list(MODES)}, got {self.modes} / {self.downstream_modes}")
-        if [m for m in self.downstream_modes if m not in self.modes]:
-            raise ValueError(f"downstream_modes {self.downstream_modes} must be among modes {self.modes}")
-        if not isinstance(self.candidates, int) or self.candidates < 1:
-            raise ValueError(f"candidates must be an int >= 1, got {self.candidates!r}")
-        if any(d < 0 for d in self.deltas):
-            raise ValueError(f"deltas must be >= 0, got {self.deltas}")
-        seeds = self.seeds()
-        if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and x >= 0 for x in seeds):
-            raise ValueError(f"downstream_seeds must be distinct ints >= 0, got {self.downstream_seeds!r}")
-        if self.downstream_settings is None:
-            if [d for d in self.downstream_deltas if d not in self.deltas]:
-                raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
-        else:  # named now, not after an hour of fits
-            unknown = sorted(set(self.downstream_settings) - set(self.setting_names()))
-            if unknown:
-                raise ValueError(f"downstream_settings {unknown} are not settings of this run; "
-                                 f"settings: {self.setting_names()}")
-        self.sasrec.validate()
-        return self
-
-    def setting_names(self) -> list[str]:
-        """Every night-2 setting the run measures, in its report's order."""
-        names = []
-        for mode in self.modes:
-            names.append(f"{mode}/cold")
-            for kind in STICKY_KINDS:
-                names += [f"{mode}/{kind}"] + [f"{mode}/{kind}+sticky {d:g}" for d in self.deltas]
-        return names
-
-    def seeds(self) -> list[int]:
-        return [self.seed] if self.downstream_seeds is None else list(self.downstream_seeds)
-
-    def tied(self) -> bool:
-        """Whether e_b is a tied SASRec's item table (else an untied one's input table)."""
-        return embedding_of(self.tokenizer, "untied-input") == "tied"
-
-    @classmethod
-    def quick_profile(cls, data: str, output: str, **kw) -> "StabilityConfig":
-        c = cls(data=data, output=output, quick=True, **kw)
-        c.sasrec = dataclasses.replace(c.sasrec, max_epochs=4, patience=2, batch_size=64, max_len=20)
-        c.budget = dataclasses.replace(c.budget, adc_epochs=3, batch_size=256)
-        return c
-
-
-# ---- pieces, each a pure function of its inputs -------------------------------------------
-
-def split_nights(train: list[np.ndarray], holdout: int) -> tuple[list[np.ndarray], float]:
-    """Night 1's sequences (each without its last ``holdout`` items) and the share of night 2's
-    interactions that are new."""
-    night1 = [s[:-holdout] if s.size > holdout else s[:0] for s in train]
-    total = sum(s.size for s in train)
-    return night1, (total - sum(s.size for s in night1)) / max(total, 1)
-
-
-def procrustes(source: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The orthogonal R minimising ||source[rows] R - target[rows]||_F (d, d): source @ R lies in
-    target's space with every norm kept."""
-    u, _, vt = np.linalg.svd(source[rows].astype(np.float64).T @ target[rows].astype(np.float64))
-    return (u @ vt).astype(np.float32)
-
-
-def input_rows_trained(seqs: list[np.ndarray], num_items: int, max_len: int, tied: bool = False) -> np.ndarray:
-    """(num_items,) bool: whether a SASRec trained on ``seqs`` learns item i+1's e_b row from
-    the item's own interactions. Untied (the input table): the item is an input somewhere (not
-    only a sequence's last item, and among the ``max_len`` most recent inputs); the other rows
-    keep their random init, so a tokenizer reads noise as their e_b. Tied (one table for inputs
-    and targets): the item is an input or a target there; a row of neither moves only as
-    every target's softmax negative."""
-    out = np.zeros(num_items + 1, bool)
-    for q in seqs:
-        if q.size >= 2:
-            out[q[-(max_len + 1):] if tied else q[:-1][-max_len:]] = True
-    return out[1:]
-
-
-def churn_table(before: np.ndarray, after: np.ndarray, popularity: np.ndarray,
-                both_nights: np.ndarray | None = None) -> dict:
-    """SIDs (N, L) of the same items on two nights -> churn overall, per position and per
-    popularity bucket (``popularity`` (N,): night 2's training interactions); with
-    ``both_nights`` (N,) bool, the same three figures over the items that have interactions on
-    both nights (the issue's measure: an item new on night 2 gains behavioral codes and always
-    changes, which would inflate the lowest popularity bucket; one without interactions keeps
-    its content-only SID)."""
-    from sidserve.jobs.assign.stats import share_per_bucket
-
-    changed = (before != after).any(1)
-    out = {"items": int(changed.size), "changed": int(changed.sum()), "churn": float(changed.mean()),
-           "per_position": (before != after).mean(0).round(6).tolist(),
-           "by_popularity": {name: {"items": n, "churn": share}
-                             for name, (n, share) in share_per_bucket(changed, popularity).items()}}
-    if both_nights is not None:  # the same figures over those items alone: the ones that can stay stable
-        b = both_nights
-        out["both_nights"] = {
-            "items": int(b.sum()), "changed": int(changed[b].sum()),
-            "churn": float(changed[b].mean()) if b.any() else 0.0,
-            "per_position": ((before[b] != after[b]).mean(0) if b.any() else np.zeros(before.shape[1])).round(6).tolist(),
-            "by_popularity": {name: {"items": n, "churn": share}
-                              for name, (n, share) in share_per_bucket(changed[b], popularity[b]).items()}}
-    return out
-
-
-def mean_tree(trees: list):
-    """The element-wise mean of equally shaped JSON trees (dicts / lists of numbers); ints that
-    agree everywhere (item counts) are kept as they are."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: mean_tree([t[k] for t in trees]) for k in first}
-    if isinstance(first, list):
-        return [mean_tree(list(v)) for v in zip(*trees)]
-    if first is None or isinstance(first, str):
-        return first
-    if isinstance(first, int) and all(t == first for t in trees):
-        return first
-    return float(np.mean(trees))
-
-
-def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
-    """Issue 20.6: an item is tokenized on the content-only path until its first interactions
-    arrive, then on the full path. For every item with behavior, the share whose shared
-    positions keep the code the cold path gave them, per popularity bucket, with plain
-    assignment and with sticky assignment at each delta (the previous snapshot held the cold
-    SID; the behavioral positions had no code then, so only the shared ones can be kept)."""
-    from sidserve.config import BEHAVIOR
-    from sidserve.items import ItemArrays
-    from sidserve.jobs.assign.stats import share_per_bucket
-    from sidserve.jobs.assign.sticky import sticky_codes
-
-    warm_items = items.take(np.flatnonzero(items.has_behavior))
-    cold_items = ItemArrays(warm_items.content, warm_items.behavior, np.zeros(len(warm_items), bool),
-                            warm_items.item_ids, warm_items.popularity)
-    shared = [q["position"] for q in tok.sid_layout if q["group"] == "shared"]
-    behavior = [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]
-    cold = tok.encode(cold_items).sid
-    warm = tok.encode(warm_items, candidates=candidates)
-    previous = cold.astype(np.int64)
-    previous[:, behavior] = tok.config.codebook_size  # no behavioral code on the cold path
-    out = {}
-    for delta in [None, *deltas]:
-        codes = warm.sid if delta is None else sticky_codes(warm.sid, warm.candidates, warm.candidate_scores,
-                                                           previous, delta, tok.config.codebook_size)[0]
-        agree = (codes[:, shared] == cold[:, shared]).all(1)
-        row = {"all": float(agree.mean())}
-        row.update({name: share for name, (_, share) in share_per_bucket(agree, warm_items.popularity).items()})
-        out["plain" if delta is None else f"sticky {delta:g}"] = row
-    return out
-
-
-def summarize_seeds(per_seed: dict[int, dict]) -> dict:
-    """{seed: {"valid": {metric: v}, "test": {...}, "gauc": {"valid": v, "test": v}}} -> the
-    same tree of means, plus ``std`` (the same tree of sample standard deviations over the
-    seeds, ddof 1 as the evaluation's; 0 for one seed) and ``per_seed`` (the input, keyed by
-    str(seed))."""
-    runs = list(per_seed.values())
-
-    def tree(fn):
-        return {part: {k: fn([r[part][k] for r in runs]) for k in runs[0][part] if k != "seconds"}
-                for part in ("valid", "test", "gauc")}
-    out = tree(lambda v: float(np.mean(v)))
-    out["std"] = tree(lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-    out["per_seed"] = {str(k): v for k, v in per_seed.items()}
-    return out
-
-
-# what a committed cache leaves out: rebuilt from --content-from or the text model, or temporary
-GITIGNORE = """# written by sidserve stability: everything else here is kept (commit it to resume elsewhere)
-embeddings.npz
-*.tmp.npz
-*.tmp-*
-*.ckpt.pt
-"""
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _write_npz(path: str, **arrays) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-
-
 # ---- the run -------------------------------------------------------------------------------
 
 class TwoNights:
@@ -343,7 +102,7 @@ class TwoNights:
         """A cache is keyed by setting names and seeds; what those names do not say (data,
         holdout, the SASRec and tokenizer budgets, the harness's code) is pinned in
         ``run_config.json``, and a run with other values is refused rather than mixed in."""
-        from sidserve.eval.pipeline import HARNESS_VERSION, pin_run_config
+        from sidserve.eval.config import HARNESS_VERSION, pin_run_config
 
         key = {"data": os.path.abspath(self.c.data), "quick": self.c.quick,
                "quick_users": self.c.quick_users if self.c.quick else None, "holdout": self.c.holdout,
@@ -369,9 +128,7 @@ class TwoNights:
             t0 = time.perf_counter()
             log.info("stage %s ...", name)
             arrays = fn()
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            np.savez(p + ".tmp.npz", **arrays)
-            os.replace(p + ".tmp.npz", p)
+            write_npz(p, compressed=False, **arrays)
             self.timings[name] = round(time.perf_counter() - t0, 1)
             log.info("stage %s done in %.1f s", name, self.timings[name])
         return dict(np.load(p))
@@ -422,9 +179,8 @@ class TwoNights:
         def night1():
             state["model1"] = self._sasrec(self.night1, self.night1_valid(), "night1")
             # the warm start continues from exactly this model, also on a resumed run
-            os.makedirs(os.path.dirname(model1_path), exist_ok=True)
-            torch.save(state["model1"].state_dict(), model1_path + ".tmp")
-            os.replace(model1_path + ".tmp", model1_path)
+            with atomic_write(model1_path) as f:
+                torch.save(state["model1"].state_dict(), f)
             return {"emb": state["model1"].item_vectors("input")}
 
         def night2_scratch():
@@ -566,7 +322,7 @@ class TwoNights:
             "settings": rows, "stage_seconds": self.timings,
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         }
-        _write_json(self.path("stability.json"), result)
+        write_json(self.path("stability.json"), result)
         with open(self.path("stability.md"), "w") as f:
             f.write(render(result))
         plot(result, self.path("churn_vs_delta.png"))
@@ -602,14 +358,14 @@ class TwoNights:
         ckpt = self._result_path(name, suffix, seed, "ckpt.pt")
         res = fn(ckpt)
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        _write_json(p, res)
+        write_json(p, res)
         if os.path.exists(ckpt):
             os.remove(ckpt)
         return res
 
     def sid_table(self, sid: np.ndarray, weights: np.ndarray, tok):
-        from sidserve.config import BEHAVIOR
         from sidserve.eval.sid_table import SIDTable
+        from sidserve.tokenizers.config import BEHAVIOR
 
         w = np.ones(sid.shape, np.float32)
         if uses_sid_weights(self.c.tokenizer):  # else every code at weight 1, as the evaluation reads it
@@ -619,8 +375,8 @@ class TwoNights:
     def ranking(self, name: str, sid: np.ndarray, weights: np.ndarray, tok, seed: int) -> dict:
         """The evaluation's ranker (AUC/GAUC over 99 sampled negatives, the evaluation's draws)
         trained on night 2 with these SIDs: validation and test GAUC (cached per setting)."""
+        from sidserve.eval.config import EVAL_NEGATIVES_SEED, VALID_NEGATIVES_SEED
         from sidserve.eval.metrics import per_user_auc
-        from sidserve.eval.pipeline import EVAL_NEGATIVES_SEED, VALID_NEGATIVES_SEED
         from sidserve.eval.ranking import (
             RankingConfig,
             evaluate_ranking,
@@ -643,7 +399,7 @@ class TwoNights:
                 scores = score(model, hist, np.concatenate([targets[:, None], neg[split]], axis=1))
                 res[split] = evaluate_ranking(scores, targets, {})["all"]["gauc"]
                 per_user[f"{split}_auc"] = per_user_auc(scores)
-            _write_npz(self._result_path(name, "_ranking", seed, "npz"), **per_user)  # paired tests
+            write_npz(self._result_path(name, "_ranking", seed, "npz"), **per_user)  # paired tests
             res.update(early_stopping=model.early_stopping, history=history)
             return res
 
@@ -665,118 +421,16 @@ class TwoNights:
                 users = evaluate_sasrec(model, *self.data.targets(split), ks=(10,), per_user=True)
                 res[split] = {k: float(v.mean()) for k, v in users.items()}
                 per_user.update({f"{split}_{k}": v for k, v in users.items()})
-            _write_npz(self._result_path(name, "", seed, "npz"), **per_user)  # paired tests
+            write_npz(self._result_path(name, "", seed, "npz"), **per_user)  # paired tests
             res.update(early_stopping=model.early_stopping, history=history)
             return res
 
         return self._cached_result(name, "", seed, run)
 
 
-def render(r: dict) -> str:
-    seeds = r["config"].get("downstream_seeds", [0])
-    lines = [f"# Two nights on {r['dataset']['name']}: SID churn after a re-fit",
-             "",
-             f"Night 1 misses each user's last {r['holdout']} training interaction(s): "
-             f"{r['new_interaction_share']:.1%} of night 2's interactions are new, "
-             f"{r['items_unseen_night1']} items have behavior on night 2 only, and "
-             f"{r.get('items_first_trained_night2', '?')} items' e_b rows are trained on night 2 only "
-             + ("(night 1's tied SASRec had no training pair with them: their row moved only as a softmax negative). "
-                if r["config"].get("tied") else
-                "(night 1's SASRec saw them only as a sequence's last item: their night-1 row is its random init). ")
-             + f"ADC-SID: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "
-             "of items whose SID changed between the nights, over the whole catalog and over the "
-             f"{r['items_both_nights']} items with interactions on both nights. Every seed of "
-             f"{seeds} fits its own tokenizers (night 1's and night 2's) and trains the downstream models "
-             "(SID-SASRec on night 2, full-catalog ranking, and the ranker's GAUC): figures are means, "
-             "+- the sample standard deviation over the seeds; 'vs cold': the relative difference of the mean "
-             "validation NDCG@10 to the same mode's cold re-fit. Night 1's SASRec is early-stopped on each "
-             "user's first held-out (night-2) interaction: night 2's data chooses only its epoch count.",
-             "",
-             "| setting | churn | churn, items on both nights | per position (both nights) | "
-             "churn by popularity (night 2; both nights) | codes kept (unscored) | valid N@10 | vs cold | "
-             "test R@10 | test N@10 | valid GAUC | test GAUC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(d, part, k):
-        if not d:
-            return ""
-        return f"{d[part][k]:.4f}" + (f" +- {d['std'][part][k]:.4f}" if len(seeds) > 1 else "")
-
-    for name, s in r["settings"].items():
-        d = s.get("downstream") or {}
-        cold = r["settings"].get(name.split("/")[0] + "/cold", {}).get("downstream")
-        b = s["both_nights"]  # items new on night 2 always change: the buckets are over the others
-        pops = ", ".join(f"{k}: {v['churn']:.3f}" for k, v in b["by_popularity"].items())
-        rel = (f"{d['valid']['ndcg@10'] / cold['valid']['ndcg@10'] - 1:+.1%}"
-               if d and cold and cold["valid"]["ndcg@10"] > 0 else "")
-        cells = [cell(d, "valid", "ndcg@10"), rel, cell(d, "test", "recall@10"), cell(d, "test", "ndcg@10"),
-                 cell(d, "gauc", "valid"), cell(d, "gauc", "test")]
-        spread = len(seeds) > 1 and "churn_std" in s
-        churn = f"{s['churn']:.4f}" + (f" +- {s['churn_std']:.4f}" if spread else "")
-        both = f"{b['churn']:.4f}" + (f" +- {b['churn_std']:.4f}" if spread else "")
-        kept = "" if s["codes_kept"] is None else f"{s['codes_kept']:.0f}"
-        if s.get("codes_unscored") is not None:
-            kept += f" ({s['codes_unscored']:.0f})"
-        lines.append(f"| {name} | {churn} | {both} | {' / '.join(f'{x:.3f}' for x in b['per_position'])} | "
-                     f"{pops} | {kept} | {' | '.join(cells)} |")
-    t = r.get("cold_to_warm") or {}
-    if t:
-        buckets = list(next(iter(t.values())))
-        lines += ["", "**Cold -> warm** (night 1's model, its items with behavior): share whose shared SID "
-                  "positions keep the code the content-only path gave them, per popularity bucket (night 1).", "",
-                  "| assignment | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
-        lines += [f"| {name} | " + " | ".join(f"{row[b]:.3f}" for b in buckets) + " |" for name, row in t.items()]
-    lines += ["", f"Wall time {r['wall_seconds']:.0f} s; stages (s): {json.dumps(r['stage_seconds'])}", ""]
-    return "\n".join(lines)
-
-
-def _churn(setting: dict) -> float:
-    """The churn a plot shows: over the items with interactions on both nights."""
-    return setting["both_nights"]["churn"]
-
-
-def plot(r: dict, path: str) -> None:
-    """Left: churn against delta per (embedding mode, tokenizer), the cold re-fits dashed.
-    Right: night 2's validation NDCG@10 against churn for every setting with a downstream model
-    (the trade-off; chosen on validation, so the plot shows no test figure)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plot")
-        return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mode in r["config"]["modes"]:
-        for kind in STICKY_KINDS:
-            pts = sorted((float(k.split()[-1]), _churn(v)) for k, v in r["settings"].items()
-                         if k.startswith(f"{mode}/{kind}+sticky"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}: {kind} + sticky")
-        cold = r["settings"].get(f"{mode}/cold")
-        if cold:
-            ax.axhline(_churn(cold), ls="--", alpha=0.5, color="gray")
-    ax.set_xlabel("sticky margin delta (cosine)")
-    ax.set_ylabel("churn (share of items on both nights whose SID changed)")
-    ax.set_title("churn vs delta (dashed: cold re-fits)")
-    ax.legend(fontsize=6)
-    for name, v in r["settings"].items():
-        d = v.get("downstream")
-        if d:
-            bx.errorbar(_churn(v), d["valid"]["ndcg@10"], yerr=d["std"]["valid"]["ndcg@10"], fmt="o", ms=4)
-            bx.annotate(name, (_churn(v), d["valid"]["ndcg@10"]), fontsize=6)
-    bx.set_xlabel("churn, items on both nights")
-    bx.set_ylabel("night-2 SID-SASRec valid NDCG@10")
-    bx.set_title("quality vs churn")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_cli(args) -> int:
     """``sidserve stability`` / jobs/stability.py."""
-    from sidserve.cli import run_job
+    from sidserve.runner import run_job
 
     def body():
         make = StabilityConfig.quick_profile if args.quick else StabilityConfig

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.metrics import quantization_report
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 from sidserve.tokenizers.baselines import (
     OPQConfig,
@@ -43,6 +43,7 @@ from sidserve.tokenizers.baselines import (
     RQVAETokenizer,
 )
 from sidserve.tokenizers.baselines.common import BaselineConfig
+from sidserve.tokenizers.config import BEHAVIOR
 
 ABLATIONS = {
     "adc_sid_no_controller": {"use_alignment_controller": False},
@@ -84,7 +85,7 @@ ADC_UNTIED = {"adc_sid_untied": {}}
 ADC_VARIANTS = {**ABLATIONS, **REGULATED, **COLD_CONSISTENCY, **ADC_UNTIED}
 DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
 # a tokenizer fitted on another SASRec table as e_b than the run's behavior_embedding:
-# name -> (the tokenizer, the table; a key of pipeline.EMBEDDING_SOURCE)
+# name -> (the tokenizer, the table; a key of sidserve.eval.config.EMBEDDING_SOURCE)
 EMBEDDING_VARIANTS = {"rqkmeans_tied": ("rqkmeans", "tied")}
 ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, *COLD_CONSISTENCY, "rqkmeans_content", "letter",
                   *EMBEDDING_VARIANTS, *ADC_UNTIED]

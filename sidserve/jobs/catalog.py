@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.items import ITEM_ID, POPULARITY, check_items, column_name
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.config import BEHAVIOR
 
 HAS_BEHAVIOR = "has_behavior"
 

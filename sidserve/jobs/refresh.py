@@ -25,10 +25,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, pushadd_to_gateway
 
-from sidserve.config import TokenizerConfig
 from sidserve.jobs.assign import AssignJobConfig, input_renames, run_assignment
 from sidserve.jobs.assign.encode import catalog_dataset
 from sidserve.jobs.catalog import parquet_prepass
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,8 @@ def run_refresh(job: RefreshJobConfig) -> dict[str, Any]:
 
 def run_cli(args) -> int:
     """``sidserve refresh`` / jobs/refresh.py: run the refresh (exit code 2 on bad input)."""
-    from sidserve.cli import run_job
     from sidserve.inputs import parse_columns
+    from sidserve.runner import run_job
 
     def body():
         s = run_refresh(RefreshJobConfig(

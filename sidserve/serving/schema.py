@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from sidserve.config import BEHAVIOR
 from sidserve.items import ITEM_ID, POPULARITY, ItemArrays, column_name
+from sidserve.tokenizers.config import BEHAVIOR
 
 
 class TokenizeItem(BaseModel):
@@ -242,8 +242,9 @@ def concat_arrays(parts: list[ItemArrays]) -> ItemArrays:
         return parts[0]
     first = parts[0]
     return ItemArrays(
-        {m: np.concatenate([p.content[m] for p in parts]) for m in first.content},
-        None if first.behavior is None else np.concatenate([p.behavior for p in parts]),
-        np.concatenate([p.has_behavior for p in parts]),
-        None if first.popularity is None else np.concatenate([p.popularity for p in parts]),
+        content={m: np.concatenate([p.content[m] for p in parts]) for m in first.content},
+        behavior=None if first.behavior is None else np.concatenate([p.behavior for p in parts]),
+        has_behavior=np.concatenate([p.has_behavior for p in parts]),
+        item_ids=None if first.item_ids is None else np.concatenate([p.item_ids for p in parts]),
+        popularity=None if first.popularity is None else np.concatenate([p.popularity for p in parts]),
     )

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidserve.artifact import read_manifest
-from sidserve.config import config_from_dict
 from sidserve.serving.catalog_index import CatalogIndex
 from sidserve.snapshot import SnapshotRoot
 from sidserve.tokenizers.base import BaseTokenizer
+from sidserve.tokenizers.config import config_from_dict
 from sidserve.tokenizers.registry import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """What every tokenizer shares: the ``Encoding`` result, the fitted-state check and the
-``save_pretrained`` / ``from_pretrained`` artifact format (DESIGN.md §2).
+``save_pretrained`` / ``from_pretrained`` artifact format (the files below; sidserve/artifact.py verifies them).
 
 Artifact files (fixed names): ``config.json`` (tokenizer type, hyper-parameters, SID
 layout, format version), ``model.safetensors`` (weights/centroids; never pickle),

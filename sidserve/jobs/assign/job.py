@@ -322,8 +322,8 @@ def sticky_summary(job: AssignJobConfig, resolved: list[dict]) -> dict | None:
 
 def run_cli(args) -> int:
     """``sidserve assign`` / jobs/assign.py: run the assignment (exit code 2 on bad input)."""
-    from sidserve.cli import run_job
     from sidserve.inputs import parse_columns
+    from sidserve.runner import run_job
 
     def body():
         s = run_assignment(AssignJobConfig(

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from sidserve.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
 from sidserve.tokenizers.adc_sid.training import TrainState
 

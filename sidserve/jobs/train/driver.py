@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from sidserve.config import TokenizerConfig
 from sidserve.items import ITEM_ID
 from sidserve.jobs.catalog import HAS_BEHAVIOR, CatalogStats, clean_batch, input_prepass
 from sidserve.jobs.train.checkpoint import read_result
+from sidserve.jobs.train.resources import check_resources
 from sidserve.jobs.train.worker import train_loop
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class TrainJobConfig:
     num_workers: int = 2  # Ray Train workers (data-parallel)
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float | None = None  # CPUs per worker; None: 1, or less on a small cluster
-    # (an in-memory catalog: so that Ray Data keeps DATA_CPUS; Train holding every CPU starves it)
+    # (an in-memory catalog: so that Ray Data keeps resources.DATA_CPUS; Train holding every CPU starves it)
     storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters)
     name: str | None = None  # run name under storage_path
     resume: bool = False  # continue the run `name` from its last checkpoint
@@ -106,66 +107,6 @@ def load_tokenizer_config(path: str | None, **overrides) -> TokenizerConfig:
 
 
 CACHE_FRACTION = 0.25  # cache the cleaned catalog when it takes < this share of the object store
-# CPUs left to Ray Data while the trainers run: a whole one, because what a streamed epoch
-# schedules needs one to start (Parquet read tasks default to 1 CPU, and Ray 2.60's DataSource
-# V2 adds a file-listing task and footer-reader actors, which need 1 CPU to be placed and 0 to
-# run); with 0.5 left, a streamed epoch waited for its first batch forever
-DATA_CPUS = 1.0
-RESOURCE_SETTLE_S = 10.0  # how long to wait for CPUs still held by work that just ended
-
-
-def _available_after_settling(cpus: float, timeout_s: float = RESOURCE_SETTLE_S) -> dict:
-    """``ray.available_resources()`` once ``cpus`` CPUs are free, or after ``timeout_s``.
-
-    Ray returns the CPUs of tasks and actors that just ended asynchronously: a job started
-    right after another one (or after a failed Ray Data pass) can see them as still taken.
-    """
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        free = ray.available_resources()
-        if free.get("CPU", 0) >= cpus or time.monotonic() >= deadline:
-            return free
-        time.sleep(0.2)
-
-
-def _check_resources(job: TrainJobConfig) -> None:
-    """Fail fast (Ray Train v2 would wait forever) and size cpus_per_worker if unset. A Parquet
-    catalog is read by the workers themselves (``ingest.ParquetShards``): every free CPU can
-    go to them; an in-memory catalog streams through Ray Data, which keeps ``DATA_CPUS``."""
-    import ray
-
-    data_cpus = 0.0 if job.items else DATA_CPUS
-    total = ray.cluster_resources()
-    want = job.num_workers * (job.cpus_per_worker or 1.0) + data_cpus
-    free = _available_after_settling(min(want, total.get("CPU", 0)))
-    if job.cpus_per_worker is None:
-        room = (free.get("CPU", 0) - data_cpus) / job.num_workers
-        job.cpus_per_worker = 1.0 if room >= 1.0 else max(0.1, round(room, 2))
-    if job.cpus_per_worker <= 0:
-        raise ValueError(f"--cpus-per-worker must be > 0, got {job.cpus_per_worker}")
-    need_cpu = job.num_workers * job.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise ValueError(
-            f"--num-workers {job.num_workers} x {job.cpus_per_worker} CPU needs {need_cpu:g} CPUs but the "
-            f"cluster has {total.get('CPU', 0):g}; lower --num-workers / --cpus-per-worker or add nodes"
-        )
-    if job.use_gpu and total.get("GPU", 0) < job.num_workers:
-        raise ValueError(
-            f"--use-gpu with --num-workers {job.num_workers} needs {job.num_workers} GPUs but the cluster "
-            f"has {total.get('GPU', 0):g}"
-        )
-    if free.get("CPU", 0) < need_cpu + data_cpus:
-        raise ValueError(
-            f"the job needs {need_cpu:g} free CPUs for {job.num_workers} workers"
-            + (f" plus {data_cpus:g} for Ray Data" if data_cpus else "")
-            + f", but only {free.get('CPU', 0):g} of {total.get('CPU', 0):g} are free (another job "
-            "or a Serve app holds the rest); Ray Train would wait for them forever. Lower "
-            "--num-workers / --cpus-per-worker or free the cluster"
-        )
-
-
 def demo_catalog(job: TrainJobConfig):
     """The built-in synthetic catalog, with the dimensions the job's config names (or the defaults)."""
     from sidserve.synthetic import make_synthetic_catalog
@@ -294,7 +235,7 @@ def fit_distributed(job: TrainJobConfig):
     name, storage = job.name, job.storage()
     if job.tokenizer_type == "adc-sid":
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-        _check_resources(job)
+        check_resources(job)
         run_dir = os.path.join(storage, name)
         if "://" not in storage and os.path.exists(run_dir) and not job.resume:
             raise ValueError(
@@ -419,8 +360,8 @@ def fit_distributed(job: TrainJobConfig):
 def run_cli(args) -> int:
     """``sidserve train`` / jobs/train.py: build the job from parsed flags and run it (exit code 2
     on bad input)."""
-    from sidserve.cli import run_job
     from sidserve.inputs import parse_columns
+    from sidserve.runner import run_job
 
     def body():
         job = TrainJobConfig(

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.items import ITEM_ID, POPULARITY, column_name
 from sidserve.jobs.catalog import clean_batch, required_columns
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.config import BEHAVIOR
 
 PREFETCH = 2  # cleaned slices read ahead by a worker's reader thread (pyarrow and numpy release the GIL)
 

@@ -15,11 +15,12 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.items import ITEM_ID, POPULARITY, ItemArrays, column_name
 from sidserve.jobs.catalog import HAS_BEHAVIOR
 from sidserve.jobs.train.checkpoint import FINAL_FILE, load_checkpoint, save_checkpoint
-from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
+from sidserve.tokenizers.adc_sid.model.io import ModelInput
 from sidserve.tokenizers.adc_sid.regulation.pairs import (
     build_pair_set,
     plan_overlaps,
@@ -34,6 +35,7 @@ from sidserve.tokenizers.adc_sid.training import (
     init_codebooks,
     train_step,
 )
+from sidserve.tokenizers.config import BEHAVIOR
 
 
 class DistSync(Sync):

@@ -6,7 +6,7 @@ conventions.
     tok.save_pretrained("model/")    # config.json, model.safetensors, stats.json, manifest.json
     tok = SemanticIdTokenizer.from_pretrained("model/")
 
-``items``: a pyarrow Table (columns of DESIGN.md §3: ``text_emb``, ``image_emb``,
+``items``: a pyarrow Table (the columns of sidserve/items.py: ``text_emb``, ``image_emb``,
 ``behavior_emb`` nullable, ...), a pandas DataFrame, or a dict of numpy arrays.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays, coerce_items
 from sidserve.metrics import quantization_report
 from sidserve.tokenizers import invariant
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
 from sidserve.tokenizers.adc_sid.regulation.pairs import refresh_pair_set
 from sidserve.tokenizers.adc_sid.training import (

@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidserve.config import BEHAVIOR, TokenizerConfig
 from sidserve.ids import hash_codes
 from sidserve.items import ItemArrays
 from sidserve.metrics import CodeCounter
-from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel, ModelInput
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
 from sidserve.tokenizers.adc_sid.model.controller import alignment_strength
+from sidserve.tokenizers.adc_sid.model.io import ModelInput
 from sidserve.tokenizers.adc_sid.model.sparsity import threshold_step
 from sidserve.tokenizers.adc_sid.regulation.pairs import PairBatch, concat_inputs, pair_repulsion
+from sidserve.tokenizers.config import BEHAVIOR
 
 
 class Sync:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from sidserve.config import ModalityInputs, config_from_dict
 from sidserve.items import ItemArrays, coerce_items
 from sidserve.metrics import quantization_report
 from sidserve.tokenizers.base import BaseTokenizer, Encoding
+from sidserve.tokenizers.config import ModalityInputs, config_from_dict
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """ADC-SID network pieces, one concept per module."""
 
-from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel, ModelInput, ModelOutput
+from sidserve.tokenizers.adc_sid.model.adc_sid import ADCSIDModel
 from sidserve.tokenizers.adc_sid.model.alignment import (
     alignment_loss,
     behavior_alignment_loss,
@@ -15,6 +15,7 @@ from sidserve.tokenizers.adc_sid.model.controller import (
     quantile_normalized,
 )
 from sidserve.tokenizers.adc_sid.model.gates import BehaviorWeightingGate, ContentGate
+from sidserve.tokenizers.adc_sid.model.io import ModelInput, ModelOutput
 from sidserve.tokenizers.adc_sid.model.sparsity import (
     SparsityRegularizer,
     load_balance_factor,

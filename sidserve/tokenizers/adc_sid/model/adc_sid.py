@@ -22,14 +22,11 @@ straight-through residual z_q - z is small.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 from torch import nn
 
-from sidserve.config import TokenizerConfig
 from sidserve.tokenizers import invariant
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.adc_sid.model.alignment import (
     behavior_alignment_loss,
     content_alignment_loss,
@@ -41,61 +38,12 @@ from sidserve.tokenizers.adc_sid.model.controller import (
     normalized_norm,
     quantile_normalized,
 )
+from sidserve.tokenizers.adc_sid.model.encode import encode
 from sidserve.tokenizers.adc_sid.model.euclidean_codebook import EuclideanCodebook
 from sidserve.tokenizers.adc_sid.model.experts import MLP
 from sidserve.tokenizers.adc_sid.model.gates import BehaviorWeightingGate, ContentGate
+from sidserve.tokenizers.adc_sid.model.io import ModelInput, ModelOutput, fill_missing
 from sidserve.tokenizers.adc_sid.model.sparsity import SparsityRegularizer
-
-
-@dataclass
-class ModelInput:
-    """A batch as tensors. content: modality -> (B, d_m) float32; behavior: (B, d_b)
-    float32 with zero rows where missing (or None without a behavior modality);
-    has_behavior: (B,) bool."""
-
-    content: dict[str, torch.Tensor]
-    behavior: torch.Tensor | None
-    has_behavior: torch.Tensor
-    popularity: torch.Tensor | None = None  # (B,) float64, read with richness_signal="popularity"
-
-    def to(self, device) -> "ModelInput":
-        return ModelInput(
-            {k: v.to(device) for k, v in self.content.items()},
-            None if self.behavior is None else self.behavior.to(device),
-            self.has_behavior.to(device),
-            None if self.popularity is None else self.popularity.to(device),
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.has_behavior.shape[0]
-
-    @classmethod
-    def from_arrays(cls, arrays) -> "ModelInput":
-        """Dense ``sidserve.items.ItemArrays`` -> ModelInput on the CPU."""
-        return cls(
-            content={m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in arrays.content.items()},
-            behavior=None if arrays.behavior is None else torch.from_numpy(np.ascontiguousarray(arrays.behavior)),
-            has_behavior=torch.from_numpy(np.ascontiguousarray(arrays.has_behavior)),
-            popularity=None if arrays.popularity is None
-            else torch.from_numpy(np.ascontiguousarray(arrays.popularity, dtype=np.float64)),
-        )
-
-
-@dataclass
-class ModelOutput:
-    codes: torch.Tensor  # (B, L) int64, layout of config.sid_layout
-    behavior_weights: torch.Tensor  # (B, N_b) float32, 0 for items without behavior
-    # scalars incl. "total"; "align" and "reg" are 0 in eval mode (not computed)
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    latents: list[torch.Tensor] = field(default_factory=list)  # per codebook (n_i, d), for restarts
-    gates_raw: torch.Tensor | None = None  # (B_b, N_b) R(e_b) of items with behavior (pre-dropout)
-    n_norm: torch.Tensor | None = None  # (B_b,) N_norm of items with behavior
-    recon: torch.Tensor | None = None  # (B,) per-item mean squared reconstruction error
-    # codes_only with candidates=k: the k most similar codes per position, best first (B, L, k)
-    # int64 (missing_code where the position has no code), and their cosines (B, L, k) (NaN there)
-    candidates: torch.Tensor | None = None
-    candidate_scores: torch.Tensor | None = None
 
 
 class ADCSIDModel(nn.Module):
@@ -172,7 +120,7 @@ class ADCSIDModel(nn.Module):
         self.register_buffer("weight_scale", torch.ones(c.num_behavior_experts if c.has_behavior else 0))
 
     # ------------------------------------------------------------------------------
-    def _behavior_residual(self, e_b: torch.Tensor) -> torch.Tensor | None:
+    def behavior_residual(self, e_b: torch.Tensor) -> torch.Tensor | None:
         """e_b (B, d_b) -> what the first behavioral level quantizes: the expert's unit latent
         (B, D) for "residual", e_b itself for "residual_input", None for parallel experts."""
         mode = self.config.behavior_quantization
@@ -224,7 +172,7 @@ class ADCSIDModel(nn.Module):
         """(B, 1) a = pop / (pop + k) of behavior_shrinkage (0 for rows without behavior)."""
         if x.popularity is None:
             raise ValueError("behavior_shrinkage needs each item's 'popularity' (column or field)")
-        pop = _filled(x.popularity, x.has_behavior).to(torch.float64).clamp_min(0.0)
+        pop = fill_missing(x.popularity, x.has_behavior).to(torch.float64).clamp_min(0.0)
         return (pop / (pop + self.config.behavior_shrinkage)).unsqueeze(-1)
 
     @torch.no_grad()
@@ -331,22 +279,42 @@ class ADCSIDModel(nn.Module):
         return (thin * gap).sum() / rows.numel()
 
     # ------------------------------------------------------------------------------
+    def shared_input(self, x: ModelInput, warm: torch.Tensor):
+        """The content projections h_m (B, H) per modality (eq. 2), h_b = D_b(e_b) (B, H) or None,
+        and the shared experts' input [h_t, h_v, h_b] (B, sum H) where rows not ``warm`` (B,) bool
+        read the learned missing-behavior vector instead of h_b."""
+        c = self.config
+        h = {m: self.proj[m](x.content[m]) for m in c.content_modalities}  # (B, H) each
+        if not c.has_behavior:
+            return h, None, torch.cat([h[m] for m in c.content_modalities], dim=-1)
+        h_b = self.proj_b(x.behavior)  # (B, H)
+        h_b_used = torch.where(warm.unsqueeze(-1), h_b, self.missing_h_b.expand(x.batch_size, -1))
+        return h, h_b, torch.cat([h[m] for m in c.content_modalities] + [h_b_used], dim=-1)
+
+    # ------------------------------------------------------------------------------
     def forward(self, x: ModelInput, *, behavior_dropout: float = 0.0,
                 generator: torch.Generator | None = None, codes_only: bool = False,
                 candidates: int = 0) -> ModelOutput:
-        """codes_only (inference): codes and behavior weights only; no decoder, no losses.
-        candidates (with codes_only): also the k best codes per position and their cosines."""
+        """The training path: codes, weights, losses and latents. codes_only (inference) runs
+        sidserve/tokenizers/adc_sid/model/encode.py instead: codes and behavior weights only,
+        with candidates=k also the k best codes per position and their cosines."""
         if candidates and not codes_only:
             raise ValueError("candidates come with codes_only=True")
-        cand: list[torch.Tensor] = []
-        cand_scores: list[torch.Tensor] = []
-        if codes_only and (self.training or behavior_dropout > 0):
-            raise ValueError("codes_only is for inference: call model.eval() first, no behavior_dropout")
+        if codes_only:
+            if self.training or behavior_dropout > 0:
+                raise ValueError("codes_only is for inference: call model.eval() first, no behavior_dropout")
+            return encode(self, x, candidates)
         c = self.config
         B = x.batch_size
         dev = x.has_behavior.device
         x = self.shrink_behavior(x)  # e_b' for every part below (behavior_shrinkage)
-        h = {m: self.proj[m](x.content[m]) for m in c.content_modalities}  # (B, H) each
+        # behavior: which rows have e_b, which are fed to the shared experts (dropout)
+        has_b = x.has_behavior
+        warm = has_b
+        if c.has_behavior and behavior_dropout > 0:
+            drop = torch.rand(B, generator=generator).to(dev) < behavior_dropout
+            warm = has_b & ~drop
+        h, h_b, shared_in = self.shared_input(x, warm)
 
         latents: list[torch.Tensor] = []
         z_parts: list[torch.Tensor] = []
@@ -356,15 +324,6 @@ class ADCSIDModel(nn.Module):
 
         def quantize(book: CosineCodebook, z: torch.Tensor, weight: torch.Tensor | None):
             nonlocal vq
-            if codes_only and candidates:
-                top, sims = book.top(z, candidates)
-                codes.append(top[:, 0])
-                cand.append(top)
-                cand_scores.append(sims)
-                return
-            if codes_only:
-                codes.append(book.assign(z))
-                return
             z_hat, z_q, idx, loss = book(z)
             vq = vq + loss
             latents.append(z)
@@ -373,60 +332,18 @@ class ADCSIDModel(nn.Module):
             zq_parts.append(w * z_q)
             codes.append(idx)
 
-        # behavior: which rows have e_b, which are fed to the shared experts (dropout)
-        has_b = x.has_behavior
-        r_full = None
-        gates_raw = n_norm = None
-        if c.has_behavior:
-            warm = has_b
-            if behavior_dropout > 0:
-                drop = torch.rand(B, generator=generator).to(dev) < behavior_dropout
-                warm = has_b & ~drop
-            h_b = self.proj_b(x.behavior)  # (B, H)
-            h_b_used = torch.where(warm.unsqueeze(-1), h_b, self.missing_h_b.expand(B, -1))
-            shared_in = torch.cat([h[m] for m in c.content_modalities] + [h_b_used], dim=-1)
-        else:
-            shared_in = torch.cat([h[m] for m in c.content_modalities], dim=-1)
-
         shared_z: list[torch.Tensor] = []  # (B, D) per shared expert, for the cold consistency term
         for expert, book in zip(self.shared_experts, self.shared_codebooks):
             shared_z.append(expert(shared_in))
             quantize(book, shared_z[-1], None)
         for m in c.content_modalities:
-            g = None if codes_only else self.content_gates[m](x.content[m])  # (B, N_m)
+            g = self.content_gates[m](x.content[m])  # (B, N_m)
             for i, (expert, book) in enumerate(zip(self.content_experts[m], self.content_codebooks[m])):
-                quantize(book, expert(x.content[m]), None if g is None else g[:, i])
+                quantize(book, expert(x.content[m]), g[:, i])
 
-        if c.has_behavior and codes_only:
-            # every row through the same computation, missing ones masked after: an item's
-            # result must not depend on how many rows of its batch have behavior (a tensor's
-            # size decides which of its elements a kernel computes in its scalar tail)
-            popularity = _filled(x.popularity, has_b)
-            if popularity is None and c.richness_signal == "popularity" and not bool(has_b.any()):
-                popularity = torch.zeros(B, dtype=torch.float64, device=dev)  # nothing reads it
-            n_norm = self.richness(x.behavior, popularity)  # (B,)
-            if c.use_behavior_gate:
-                r = self.behavior_gate(x.behavior, n_norm)[1]  # (B, N_b)
-            else:
-                r = torch.ones(B, c.num_behavior_experts, device=dev)
-            r_full = torch.where(has_b.unsqueeze(-1), r, torch.zeros_like(r))
-            residual = c.behavior_quantization != "parallel"
-            r_b = self._behavior_residual(x.behavior)  # (B, D or d_b); None for parallel experts
-            for i, book in enumerate(self.behavior_codebooks):
-                z_b = r_b if residual else self.behavior_experts[i](x.behavior)  # (B, D)
-                if candidates:
-                    top, sims = book.top(z_b, candidates)
-                    best = top[:, 0]
-                    top = torch.where(has_b.unsqueeze(-1), top, c.missing_code)
-                    cand.append(top)
-                    cand_scores.append(torch.where(has_b.unsqueeze(-1), sims, torch.full_like(sims, float("nan"))))
-                    codes.append(top[:, 0])
-                else:
-                    best = book.assign(z_b)
-                    codes.append(torch.where(has_b, best, c.missing_code))
-                if residual:  # the next level codes what this one left
-                    r_b = r_b - book.codewords()[best]
-        elif c.has_behavior:
+        r_full = None
+        gates_raw = n_norm = None
+        if c.has_behavior:
             rows = torch.nonzero(has_b).flatten()
             e_b = x.behavior[rows]  # (B_b, d_b)
             n_norm = self.richness(e_b, _rows(x.popularity, has_b))  # (B_b,)
@@ -438,7 +355,7 @@ class ADCSIDModel(nn.Module):
             r_full = r_full.index_put((rows,), gates_fuse)
             r_full = r_full * warm.unsqueeze(-1)  # dropped-out items fuse no behavior
             residual = c.behavior_quantization != "parallel"
-            r_b = self._behavior_residual(e_b)  # (B_b, D or d_b); None for parallel experts
+            r_b = self.behavior_residual(e_b)  # (B_b, D or d_b); None for parallel experts
             for i, book in enumerate(self.behavior_codebooks):
                 full_idx = torch.full((B,), c.missing_code, dtype=torch.long, device=dev)
                 z_hat, z_q, idx, loss = book(r_b if residual else self.behavior_experts[i](e_b))
@@ -457,12 +374,6 @@ class ADCSIDModel(nn.Module):
                 z_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_hat, rows, B))
                 zq_parts.append(r_full[:, i:i + 1] * _scatter_rows(z_q, rows, B))
                 codes.append(full_idx.index_put((rows,), idx))
-
-        if codes_only:
-            weights = r_full / self.weight_scale if r_full is not None else torch.zeros(B, 0, device=dev)
-            return ModelOutput(codes=torch.stack(codes, dim=-1), behavior_weights=weights,
-                               candidates=torch.stack(cand, dim=1) if cand else None,
-                               candidate_scores=torch.stack(cand_scores, dim=1) if cand else None)
 
         z = torch.stack(z_parts).sum(0)  # (B, D)
         z_q = torch.stack(zq_parts).sum(0)  # (B, D)
@@ -521,12 +432,6 @@ class ADCSIDModel(nn.Module):
 
 def _rows(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
     return None if values is None else values[mask]
-
-
-def _filled(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
-    """values (B,) with the rows outside ``mask`` set to 0 (a missing value must not turn into
-    NaN that a mask multiplies through)."""
-    return None if values is None else torch.where(mask, values, torch.zeros_like(values))
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidserve.config import TokenizerConfig
 from sidserve.items import ItemArrays
 from sidserve.metrics import entropy_per_position, utilisation_per_position
-from sidserve.tokenizers.adc_sid.model.adc_sid import ModelInput, ModelOutput
+from sidserve.tokenizers.adc_sid.config import TokenizerConfig
+from sidserve.tokenizers.adc_sid.model.io import ModelInput, ModelOutput
 from sidserve.tokenizers.adc_sid.regulation.overlaps import find_overlaps
 from sidserve.tokenizers.adc_sid.regulation.repulsion import (
     compatibility,
