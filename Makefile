@@ -29,9 +29,11 @@ system-deps:
 	  else echo "install prometheus and prometheus-pushgateway (Debian/Ubuntu packages) first" >&2; exit 1; fi; \
 	fi
 
+# two pytest-xdist workers: the Ray tests one after another on one (they share a cluster and
+# Serve's fixed ports), everything else beside them on the other (tests/conftest.py)
 test: install system-deps
 	$(BIN)/ruff check sidserve jobs tests bench
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: install
 	$(BIN)/ruff check sidserve jobs tests bench

@@ -99,12 +99,14 @@ def run_step(name: str, argv: list[str]) -> None:
         out["reused"] = os.path.exists(os.path.join(argv[1], "_DONE"))
         out["changed_rows"] = changed_catalog(argv[0], argv[1], float(argv[2]))
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        reuse = name == "train" and os.path.exists(os.path.join(argv[1], "manifest.json"))
+        if not reuse:  # a model trained by an earlier run (--workdir) needs no cluster
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         if name == "train":
             from sidserve.jobs.train.driver import TrainJobConfig, fit_distributed
 
             items, model, storage, epochs, every = argv
-            if os.path.exists(os.path.join(model, "manifest.json")):  # --workdir: trained by an earlier run
+            if reuse:  # --workdir: trained by an earlier run
                 from sidserve.tokenizers.registry import load_tokenizer
 
                 load_tokenizer(model)  # a complete artifact, or this step fails here

@@ -112,11 +112,47 @@ SERVE_PORT = free_port()  # Serve's HTTP port: one Serve instance serves every t
 SERVE_MODULES = ("test_invariance.py", "test_observability.py", "test_serve.py")
 
 
+# pytest-xdist (`make test` runs 2 workers): the tests that use the session's Ray cluster or
+# start Ray Serve (HAProxy's ports and /tmp paths are fixed: two Serve instances on one machine
+# collide) run one after another on one worker, in the order below; the quick evaluation's
+# readers share its fixture on one worker; every other test goes wherever a worker is free.
+# A test that starts its own cluster without Serve (`ray start` with its own ports) needs
+# neither. Grouped by module name here, because pytest 9 ignores the node-id suffix that
+# xdist's own `--dist loadgroup` relies on.
+RAY_MODULES = {"test_assign_job.py", "test_catalog_prepass.py", "test_cli.py", "test_demo.py",
+               "test_refresh_job.py", "test_train_ingest.py", "test_train_job.py", *SERVE_MODULES}
+QUICK_RUN_MODULES = {"test_evaluate.py", "test_stability.py"}
+
+
+def xdist_scope(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    if module in RAY_MODULES:
+        return "ray"
+    if module in QUICK_RUN_MODULES:
+        return "quick_run"
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupedScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return GroupedScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     """The Serve modules run last, on one Serve instance that is never torn down: deleting
     an app takes about 30 s with the HAProxy ingress, and Train tests need the CPUs a
     replica holds. test_serve.py goes last of all: test_observability may still need a
-    Ray Data refresh (its ``refreshed`` fixture), which starves next to a replica."""
+    Ray Data refresh (its ``refreshed`` fixture), which starves next to a replica. A test
+    that uses the session cluster outside RAY_MODULES is an error (it would run beside it)."""
+    stray = [i.nodeid for i in items if {"ray_session", "refreshed"} & set(getattr(i, "fixturenames", ()))
+             and xdist_scope(i.nodeid) != "ray"]
+    if stray:
+        raise pytest.UsageError(f"add their modules to conftest.RAY_MODULES: {stray}")
     items.sort(key=lambda item: (item.path.name in SERVE_MODULES, item.path.name == "test_serve.py"))
 
 
@@ -229,3 +265,4 @@ def refreshed(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory)
                                            output=str(base / "snap"), pushgateway=pushgateway[0], num_workers=1))
     return dict(base=base, model=str(base / "model"), items=str(base / "items"), snap=str(base / "snap"),
                 summary=summary)
+

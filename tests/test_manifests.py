@@ -1,6 +1,7 @@
 """k8s/ manifests against the KubeRay CRDs, Kubernetes and Prometheus Operator schemas
 (offline; gzipped copies in tests/schemas/), and their agreement with deploy/ and docker/."""
 
+import functools
 import gzip
 import json
 import re
@@ -33,8 +34,10 @@ def read_schema(name: str) -> str:
     return gzip.decompress((SCHEMAS / f"{name}.gz").read_bytes()).decode()
 
 
+@functools.cache
 def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load(read_schema(CRDS[kind]))
+    # libyaml's loader: the pure-Python one takes ~10 s per KubeRay CRD (they are megabytes)
+    crd = yaml.load(read_schema(CRDS[kind]), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
