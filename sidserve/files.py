@@ -1,8 +1,8 @@
 """Local files written whole or not at all, and the one lock the package takes on them.
 
 ``atomic_write`` is how every cache, checkpoint and report file under an output directory is
-written: a temporary file beside the target (``<path>.tmp-<pid>``, a name the evaluation's
-cache lists ignore), flushed and fsynced, then renamed over the target, so a reader sees the
+written: a temporary file beside the target (``<path>.tmp-<pid>-<thread>``, a name the evaluation's
+cache lists ignore), flushed and fsynced, then renamed over the target (and the directory fsynced), so a reader sees the
 old file or the new one, never half of one, and a process killed half-way leaves only a
 temporary file. ``write_json`` / ``write_npz`` / ``write_npy`` are its common uses.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -33,17 +34,26 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")  # the rename itself survives a power loss
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, obj: Any, indent: int = 2) -> None:

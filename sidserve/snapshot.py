@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from sidserve.artifact import read_bytes, resolve, safe_name, write_bytes
-from sidserve.files import file_lock
+from sidserve.files import atomic_write, file_lock
 
 LATEST = "LATEST"
 SUMMARY = "summary.json"
@@ -81,12 +81,26 @@ class SnapshotRoot:
         return self.uri_of("_staging", safe_name(version, "snapshot version"))
 
     def latest(self) -> str | None:
-        """The published version, or None when nothing has been published."""
+        """The published version, or None when nothing has been published (no LATEST file).
+
+        A LATEST that is there but empty, or names a snapshot that is not complete (a file
+        truncated by a crash or a partial copy), is an error, never "nothing published": that
+        would start a new dedup key space, drop every reservation and leave replicas nothing
+        to load. ``publish(version)`` (no ``expected``) re-points it by hand."""
         path = self.join(LATEST)
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         version = read_bytes(self.fs, path).decode().strip()
-        return safe_name(version, f"{self.uri}/{LATEST} names version") if version else None
+        repair = (f"write the last good version (a directory under {self.uri_of('snapshots')} with a "
+                  f"{SUMMARY}) into it")
+        if not version:
+            raise ValueError(f"{self.uri}/{LATEST} is empty (truncated?); not treating the root as never "
+                             f"published: {repair}")
+        safe_name(version, f"{self.uri}/{LATEST} names version")
+        if self.fs.get_file_info(self.join("snapshots", version, SUMMARY)).type != pafs.FileType.File:
+            raise ValueError(f"{self.uri}/{LATEST} names {version!r}, which is not a complete snapshot "
+                             f"(no snapshots/{version}/{SUMMARY}; truncated?): {repair}")
+        return version
 
     def publish(self, version: str, *, expected: str | None | object = ANY) -> None:
         """Atomically point LATEST at ``version``.
@@ -99,13 +113,17 @@ class SnapshotRoot:
         through pyarrow) the check runs just before the PUT, a window of one request.
         """
         safe_name(version, "snapshot version")
+        if self.fs.get_file_info(self.join("snapshots", version, SUMMARY)).type != pafs.FileType.File:
+            raise ValueError(f"not publishing {version}: {self.uri_of('snapshots', version)} has no {SUMMARY} "
+                             "(a snapshot is complete, and publishable, once its summary is written)")
         data = (version + "\n").encode()
         if isinstance(self.fs, pafs.LocalFileSystem):
             with file_lock(self.join(f".{LATEST}.lock"), LOCK_TIMEOUT_S, "another publisher"):
                 self._check_expected(expected, version)
-                tmp = self.join(f".{LATEST}.{uuid.uuid4().hex}")
-                write_bytes(self.fs, tmp, data)
-                self.fs.move(tmp, self.join(LATEST))  # rename(2): atomic on POSIX
+                # temp file, fsync, rename(2), fsync of the directory: after a crash LATEST is
+                # the old version or the new one, never empty
+                with atomic_write(self.join(LATEST)) as f:
+                    f.write(data)
         else:
             self._check_expected(expected, version)
             write_bytes(self.fs, self.join(LATEST), data)  # object stores: a PUT is atomic

@@ -2,16 +2,26 @@
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
 from sidserve.artifact import read_artifact, safe_name, write_artifact
 from sidserve.files import try_lock
-from sidserve.snapshot import LATEST, PublishConflict, SnapshotRoot
+from sidserve.snapshot import LATEST, SUMMARY, PublishConflict, SnapshotRoot
+
+
+def complete(root: SnapshotRoot, *versions: str) -> SnapshotRoot:
+    """Snapshot directories with their summary (what makes a snapshot publishable)."""
+    for v in versions:
+        d = Path(root.path) / "snapshots" / v
+        d.mkdir(parents=True, exist_ok=True)
+        (d / SUMMARY).write_text(json.dumps({"version": v}))
+    return root
 
 
 def test_the_second_of_two_runs_from_the_same_snapshot_fails_naming_both(tmp_path):
-    root = SnapshotRoot(str(tmp_path))
+    root = complete(SnapshotRoot(str(tmp_path)), "v0", "night-a", "manual-b", "first")
     root.publish("v0", expected=None)
     started_from = root.latest()
     root.publish("night-a", expected=started_from)  # the first run to finish wins
@@ -24,7 +34,7 @@ def test_the_second_of_two_runs_from_the_same_snapshot_fails_naming_both(tmp_pat
 
 
 def test_concurrent_publishers_from_one_snapshot_exactly_one_wins(tmp_path):
-    root = SnapshotRoot(str(tmp_path))
+    root = complete(SnapshotRoot(str(tmp_path)), "v0", *(f"run-{i}" for i in range(8)))
     root.publish("v0")
     barrier = threading.Barrier(8)
     outcome = {}
@@ -147,6 +157,7 @@ def test_retention_keeps_the_newest_and_the_published_and_clears_dead_staging(tm
     for age, version in enumerate(["v5", "v4", "v3", "v2", "v1"]):  # v5 newest
         d = tmp_path / "snapshots" / version / "items"
         d.mkdir(parents=True)
+        complete(root, version)
         os.utime(tmp_path / "snapshots" / version, (now - 3600 * age, now - 3600 * age))
     root.publish("v1")  # an old snapshot can be the published one (a rollback)
     for name, age_h in (("died", 30), ("running", 1)):
@@ -162,3 +173,51 @@ def test_retention_keeps_the_newest_and_the_published_and_clears_dead_staging(tm
     assert [p.name for p in (tmp_path / "_staging").iterdir()] == ["running"]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         root.prune(0)
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "is empty"), (b"\n", "is empty"),
+                                             (b"2026120", "not a complete snapshot")])
+def test_an_empty_or_truncated_latest_is_an_error_not_a_fresh_start(tmp_path, content, needle):
+    """Issue 50.3: a LATEST that is there but empty or cut short used to read as "never
+    published": the next run started a new dedup key space and dropped every reservation."""
+    root = complete(SnapshotRoot(str(tmp_path)), "20261207T010203Z-abcdef")
+    root.publish("20261207T010203Z-abcdef")
+    (tmp_path / LATEST).write_bytes(content)
+    with pytest.raises(ValueError, match=needle):
+        root.latest()
+    with pytest.raises(ValueError, match=needle):  # a run that builds on it fails before publishing
+        root.publish("20261207T010203Z-abcdef", expected=None)
+    root.publish("20261207T010203Z-abcdef")  # the repair: re-point it by hand
+    assert root.latest() == "20261207T010203Z-abcdef"
+    assert SnapshotRoot(str(tmp_path / "new")).latest() is None  # no LATEST at all: nothing published
+
+
+def test_latest_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """LATEST is replaced by rename after an fsync of its data and then of its directory: a
+    write that fails half-way leaves the previous LATEST, and no temporary file is left."""
+    import os
+
+    root = complete(SnapshotRoot(str(tmp_path)), "v1", "v2", "v3")
+    root.publish("v1")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    root.publish("v2", expected="v1")
+    assert root.latest() == "v2" and len(synced) == 2  # the file, then the directory
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        root.publish("v3", expected="v2")
+    assert root.latest() == "v2"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_an_incomplete_snapshot_is_never_published(tmp_path):
+    root = complete(SnapshotRoot(str(tmp_path)), "v1")
+    (tmp_path / "snapshots" / "half").mkdir()
+    with pytest.raises(ValueError, match="half.*no summary.json"):
+        root.publish("half")
+    root.publish("v1")
+    assert root.latest() == "v1"
