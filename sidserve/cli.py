@@ -90,7 +90,8 @@ def _add_snapshot_args(p: argparse.ArgumentParser, items_help: str, model_help: 
     p.add_argument("--rows-per-partition", type=int, default=100_000,
                    help="rows per grouping task (bounds its memory; fewer, larger partitions write fewer files)")
     p.add_argument("--keep-snapshots", type=int,
-                   help="retention: keep the N newest snapshots (the published one always); default: keep all")
+                   help="retention: keep the N newest rollback targets (complete, not refused by --max-churn; the "
+                        "published one always); older refused or incomplete snapshots go too; default: keep all")
     p.add_argument("--reserve-nights", type=int, default=30,
                    help="nights an absent or rejected item's (sid, dedup) key stays reserved for it (0: freed at once)")
     p.add_argument("--sticky-delta", type=float,

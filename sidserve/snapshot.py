@@ -6,6 +6,8 @@
     <root>/snapshots/<version>/reservations/*.parquet  (sid, dedup) keys held for items absent
                                                    or rejected tonight (RESERVATIONS_SCHEMA)
     <root>/snapshots/<version>/summary.json        counts, collision rate, utilisation, churn
+                                                   (written last: a snapshot without it is incomplete)
+    <root>/snapshots/<version>/REFUSED             a snapshot --max-churn did not publish (reason)
     <root>/_staging/<version>/                     intermediate files of a run (safe to delete)
 
 Readers go through ``LATEST`` only, so a run that dies before publishing leaves a
@@ -29,6 +31,7 @@ from sidserve.files import atomic_write, file_lock
 
 LATEST = "LATEST"
 SUMMARY = "summary.json"
+REFUSED = "REFUSED"  # a complete snapshot that --max-churn kept from being published
 
 ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -160,21 +163,44 @@ class SnapshotRoot:
             return []
         return [i for i in self.fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
 
+    def refuse(self, version: str, reason: str) -> None:
+        """Mark a complete snapshot as refused (``--max-churn``): never published, and never a
+        rollback target that retention keeps in place of a published one."""
+        write_bytes(self.fs, self.join("snapshots", safe_name(version, "snapshot version"), REFUSED),
+                    json.dumps({"reason": reason, "at": time.time()}).encode())
+
     def prune(self, keep: int | None, *, staging_max_age_s: float = STAGING_MAX_AGE_S) -> dict[str, list[str]]:
-        """Retention: delete all but the ``keep`` newest snapshots (by modification time; the
-        published one is always kept; ``None`` keeps every snapshot) and the staging
-        directories of runs that stopped writing more than ``staging_max_age_s`` ago (failed
-        runs; a run in progress touches its staging). -> the versions deleted, per kind."""
+        """Retention: keep the ``keep`` newest rollback targets and delete older snapshots
+        (``None`` keeps every snapshot), and delete the staging directories of runs that stopped
+        writing more than ``staging_max_age_s`` ago (failed runs; a run in progress touches its
+        staging). -> the versions deleted, per kind.
+
+        A rollback target is a complete snapshot (its summary written) that was not refused;
+        newest = latest summary. The published snapshot is always kept besides them. A
+        refused or incomplete snapshot (a run that died before its summary) never takes a
+        target's place: it is deleted once it is older than the newest target (until then it
+        stays, for inspection)."""
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (the published snapshot is always kept), got {keep}")
         published = self.latest()
         deleted: dict[str, list[str]] = {"snapshots": [], "staging": []}
         if keep is not None:
-            snaps = sorted(self._children("snapshots"), key=lambda i: (i.mtime_ns or 0, i.base_name), reverse=True)
-            for info in snaps[keep:]:
-                if info.base_name != published:
-                    self.fs.delete_dir(info.path)
-                    deleted["snapshots"].append(info.base_name)
+            targets, others = [], []
+            for info in self._children("snapshots"):
+                summary = self.fs.get_file_info(self.join("snapshots", info.base_name, SUMMARY))
+                refused = self.fs.get_file_info(self.join("snapshots", info.base_name, REFUSED))
+                done = summary.type == pafs.FileType.File
+                when = (summary.mtime_ns if done else info.mtime_ns) or 0
+                is_target = done and refused.type != pafs.FileType.File
+                (targets if is_target else others).append((when, info.base_name, info.path))
+            targets.sort(reverse=True)
+            kept = targets[:keep] + [t for t in targets[keep:] if t[1] == published]
+            newest = max((t[0] for t in kept), default=0)
+            doomed = [t for t in targets if t not in kept] + [o for o in others if o[0] < newest]
+            for _, name, path in sorted(doomed):
+                if name != published:
+                    self.fs.delete_dir(path)
+                    deleted["snapshots"].append(name)
         cutoff = time.time() - staging_max_age_s
         for info in self._children("_staging"):
             newest = max([info.mtime_ns or 0] + [(f.mtime_ns or 0) for f in self.fs.get_file_info(

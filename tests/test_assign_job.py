@@ -1,5 +1,6 @@
 """Batch assignment to versioned snapshots on a local Ray."""
 
+import json
 import os
 
 import numpy as np
@@ -646,6 +647,7 @@ def test_sticky_assignment_and_max_churn_end_to_end(world, tmp_path):
     with pytest.raises(ChurnRefused, match="above --max-churn 0.001"):
         run_assignment(AssignJobConfig(items=items, model=night2, output=root.uri, version="plain", max_churn=0.001))
     assert root.latest() == s1["version"]  # not published
+    assert "above --max-churn" in json.loads((tmp_path / "snap" / "snapshots" / "plain" / "REFUSED").read_text())["reason"]
     plain_summary = root.summary("plain")
     assert plain_summary["churn"]["churn"] > 0.001 and plain_summary["sticky"] is None
 

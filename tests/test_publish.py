@@ -158,7 +158,8 @@ def test_retention_keeps_the_newest_and_the_published_and_clears_dead_staging(tm
         d = tmp_path / "snapshots" / version / "items"
         d.mkdir(parents=True)
         complete(root, version)
-        os.utime(tmp_path / "snapshots" / version, (now - 3600 * age, now - 3600 * age))
+        for path in (tmp_path / "snapshots" / version / SUMMARY, tmp_path / "snapshots" / version):
+            os.utime(path, (now - 3600 * age, now - 3600 * age))
     root.publish("v1")  # an old snapshot can be the published one (a rollback)
     for name, age_h in (("died", 30), ("running", 1)):
         f = tmp_path / "_staging" / name / "part" / "x.parquet"
@@ -220,4 +221,55 @@ def test_an_incomplete_snapshot_is_never_published(tmp_path):
     with pytest.raises(ValueError, match="half.*no summary.json"):
         root.publish("half")
     root.publish("v1")
+    assert root.latest() == "v1"
+
+
+def test_retention_never_lets_a_refused_or_incomplete_snapshot_take_a_rollback_targets_place(tmp_path):
+    """Issue 50.4: refused (--max-churn) and incomplete (a run that died) snapshots stayed under
+    snapshots/, counted as the newest by mtime, and pushed the last good rollback target out."""
+    import os
+    import time
+
+    from sidserve.snapshot import REFUSED
+
+    root = SnapshotRoot(str(tmp_path))
+    now = time.time()
+
+    def make(version, hours_ago, summary=True, refused=False):
+        d = tmp_path / "snapshots" / version
+        (d / "items").mkdir(parents=True)
+        if summary:
+            complete(root, version)
+            os.utime(d / SUMMARY, (now - 3600 * hours_ago,) * 2)
+        if refused:
+            root.refuse(version, "churn above --max-churn")
+        os.utime(d, (now - 3600 * hours_ago,) * 2)
+
+    make("good-old", 50)
+    make("good-prev", 30)
+    make("published", 20)
+    make("refused-old", 25, refused=True)
+    make("died-old", 22, summary=False)
+    make("refused-new", 2, refused=True)  # newer than every target: kept for inspection
+    make("died-new", 1, summary=False)
+    root.publish("published")
+    deleted = root.prune(2)
+    assert sorted(deleted["snapshots"]) == ["died-old", "good-old", "refused-old"]
+    left = sorted(os.listdir(tmp_path / "snapshots"))
+    assert left == ["died-new", "good-prev", "published", "refused-new"]  # the 2 newest targets
+    assert json.loads((tmp_path / "snapshots" / "refused-new" / REFUSED).read_text())["reason"]
+
+
+def test_an_explicit_version_that_exists_is_refused_before_anything_is_written(tmp_path):
+    """Issue 50.4: `version` naming an existing snapshot (the published one, say) had its part
+    files overwritten in place."""
+    from sidserve.jobs.assign import AssignJobConfig, run_assignment
+
+    root = complete(SnapshotRoot(str(tmp_path / "root")), "v1")
+    root.publish("v1")
+    before = sorted(p.name for p in (tmp_path / "root" / "snapshots" / "v1").iterdir())
+    with pytest.raises(ValueError, match="'v1' already exists.*immutable"):
+        run_assignment(AssignJobConfig(items=str(tmp_path / "none"), model=str(tmp_path / "no-model"),
+                                       output=root.uri, version="v1"))
+    assert sorted(p.name for p in (tmp_path / "root" / "snapshots" / "v1").iterdir()) == before
     assert root.latest() == "v1"

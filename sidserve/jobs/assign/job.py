@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sidserve.artifact import write_bytes
+import pyarrow.fs as pafs
+
+from sidserve.artifact import safe_name, write_bytes
 from sidserve.items import ITEM_ID, POPULARITY
 from sidserve.jobs.assign.dedup import dedup_partition
 from sidserve.jobs.assign.encode import EncodeAndScatter, input_renames, plan_units, read_unit
@@ -167,6 +169,13 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         raise ValueError(f"sticky_candidates must be >= 1, got {job.sticky_candidates!r}")
     if job.max_churn is not None and not 0 <= job.max_churn <= 1:
         raise ValueError(f"max_churn must be in [0, 1], got {job.max_churn!r}")
+    if job.version is not None:
+        root = SnapshotRoot(job.output)
+        if root.fs.get_file_info(root.join("snapshots", safe_name(job.version, "version"))).type \
+                != pafs.FileType.NotFound:
+            raise ValueError(f"snapshot version {job.version!r} already exists under {root.uri_of('snapshots')}: "
+                             "snapshots are immutable (it could be the published one or a rollback target); "
+                             "choose a new version")
     t0 = time.perf_counter()
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     sticky = job.sticky_delta is not None
@@ -291,10 +300,11 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     }
     write_bytes(root.fs, root.join("snapshots", version, SUMMARY), json.dumps(summary, indent=2).encode())
     if job.max_churn is not None and summary["churn"]["churn"] > job.max_churn:
-        raise ChurnRefused(
-            f"churn {summary['churn']['churn']:.4f} ({summary['churn']['changed']} of {summary['churn']['common']} "
-            f"items present both nights changed SID) is above --max-churn {job.max_churn}: snapshot {version} is "
-            f"written but not published; LATEST stays {previous}")
+        reason = (f"churn {summary['churn']['churn']:.4f} ({summary['churn']['changed']} of "
+                  f"{summary['churn']['common']} items present both nights changed SID) is above --max-churn "
+                  f"{job.max_churn}")
+        root.refuse(version, reason)  # never published, never kept by retention as a rollback target
+        raise ChurnRefused(f"{reason}: snapshot {version} is written but not published; LATEST stays {previous}")
     root.publish(version, expected=previous)  # fails if another run published meanwhile
     try:
         root.fs.delete_dir(root.join("_staging", version))
