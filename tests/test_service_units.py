@@ -412,3 +412,47 @@ def test_merged_requests_keep_every_field():
     assert merged.content["text"][:, 0].tolist() == [0, 0, 10, 10, 10] and len(merged) == 5
     single = part(1, 5)
     assert schema.concat_arrays([single]) is single
+
+
+def test_before_a_model_loads_a_request_gets_503_without_its_body_being_read():
+    """Issue 50.5: with no model loaded there is no byte limit yet, and the endpoint read the
+    whole body (any size) before answering 503."""
+    import asyncio
+
+    from sidserve.serving.app import TokenizeEndpoint
+    from sidserve.serving.core import TokenizeService
+    from sidserve.serving.telemetry import Telemetry
+
+    service = TokenizeService(Telemetry())  # never configured: no model
+    endpoint = TokenizeEndpoint(lambda: service)
+    received, sent = [], []
+
+    async def receive():  # a 64 MiB body in 1 MiB chunks
+        received.append(1)
+        await asyncio.sleep(0)
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": len(received) < 64}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/tokenize", "headers": []}
+    asyncio.run(asyncio.wait_for(endpoint(scope, receive, send), timeout=10))
+    assert sent[0]["status"] == 503 and b"not ready" in sent[1]["body"]
+    assert not received  # not one chunk of the body was read
+
+
+def test_the_service_defaults_are_what_ships():
+    """The code's ServiceConfig defaults equal deploy/serve.yaml's user_config (max_batch_size was
+    256 in the code, 64 shipped and measured), and @serve.batch starts from the same size."""
+    import inspect
+
+    import yaml
+
+    from sidserve.serving import deployment
+    from sidserve.serving.state import ServiceConfig
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
+    user_config = shipped["applications"][0]["deployments"][0]["user_config"]
+    defaults = ServiceConfig()
+    assert user_config and {k: getattr(defaults, k) for k in user_config} == user_config
+    assert f"max_batch_size={defaults.max_batch_size}," in inspect.getsource(deployment)

@@ -141,7 +141,14 @@ class TokenizeEndpoint:
         return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     async def __call__(self, scope, receive, send):
-        limit = self.get_service().body_limit()
+        service = self.get_service()
+        if service.state is None:  # no model yet: the 503 comes before a byte of the body is read
+            try:
+                service.current()
+            except NotReady as err:
+                await not_ready_response(err)(scope, receive, send)
+                return
+        limit = service.body_limit()
         if limit is not None:
             declared = dict(scope["headers"]).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:

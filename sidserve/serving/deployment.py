@@ -55,7 +55,7 @@ class SidServe:
     async def _encode(self, job: EncodeJob) -> Encoding:
         return await self._encode_batch(job)
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)  # both set by reconfigure
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # both set by reconfigure (ServiceConfig)
     async def _encode_batch(self, jobs: list[EncodeJob]) -> list[Encoding]:
         return await run_encode(jobs, self.service.telemetry, self.service.config.encode_batch_size)
 

@@ -39,7 +39,8 @@ class ServiceConfig:
     # seconds between checks of <snapshot_root>/LATEST (0 = never: swap only via user_config)
     snapshot_poll_s: float = 30.0
     # @serve.batch: most requests merged into one model call, and how long the first one waits
-    max_batch_size: int = 256
+    # (64: what deploy/serve.yaml ships and docs/benchmarks.md measured)
+    max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.0  # 0: batch what queued meanwhile, never delay a lone request
     # largest accepted request (413 above it): bounds a replica's memory per request
     max_items_per_request: int = 1024
