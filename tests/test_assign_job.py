@@ -655,7 +655,9 @@ def test_sticky_assignment_and_max_churn_end_to_end(world, tmp_path):
     for col in ("item_id", "sid", "sid_str", "dedup", "behavior_weights"):
         assert root.read_items("plain").sort_by("item_id").column(col).equals(
             root.read_items(zero["version"]).sort_by("item_id").column(col)), col
-    assert zero["sticky"]["codes_kept"] == 0
+    # --sticky-delta 0 is the plain assignment (issue 49.4): no top-k candidates are encoded
+    assert zero["sticky"] is None  # and it staged what the plain run staged, no candidate columns:
+    assert zero["staging_bytes"]["encoded"] == plain_summary["staging_bytes"]["encoded"]
 
     other = SnapshotRoot(str(tmp_path / "snap-copy"))
     sticky = run_assignment(AssignJobConfig(items=items, model=night2, output=other.uri, sticky_delta=0.05))

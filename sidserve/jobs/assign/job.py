@@ -3,6 +3,7 @@ verification, summary and the atomic publish through LATEST."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -169,6 +170,8 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         raise ValueError(f"sticky_candidates must be >= 1, got {job.sticky_candidates!r}")
     if job.max_churn is not None and not 0 <= job.max_churn <= 1:
         raise ValueError(f"max_churn must be in [0, 1], got {job.max_churn!r}")
+    if job.sticky_delta == 0:  # documented as the plain assignment: no candidate encode, no comparison
+        job = dataclasses.replace(job, sticky_delta=None)
     if job.version is not None:
         root = SnapshotRoot(job.output)
         if root.fs.get_file_info(root.join("snapshots", safe_name(job.version, "version"))).type \
