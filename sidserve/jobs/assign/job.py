@@ -68,8 +68,9 @@ class AssignJobConfig:
     reserve_nights: int = 30
     # sticky assignment (sidserve/jobs/assign/sticky.py): an item keeps its previous code at a
     # position unless the new best scores more than this above it (cosine for ADC-SID; OPQ:
-    # 2 x.c - |c|^2); None = the plain assignment (0 keeps a previous code only on an exact
-    # tie, which gives the plain snapshot). Needs a tokenizer with independent positions
+    # 2 x.c - |c|^2); None or 0 = the plain assignment (0 would keep a previous code only on an
+    # exact tie, which gives the plain snapshot: it runs as None, without the candidate encode).
+    # Needs a tokenizer with independent positions
     sticky_delta: float | None = None
     # best codes per position the encoder reports for the comparison; a previous code outside
     # them is replaced (on Beauty 8 floored churn at 18%, 32 at 2.5%: docs/stability.md)
