@@ -322,6 +322,28 @@ def test_open_routes_say_ready_or_not_and_nothing_else(monkeypatch):
     assert r.status_code == 503 and "private-bucket" in r.text
 
 
+def test_model_info_without_an_api_key_needs_an_explicit_opt_out(monkeypatch):
+    """Issue 50.5: with no SIDSERVE_API_KEY, GET /v1/model showed the model URI, the service
+    config and the last error to anyone (fail-open)."""
+    from fastapi.testclient import TestClient
+
+    from sidserve.serving.app import make_app
+    from sidserve.serving.core import TokenizeService
+    from sidserve.serving.telemetry import PrometheusTelemetry
+
+    monkeypatch.delenv("SIDSERVE_API_KEY", raising=False)
+    monkeypatch.delenv("SIDSERVE_MODEL_INFO_OPEN", raising=False)
+    service = TokenizeService(PrometheusTelemetry())
+    service.last_error = "ValueError: 's3://private-bucket/models/sid-v7' is not an artifact"
+    client = TestClient(make_app(lambda: service))
+    r = client.get("/v1/model")
+    assert r.status_code == 403 and "private-bucket" not in r.text
+    assert "SIDSERVE_API_KEY" in r.text and "SIDSERVE_MODEL_INFO_OPEN=1" in r.text
+    monkeypatch.setenv("SIDSERVE_MODEL_INFO_OPEN", "1")  # the explicit opt-out
+    r = client.get("/v1/model")
+    assert r.status_code == 503 and "private-bucket" in r.text  # no model loaded: 503, with the reason
+
+
 def test_item_ids_longer_than_the_limit_are_named():
     cfg = TokenizerConfig(modality_dims={"text": 4, "image": 3}, behavior_dim=2)
     rng = np.random.default_rng(2)

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from sidserve.serving.core import NotReady, TokenizeService
 from sidserve.serving.schema import RequestError, TokenizeRequest, TokenizeResponse
-from sidserve.serving.state import API_KEY_ENV
+from sidserve.serving.state import API_KEY_ENV, MODEL_INFO_OPEN_ENV
 
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/TokenizeRequest"}}}}}
@@ -79,6 +79,12 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
 
     @app.get("/v1/model")
     async def model_info():
+        if not os.environ.get(API_KEY_ENV) and os.environ.get(MODEL_INFO_OPEN_ENV) != "1":
+            # fail closed: the details (URIs, config, error texts) are for whoever holds the key
+            return JSONResponse({"detail": f"GET /v1/model shows the model URI, the service config and the last "
+                                           f"load error: set {API_KEY_ENV} in the replicas' environment (clients "
+                                           f"then send Authorization: Bearer <key>), or {MODEL_INFO_OPEN_ENV}=1 "
+                                           "to show them without a key"}, status_code=403)
         service = get_service()
         info = service.current().describe()
         info["service_config"] = service.config.to_dict()

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 MODEL_ENV = "SIDSERVE_MODEL_URI"
 SNAPSHOT_ENV = "SIDSERVE_SNAPSHOT_ROOT"
 API_KEY_ENV = "SIDSERVE_API_KEY"
+# GET /v1/model shows the model URI, the service config and the last load error: with no API
+# key it answers 403 unless this is "1" (an explicit choice to show them to anyone who can reach it)
+MODEL_INFO_OPEN_ENV = "SIDSERVE_MODEL_INFO_OPEN"
 
 
 @dataclass
