@@ -1,5 +1,6 @@
 """The nightly refresh: metrics in a real Pushgateway, warm-started re-fit."""
 
+import json
 import time
 import urllib.request
 
@@ -74,6 +75,8 @@ def test_refit_warm_start_publishes_with_new_model(refreshed, tmp_path):
     # --refit-codebooks frozen (Ray Train workers): the codewords are the old model's, bit for bit
     assert new.config.train_codebooks is False
     assert all(torch.equal(p.embed, q.embed) for p, q in zip(old.model_.codebooks, new.model_.codebooks))
+    # the warm start drew no k-means sample (issue 50.6: it drew one over the catalog and ignored it)
+    assert json.loads((tmp_path / "model-2" / "metrics.json").read_text())["kmeans_sample"] == 0
 
 
 def test_the_refresh_sticky_default_is_per_tokenizer():

@@ -290,7 +290,8 @@ def fit_distributed(job: TrainJobConfig):
             # and re-validating the input every epoch; larger catalogs stream each epoch
             clean = clean.materialize()
         datasets = {"train": clean}
-    sample = _kmeans_sample(clean, stats, tcfg)
+    # a warm start loads every codeword from the model it starts from: no k-means, no sample
+    sample = None if job.init_model else _kmeans_sample(clean, stats, tcfg)
 
     init_state = None
     if job.init_model:
@@ -304,7 +305,7 @@ def fit_distributed(job: TrainJobConfig):
         init_state = ray.put(previous._tensors())
     loop_config = {
         "tokenizer": cfg_dict, "n_min": stats.n_min, "n_max": stats.n_max,
-        "sample_ref": ray.put(sample), "callbacks": list(job.callbacks),
+        "sample_ref": None if sample is None else ray.put(sample), "callbacks": list(job.callbacks),
         "init_state_ref": init_state, "checkpoint_every_steps": job.checkpoint_every_steps,
         "shards": shards,
     }
@@ -345,7 +346,8 @@ def fit_distributed(job: TrainJobConfig):
         "ingest": "parquet" if shards is not None else "ray-data",
         # the cleaned catalog kept in the object store (True) or read again every epoch (False)
         "catalog_cached": bool(cached),
-        "kmeans_sample": int(len(sample[HAS_BEHAVIOR])),  # rows the codebooks were initialised from
+        # rows the codebooks were initialised from (0: a warm start, initialised from init_model)
+        "kmeans_sample": 0 if sample is None else int(len(sample[HAS_BEHAVIOR])),
         "wall_s": time.perf_counter() - t0,
         "run": {"name": name, "storage_path": storage},
     }
