@@ -185,6 +185,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="train nothing: write the report from the stages cached so far (pending ones are listed)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
     p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
+    p.add_argument("--content", choices=["full", "weak"], default="full",
+                   help="item content: full (title, brand, categories) or weak (the title's first three words and "
+                        "the first category: a catalog whose content says little; issue 47)")
     p.add_argument("--sasrec-variants", help="ID SASRec models to train: tied, untied, bce (default: tied,untied)")
     p.add_argument("--behavior-embedding", choices=["tied", "untied-input", "untied-output", "bce"],
                    help="SASRec table handed to the tokenizers as e_b (default: untied-input)")

@@ -103,6 +103,21 @@ def test_leave_one_out_split_and_popularity(tmp_path):
     assert back.item_texts() == d.item_texts()
 
 
+def test_weak_content_keeps_three_title_words_and_the_first_category():
+    items = [{"item_id": 1, "title": "OPI Nail Lacquer, Simmer and Shimmer", "brand": "OPI",
+              "categories": ["Makeup", "Nails", "Nail Polish"]},
+             {"item_id": 2, "title": "", "brand": None, "categories": ["Skin Care", "Face"]},
+             {"item_id": 3, "title": "Two words", "brand": "X", "categories": []}]
+    d = Dataset([np.array([1, 2, 3])], items)
+    weak = d.item_texts("weak")
+    assert weak == {"text": ["OPI Nail Lacquer,", "Skin Care", "Two words"], "meta": ["Makeup", "Skin Care", "Two words"]}
+    full = d.item_texts()
+    assert "Brand: OPI" in full["meta"][0] and "Simmer" in full["text"][0]  # the full regime is unchanged
+    assert not any("OPI" in m or "Nails" in m for m in weak["meta"])  # nothing else leaks into weak
+    with pytest.raises(ValueError, match="content must be one of"):
+        d.item_texts("none")
+
+
 def test_load_dataset_errors_name_file_and_line(tmp_path):
     (tmp_path / "items.jsonl").write_text('{"item_id": 1}\n{"item_id": 3}\n')
     (tmp_path / "sequences.txt").write_text("1 1 1 1\n")

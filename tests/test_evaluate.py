@@ -16,7 +16,7 @@ def test_quick_run_writes_a_complete_report(quick_run):
     out, p = quick_run
     r = json.load(open(os.path.join(out, "results.json")))
     assert r["dataset"] == {"name": "beauty-slice[250 users]", "users": 250, "items": 1766,
-                            "interactions": 2200, "quick": True}
+                            "interactions": 2200, "quick": True, "content": "full"}
     assert r["seeds"] == [0, 1] and "--quick" in r["command"]
     assert list(r["tokenizers"]) == TOKENIZERS
     # ID SASRec: a tied and an untied model, each table's norm/popularity correlation
@@ -48,6 +48,12 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert e["retrieval"]["all"]["users"] == 250
         assert e["retrieval"]["head"]["users"] + e["retrieval"]["tail"]["users"] <= 250
         assert e["retrieval"]["valid_sid_share"] == 1.0  # 1,766 items >= 50 beams: always full
+        # validation per group (issue 47's rule reads it): the kept epoch's, so its "all" is the
+        # figure early stopping chose that epoch by, and a group's users are a subset
+        for task, m in (("sid_sasrec", "ndcg@10"), ("ranking", "gauc")):
+            vg = e[task]["valid_groups"]
+            assert vg["all"][m]["values"] == pytest.approx(e[task]["valid"][m]["values"], abs=1e-6)
+            assert all(0 <= v <= 1 for g in ("head", "tail") for v in vg[g][m]["values"])
         for task in ("sid_sasrec", "retrieval", "ranking"):  # early stopping kept an epoch it ran
             assert all(0 <= b < n for b, n in zip(e[task]["best_epoch"], e[task]["epochs_run"]))
         # the per-user arrays behind the bootstrap agree with the reported means

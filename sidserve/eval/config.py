@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from sidserve.eval.data import CONTENT
 from sidserve.eval.ranking import RankingConfig
 from sidserve.eval.retrieval import RetrievalConfig
 from sidserve.eval.sasrec import SASRecConfig
@@ -44,6 +45,9 @@ class EvalConfig:
     ablation_seeds_adaptive: bool = True
     quick: bool = False  # subsample users and shrink every stage (tests, smoke runs)
     quick_users: int = 1000  # users kept by --quick
+    # the items' content regime (sidserve.eval.data.CONTENT): "weak" keeps three title words and
+    # the first category, the stand-in for catalogs whose content says little (issue 47)
+    content: str = "full"
     head_tail_share: float = 0.25  # head = top 25% items by training popularity, tail = bottom 25%
     ranking_negatives: int = 99  # sampled negatives per test user for AUC/GAUC
     sasrec_variants: list[str] = field(default_factory=lambda: ["tied", "untied"])  # ID SASRec models trained
@@ -62,6 +66,8 @@ class EvalConfig:
         unknown = [t for t in self.tokenizers if t not in ALL_TOKENIZERS]
         if unknown:
             raise ValueError(f"unknown tokenizers {unknown}; choose from {ALL_TOKENIZERS}")
+        if self.content not in CONTENT:
+            raise ValueError(f"content must be one of {CONTENT}, got {self.content!r}")
         if not self.tokenizers:
             raise ValueError("tokenizers must name at least one tokenizer")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -117,12 +123,14 @@ def read_json(path: str):
         return json.load(f)
 
 
-def pin_run_config(path: str, key: dict, what: str) -> None:
+def pin_run_config(path: str, key: dict, what: str, defaults: dict | None = None) -> None:
     """Write ``key`` (what a cache's results depend on) to ``path``, or, when a cache is there
-    already, refuse it if any value differs: results of other settings are never mixed in."""
+    already, refuse it if any value differs: results of other settings are never mixed in.
+    ``defaults``: the value a cache written before a key existed had for it."""
     if os.path.exists(path):
         old = read_json(path)
-        diff = sorted(k for k in key if old.get(k) != key[k])
+        defaults = defaults or {}
+        diff = sorted(k for k in key if old.get(k, defaults.get(k)) != key[k])
         if diff:
             raise ValueError(f"{os.path.dirname(path)} holds {what} with different settings ({', '.join(diff)}); "
                              f"use a new --output directory")

@@ -21,6 +21,12 @@ import numpy as np
 SEQUENCES_FILE = "sequences.txt"
 ITEMS_FILE = "items.jsonl"
 MIN_SEQUENCE = 3  # leave-one-out needs >= 1 training item + validation + test
+# what an item's content modalities say (issue 47): "full" = title, brand and categories;
+# "weak" = a catalog whose content says little about behavior, built from the same items:
+# ``text`` = the first three words of the title, ``meta`` = the first (most general)
+# category, nothing else (interactions unchanged)
+CONTENT = ("full", "weak")
+WEAK_TITLE_WORDS = 3
 
 
 @dataclass
@@ -72,15 +78,25 @@ class Dataset:
         return {"head": np.sort(order[:k]) + 1, "tail": np.sort(order[-k:]) + 1}
 
     # ---- item text ---------------------------------------------------------------
-    def item_texts(self) -> dict[str, list[str]]:
-        """Two content modalities: ``text`` = title + brand + categories, ``meta`` =
-        brand + categories only (the README's second modality; there are no images)."""
+    def item_texts(self, content: str = "full") -> dict[str, list[str]]:
+        """Two content modalities. ``full``: ``text`` = title + brand + categories, ``meta`` =
+        brand + categories only (the README's second modality; there are no images).
+        ``weak``: ``text`` = the title's first three words, ``meta`` = the first category."""
+        if content not in CONTENT:
+            raise ValueError(f"content must be one of {CONTENT}, got {content!r}")
         text, meta = [], []
         for it in self.items:
-            cats = ", ".join(it.get("categories") or [])
+            title = (it.get("title") or "").strip()
+            categories = it.get("categories") or []
+            if content == "weak":
+                first = categories[0] if categories else ""
+                words = " ".join(title.split()[:WEAK_TITLE_WORDS])
+                text.append(words or first)  # an item without a title keeps some text
+                meta.append(first or words)
+                continue
+            cats = ", ".join(categories)
             brand = it.get("brand") or ""
             meta_s = "; ".join(x for x in (f"Brand: {brand}" if brand else "", f"Categories: {cats}" if cats else "") if x)
-            title = (it.get("title") or "").strip()
             text.append(f"{title}. {meta_s}" if title else meta_s)
             meta.append(meta_s or title)
         return {"text": text, "meta": meta}

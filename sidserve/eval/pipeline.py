@@ -135,8 +135,8 @@ class Evaluation:
                "retrieval": dataclasses.asdict(self.c.retrieval), "ranking": dataclasses.asdict(self.c.ranking),
                "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
                "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup,
-               "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION}
-        pin_run_config(self.path("run_config.json"), key, "a run")
+               "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION, "content": self.c.content}
+        pin_run_config(self.path("run_config.json"), key, "a run", defaults={"content": "full"})
         self._write_gitignore()
 
     def _write_gitignore(self) -> None:
@@ -218,7 +218,7 @@ class Evaluation:
         def run():
             from sidserve.eval.text import embed_texts, load_text_model
             model = load_text_model()
-            for modality, texts in self.data.item_texts().items():
+            for modality, texts in self.data.item_texts(self.c.content).items():
                 uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
                 emb = embed_texts(list(uniq), model=model)[inv.ravel()]
                 write_npy(self.path("embeddings", f"{modality}.npy"), emb)
@@ -367,6 +367,9 @@ class Evaluation:
             per_user = evaluate_sasrec(model, hist, targets, ks=(5, 10, 50), per_user=True)
             write_npz(self.stage_path(name, "sid_sasrec", seed, "npz"), **per_user)
             res = grouped_means(per_user, targets, groups)
+            v_hist, v_targets = self.data.targets("valid")  # the kept epoch's validation, per group
+            res["valid_groups"] = grouped_means(evaluate_sasrec(model, v_hist, v_targets, ks=(10,), per_user=True),
+                                                v_targets, groups)
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
         return self._staged(name, "sid_sasrec", seed, run, wait)
@@ -401,6 +404,8 @@ class Evaluation:
             scores = score(model, hist, np.concatenate([targets[:, None], negatives["test"]], axis=1))
             write_npz(self.stage_path(name, "ranking", seed, "npz"), auc=per_user_auc(scores))
             res = evaluate_ranking(scores, targets, groups)
+            v_scores = score(model, v_hist, np.concatenate([v_target[:, None], negatives["valid"]], axis=1))
+            res["valid_groups"] = evaluate_ranking(v_scores, v_target, groups)  # the kept epoch's, per group
             res.update(history=history, early_stopping=model.early_stopping, fit_seed=self.fit_seed(name, seed))
             return res
         return self._staged(name, "ranking", seed, run, wait)
@@ -569,6 +574,7 @@ def run_cli(args, command: str = "") -> int:
             c = EvalConfig.quick_profile(args.data, args.output, quick_users=args.quick_users, **kw)
         else:
             c = EvalConfig(data=args.data, output=args.output, **kw)
+        c.content = getattr(args, "content", "full")
         if args.sasrec_variants is not None:
             c.sasrec_variants = [v.strip() for v in args.sasrec_variants.split(",") if v.strip()]
         if args.behavior_embedding is not None:

@@ -76,6 +76,9 @@ def collect(ev) -> dict:
                 t[g]["users"] = runs[0][g]["users"]
             t["valid"] = {m: dict(mean_std(v), values=v)
                           for m in VALID_METRICS[task] for v in [[valid_metric(r, m) for r in runs]]}
+            if all("valid_groups" in r for r in runs):  # stages since issue 47: validation per group
+                t["valid_groups"] = {g: {m: dict(mean_std(v), values=v) for m in VALID_METRICS[task]
+                                         for v in [[r["valid_groups"][g][m] for r in runs]]} for g in GROUPS}
             t["best_epoch"] = [r["early_stopping"]["best_epoch"] for r in runs]
             t["epochs_run"] = [r["early_stopping"]["epochs_run"] for r in runs]
             t["stage_seconds"] = [r.get("stage_seconds") for r in runs]
@@ -173,7 +176,7 @@ def write_report(ev, wall_seconds: float) -> dict:
     results = {
         "command": ev.c.command,
         "dataset": {"name": d.name, "users": d.num_users, "items": d.num_items,
-                    "interactions": d.num_interactions, "quick": ev.c.quick},
+                    "interactions": d.num_interactions, "quick": ev.c.quick, "content": ev.c.content},
         "seeds": list(ev.c.seeds),
         "config": {"sasrec": dataclasses.asdict(ev.c.sasrec), "budget": dataclasses.asdict(ev.c.budget),
                    "retrieval": dataclasses.asdict(ev.c.retrieval), "ranking": dataclasses.asdict(ev.c.ranking),
@@ -216,7 +219,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
     tok = r["tokenizers"]
     ds = r["dataset"]
     L = []
-    L.append(f"# SID evaluation on {ds['name']}\n")
+    weak = " (weak content: three title words and the first category)" if ds.get("content") == "weak" else ""
+    L.append(f"# SID evaluation on {ds['name']}{weak}\n")
     L.append(f"{ds['users']:,} users, {ds['items']:,} items, {ds['interactions']:,} interactions"
              f"{' (--quick subsample: a smoke test, not a measurement)' if ds['quick'] else ''}. "
              f"Leave-one-out split; seeds {r['seeds']} (seed k: the tokenizer fitted with seed k and its "
