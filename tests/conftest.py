@@ -22,6 +22,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # through HAProxy
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+# `pytest -n N` with N workers on N CPUs: each worker's torch (and faiss) would start one
+# OpenMP thread per CPU, N x N threads spinning at barriers on N cores, and the Ray worker's
+# raylet, GCS and actors starved behind them (its assignment tests ran 3-5x slower beside
+# the evaluation tests than alone). One thread per worker, set before torch is imported;
+# subprocesses the tests start inherit it (Ray sets its own workers' count).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 
@@ -209,8 +217,16 @@ def pushgateway():
         yield f"127.0.0.1:{port}", url
 
 
+# every Serve test deploys with the same runtime environment (the API key on): a redeploy then
+# changes only user_config, which Serve applies to the running replica (reconfigure, about a
+# second) instead of replacing it (about 30 s with the HAProxy ingress)
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def serve_config(user_config: dict, env_vars: dict | None = None, port: int = SERVE_PORT) -> dict:
-    """deploy/serve.yaml, as shipped, with this test's port, one replica and user_config."""
+    """deploy/serve.yaml, as shipped, with this test's port, one replica, the suite's API key
+    (plus ``env_vars``) and user_config."""
     from pathlib import Path
 
     import yaml
@@ -219,8 +235,7 @@ def serve_config(user_config: dict, env_vars: dict | None = None, port: int = SE
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     dep = config["applications"][0]["deployments"][0]
     dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-    if env_vars:
-        dep["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
+    dep["ray_actor_options"]["runtime_env"] = {"env_vars": {"SIDSERVE_API_KEY": API_KEY, **(env_vars or {})}}
     dep["user_config"].update(user_config)
     return config
 

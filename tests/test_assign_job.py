@@ -445,7 +445,16 @@ def test_a_key_survives_an_absence(world, tmp_path):
         rows = {r["item_id"]: r for r in root.read_items(version).to_pylist()}
         return rows[item_id]["sid_str"], rows[item_id]["dedup"]
 
+    from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
+
+    def encoders():
+        return {k for k, a in actors().items() if "EncodeAndScatter" in a.get("ActorClassName", "")}
+
+    before = encoders()
     s1 = run_assignment(AssignJobConfig(items=n1, model=model, output=root.uri))
+    # 201 rows are one read unit: one encoder actor, not num_workers (2) of them
+    assert s1["encoder_actors"] == 1 and len(encoders() - before) == 1
+    assert world["s1"]["encoder_actors"] == 2  # the world's nights have several units each
     shutil.copytree(tmp_path / "snap", tmp_path / "snap-after-1")
     s2 = run_assignment(AssignJobConfig(items=n2, model=model, output=root.uri))
     shutil.copytree(tmp_path / "snap", tmp_path / "snap-after-2")

@@ -100,8 +100,12 @@ def test_adc_sid_encode_is_batch_invariant(variant, fitted, small_config, small_
         from sidserve import SemanticIdTokenizer
 
         fitted = SemanticIdTokenizer(small_config.replace(**VARIANTS[variant])).fit(small_catalog)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the context must force its own thread count
-    whole = fitted.encode(small_catalog)
+    try:
+        whole = fitted.encode(small_catalog)
+    finally:
+        torch.set_num_threads(threads)  # the worker's other tests keep theirs
     assert (whole.behavior_weights > 0).any()  # the weights compared are not all zeros
     rng = np.random.default_rng(3)
     for idx in random_pieces(len(small_catalog), rng):
@@ -122,7 +126,7 @@ def test_assign_snapshot_equals_tokenize_recompute(ray_session, refreshed, small
     import concurrent.futures
 
     import httpx
-    from conftest import deploy_serve, serve_config, wait_ready
+    from conftest import AUTH, deploy_serve, serve_config, wait_ready
 
     from sidserve.snapshot import SnapshotRoot
 
@@ -136,7 +140,8 @@ def test_assign_snapshot_equals_tokenize_recompute(ray_session, refreshed, small
 
     config = serve_config({"model_uri": refreshed["model"], "snapshot_root": refreshed["snap"]})
     deploy_serve(config)
-    with httpx.Client(base_url=f"http://127.0.0.1:{config['http_options']['port']}", timeout=60) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{config['http_options']['port']}", headers=AUTH,
+                      timeout=60) as client:
         wait_ready(client)
 
         def post(chunk):

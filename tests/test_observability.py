@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 from conftest import (
+    AUTH,
     METRICS_PORT,
     daemon,
     deploy_serve,
@@ -79,7 +80,7 @@ def stack(ray_session, refreshed, small_catalog, pushgateway, tmp_path_factory):
         config = serve_config({"model_uri": model, "snapshot_root": snap})
         port = config["http_options"]["port"]
         deploy_serve(config)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
         wait_ready(client)
         try:
             yield dict(prom=prom_url, client=client, catalog=small_catalog)

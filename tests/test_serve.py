@@ -13,15 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import METRICS_PORT, SMALL, deploy_serve, serve_config, wait_ready
+from conftest import AUTH, METRICS_PORT, SMALL, deploy_serve, serve_config, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidserve import SemanticIdTokenizer, TokenizerConfig
 from sidserve.snapshot import ITEMS_SCHEMA, SUMMARY, SnapshotRoot
 
 ROOT = Path(__file__).resolve().parents[1]
-API_KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_ITEMS = 64
 
 
@@ -74,7 +72,7 @@ def setup(ray_session, fitted, small_catalog, tmp_path_factory):
     snap_items = write_snapshot(root, tok_a, model_a, small_catalog.slice(0, 1000), "v1")
 
     config = serve_config(dict(model_uri=model_a, snapshot_root=root.uri, snapshot_poll_s=0.5,
-                               max_items_per_request=MAX_ITEMS), {"SIDSERVE_API_KEY": API_KEY})
+                               max_items_per_request=MAX_ITEMS))
     port = config["http_options"]["port"]
     deploy_serve(config)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)

@@ -103,6 +103,13 @@ def encoder_cpus(job: AssignJobConfig) -> float:
     return cpus
 
 
+def encoder_actors(job: AssignJobConfig, n_units: int) -> int:
+    """Encoder actors a run starts: ``num_workers``, but no more than read units (each unit is
+    one call: a catalog of one unit, up to ``rows_per_task`` rows, would otherwise start actors
+    that import torch and load the model for nothing)."""
+    return max(1, min(job.num_workers, n_units))
+
+
 def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_parts: int, read_columns: list[str],
                        renames: dict[str, str], candidates: int = 0):
     """Stage A: each unit read, encoded and scattered by an encoder actor; -> the manifest of
@@ -111,6 +118,7 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
     import ray.data
 
     cpus = encoder_cpus(job)
+    actors = encoder_actors(job, len(units))
     out = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         EncodeAndScatter, fn_constructor_kwargs={
             "model_uri": job.model, "use_gpu": job.use_gpu, "batch_size": job.batch_size,
@@ -121,7 +129,7 @@ def encode_and_scatter(units: list[dict], job: AssignJobConfig, staging: str, n_
         # all actors from the start: with min_size 1 alone, Ray Data's autoscaler kept one actor
         # for a whole 1M run (docs/benchmarks.md); one that cannot be placed stays pending
         # without holding the others up
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=job.num_workers, initial_size=job.num_workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
         num_gpus=1 if job.use_gpu else None, num_cpus=cpus or None,
     )
     return collect_manifest(out)
@@ -290,6 +298,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "sticky": sticky_summary(job, resolved),
         **{k: v for k, v in stats.items() if k != "items"},
         "partitions": n_parts,
+        "encoder_actors": encoder_actors(job, len(units)),
         # files the groupings wrote to staging (each: one per map call, not per map call x partition),
         # besides one manifest per resolve task and 3 index files
         "staging_files": {"encoded": staging_files(enc_manifest), "previous": staging_files(prev_manifest),
