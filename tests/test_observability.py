@@ -56,6 +56,15 @@ def test_promtool_accepts_rules_and_config():
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_replica_alerts_fire_on_simulated_time():
+    """SidserveReplicaStuck (a replica whose last load failed, 15 min) and SidserveSnapshotStale
+    (a served snapshot older than 26 h), by Prometheus's own rule evaluator on the series a
+    replica exports (tests/data/prometheus/alerts_test.yml: when each fires, and when not yet)."""
+    cases = Path(__file__).resolve().parent / "data" / "prometheus" / "alerts_test.yml"
+    proc = subprocess.run(["promtool", "test", "rules", str(cases)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="module")
 def stack(ray_session, refreshed, small_catalog, pushgateway, tmp_path_factory):
     ray_session()
@@ -128,7 +137,8 @@ def test_alert_rules_load_and_evaluate(stack):
     body = json.loads(urllib.request.urlopen(f"{stack['prom']}/api/v1/rules", timeout=10).read())
     rules = [r for g in body["data"]["groups"] for r in g["rules"]]
     names = {r["name"] for r in rules}
-    assert {"SidserveRefreshStale", "SidserveErrorRatio", "SidserveLatencyP99High", "SidserveChurnHigh"} <= names
+    assert {"SidserveRefreshStale", "SidserveErrorRatio", "SidserveLatencyP99High", "SidserveChurnHigh",
+            "SidserveReplicaStuck", "SidserveSnapshotStale"} <= names
     time.sleep(3)  # a few evaluation rounds at 1 s
     body = json.loads(urllib.request.urlopen(f"{stack['prom']}/api/v1/rules", timeout=10).read())
     for r in (r for g in body["data"]["groups"] for r in g["rules"]):

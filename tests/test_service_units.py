@@ -478,3 +478,64 @@ def test_the_service_defaults_are_what_ships():
     defaults = ServiceConfig()
     assert user_config and {k: getattr(defaults, k) for k in user_config} == user_config
     assert f"max_batch_size={defaults.max_batch_size}," in inspect.getsource(deployment)
+
+
+def test_a_replica_that_cannot_load_a_new_state_says_so_in_its_metrics(tmp_path, fitted, small_catalog):
+    """Issue 50.5: a failed load keeps the old state serving (/readyz stays 200), so the
+    failure must show in metrics: a counter per stage, a 0/1 gauge the alert reads, and the
+    served snapshot's write time (its age = time() - it)."""
+    import asyncio
+
+    from sidserve.serving.core import TokenizeService
+    from sidserve.serving.telemetry import PrometheusTelemetry
+
+    model = str(tmp_path / "model")
+    fitted.save_pretrained(model)
+    root = SnapshotRoot(str(tmp_path / "snaps"))
+    write_snapshot(root, fitted, model, small_catalog.slice(0, 50), "20261201T030000Z-aaaaaa")
+    telemetry = PrometheusTelemetry()
+    service = TokenizeService(telemetry)
+
+    def value(name, **labels):
+        return telemetry.registry.get_sample_value(name, labels or None)
+
+    async def scenario():
+        good = {"model_uri": model, "snapshot_root": root.uri, "snapshot_poll_s": 0.05}
+        await service.reconfigure(good)
+        # a snapshot from before summaries had created_at: the time in its generated name
+        # 2026-01-01T00:00Z is 1767225600; + 334 days (Jan..Nov) + 3 h
+        assert value("sidserve_snapshot_timestamp_seconds") == 1767225600 + 334 * 86400 + 3 * 3600
+        assert value("sidserve_load_failing") == 0
+        with pytest.raises(ValueError):
+            await service.reconfigure({**good, "model_uri": str(tmp_path / "no-model")})
+        assert value("sidserve_load_failures_total", stage="reconfigure") == 1
+        assert value("sidserve_load_failing") == 1
+        assert service.current().snapshot_version == "20261201T030000Z-aaaaaa"  # still serving
+        await service.reconfigure(good)
+        assert value("sidserve_load_failing") == 0
+        # a new LATEST whose items cannot be read: the poller fails, the old state serves on
+        broken = Path(root.path) / "snapshots" / "v-broken"
+        (broken / "items").mkdir(parents=True)
+        (broken / "items" / "part-0.parquet").write_bytes(b"not parquet")
+        (broken / "summary.json").write_text(json.dumps({"version": "v-broken", "model": model,
+                                                         "created_at": time.time()}))
+        root.publish("v-broken")
+        deadline = time.time() + 10
+        while value("sidserve_load_failures_total", stage="poll") is None and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert value("sidserve_load_failures_total", stage="poll") >= 1
+        assert value("sidserve_load_failing") == 1
+        assert service.current().snapshot_version == "20261201T030000Z-aaaaaa"
+        # a good snapshot published after it: loaded, the gauge back to 0, its own write time
+        write_snapshot(root, fitted, model, small_catalog.slice(0, 60), "v-good")
+        (Path(root.path) / "snapshots" / "v-good" / "summary.json").write_text(json.dumps(
+            {"version": "v-good", "model": model, "model_version": fitted.version, "created_at": 1767225600.0}))
+        deadline = time.time() + 10
+        while service.current().snapshot_version != "v-good" and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert service.current().snapshot_version == "v-good"
+        assert value("sidserve_load_failing") == 0
+        assert value("sidserve_snapshot_timestamp_seconds") == 1767225600.0
+        service.stop()
+
+    asyncio.run(scenario())

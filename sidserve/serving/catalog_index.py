@@ -8,6 +8,7 @@ Python object per item, unlike a dict (over 100 bytes per item before the values
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,18 @@ class CatalogIndex:
             raise ValueError(f"{root.uri}: no published snapshot (no LATEST)")
         table = root.read_items(version, columns=ITEMS_SCHEMA.names)
         return cls(table, version, root.summary(version), root.uri)
+
+    @property
+    def created_at(self) -> float | None:
+        """When the snapshot was written (unix seconds): its summary's ``created_at``, else, for
+        a snapshot from before that field, the time in a generated version name; None if neither."""
+        if self.summary.get("created_at") is not None:
+            return float(self.summary["created_at"])
+        try:
+            stamp = dt.datetime.strptime(self.version[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        except ValueError:
+            return None
+        return stamp.timestamp()
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -80,6 +80,7 @@ class TokenizeService:
         self.config = ServiceConfig()
         self.state: ServingState | None = None
         self.last_error: str | None = None
+        self.load_failing = False  # the last load of a new state failed (exported as a metric)
         self._encode = encode or self._encode_direct
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -97,6 +98,8 @@ class TokenizeService:
                 state = await asyncio.to_thread(load_state, config, current=self.state)
             except Exception as err:
                 self.last_error = f"{type(err).__name__}: {err}"
+                self.load_failing = True
+                self.telemetry.load_failed("reconfigure")
                 log.error("reconfigure failed, keeping the previous state: %s", self.last_error)
                 raise
             self.config = config
@@ -107,7 +110,9 @@ class TokenizeService:
         old = self.state
         self.state = state
         self.last_error = None
+        self.load_failing = False
         self.telemetry.model(state.model_version, state.snapshot_version)
+        self.telemetry.loaded(state.snapshot_time)
         if old is None or (old.model_version, old.snapshot_version) != (state.model_version, state.snapshot_version):
             log.info("serving model %s, snapshot %s (%s)", state.model_version, state.snapshot_version,
                      "catalog lookups on" if state.catalog_usable else state.catalog_reason or "no catalog")
@@ -125,12 +130,15 @@ class TokenizeService:
             await asyncio.sleep(min(interval, GAUGE_REFRESH_S) if interval > 0 else GAUGE_REFRESH_S)
             if self.state is not None:
                 self.telemetry.model(self.state.model_version, self.state.snapshot_version)
+                self.telemetry.refresh(self.load_failing, self.state.snapshot_time)
             if interval > 0 and time.monotonic() - last_check >= interval:
                 last_check = time.monotonic()
                 try:
                     await self.check_latest()
                 except Exception as err:  # noqa: BLE001 - keep serving the current state
                     self.last_error = f"{type(err).__name__}: {err}"
+                    self.load_failing = True
+                    self.telemetry.load_failed("poll")
                     log.error("could not load the new snapshot: %s (still serving %s)", err,
                               self.state.snapshot_version if self.state else None)
 

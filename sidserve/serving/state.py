@@ -111,6 +111,10 @@ class ServingState:
         return self.catalog.version if self.catalog is not None else None
 
     @property
+    def snapshot_time(self) -> float | None:
+        return self.catalog.created_at if self.catalog is not None else None
+
+    @property
     def catalog_usable(self) -> bool:
         return self.catalog is not None and self.catalog_reason is None
 

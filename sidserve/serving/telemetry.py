@@ -10,6 +10,13 @@ local mode through a prometheus-client registry served at ``GET /metrics``.
     sidserve_items_total{path}                          items answered, by path
                                                         (cold share = content_only / all)
     sidserve_model_info{model_version, snapshot_version}  1 for the state being served
+    sidserve_load_failures_total{stage}                 failed loads of a new model or snapshot
+                                                        (stage: reconfigure = a new user_config,
+                                                        poll = a new LATEST or replaced model)
+    sidserve_load_failing                               1 while the last load failed (the replica
+                                                        serves its previous state), 0 after a success
+    sidserve_snapshot_timestamp_seconds                 when the served snapshot was written (its
+                                                        age: time() - this)
 """
 
 from __future__ import annotations
@@ -31,6 +38,18 @@ class Telemetry:
     def model(self, model_version: str, snapshot_version: str | None) -> None:
         raise NotImplementedError
 
+    def refresh(self, failing: bool, snapshot_time: float | None) -> None:
+        """Re-report the state gauges (the poller calls it every few seconds)."""
+        raise NotImplementedError
+
+    def load_failed(self, stage: str) -> None:
+        """A new model or snapshot could not be loaded (the previous state keeps serving)."""
+        raise NotImplementedError
+
+    def loaded(self, snapshot_time: float | None) -> None:
+        """A state was loaded (or is re-reported): load_failing 0, the snapshot's write time."""
+        raise NotImplementedError
+
 
 class RayTelemetry(Telemetry):
     """Inside a Serve replica."""
@@ -47,6 +66,11 @@ class RayTelemetry(Telemetry):
         self._items = metrics.Counter("sidserve_items", "items answered", tag_keys=("path",))
         self._model = metrics.Gauge("sidserve_model_info", "1 for the model/snapshot being served",
                                     tag_keys=("model_version", "snapshot_version"))
+        self._failures = metrics.Counter("sidserve_load_failures", "failed loads of a new model or snapshot",
+                                         tag_keys=("stage",))
+        self._failing = metrics.Gauge("sidserve_load_failing", "1 while the last load of a new state failed")
+        self._snapshot_time = metrics.Gauge("sidserve_snapshot_timestamp_seconds",
+                                            "when the served snapshot was written (unix seconds)")
         self._current: tuple[str, str] | None = None
 
     def request(self, route, status, latency_ms):
@@ -67,6 +91,21 @@ class RayTelemetry(Telemetry):
         self._model.set(1, tags={"model_version": tags[0], "snapshot_version": tags[1]})
         self._current = tags
 
+    def load_failed(self, stage):
+        self._failures.inc(1, tags={"stage": stage})
+        self._failing.set(1)
+
+    def loaded(self, snapshot_time):
+        self._failing.set(0)
+        if snapshot_time is not None:
+            self._snapshot_time.set(snapshot_time)
+
+    def refresh(self, failing: bool, snapshot_time: float | None) -> None:
+        """Re-report the gauges (Ray drops a gauge not set within two export intervals)."""
+        self._failing.set(1 if failing else 0)
+        if snapshot_time is not None:
+            self._snapshot_time.set(snapshot_time)
+
 
 class PrometheusTelemetry(Telemetry):
     """Local mode (plain uvicorn): its own registry, exposed by the app at /metrics."""
@@ -84,6 +123,12 @@ class PrometheusTelemetry(Telemetry):
         self._items = pc.Counter("sidserve_items", "items answered", ("path",), registry=self.registry)
         self._model = pc.Gauge("sidserve_model_info", "1 for the model/snapshot being served",
                                ("model_version", "snapshot_version"), registry=self.registry)
+        self._failures = pc.Counter("sidserve_load_failures", "failed loads of a new model or snapshot",
+                                    ("stage",), registry=self.registry)
+        self._failing = pc.Gauge("sidserve_load_failing", "1 while the last load of a new state failed",
+                                 registry=self.registry)
+        self._snapshot_time = pc.Gauge("sidserve_snapshot_timestamp_seconds",
+                                       "when the served snapshot was written (unix seconds)", registry=self.registry)
         self._current: tuple[str, str] | None = None
 
     def request(self, route, status, latency_ms):
@@ -103,6 +148,20 @@ class PrometheusTelemetry(Telemetry):
             self._model.labels(*self._current).set(0)
         self._model.labels(*tags).set(1)
         self._current = tags
+
+    def load_failed(self, stage):
+        self._failures.labels(stage).inc()
+        self._failing.set(1)
+
+    def loaded(self, snapshot_time):
+        self._failing.set(0)
+        if snapshot_time is not None:
+            self._snapshot_time.set(snapshot_time)
+
+    def refresh(self, failing: bool, snapshot_time: float | None) -> None:
+        self._failing.set(1 if failing else 0)
+        if snapshot_time is not None:
+            self._snapshot_time.set(snapshot_time)
 
     def exposition(self) -> bytes:
         import prometheus_client as pc

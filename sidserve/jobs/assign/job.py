@@ -306,6 +306,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
         "staging_bytes": {name: pc.sum(m.column("nbytes")).as_py() or 0 for name, m in
                           (("encoded", enc_manifest), ("previous", prev_manifest), ("resolved", sid_manifest))},
         "duration_s": time.perf_counter() - t0,
+        "created_at": time.time(),  # unix seconds: replicas export the served snapshot's age
         "stage_seconds": stages,
         # CPU-side seconds summed over the grouping tasks (reading their segments, and in all)
         "task_seconds": {name: {k: sum(r["seconds"][k] for r in results) for k in ("read", "total")}
