@@ -43,6 +43,7 @@ from sidserve.tokenizers.baselines import (
     RQVAETokenizer,
 )
 from sidserve.tokenizers.baselines.common import BaselineConfig
+from sidserve.tokenizers.baselines.rqevidence import EvidenceRQConfig, EvidenceRQTokenizer
 from sidserve.tokenizers.config import BEHAVIOR
 
 ABLATIONS = {
@@ -86,7 +87,10 @@ ADC_VARIANTS = {**ABLATIONS, **REGULATED, **COLD_CONSISTENCY, **ADC_UNTIED}
 DEFAULT_TOKENIZERS = ["adc_sid", *ABLATIONS, "rqvae", "rqkmeans", "opq"]
 # a tokenizer fitted on another SASRec table as e_b than the run's behavior_embedding:
 # name -> (the tokenizer, the table; a key of sidserve.eval.config.EMBEDDING_SOURCE)
-EMBEDDING_VARIANTS = {"rqkmeans_tied": ("rqkmeans", "tied")}
+EMBEDDING_VARIANTS = {"rqkmeans_tied": ("rqkmeans", "tied"),
+                      # issue 47: a content prefix, then [content; behavior weighted by evidence]
+                      # (sidserve/tokenizers/baselines/rqevidence.py), on the table the judges use
+                      "rqevidence_tied": ("rqevidence", "tied")}
 ALL_TOKENIZERS = [*DEFAULT_TOKENIZERS, *REGULATED, *COLD_CONSISTENCY, "rqkmeans_content", "letter",
                   *EMBEDDING_VARIANTS, *ADC_UNTIED]
 LABELS = {
@@ -99,6 +103,7 @@ LABELS = {
     "adc_sid_adasid_no_pressure": "+ regulation w/o load/progress",
     "adc_sid_cold_consistency": "ADC-SID + cold-path consistency 0.3",
     "rqkmeans_tied": "RQ-Kmeans, e_b = tied CE table",
+    "rqevidence_tied": "Evidence-weighted RQ-Kmeans, content prefix, tied table",
     "adc_sid_untied": "ADC-SID, paper's configuration (untied e_b, norm, weights)",
 }
 
@@ -174,7 +179,8 @@ def config_class(name: str) -> type:
     name = base_tokenizer(name)
     if name == "adc_sid" or name in ADC_VARIANTS:
         return TokenizerConfig
-    classes = {"rqvae": RQVAEConfig, "opq": OPQConfig, "rqkmeans": BaselineConfig, "rqkmeans_content": BaselineConfig}
+    classes = {"rqvae": RQVAEConfig, "opq": OPQConfig, "rqkmeans": BaselineConfig, "rqkmeans_content": BaselineConfig,
+               "rqevidence": EvidenceRQConfig}
     if name not in classes:
         raise ValueError(f"tokenizer {name!r} has no config to override; choose from "
                          f"{sorted(['adc_sid', *ADC_VARIANTS, *classes])}")
@@ -237,6 +243,22 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         return Tokenized(enc.sid, weights, q, b.codebook_size, tok)
     base = dict(modality_dims=dict(dims), behavior_dim=behavior_dim, codebook_size=b.codebook_size,
                 num_levels=b.sid_length, seed=b.seed)
+    if name == "rqevidence":
+        cls = config_class(name)
+        unknown = sorted(set(b.overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"overrides {unknown} are not {cls.__name__} fields (tokenizer {name!r})")
+        tok = EvidenceRQTokenizer(cls(**{**base, **b.overrides})).fit(items)
+        enc = tok.encode(items)
+        q = dict(tok.stats_["fit_metrics"])
+        # issue 47, item 2: the exported weights per popularity bucket (1 / 2-10 / 11-100 / 100+)
+        pop = np.asarray(items["popularity"], np.float64)
+        w = enc.behavior_weights[:, 0] if enc.behavior_weights.shape[1] else np.zeros(len(pop))
+        q["behavior_weight_by_popularity"] = {
+            label: float(w[(pop >= lo) & (pop <= hi)].mean()) if ((pop >= lo) & (pop <= hi)).any() else None
+            for label, lo, hi in (("1", 1, 1), ("2-10", 2, 10), ("11-100", 11, 100), ("100+", 101, np.inf))}
+        # downstream models read every code at weight 1, as for the other residual baselines
+        return Tokenized(enc.sid, np.ones(enc.sid.shape, np.float32), q, b.codebook_size, tok)
     if name not in ("rqvae", "opq", "rqkmeans", "rqkmeans_content"):
         raise ValueError(f"unknown tokenizer {name!r}; choose from {ALL_TOKENIZERS}")
     if name == "rqvae":
