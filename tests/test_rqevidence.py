@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from sidserve.tokenizers.base import BaseTokenizer
-from sidserve.tokenizers.baselines.rqevidence import EvidenceRQConfig, EvidenceRQTokenizer, fit_kappa
+from sidserve.tokenizers.baselines.rqevidence import (
+    EvidenceRQConfig,
+    EvidenceRQTokenizer,
+    fit_kappa,
+)
 
 DIMS = {"text": 16, "meta": 8}
 
