@@ -7,6 +7,7 @@ import pytest
 from catalog_files import write_catalog
 
 from sidserve import TokenizerConfig, make_synthetic_catalog
+from sidserve.jobs.assign.encode import plan_units
 from sidserve.jobs.catalog import batch_stats, parquet_prepass
 
 CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
@@ -36,8 +37,14 @@ def test_parquet_prepass_equals_the_checks_of_the_whole_table(ray_session, tmp_p
     assert 0 < reference.num_with_behavior < reference.num_valid
     # a row group read whole (rows_per_read >= 600: units of two groups) or in slices (128)
     for rows_per_read in (700, 128):
-        got = parquet_prepass(write(table, tmp_path / f"plain-{rows_per_read}"), config, rows_per_read=rows_per_read)
+        items = write(table, tmp_path / f"plain-{rows_per_read}")
+        got = parquet_prepass(items, config, rows_per_read=rows_per_read)
         assert got.to_dict() == reference.to_dict(), rows_per_read
+        # valid rows per read unit, in plan order: what the train workers split an epoch by
+        units, _ = plan_units(items, rows_per_read)
+        assert len(got.unit_valid) == len(units) and sum(got.unit_valid) == reference.num_valid
+        assert all(0 <= v <= u["rows"] for v, u in zip(got.unit_valid, units))
+        assert got.unit_valid != [u["rows"] for u in units]  # the bad rows are in some unit
     # the input's own column names, mapped (what --column does)
     got = parquet_prepass(write(table, tmp_path / "renamed", {"text_emb": "title_vec"}), config,
                           renames={"title_vec": "text_emb"})

@@ -69,6 +69,58 @@ def test_every_valid_row_once_per_epoch_across_workers(table, tmp_path, rows_per
             assert max(map(len, parts)) - min(map(len, parts)) <= 4  # equal input shares, bad rows aside
 
 
+def unit_valid(shards: ParquetShards) -> list[int]:
+    """What parquet_prepass counts per read unit (without Ray): rows cleaning keeps."""
+    from sidserve.artifact import resolve
+    from sidserve.jobs.assign.encode import read_unit
+
+    fs = resolve(shards.items)[0]
+    return [sum(len(clean_batch(t, TokenizerConfig(**CFG))[HAS_BEHAVIOR])
+                for t in read_unit(fs, u, shards.rows_per_read, shards.read_columns)) for u in shards.units]
+
+
+def lockstep_rows(shards: ParquetShards, world: int, seed: int | None) -> int:
+    """Rows an epoch trains on: every rank takes a step while every rank has a batch of > 1
+    row (worker.py's loop: the collectives need the same steps everywhere)."""
+    its = [iter(shards.for_rank(r, world).iter_batches(batch_size=128, local_shuffle_buffer_size=256 if seed else None,
+                                                         local_shuffle_seed=seed)) for r in range(world)]
+    trained = 0
+    while True:
+        batches = [next(it, None) for it in its]
+        if any(b is None or len(b[HAS_BEHAVIOR]) <= 1 for b in batches):
+            return trained
+        trained += sum(len(b[HAS_BEHAVIOR]) for b in batches)
+
+
+def test_uneven_rejects_across_shards_leave_no_rows_untrained(table, tmp_path):
+    """Issue 50.6: half of the first file's rows are rejects. Split by input rows, rank 0's
+    share holds them all, runs out first, and the other ranks' remaining rows go untrained
+    every epoch; split by the valid rows the pre-pass counted, every share is equal and at
+    most one row per rank is left (a last batch of one row is not a step)."""
+    rows = table.to_pylist()
+    for i in range(0, 1000, 2):
+        rows[i]["image_emb"][0] = float("nan")
+    skewed = pa.Table.from_pylist(rows, schema=table.schema)
+    items = write(skewed, tmp_path / "items")
+    config = TokenizerConfig(**CFG)
+    valid = len(valid_ids(skewed))
+    by_input = ParquetShards.plan(items, config, rows_per_read=256)
+    counts = unit_valid(by_input)
+    assert sum(counts) == valid
+    by_valid = ParquetShards.plan(items, config, rows_per_read=256, valid_rows=counts)
+    for world in (2, 3):
+        for seed in (None, 11):
+            assert valid - lockstep_rows(by_input, world, seed) > 10 * world  # the defect, as it was
+            assert lockstep_rows(by_valid, world, seed) >= valid - world, (world, seed)
+            parts = [ids_of(by_valid.for_rank(r, world).iter_batches(
+                batch_size=128, local_shuffle_buffer_size=256 if seed else None, local_shuffle_seed=seed))
+                for r in range(world)]
+            assert sorted(itertools.chain(*parts)) == sorted(valid_ids(skewed))  # each valid row once
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1  # equal shares of what is trained
+    with pytest.raises(ValueError, match="valid_rows must give"):
+        ParquetShards.plan(items, config, rows_per_read=256, valid_rows=counts[:-1])
+
+
 def test_batches_hold_the_cleaned_columns_of_their_rows(table, tmp_path):
     config = TokenizerConfig(**CFG)
     shard = ParquetShards.plan(write(table, tmp_path / "items"), config).for_rank(0, 1)

@@ -54,6 +54,9 @@ class CatalogStats:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped
     wrong_dim: dict[str, int] = field(default_factory=dict)  # column -> rows of the wrong dim
     wrong_dim_example: str | None = None  # one offending row, for the error message
+    # valid rows per read unit (parquet_prepass only, in plan_units order): the train workers
+    # split an epoch by valid rows, so uneven rejects cannot leave ranks short (ingest.py)
+    unit_valid: list[int] = field(default_factory=list)
 
     @property
     def null_behavior_share(self) -> float:
@@ -63,6 +66,7 @@ class CatalogStats:
         d = asdict(self)
         d["null_behavior_share"] = self.null_behavior_share
         d["num_skipped"] = sum(self.skipped.values())
+        d.pop("unit_valid")  # one number per read unit: the plan's business, not the report's
         return d
 
     def merge(self, other: "CatalogStats") -> "CatalogStats":
@@ -80,6 +84,7 @@ class CatalogStats:
             self.num_with_behavior + other.num_with_behavior,
             pick(min, self.n_min, other.n_min), pick(max, self.n_max, other.n_max),
             skipped, wrong, self.wrong_dim_example or other.wrong_dim_example,
+            self.unit_valid + other.unit_valid,
         )
 
     def raise_if_unusable(self, config: TokenizerConfig) -> None:
@@ -205,8 +210,10 @@ def parquet_prepass(items: str, config: TokenizerConfig, *, renames: dict[str, s
         return json.dumps(asdict(stats))
 
     total = CatalogStats()
-    for s in run_tasks(unit_stats, units):
-        total = total.merge(CatalogStats(**json.loads(s)))
+    for s in run_tasks(unit_stats, units):  # in the units' order
+        unit = CatalogStats(**json.loads(s))
+        unit.unit_valid = [unit.num_valid]
+        total = total.merge(unit)
     total.raise_if_unusable(config)
     return total
 

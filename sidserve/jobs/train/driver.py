@@ -278,7 +278,9 @@ def fit_distributed(job: TrainJobConfig):
         from sidserve.jobs.train.ingest import ParquetShards
 
         mapping = renames(job.columns, list(catalog_dataset(job.items).schema.names)) if job.columns else {}
-        clean = shards = ParquetShards.plan(job.items, tcfg, renames=mapping)
+        # split by valid rows (the pre-pass counted them per read unit): uneven rejects across
+        # the shards would otherwise leave rows untrained every epoch
+        clean = shards = ParquetShards.plan(job.items, tcfg, renames=mapping, valid_rows=stats.unit_valid or None)
     else:  # an in-memory catalog (the demo's): Ray Data's streaming split
         clean = ds.map_batches(lambda t: clean_batch(t, TokenizerConfig.from_dict(cfg_dict)),
                                batch_format="pyarrow", batch_size=4096, num_cpus=0.25)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from sidserve.items import ITEM_ID, POPULARITY, column_name
-from sidserve.jobs.catalog import clean_batch, required_columns
+from sidserve.jobs.catalog import HAS_BEHAVIOR, clean_batch, required_columns
 from sidserve.tokenizers.adc_sid.config import TokenizerConfig
 from sidserve.tokenizers.config import BEHAVIOR
 
@@ -45,7 +45,12 @@ class ParquetShards:
 
     @classmethod
     def plan(cls, items: str, config: TokenizerConfig, renames: dict[str, str] | None = None,
-             rows_per_read: int = 65_536) -> "ParquetShards":
+             rows_per_read: int = 65_536, valid_rows: list[int] | None = None) -> "ParquetShards":
+        """``valid_rows``: each unit's count of rows cleaning keeps (``parquet_prepass``'s
+        ``unit_valid``, same ``rows_per_read``). With it an epoch is split by valid rows, so every
+        worker gets an equal share of what it trains on however the rejects are spread; without
+        it, by input rows (a rank whose share held more rejects ran out first, and since every
+        rank takes the same number of steps, the others' remaining rows were left out)."""
         from sidserve.jobs.assign.encode import plan_units
 
         if rows_per_read < 1:
@@ -54,6 +59,11 @@ class ParquetShards:
         units, schema = plan_units(items, rows_per_read)
         if not units:
             raise ValueError(f"{items}: no Parquet rows to train on")
+        if valid_rows is not None:
+            if len(valid_rows) != len(units) or any(not 0 <= v <= u["rows"] for v, u in zip(valid_rows, units)):
+                raise ValueError(f"valid_rows must give 0..rows valid rows for each of the {len(units)} read units "
+                                 f"of {items}, got {len(valid_rows)} counts")
+            units = [{**u, "valid": int(v)} for u, v in zip(units, valid_rows)]
         return cls(items, units, config.to_dict(), used_columns(list(schema.names), config, renames),
                    renames, rows_per_read)
 
@@ -75,15 +85,17 @@ def used_columns(names: list[str], config: TokenizerConfig, renames: dict[str, s
     return [c for c in names if renames.get(c, c) in used]
 
 
-def spans(units: list[dict], rank: int, world: int, order: np.ndarray) -> list[tuple[int, int, int]]:
-    """Rank ``rank``'s share of the units taken in ``order``: the input rows
+def spans(units: list[dict], rank: int, world: int, order: np.ndarray,
+          key: str = "rows") -> list[tuple[int, int, int]]:
+    """Rank ``rank``'s share of the units taken in ``order``: the rows
     [rank * N // world, (rank + 1) * N // world) of that sequence, as (unit index, first row,
-    end row) within each unit. Shares differ by at most one row and together are every row."""
-    total = sum(units[i]["rows"] for i in order)
+    end row) within each unit, counting ``units[i][key]`` rows per unit ("rows": input rows,
+    "valid": the rows cleaning keeps). Shares differ by at most one row and together are every row."""
+    total = sum(units[i][key] for i in order)
     lo, hi = rank * total // world, (rank + 1) * total // world
     out, start = [], 0
     for i in order:
-        end = start + units[i]["rows"]
+        end = start + units[i][key]
         a, b = max(lo, start), min(hi, end)
         if a < b:
             out.append((int(i), a - start, b - start))
@@ -103,7 +115,12 @@ class ParquetShard:
         (None: file order), then its equal share of the rows."""
         n = len(self.shards.units)
         order = np.arange(n) if epoch_seed is None else np.random.default_rng(epoch_seed).permutation(n)
-        return spans(self.shards.units, self.rank, self.world, order)
+        return spans(self.shards.units, self.rank, self.world, order, key=self.key)
+
+    @property
+    def key(self) -> str:
+        """What a span counts: valid rows when the plan knows them, else input rows."""
+        return "valid" if all("valid" in u for u in self.shards.units) else "rows"
 
     def tables(self, epoch_seed: int | None = None):
         """Yield this worker's cleaned rows (dicts of numpy columns), one slice at a time."""
@@ -112,15 +129,24 @@ class ParquetShard:
         s = self.shards
         config = TokenizerConfig.from_dict(s.config)
         fs = resolve(s.items)[0]
+        by_valid = self.key == "valid"
         for index, first, end in self.spans(epoch_seed):
-            at = 0
+            at = 0  # rows of this unit passed so far: valid rows (by_valid) or input rows
             for table in read_unit(fs, s.units[index], s.rows_per_read, s.read_columns):
-                a, b = max(first - at, 0), min(end - at, table.num_rows)
-                at += table.num_rows
-                if a < b:
-                    if s.renames:
-                        table = table.rename_columns([s.renames.get(c, c) for c in table.column_names])
-                    yield clean_batch(table.slice(a, b - a), config)
+                if s.renames:
+                    table = table.rename_columns([s.renames.get(c, c) for c in table.column_names])
+                if by_valid:  # the span is in valid rows: clean first, then cut
+                    rows = clean_batch(table, config)
+                    n = len(rows[HAS_BEHAVIOR])
+                    a, b = max(first - at, 0), min(end - at, n)
+                    if a < b:
+                        yield take(rows, slice(a, b))
+                else:
+                    n = table.num_rows
+                    a, b = max(first - at, 0), min(end - at, n)
+                    if a < b:
+                        yield clean_batch(table.slice(a, b - a), config)
+                at += n
                 if at >= end:
                     break
 
