@@ -49,17 +49,26 @@ def job(tmp_path, items, **kw):
     return TrainJobConfig(**{**base, **kw})
 
 
-@pytest.mark.timeout(300)
-def test_two_worker_fit_over_sharded_parquet(ray_session, items_dir, catalog, tmp_path):
+# collision regulation, its overlaps found across both workers' shards, pairs re-planned every 2 epochs
+REGULATED = dict(collision_regulation="adaptive", collision_hamming=1, collision_refresh_every=2)
+
+
+@pytest.fixture(scope="module")
+def regulated_fit(ray_session, items_dir, tmp_path_factory):
+    """Two workers reading their own row groups every epoch (ingest.py), with collision
+    regulation: one fit, read by the sharded-fit test and the regulated resume test."""
     ray_session()
+    tmp_path = tmp_path_factory.mktemp("regulated")
     shards = tmp_path / "shards"
     shards.mkdir()
-    # the workers read their own row groups every epoch (ingest.py), with collision
-    # regulation, whose overlaps are found across both workers' shards
-    tcfg = TokenizerConfig(**TINY).replace(collision_regulation="adaptive", collision_hamming=1,
-                                           collision_refresh_every=2)
     tok, version, metrics = fit_distributed(job(tmp_path, items_dir, callbacks=[RecordShards(str(shards))],
-                                                tokenizer=tcfg))
+                                                tokenizer=TokenizerConfig(**TINY).replace(**REGULATED)))
+    return tmp_path, shards, tok, version, metrics
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_fit_over_sharded_parquet(regulated_fit, catalog):
+    tmp_path, shards, tok, version, metrics = regulated_fit
     assert metrics["ingest"] == "parquet" and not metrics["catalog_cached"]
 
     loaded = SemanticIdTokenizer.from_pretrained(str(tmp_path / "model"))
@@ -150,6 +159,32 @@ def test_a_failed_run_resumes_and_equals_an_uninterrupted_one(ray_session, items
     assert load_tokenizer(str(tmp_path / "b" / "model")).config == tok_b.config
     assert sorted(os.listdir(tmp_path / "b" / "model")) == [
         "config.json", "manifest.json", "metrics.json", "model.safetensors", "stats.json"]
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_inside_a_regulation_refresh_period_equals_an_uninterrupted_run(ray_session, items_dir, tmp_path):
+    """Issue 50.6: collision regulation plans its pairs at epoch 0 and then every 2 epochs. The
+    worker dies at the start of epoch 1; the restarted one resumes from epoch 0's checkpoint and
+    trains epoch 1 on epoch 0's pairs, which the checkpoint keeps (re-planning them from the
+    epoch-0 model, as before, gave another model). One worker (a fixed data order, as in the
+    resume test above): the same weights, bit for bit, and the same history."""
+    import torch
+
+    ray_session()
+
+    def run(name, **kw):
+        return fit_distributed(job(tmp_path / name, items_dir, num_workers=1, cpus_per_worker=1.0,
+                                   tokenizer=TokenizerConfig(**TINY).replace(epochs=2, **REGULATED), **kw))
+
+    tok_a, _, m_a = run("a")
+    tok_b, _, m_b = run("b", max_failures=1, callbacks=[FaultInjection(1, 0, str(tmp_path / "died"), delay_s=1.0)])
+    assert (tmp_path / "died").exists()
+    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1]  # epoch 1 by the restarted worker
+    a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    drop = {"started_at_epoch", "resumed_at_step", "items_per_s", "data_wait_s", "step_s"}
+    assert [{k: v for k, v in e.items() if k not in drop} for e in m_a["epochs"]] == \
+        [{k: v for k, v in e.items() if k not in drop} for e in m_b["epochs"]]
 
 
 def test_mid_epoch_checkpoints_with_collision_regulation_are_refused(ray_session, items_dir, tmp_path):

@@ -3,13 +3,16 @@ at the end (the last one carries the final metrics to the driver). With
 ``checkpoint_every_steps`` also one every that many steps inside an epoch: it adds each
 worker's part of the epoch so far (steps taken, loss sums, code counts and SID hashes, RNG),
 so a resumed worker skips the batches already trained on and ends the epoch as if it had
-never stopped."""
+never stopped. With collision regulation, the pair set of the current refresh period and the
+steps taken in it: a run resumed inside a period (``collision_refresh_every`` > 1) uses the
+pairs an uninterrupted run would, not ones re-planned from a later model."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import torch
 
 from sidserve.tokenizers.adc_sid.config import TokenizerConfig
@@ -21,15 +24,20 @@ STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 FINAL_FILE = "final.json"
 PARTIAL_FILE = "epoch_so_far.pt"  # mid-epoch checkpoints only: [each rank's part of the epoch]
+PAIRS_FILE = "pairs.npz"  # collision regulation: the refresh period's PairSet (plain arrays)
 
 
 def save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, state: TrainState,
-                    history: list[dict], partial: list[dict] | None = None) -> None:
+                    history: list[dict], partial: list[dict] | None = None, pairs=None) -> None:
     """A checkpoint: weights, optimizer + epoch + step + RNG, the history so far; ``partial``
-    (one dict per rank, tensors and plain values): ``epoch`` is still running."""
+    (one dict per rank, tensors and plain values): ``epoch`` is still running; ``pairs``:
+    (PairSet, steps taken with it) of collision regulation's current refresh period."""
     torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": state.step,
-                "generator": state.generator.get_state()}, os.path.join(directory, STATE_FILE))
+                "generator": state.generator.get_state(),
+                "pair_step": None if pairs is None else int(pairs[1])}, os.path.join(directory, STATE_FILE))
+    if pairs is not None:
+        np.savez(os.path.join(directory, PAIRS_FILE), **pairs[0].arrays())
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f)
     if partial is not None:
@@ -38,11 +46,19 @@ def save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, s
 
 def load_checkpoint(directory: str, model: ADCSIDModel) -> tuple[dict, list[dict]]:
     """Weights into ``model``; -> (optimizer/epoch/step state, history). The state's
-    ``partial`` is the per-rank list of a mid-epoch checkpoint, else None."""
+    ``partial`` is the per-rank list of a mid-epoch checkpoint, else None; ``pair_set`` and
+    ``pair_step`` collision regulation's refresh period (None without)."""
     model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), weights_only=True))
     saved = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
     p = os.path.join(directory, PARTIAL_FILE)
     saved["partial"] = torch.load(p, weights_only=True) if os.path.exists(p) else None
+    saved["pair_set"] = None
+    p = os.path.join(directory, PAIRS_FILE)
+    if os.path.exists(p):
+        from sidserve.tokenizers.adc_sid.regulation.pairs import PairSet
+
+        with np.load(p, allow_pickle=False) as z:
+            saved["pair_set"] = PairSet.from_arrays({k: z[k] for k in z.files})
     with open(os.path.join(directory, HISTORY_FILE)) as f:
         return saved, json.load(f)
 

@@ -151,6 +151,7 @@ def train_loop(cfg: dict) -> None:
     if tcfg.has_behavior:
         model.set_catalog_stats(cfg["n_min"], cfg["n_max"])
     optimizer_state = None
+    resumed_pairs = None  # (PairSet, steps) of the refresh period a resumed run is inside
     start_epoch, history = 0, []
     state = TrainState.create(tcfg.seed + 7919 * rank)
     partial = None  # this rank's part of the epoch a mid-epoch checkpoint stopped in
@@ -159,6 +160,7 @@ def train_loop(cfg: dict) -> None:
         with checkpoint.as_directory() as d:
             saved, history = load_checkpoint(d, model)
         optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
+        resumed_pairs = (saved["pair_set"], saved.get("pair_step") or 0) if saved["pair_set"] is not None else None
         state.generator.set_state(saved["generator"])  # dead-code restarts draw as they would have
         if saved["partial"] is not None:
             if len(saved["partial"]) != world:
@@ -196,7 +198,7 @@ def train_loop(cfg: dict) -> None:
     shard = shards.for_rank(rank, world) if shards is not None else ray.train.get_dataset_shard("train")
     callbacks = cfg.get("callbacks") or []
     every = cfg.get("checkpoint_every_steps")  # mid-epoch checkpoints (None: at epoch ends only)
-    pair_set, pair_step = None, 0
+    pair_set, pair_step = resumed_pairs or (None, 0)
     for epoch in range(start_epoch, tcfg.epochs):
         for cb in callbacks:
             cb.on_epoch_start(epoch, rank)
@@ -271,7 +273,8 @@ def train_loop(cfg: dict) -> None:
         flat = {k: v for k, v in record.items() if not isinstance(v, list)}
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, optimizer, epoch, state, history)
+                save_checkpoint(d, model, optimizer, epoch, state, history,
+                                pairs=None if pair_set is None else (pair_set, pair_step))
                 ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(flat)

@@ -25,6 +25,8 @@ the same pair set.
 
 from __future__ import annotations
 
+import json
+
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +151,31 @@ class PairSet:
 
     def __len__(self) -> int:
         return int(self.a.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (no objects, no pickle) that ``from_arrays`` rebuilds this from: a
+        training checkpoint keeps the pair set so that a run resumed inside a refresh period
+        uses the pairs an uninterrupted run would (not ones re-planned from a later model)."""
+        it = self.items
+        out = {"a": self.a, "b": self.b, "weight": self.weight, "shared": self.shared,
+               "seed": np.asarray([self.seed], np.int64), "has_behavior": it.has_behavior,
+               "metrics": np.frombuffer(json.dumps(self.metrics).encode(), np.uint8)}
+        out.update({f"content/{m}": v for m, v in it.content.items()})
+        if it.behavior is not None:
+            out["behavior"] = it.behavior
+        if it.item_ids is not None:
+            out["item_ids"] = np.asarray([str(x) for x in it.item_ids], dtype=np.str_)
+        if it.popularity is not None:
+            out["popularity"] = it.popularity
+        return out
+
+    @classmethod
+    def from_arrays(cls, d: dict[str, np.ndarray]) -> PairSet:
+        items = ItemArrays({k.split("/", 1)[1]: v for k, v in d.items() if k.startswith("content/")},
+                           d.get("behavior"), d["has_behavior"],
+                           d["item_ids"].astype(object) if "item_ids" in d else None, d.get("popularity"))
+        return cls(items, d["a"], d["b"], d["weight"], d["shared"], int(d["seed"][0]),
+                   json.loads(bytes(d["metrics"]).decode()))
 
     def batch(self, step: int, per_batch: int, rank: int = 0, world: int = 1) -> PairBatch | None:
         """Pairs for ``step`` of this refresh period: rank r cycles through its share
