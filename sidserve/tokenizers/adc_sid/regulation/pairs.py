@@ -26,7 +26,6 @@ the same pair set.
 from __future__ import annotations
 
 import json
-
 import math
 from dataclasses import dataclass, field
 from typing import Any
