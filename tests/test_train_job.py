@@ -177,7 +177,7 @@ def test_a_resume_inside_a_regulation_refresh_period_equals_an_uninterrupted_run
                                    tokenizer=TokenizerConfig(**TINY).replace(epochs=2, **REGULATED), **kw))
 
     tok_a, _, m_a = run("a")
-    tok_b, _, m_b = run("b", max_failures=1, callbacks=[FaultInjection(1, 0, str(tmp_path / "died"), delay_s=1.0)])
+    tok_b, _, m_b = run("b", max_failures=1, callbacks=[FaultInjection(1, 0, str(tmp_path / "died"))])
     assert (tmp_path / "died").exists()
     assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1]  # epoch 1 by the restarted worker
     a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()

@@ -13,13 +13,13 @@ from sidserve.jobs.train.worker import TrainCallback
 class FaultInjection(TrainCallback):
     """Worker ``rank`` dies hard once at the start of ``epoch`` (``marker`` records that it did)."""
 
-    def __init__(self, epoch: int, rank: int, marker: str, delay_s: float = 6.0):
+    def __init__(self, epoch: int, rank: int, marker: str, delay_s: float = 2.0):
         self.epoch, self.rank, self.marker, self.delay_s = epoch, rank, marker, delay_s
 
     def on_epoch_start(self, epoch, rank):
         if (epoch, rank) == (self.epoch, self.rank) and not os.path.exists(self.marker):
             # wait first: the controller collects the previous report (and its checkpoint) on
-            # its next poll (every 2 s by default)
+            # its next poll (every 2 s by default; tests/conftest.py sets 0.2 s, so 2 s is ten polls)
             time.sleep(self.delay_s)
             open(self.marker, "w").close()
             print(f"[test] fault injection: worker {rank} dies in epoch {epoch}", flush=True)
@@ -30,7 +30,7 @@ class FaultAtStep(TrainCallback):
     """Worker ``rank`` dies hard once right after step ``step`` of ``epoch`` (counted from the
     epoch's first batch; ``marker`` records that it did)."""
 
-    def __init__(self, epoch: int, step: int, rank: int, marker: str, delay_s: float = 6.0):
+    def __init__(self, epoch: int, step: int, rank: int, marker: str, delay_s: float = 2.0):
         self.epoch, self.step, self.rank, self.marker, self.delay_s = epoch, step, rank, marker, delay_s
         self.seen = 0
 
