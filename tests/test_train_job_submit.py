@@ -34,10 +34,18 @@ def run(cmd, env, timeout=300, check=True):
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked (one at a time,
+    the kernel may hand the same port out twice: seen as 'metrics_export is trying to use a
+    port number ... used by other components')."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -91,11 +99,12 @@ def test_ray_job_submit_train(tmp_path):
     # its own ports and session directory (short: Ray's socket paths must stay under 108 bytes),
     # so it neither meets nor stops another cluster on this machine
     temp_dir = tempfile.mkdtemp(prefix="sidserve-ray-", dir="/tmp")
-    dashboard = f"http://127.0.0.1:{(dash_port := free_port())}"
+    names = ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port")  # another cluster may hold the defaults
+    dash_port, *picked = free_ports(len(names) + 1)
+    dashboard = f"http://127.0.0.1:{dash_port}"
     try:
-        ports = [f"--{name}={free_port()}" for name in (
-            "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port", "ray-client-server-port")]  # another cluster may hold the defaults
+        ports = [f"--{name}={port}" for name, port in zip(names, picked)]
         run([ray_cli, "start", "--head", "--num-cpus=2", *ports, f"--temp-dir={temp_dir}",
              f"--dashboard-port={dash_port}", "--include-dashboard=true", "--disable-usage-stats"], env)
         job_id = f"sidserve-test-{int(time.time())}"
