@@ -161,7 +161,25 @@ def pytest_collection_modifyitems(items):
              and xdist_scope(i.nodeid) != "ray"]
     if stray:
         raise pytest.UsageError(f"add their modules to conftest.RAY_MODULES: {stray}")
-    items.sort(key=lambda item: (item.path.name in SERVE_MODULES, item.path.name == "test_serve.py"))
+    # the Ray tests first: the "ray" scope is then the first unit of work a worker takes, so that
+    # worker runs at normal priority (pytest_runtest_setup below lowers the other one's)
+    items.sort(key=lambda item: (xdist_scope(item.nodeid) != "ray", item.path.name in SERVE_MODULES,
+                                 item.path.name == "test_serve.py"))
+
+
+_NICED = False
+
+
+def pytest_runtest_setup(item):
+    """Under xdist, a worker's first test outside the Ray scope lowers that worker's CPU
+    priority (and its subprocesses', e.g. the job-submit test's own cluster): the Ray worker is
+    the suite's critical path, mostly waiting on Ray's own processes, and the other worker's
+    CPU-bound tests (evaluation, acceptance) have slack. Lowering needs no privilege; nothing
+    raises it back."""
+    global _NICED
+    if not _NICED and os.environ.get("PYTEST_XDIST_WORKER") and xdist_scope(item.nodeid) != "ray":
+        os.nice(10)
+        _NICED = True
 
 
 def ensure_ray():
