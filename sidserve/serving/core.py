@@ -112,7 +112,7 @@ class TokenizeService:
         self.last_error = None
         self.load_failing = False
         self.telemetry.model(state.model_version, state.snapshot_version)
-        self.telemetry.loaded(state.snapshot_time)
+        self.telemetry.refresh(False, state.snapshot_time)
         if old is None or (old.model_version, old.snapshot_version) != (state.model_version, state.snapshot_version):
             log.info("serving model %s, snapshot %s (%s)", state.model_version, state.snapshot_version,
                      "catalog lookups on" if state.catalog_usable else state.catalog_reason or "no catalog")

@@ -39,16 +39,15 @@ class Telemetry:
         raise NotImplementedError
 
     def refresh(self, failing: bool, snapshot_time: float | None) -> None:
-        """Re-report the state gauges (the poller calls it every few seconds)."""
+        """Set the state gauges: load_failing, the served snapshot's write time. After a load
+        (failing False) and from the poller every few seconds (Ray drops a gauge not set
+        within two export intervals)."""
         raise NotImplementedError
 
     def load_failed(self, stage: str) -> None:
         """A new model or snapshot could not be loaded (the previous state keeps serving)."""
         raise NotImplementedError
 
-    def loaded(self, snapshot_time: float | None) -> None:
-        """A state was loaded (or is re-reported): load_failing 0, the snapshot's write time."""
-        raise NotImplementedError
 
 
 class RayTelemetry(Telemetry):
@@ -95,13 +94,7 @@ class RayTelemetry(Telemetry):
         self._failures.inc(1, tags={"stage": stage})
         self._failing.set(1)
 
-    def loaded(self, snapshot_time):
-        self._failing.set(0)
-        if snapshot_time is not None:
-            self._snapshot_time.set(snapshot_time)
-
-    def refresh(self, failing: bool, snapshot_time: float | None) -> None:
-        """Re-report the gauges (Ray drops a gauge not set within two export intervals)."""
+    def refresh(self, failing, snapshot_time):
         self._failing.set(1 if failing else 0)
         if snapshot_time is not None:
             self._snapshot_time.set(snapshot_time)
@@ -153,12 +146,7 @@ class PrometheusTelemetry(Telemetry):
         self._failures.labels(stage).inc()
         self._failing.set(1)
 
-    def loaded(self, snapshot_time):
-        self._failing.set(0)
-        if snapshot_time is not None:
-            self._snapshot_time.set(snapshot_time)
-
-    def refresh(self, failing: bool, snapshot_time: float | None) -> None:
+    def refresh(self, failing, snapshot_time):
         self._failing.set(1 if failing else 0)
         if snapshot_time is not None:
             self._snapshot_time.set(snapshot_time)
