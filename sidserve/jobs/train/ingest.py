@@ -129,10 +129,14 @@ class ParquetShard:
         s = self.shards
         config = TokenizerConfig.from_dict(s.config)
         fs = resolve(s.items)[0]
-        by_valid = self.key == "valid"
+        key = self.key
         for index, first, end in self.spans(epoch_seed):
+            unit = s.units[index]
+            # a unit without rejects has the same valid and input positions: cut first, clean only
+            # the span (cleaning the rows before it would cost up to a unit per rank and epoch)
+            by_valid = key == "valid" and unit["valid"] != unit["rows"]
             at = 0  # rows of this unit passed so far: valid rows (by_valid) or input rows
-            for table in read_unit(fs, s.units[index], s.rows_per_read, s.read_columns):
+            for table in read_unit(fs, unit, s.rows_per_read, s.read_columns):
                 if s.renames:
                     table = table.rename_columns([s.renames.get(c, c) for c in table.column_names])
                 if by_valid:  # the span is in valid rows: clean first, then cut
