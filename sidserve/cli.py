@@ -185,6 +185,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="train nothing: write the report from the stages cached so far (pending ones are listed)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
     p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
+    p.add_argument("--tasks", help="comma-separated downstream tasks to train per tokenizer and seed, of "
+                   "sid_sasrec, retrieval, ranking (default: all three; the default tokenizer's rule reads "
+                   "sid_sasrec and ranking)")
     p.add_argument("--content", choices=["full", "weak"], default="full",
                    help="item content: full (title, brand, categories) or weak (the title's first three words and "
                         "the first category: a catalog whose content says little; issue 47)")

@@ -151,6 +151,32 @@ def test_report_only_reports_a_run_part_way_through(quick_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_tasks_left_out_are_not_trained_and_the_report_says_so(quick_run, tmp_path):
+    """--tasks sid_sasrec,ranking (the default-tokenizer study, issue 47): retrieval is neither
+    trained nor waited for, and the report's retrieval columns say '-' instead of failing."""
+    import glob
+    import shutil
+    out = str(tmp_path / "tasks")
+    shutil.copytree(quick_run[0], out)
+    for f in glob.glob(os.path.join(out, "downstream", "*", "retrieval_seed*")):
+        os.remove(f)
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS),
+                 "--tasks", "ranking,sid_sasrec")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["stage_seconds_this_invocation"] == {} and r["pending"] == []  # nothing trained, nothing missing
+    assert r["tasks"] == ["sid_sasrec", "ranking"]
+    assert not glob.glob(os.path.join(out, "downstream", "*", "retrieval_seed*"))
+    for e in r["tokenizers"].values():
+        assert "retrieval" not in e and {"sid_sasrec", "ranking"} <= set(e)
+    assert all(s["task"] != "retrieval" for s in r["significance"]) and r["significance"]
+    md = open(os.path.join(out, "report.md")).read()
+    assert "Downstream tasks trained: sid_sasrec, ranking" in md
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tasks", "ranking,nope")
+    assert p.returncode == 2 and "tasks must name" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
 def test_a_cache_kept_in_git_resumes_on_a_fresh_checkout(quick_run, tmp_path):
     """The full run outlives one machine, so its cache is kept in git: what the cache's own
     .gitignore leaves out is rebuilt only when needed, and nothing trained is lost."""

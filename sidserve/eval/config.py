@@ -34,6 +34,11 @@ HARNESS_VERSION = 2
 HEADLINE = {"sid_sasrec": "ndcg@10", "retrieval": "recall@10", "ranking": "gauc"}
 
 
+def headline(tasks) -> dict[str, str]:
+    """HEADLINE restricted to the tasks a run trains."""
+    return {t: m for t, m in HEADLINE.items() if t in tasks}
+
+
 @dataclass
 class EvalConfig:
     data: str  # dataset directory (sequences.txt + items.jsonl)
@@ -48,6 +53,9 @@ class EvalConfig:
     # the items' content regime (sidserve.eval.data.CONTENT): "weak" keeps three title words and
     # the first category, the stand-in for catalogs whose content says little (issue 47)
     content: str = "full"
+    # downstream tasks trained per tokenizer and seed (TASKS): the default tokenizer's rule reads
+    # SID-SASRec and ranking only, so its study skips retrieval, a third of the compute (issue 47)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     head_tail_share: float = 0.25  # head = top 25% items by training popularity, tail = bottom 25%
     ranking_negatives: int = 99  # sampled negatives per test user for AUC/GAUC
     sasrec_variants: list[str] = field(default_factory=lambda: ["tied", "untied"])  # ID SASRec models trained
@@ -68,6 +76,10 @@ class EvalConfig:
             raise ValueError(f"unknown tokenizers {unknown}; choose from {ALL_TOKENIZERS}")
         if self.content not in CONTENT:
             raise ValueError(f"content must be one of {CONTENT}, got {self.content!r}")
+        bad_tasks = [t for t in self.tasks if t not in TASKS]
+        if bad_tasks or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must name distinct ones of {list(TASKS)}, got {self.tasks}")
+        self.tasks = [t for t in TASKS if t in self.tasks]  # one order for stages and reports
         if not self.tokenizers:
             raise ValueError("tokenizers must name at least one tokenizer")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -66,11 +66,11 @@ from sidserve.eval.config import (
     EMBEDDING_SOURCE,
     EVAL_NEGATIVES_SEED,
     HARNESS_VERSION,
-    HEADLINE,
     SASREC_VARIANTS,
     VALID_NEGATIVES_SEED,
     EvalConfig,
     checkpoint_path,
+    headline,
     pin_run_config,
     read_json,
     valid_metric,
@@ -160,7 +160,7 @@ class Evaluation:
         tokenizer and seed a fit (one for LETTER) and SID-SASRec + retrieval + ranking."""
         variants = len(set(self.c.sasrec_variants) | {EMBEDDING_SOURCE[self.c.behavior_embedding][0]})
         fits = sum(1 if n == "letter" else len(self.c.seeds) for n in self.c.tokenizers)
-        return 1 + variants + fits + 3 * len(self.c.tokenizers) * len(self.c.seeds)
+        return 1 + variants + fits + len(self.c.tasks) * len(self.c.tokenizers) * len(self.c.seeds)
 
     # how often a process waiting for another's stage looks again (stages take minutes; the
     # tests, whose stages take a second, set it lower)
@@ -441,9 +441,12 @@ class Evaluation:
         ok = True
         for seed in seeds:
             table, trie = self.table(name, seed)
-            ok &= self.sid_sasrec(name, table, seed, groups, wait)
-            ok &= self.retrieval(name, table, trie, seed, groups, wait)
-            ok &= self.ranking(name, table, seed, groups, negatives, wait)
+            if "sid_sasrec" in self.c.tasks:
+                ok &= self.sid_sasrec(name, table, seed, groups, wait)
+            if "retrieval" in self.c.tasks:
+                ok &= self.retrieval(name, table, trie, seed, groups, wait)
+            if "ranking" in self.c.tasks:
+                ok &= self.ranking(name, table, seed, groups, negatives, wait)
         return ok
 
     def seeds_for(self, name: str) -> list[int]:
@@ -453,7 +456,7 @@ class Evaluation:
         if name not in ABLATIONS or not self.c.ablation_seeds_adaptive or "adc_sid" not in self.c.tokenizers:
             return list(self.c.seeds)
         first = self.c.seeds[0]
-        for task, metric in HEADLINE.items():  # decided on validation: test is never read to choose
+        for task, metric in headline(self.c.tasks).items():  # decided on validation: test is never read to choose
             ref = [valid_metric(read_json(self.stage_path("adc_sid", task, s)), metric) for s in self.c.seeds]
             mine = valid_metric(read_json(self.stage_path(name, task, first)), metric)
             spread = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
@@ -575,6 +578,8 @@ def run_cli(args, command: str = "") -> int:
         else:
             c = EvalConfig(data=args.data, output=args.output, **kw)
         c.content = getattr(args, "content", "full")
+        if getattr(args, "tasks", None) is not None:
+            c.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if args.sasrec_variants is not None:
             c.sasrec_variants = [v.strip() for v in args.sasrec_variants.split(",") if v.strip()]
         if args.behavior_embedding is not None:
@@ -598,9 +603,14 @@ def run_cli(args, command: str = "") -> int:
         for v, e in r["sasrec"].items():
             print(f"  ID SASRec ({v}){'':<19} R@10 {e['test']['recall@10']:.4f}  N@10 {e['test']['ndcg@10']:.4f}")
         for e in r["tokenizers"].values():
-            ss, ret, rk = e["sid_sasrec"]["all"], e["retrieval"]["all"], e["ranking"]["all"]
-            print(f"  {e['label']:<32} SID-SASRec R@10 {ss['recall@10']['mean']:.4f}  "
-                  f"retrieval R@10 {ret['recall@10']['mean']:.4f}  N@10 {ret['ndcg@10']['mean']:.4f}  "
-                  f"GAUC {rk['gauc']['mean']:.4f}")
+            figs = []
+            if "sid_sasrec" in e:
+                figs.append(f"SID-SASRec R@10 {e['sid_sasrec']['all']['recall@10']['mean']:.4f}")
+            if "retrieval" in e:
+                ret = e["retrieval"]["all"]
+                figs.append(f"retrieval R@10 {ret['recall@10']['mean']:.4f}  N@10 {ret['ndcg@10']['mean']:.4f}")
+            if "ranking" in e:
+                figs.append(f"GAUC {e['ranking']['all']['gauc']['mean']:.4f}")
+            print(f"  {e['label']:<32} " + "  ".join(figs))
 
     return run_job(body)

@@ -21,10 +21,11 @@ def write_plots(ev, tok: dict, sasrec: dict) -> list[str]:
     x = np.arange(len(names))
     files = []
 
-    panels = [("sid_sasrec", "recall@10"), ("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"),
-              ("retrieval", "ndcg@10"), ("ranking", "gauc")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.5))
-    for ax, (task, m) in zip(axes, panels):
+    tasks = ev.c.tasks  # the downstream tasks this run trains
+    panels = [(t, m) for t, m in (("sid_sasrec", "recall@10"), ("sid_sasrec", "ndcg@10"), ("retrieval", "recall@10"),
+                                  ("retrieval", "ndcg@10"), ("ranking", "gauc")) if t in tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.5), squeeze=False)
+    for ax, (task, m) in zip(axes[0], panels):
         mean = [tok[n][task]["all"][m]["mean"] for n in names]
         std = [tok[n][task]["all"][m]["std"] or 0.0 for n in names]  # one seed: no error bar
         ax.bar(x, mean, yerr=std, capsize=3, color="tab:blue")
@@ -37,8 +38,10 @@ def write_plots(ev, tok: dict, sasrec: dict) -> list[str]:
     plt.close(fig)
     files.append("metrics.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(20, 4.5))
-    for ax, (task, m) in zip(axes, [("sid_sasrec", "recall@10"), ("retrieval", "recall@10"), ("ranking", "gauc")]):
+    split = [(t, m) for t, m in (("sid_sasrec", "recall@10"), ("retrieval", "recall@10"), ("ranking", "gauc"))
+             if t in tasks]
+    fig, axes = plt.subplots(1, len(split), figsize=(20, 4.5), squeeze=False)
+    for ax, (task, m) in zip(axes[0], split):
         for j, g in enumerate(["head", "tail"]):
             mean = [tok[n][task][g][m]["mean"] for n in names]
             std = [tok[n][task][g][m]["std"] or 0.0 for n in names]
@@ -96,6 +99,8 @@ def write_plots(ev, tok: dict, sasrec: dict) -> list[str]:
         for ax, task, key in ((axes[1], "sid_sasrec", "valid_ndcg@10"),
                               (axes[2], "retrieval", f"valid_{ev.c.retrieval.valid_metric}"),
                               (axes[3], "ranking", "valid_gauc")):
+            if task not in tasks:
+                continue
             hist = read_json(ev.stage_path(n, task, s0))["history"]
             ax.plot([h[key] for h in hist], marker=".", label=tok[n]["label"])
     for ax, title in zip(axes, ["ID SASRec valid NDCG@10", "SID-SASRec valid NDCG@10",

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from sidserve.eval.config import HEADLINE, read_json, valid_metric
+from sidserve.eval.config import TASKS, headline, read_json, valid_metric
 from sidserve.eval.metrics import mean_std, paired_bootstrap
 from sidserve.eval.plots import write_plots
 from sidserve.eval.tokenizers import ABLATIONS, LABELS
@@ -48,7 +48,7 @@ def pending(ev) -> list[str]:
     """Tokenizers of the config without a fitted tokenizer or any finished downstream seed."""
     return [n for n in ev.c.tokenizers
             if not os.path.exists(ev.path("tokenizers", n, "quantization.json"))
-            or not all(seeds_present(ev, n, t) for t in TASK_METRICS)]
+            or not all(seeds_present(ev, n, t) for t in ev.c.tasks)]
 
 
 def collect(ev) -> dict:
@@ -64,9 +64,10 @@ def collect(ev) -> dict:
         sid = np.load(ev.path("tokenizers", name, "sids.npz"))["sid"]
         entry["quantization"]["items_within_hamming_1"] = find_overlaps(sid, 1, max_group_pairs=10_000).overlap_rate
         # the seeds every task has finished (a resumed run may be part-way through one)
-        seeds = sorted(set.intersection(*(set(seeds_present(ev, name, t)) for t in TASK_METRICS)))
+        seeds = sorted(set.intersection(*(set(seeds_present(ev, name, t)) for t in ev.c.tasks)))
         entry["seeds"] = seeds
-        for task, metrics in TASK_METRICS.items():
+        for task in ev.c.tasks:  # the tasks this run trains (--tasks)
+            metrics = TASK_METRICS[task]
             for s in seeds:
                 ev.check_spec(name, ev.stage_path(name, task, s))
             runs = [read_json(ev.stage_path(name, task, s)) for s in seeds]
@@ -102,6 +103,8 @@ def significance(ev, tok: dict) -> list[dict]:
     figures compared here do not choose what they are compared with)."""
     rows = []
     for task, metric, key in SIGNIFICANCE:
+        if task not in ev.c.tasks:
+            continue
         means = {n: e[task]["valid"][metric]["mean"] for n, e in tok.items()}
         best = max(means, key=means.get)
         refs = [r for r in dict.fromkeys(["adc_sid", best]) if r in tok]
@@ -119,7 +122,7 @@ def significance(ev, tok: dict) -> list[dict]:
     return rows
 
 
-def ablations(tok: dict) -> list[dict]:
+def ablations(tok: dict, tasks=TASKS) -> list[dict]:
     """The paper's Table 3 read on the **validation** split: each ablation's headline metrics
     (the kept epoch of each model, mean over its seeds) against the full model's.
 
@@ -135,7 +138,7 @@ def ablations(tok: dict) -> list[dict]:
             continue
         e = tok[name]
         cells = {}
-        for task, metric in HEADLINE.items():
+        for task, metric in headline(tasks).items():
             f, a = full[task]["valid"][metric], e[task]["valid"][metric]
             diff = a["mean"] - f["mean"]
             cells[task] = {"metric": metric, "full": f["mean"], "full_std": f["std"], "ablation": a["mean"],
@@ -190,7 +193,8 @@ def write_report(ev, wall_seconds: float) -> dict:
         "tokenizers": tok,
         "pending": waiting,
         "significance": significance(ev, tok) if tok else [],
-        "ablations": ablations(tok),
+        "ablations": ablations(tok, ev.c.tasks),
+        "tasks": list(ev.c.tasks),
         "stage_seconds_total": secs,
         "compute_seconds_total": round(sum(secs.values()), 1),
         "stage_seconds_this_invocation": {k: round(v, 1) for k, v in ev.timer.stages.items()},
@@ -215,8 +219,14 @@ def _std(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _cells(e: dict, task: str, g: str, metrics) -> list[str]:
+    """Table cells of one task's metrics; '-' for a task the run did not train (--tasks)."""
+    return [_fmt(e[task][g][m]) if task in e else "-" for m in metrics]
+
+
 def _markdown(r: dict, plots: list[str]) -> str:
     tok = r["tokenizers"]
+    tasks = r.get("tasks", list(TASKS))
     ds = r["dataset"]
     L = []
     weak = " (weak content: three title words and the first category)" if ds.get("content") == "weak" else ""
@@ -229,6 +239,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
              f"figures are the first seed's fit). Every downstream model stops early on the validation split "
              f"and restores its best epoch; test is read once per trained model.\n")
     L.append(f"Command: `{r['command']}`\n")
+    if tasks != list(TASKS):
+        L.append(f"Downstream tasks trained: {', '.join(tasks)} (`--tasks`); the others' columns show '-'.\n")
     if r["pending"]:
         L.append(f"**Interim report**: not finished yet (no fitted tokenizer or no completed seed): "
                  f"{', '.join(r['pending'])}. Rows below have the seeds listed in their `seeds` column.\n")
@@ -295,7 +307,7 @@ def _markdown(r: dict, plots: list[str]) -> str:
                         for v, e in r["sasrec"].items())
     for g, title in (("all", "all test users"), ("head", "head items (top 25% by popularity)"),
                      ("tail", "long-tail items (bottom 25%)")):
-        users = next(iter(tok.values()))["retrieval"][g]["users"]
+        users = next(iter(tok.values()))[tasks[0]][g]["users"]
         L.append(f"## Downstream, {title} ({users:,} users)\n")
         if g == "all":
             L.append(f"SID-SASRec: SASRec whose item vectors are sums of SID code embeddings; its ceiling "
@@ -305,9 +317,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
                  "| N@50 | AUC | GAUC |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for e in tok.values():
-            cells = [_fmt(e["sid_sasrec"][g]["recall@10"]), _fmt(e["sid_sasrec"][g]["ndcg@10"])]
-            cells += [_fmt(e["retrieval"][g][m]) for m in ("recall@5", "recall@10", "recall@50", "ndcg@10", "ndcg@50")]
-            cells += [_fmt(e["ranking"][g][m]) for m in RANKING_METRICS]
+            cells = _cells(e, "sid_sasrec", g, ("recall@10", "ndcg@10"))
+            cells += _cells(e, "retrieval", g, ("recall@5", "recall@10", "recall@50", "ndcg@10", "ndcg@50"))
+            cells += _cells(e, "ranking", g, RANKING_METRICS)
             L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
         L.append("")
 
@@ -317,12 +329,12 @@ def _markdown(r: dict, plots: list[str]) -> str:
     L.append("| tokenizer | seeds | SID-SASRec R@10 | SID-SASRec N@10 | retrieval R@10 | retrieval N@10 | GAUC |")
     L.append("|---|---|---|---|---|---|---|")
     for e in tok.values():
-        cells = [_fmt(e[t]["valid"][m]) for t in VALID_METRICS for m in VALID_METRICS[t]]
+        cells = [c for t in VALID_METRICS for c in _cells(e, t, "valid", VALID_METRICS[t])]
         L.append(f"| {e['label']} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
     L.append("")
 
     if r.get("ablations"):
-        L += _ablation_markdown(r["ablations"], tok)
+        L += _ablation_markdown(r["ablations"], tok, tasks)
 
     L.append("## Significance (paired bootstrap over test users)\n")
     L.append(f"diff = mean(A) - mean(B) of the per-user metric (each tokenizer's seeds averaged per user), "
@@ -346,10 +358,14 @@ def _markdown(r: dict, plots: list[str]) -> str:
     L.append("| tokenizer | SID-SASRec | retrieval | ranking | retrieval s / run | generate s |")
     L.append("|---|---|---|---|---|---|")
     for e in tok.values():
-        cells = [", ".join(f"{b}/{n}" for b, n in zip(e[t]["best_epoch"], e[t]["epochs_run"])) for t in TASK_METRICS]
-        rs = [s for s in e["retrieval"]["stage_seconds"] if s is not None]
-        L.append(f"| {e['label']} | " + " | ".join(cells) +
-                 f" | {np.mean(rs) if rs else float('nan'):.0f} | {np.mean(e['retrieval']['generate_seconds']):.0f} |")
+        cells = [", ".join(f"{b}/{n}" for b, n in zip(e[t]["best_epoch"], e[t]["epochs_run"])) if t in e else "-"
+                 for t in TASK_METRICS]
+        if "retrieval" in e:
+            rs = [s for s in e["retrieval"]["stage_seconds"] if s is not None]
+            cells += [f"{np.mean(rs) if rs else float('nan'):.0f}", f"{np.mean(e['retrieval']['generate_seconds']):.0f}"]
+        else:
+            cells += ["-", "-"]
+        L.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     L.append("")
 
     L.append("## Plots\n")
@@ -366,18 +382,19 @@ _TASK_NAMES = {"sid_sasrec": "SID-SASRec", "retrieval": "retrieval", "ranking": 
 _METRIC_NAMES = {"ndcg@10": "N@10", "recall@10": "R@10", "gauc": "GAUC"}
 
 
-def _ablation_markdown(rows: list[dict], tok: dict) -> list[str]:
+def _ablation_markdown(rows: list[dict], tok: dict, tasks) -> list[str]:
     full = tok["adc_sid"]
+    head = headline(tasks)
     L = ["## Ablations (the paper's Table 3), on the validation split\n",
          "Each ablation's validation figure (kept epoch, mean over its seeds) minus the full model's "
          f"(mean over its {len(full['seeds'])} seeds); in brackets the gap in units of the full model's seed "
          "spread. Table 3's direction is every ablation below the full model on every metric. Test is not "
          "read for this.\n",
-         "| variant | seeds | " + " | ".join(f"{_TASK_NAMES[t]} valid {_METRIC_NAMES[m]}" for t, m in HEADLINE.items()) +
+         "| variant | seeds | " + " | ".join(f"{_TASK_NAMES[t]} valid {_METRIC_NAMES[m]}" for t, m in head.items()) +
          " | below the full model on all |",
-         "|---|---|" + "---|" * len(HEADLINE) + "---|"]
+         "|---|---|" + "---|" * len(head) + "---|"]
     L.append(f"| {full['label']} (full model) | {len(full['seeds'])} | " +
-             " | ".join(_fmt(full[t]["valid"][m]) for t, m in HEADLINE.items()) + " | |")
+             " | ".join(_fmt(full[t]["valid"][m]) for t, m in head.items()) + " | |")
     for row in rows:
         cells = []
         for c in row["tasks"].values():
