@@ -596,32 +596,134 @@ def test_candidates_follow_the_codebooks_similarity(world):
         torch.testing.assert_close(sims.double(), expect, rtol=0, atol=1e-6)
 
 
-def test_residual_tokenizers_refuse_candidates(small_catalog, tmp_path):
+def test_residual_tokenizers_offer_whole_sids_or_are_refused(small_catalog, tmp_path):
+    """Residual k-means offers whole alternative SIDs (sticky_unit "path"); rq-vae and ADC-SID
+    with residual behavioral codes offer nothing and the assignment job refuses a margin for
+    them before any work; independent positions offer per-position candidates."""
     from sidserve.tokenizers.baselines import (
         BaselineConfig,
         OPQConfig,
         OPQTokenizer,
         RQKmeansTokenizer,
+        RQVAEConfig,
+        RQVAETokenizer,
     )
 
     dims = dict(modality_dims={"text": 24, "image": 16}, codebook_size=8, num_levels=2, kmeans_iters=5)
     rq = RQKmeansTokenizer(BaselineConfig(**dims)).fit(small_catalog)
+    assert rq.sticky_unit == "path"
+    enc = rq.encode(small_catalog, candidates=3)
+    assert enc.candidates is None and enc.paths.shape == (len(enc), 3, 2)
+    assert (enc.paths[:, 0] == rq.encode(small_catalog).sid).all() and (enc.sid == enc.paths[:, 0]).all()
+    vae = RQVAETokenizer(RQVAEConfig(epochs=1, latent_dim=8, hidden_dim=16, **dims)).fit(small_catalog)
+    assert vae.sticky_unit is None
     with pytest.raises(ValueError, match="residual"):
-        rq.encode(small_catalog, candidates=2)
-    # the assignment job refuses a margin for it before any work (no snapshot, no Ray)
-    rq.save_pretrained(str(tmp_path / "rq"))
+        vae.encode(small_catalog, candidates=2)
+    vae.save_pretrained(str(tmp_path / "vae"))
     with pytest.raises(ValueError, match="model is residual"):
-        run_assignment(AssignJobConfig(items="x", model=str(tmp_path / "rq"), output=str(tmp_path / "out"),
+        run_assignment(AssignJobConfig(items="x", model=str(tmp_path / "vae"), output=str(tmp_path / "out"),
                                        sticky_delta=0.1))
     assert not (tmp_path / "out").exists()
     # ADC-SID's positions are independent unless its behavioral codes are residual levels
     for mode in ("parallel", "residual", "residual_input"):
         tok = SemanticIdTokenizer(TokenizerConfig(behavior_quantization=mode))
         assert tok.independent_positions is (mode == "parallel")
+        assert tok.sticky_unit == ("position" if mode == "parallel" else None)
     opq = OPQTokenizer(OPQConfig(opq_iters=1, **dims)).fit(small_catalog)
     enc = opq.encode(small_catalog, candidates=2)
     assert (enc.candidates[:, :, 0] == opq.encode(small_catalog).sid).all()
     assert (enc.candidate_scores[:, :, 0] >= enc.candidate_scores[:, :, 1]).all()
+
+
+def test_the_path_beam_is_exhaustive_when_wide_enough_and_scores_by_hand(small_catalog):
+    """rq-kmeans' whole-SID candidates (sticky_unit "path"): with a beam of K^L every path is
+    found once, each scored -||x - decode(path)||^2 / ||x||^2 (computed here by hand), the
+    encoded SID first and the others best first; a narrower beam keeps the best ones it
+    finds, so its best other path is never above the exhaustive one."""
+    import itertools
+
+    from sidserve.items import coerce_items
+    from sidserve.tokenizers.baselines import BaselineConfig, RQKmeansTokenizer
+
+    rq = RQKmeansTokenizer(BaselineConfig(modality_dims={"text": 24, "image": 16}, codebook_size=4,
+                                          num_levels=2, kmeans_iters=5)).fit(small_catalog)
+    x = rq.features(coerce_items(small_catalog, rq.config))
+    paths, scores = rq._paths(x, 16)
+    every = np.array(list(itertools.product(range(4), range(4))))  # (16, 2)
+    x64 = x.astype(np.float64)
+    by_hand = np.stack([-((x64 - rq.centroids_[0][a].astype(np.float64) - rq.centroids_[1][b].astype(np.float64))
+                          ** 2).sum(1) / (x64 ** 2).sum(1) for a, b in every], 1)  # (N, 16)
+    assert all(sorted(map(tuple, p.tolist())) == sorted(map(tuple, every.tolist())) for p in paths)
+    np.testing.assert_allclose(scores, np.take_along_axis(by_hand, paths[:, :, 0] * 4 + paths[:, :, 1], 1),
+                               rtol=1e-9, atol=1e-12)
+    assert (paths[:, 0] == rq._encode_features(x)).all()
+    assert (np.diff(scores[:, 1:], axis=1) <= 0).all()
+    assert (by_hand.max(1) > scores[:, 0] + 1e-9).any()  # greedy is not always the best path
+    narrow_paths, narrow = rq._paths(x, 3)
+    assert (narrow_paths[:, 0] == paths[:, 0]).all()
+    assert (narrow[:, 1] <= scores[:, 1] + 1e-12).all()
+
+
+def test_sticky_keeps_a_whole_previous_sid_within_delta():
+    """sticky_from_paths, by hand: a previous SID among the row's paths within delta is kept
+    whole; one beyond delta or absent is replaced; unscored when all k were within delta."""
+    from sidserve.jobs.assign.sticky import sticky_from_paths, trim_paths
+
+    computed = np.array([[0, 1, 2], [3, 3, 3], [1, 1, 1], [2, 2, 2]])
+    paths = np.array([[[0, 1, 2], [0, 1, 3], [5, 5, 5]],
+                      [[3, 3, 3], [0, 0, 0], [1, 1, 1]],
+                      [[1, 1, 1], [1, 1, 2], [1, 2, 1]],
+                      [[2, 2, 2], [2, 2, 3], [2, 2, 3]]])
+    scores = np.array([[-0.10, -0.12, -0.5], [-0.2, -0.21, -0.9], [-0.3, -0.31, -0.32], [-0.4, -0.41, np.nan]])
+    previous = np.array([[0, 1, 3], [1, 1, 1], [4, 4, 4], [-1, -1, -1]])
+    codes, counts = trim_paths(paths, scores, 0.05)
+    assert counts[:, 0].tolist() == [2, 2, 3, 2] and codes.size == 9 * 3
+    sid, kept, unscored = sticky_from_paths(computed, codes, counts, 3, previous)
+    # row 0: 0-1-3 is 0.02 below -> kept whole; row 1: 1-1-1 is 0.7 below -> replaced;
+    # row 2: 4-4-4 is not among 3 paths that are all within delta -> unscored; row 3: new item
+    assert sid.tolist() == [[0, 1, 3], [3, 3, 3], [1, 1, 1], [2, 2, 2]]
+    assert kept.tolist() == [[False, False, True], [False] * 3, [False] * 3, [False] * 3]
+    assert unscored.tolist() == [[False] * 3, [False] * 3, [True] * 3, [False] * 3]
+    # delta 0 keeps only an exact tie; a larger delta keeps row 1 too
+    assert (sticky_from_paths(computed, *trim_paths(paths, scores, 0.0), 3, previous)[0] == computed).all()
+    assert sticky_from_paths(computed, *trim_paths(paths, scores, 0.8), 3, previous)[0][1].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="delta"):
+        trim_paths(paths, scores, -0.1)
+    with pytest.raises(ValueError, match="counts sum"):
+        sticky_from_paths(computed, codes[3:], counts, 3, previous)
+
+
+def test_sticky_assignment_of_residual_codes_end_to_end(world, tmp_path):
+    """rq-kmeans re-fitted with its codewords moved a little: plain assignment churns; with a
+    margin the job keeps whole previous SIDs, every SID is tonight's plain one or last night's,
+    churn falls, and the summary counts the kept codes."""
+    from sidserve.tokenizers.baselines import BaselineConfig, RQKmeansTokenizer
+
+    items = str(tmp_path / "items")
+    os.makedirs(items)
+    catalog = world["catalog"].slice(0, 600)
+    pq.write_table(catalog, f"{items}/a.parquet")
+    cfg = BaselineConfig(modality_dims=CFG["modality_dims"], behavior_dim=8, codebook_size=8, num_levels=3,
+                         kmeans_iters=5)
+    night1 = RQKmeansTokenizer(cfg).fit(catalog)
+    night1.save_pretrained(str(tmp_path / "m1"))
+    moved = RQKmeansTokenizer.from_pretrained(str(tmp_path / "m1"))
+    rng = np.random.default_rng(0)
+    moved.centroids_ = (moved.centroids_ + 0.05 * rng.normal(size=moved.centroids_.shape)
+                        * np.abs(moved.centroids_).mean()).astype(np.float32)
+    moved.save_pretrained(str(tmp_path / "m2"))
+    root = SnapshotRoot(str(tmp_path / "snap"))
+    s1 = run_assignment(AssignJobConfig(items=items, model=str(tmp_path / "m1"), output=root.uri))
+    s2 = run_assignment(AssignJobConfig(items=items, model=str(tmp_path / "m2"), output=root.uri, sticky_delta=0.02))
+    ids = [str(v) for v in catalog.column("item_id").to_pylist()]
+    plain = dict(zip(ids, moved.encode(catalog).sid.tolist()))
+    a = {r["item_id"]: r["sid"] for r in root.read_items(s1["version"]).to_pylist()}
+    b = {r["item_id"]: r["sid"] for r in root.read_items(s2["version"]).to_pylist()}
+    assert all(b[k] in (plain[k], a[k]) for k in ids)
+    plain_churn = np.mean([plain[k] != a[k] for k in ids])
+    assert plain_churn > 0.02 and s2["churn"]["churn"] < plain_churn
+    kept = sum(bb != pp for k in ids for bb, pp in zip(b[k], plain[k]))
+    assert kept == s2["sticky"]["codes_kept"] > 0
 
 
 def test_sticky_assignment_and_max_churn_end_to_end(world, tmp_path):

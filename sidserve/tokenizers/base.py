@@ -37,6 +37,10 @@ class Encoding:
          first (candidates[:, :, 0] == sid), ``missing_code`` where a position has no code.
     candidate_scores: (N, L, k) float64: their similarity (higher is better; ADC-SID: cosine,
          OPQ: minus the squared distance), NaN where a position has no code.
+    paths: (N, k, L) int32, encode(candidates=k) of a residual tokenizer (``sticky_unit``
+         "path") instead of ``candidates``: whole SIDs, paths[:, 0] == sid, then the best others.
+    path_scores: (N, k) float64: minus the share of the item's input energy each path leaves
+         unexplained (higher is better), NaN where fewer than k paths exist.
     """
 
     sid: np.ndarray
@@ -45,6 +49,8 @@ class Encoding:
     item_id: np.ndarray | None = None
     candidates: np.ndarray | None = None
     candidate_scores: np.ndarray | None = None
+    paths: np.ndarray | None = None
+    path_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.sid.shape[0])
@@ -64,6 +70,14 @@ class BaseTokenizer:
     # each SID position chosen on its own (not from a residual of the codes before it), so
     # encode(candidates=k) can offer per-position alternatives (sticky assignment needs them)
     independent_positions: ClassVar[bool] = False
+
+    @property
+    def sticky_unit(self) -> str | None:
+        """What sticky assignment can keep of a previous SID (sidserve/jobs/assign/sticky.py):
+        "position", each code on its own (independent positions: encode(candidates=k) gives
+        per-position alternatives), "path", the whole SID (residual k-means overrides this:
+        its encode(candidates=k) gives whole alternative SIDs), or None (nothing)."""
+        return "position" if self.independent_positions else None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -27,7 +27,9 @@ ENCODED_SCHEMA = pa.schema([
     ("popularity", pa.float64()), ("reason", pa.string()),
     # sticky assignment only (null otherwise): of the k best codes per position, those within
     # delta of the best (sticky.trim_candidates), positions concatenated, and how many each
-    # position has (L), for the resolve stage to match against the previous SID
+    # position has (L), for the resolve stage to match against the previous SID; for a
+    # residual tokenizer (sticky_unit "path") the whole SIDs within delta (sticky.trim_paths),
+    # concatenated, and their number (one entry)
     ("cand", pa.list_(pa.int32())), ("cand_count", pa.list_(pa.int32())),
 ])
 
@@ -54,7 +56,7 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
     """Raw input rows -> ENCODED_SCHEMA rows (a reason instead of a SID for bad rows); with
     ``candidates=k`` also, of each row's k best codes per position, those within ``delta`` of
     the best (sticky assignment's margin; None: all k)."""
-    from sidserve.jobs.assign.sticky import trim_candidates
+    from sidserve.jobs.assign.sticky import trim_candidates, trim_paths
 
     checked = check_items(table, tok.config, require_item_id=True)
     n = table.num_rows
@@ -66,12 +68,15 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
     weights = None
     path = np.full(n, None, dtype=object)
     good = np.flatnonzero(ok)
-    cand, cand_count = np.zeros(0, np.int32), np.zeros((n, L), np.int32)
+    by_path = bool(candidates) and tok.sticky_unit == "path"
+    cand, cand_count = np.zeros(0, np.int32), np.zeros((n, 1 if by_path else L), np.int32)
     if good.size:
         kw = {"candidates": candidates} if candidates else {}
         enc = tok.encode(checked.arrays.take(good), batch_size=batch_size, **kw)
         sid[good] = enc.sid
-        if candidates:
+        if by_path:
+            cand, cand_count[good] = trim_paths(enc.paths, enc.path_scores, np.inf if delta is None else delta)
+        elif candidates:
             cand, cand_count[good] = trim_candidates(enc.candidates, enc.candidate_scores,
                                                      np.inf if delta is None else delta)
         weights = np.zeros((n, enc.behavior_weights.shape[1]), np.float32)
@@ -87,7 +92,7 @@ def encode_table(tok: BaseTokenizer, table: pa.Table, batch_size: int = 8192, ca
         "path": pa.array(path.tolist(), pa.string()),
         "popularity": pa.array(pop if pop is not None else np.full(n, np.nan), pa.float64()).fill_null(np.nan),
         "reason": pa.array(checked.reasons, pa.string()),
-        "cand": ragged_list_column(cand, cand_count.sum(1), mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
+        "cand": ragged_list_column(cand, cand_count.sum(1) * (L if by_path else 1), mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
         "cand_count": list_column(cand_count, mask) if candidates else pa.nulls(n, pa.list_(pa.int32())),
     }, schema=ENCODED_SCHEMA)
 

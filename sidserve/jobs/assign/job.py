@@ -191,11 +191,12 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tok = load_tokenizer(job.model)  # verifies the manifest before any work (and before Ray starts)
     sticky = job.sticky_delta is not None
-    if sticky and not tok.independent_positions:
+    if sticky and tok.sticky_unit is None:
         raise ValueError(f"--sticky-delta: this {tok.tokenizer_type} model is residual (a position's code depends on "
-                         "the codes before it: a residual baseline, or adc-sid with behavior_quantization residual / "
-                         "residual_input), so a code cannot be kept alone; sticky assignment needs independent "
-                         "positions (adc-sid with parallel behavioral codes, or opq)")
+                         "the codes before it: rq-vae, or adc-sid with behavior_quantization residual / "
+                         "residual_input), so a code cannot be kept alone and it offers no alternative whole SIDs; "
+                         "sticky assignment needs independent positions (adc-sid with parallel behavioral codes, "
+                         "or opq) or residual k-means (rq-kmeans, rq-evidence: whole SIDs are kept)")
     candidates = min(job.sticky_candidates, tok.codebook_size) if sticky else 0
     if not ray.is_initialized():
         ray.init()
@@ -243,7 +244,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     # B. resolve duplicates and previous assignments, one item_id partition per task
     common = {"staging": staging, "snapshot": snap, "n_parts": n_parts, "reserve_nights": job.reserve_nights,
               "sticky_delta": job.sticky_delta, "sticky_candidates": candidates, "sid_length": len(tok.sid_layout),
-              "missing_code": tok.codebook_size}
+              "missing_code": tok.codebook_size, "sticky_unit": tok.sticky_unit}
     stage_root = SnapshotRoot(staging)
     index = stage_root.join("index")  # each partition's segment list (index_manifest)
     cur_files = index_manifest(enc_manifest, n_parts, stage_root.fs, index, "encoded")

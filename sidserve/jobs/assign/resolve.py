@@ -103,7 +103,8 @@ def resolve_partition(spec: dict) -> dict:
     accepted = resolved.filter(pc.and_(pc.equal(kind, "cur"), pc.is_null(reason)))
     sticky = None
     if spec.get("sticky_delta") is not None:
-        accepted, sticky = apply_sticky(accepted, spec["sticky_candidates"], spec["sid_length"], spec["missing_code"])
+        accepted, sticky = apply_sticky(accepted, spec["sticky_candidates"], spec["sid_length"], spec["missing_code"],
+                                        spec.get("sticky_unit", "position"))
     for name in ("cand", "cand_count"):  # read here only: not carried to the dedup stage
         i = accepted.schema.get_field_index(name)
         accepted = accepted.set_column(i, name, pa.nulls(accepted.num_rows, accepted.schema.field(name).type))
@@ -124,20 +125,25 @@ def resolve_partition(spec: dict) -> dict:
     }
 
 
-def apply_sticky(accepted: pa.Table, k: int, length: int, missing_code: int) -> tuple[pa.Table, dict]:
-    """Accepted rows with their candidates within delta (of the k scored per position) and
-    previous SID -> the rows with sticky codes (``sticky.sticky_from_trimmed``), and how many
-    codes stickiness kept (per position) or could not score."""
-    from sidserve.jobs.assign.sticky import parse_sid_str, sticky_from_trimmed
+def apply_sticky(accepted: pa.Table, k: int, length: int, missing_code: int,
+                 unit: str = "position") -> tuple[pa.Table, dict]:
+    """Accepted rows with their candidates within delta (of the k scored per position, or of
+    the k best whole SIDs for ``unit`` "path") and previous SID -> the rows with sticky codes
+    (``sticky.sticky_from_trimmed`` / ``sticky_from_paths``), and how many codes stickiness
+    kept (per position) or could not score."""
+    from sidserve.jobs.assign.sticky import parse_sid_str, sticky_from_paths, sticky_from_trimmed
 
     n = accepted.num_rows
     if not n:
         return accepted, {"kept_per_position": [0] * length, "unscored": 0}
     computed = accepted.column("sid").combine_chunks().flatten().to_numpy().reshape(n, length)
     cand = accepted.column("cand").combine_chunks().flatten().to_numpy()
-    counts = accepted.column("cand_count").combine_chunks().flatten().to_numpy().reshape(n, length)
+    counts = accepted.column("cand_count").combine_chunks().flatten().to_numpy().reshape(n, -1)
     previous = parse_sid_str(accepted.column("prev_sid_str").combine_chunks(), length)
-    codes, kept, unscored = sticky_from_trimmed(computed, cand, counts, k, previous, missing_code)
+    if unit == "path":
+        codes, kept, unscored = sticky_from_paths(computed, cand, counts, k, previous)
+    else:
+        codes, kept, unscored = sticky_from_trimmed(computed, cand, counts, k, previous, missing_code)
     if kept.any():
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * length)
         sid = pa.ListArray.from_arrays(offsets, pa.array(codes.ravel(), pa.int32()))

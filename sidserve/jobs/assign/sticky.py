@@ -11,9 +11,17 @@ similarity: cosine for ADC-SID, 2 x.c - ||c||^2 for OPQ), the previous code is k
 and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best
 exactly, so it is today's assignment except on an exact float tie between two codewords
 (plain assignment then takes the lower index, sticky the previous code). Positions are independent (ADC-SID's experts, OPQ's
-subspaces); residual tokenizers (and ADC-SID with residual behavioral codes,
-``behavior_quantization`` residual / residual_input) cannot keep a code alone and are refused
-upstream (``independent_positions``).
+subspaces). A residual tokenizer cannot keep a code alone (a level codes what the levels before
+it left), so residual k-means (rq-kmeans, rq-evidence; ``sticky_unit`` "path") keeps a whole
+SID instead: its ``encode(candidates=k)`` gives the k best whole SIDs of a beam search with
+their score, minus the share of the item's input energy the SID leaves unexplained, and the
+previous SID is kept when it is among them and
+
+    score(best) - score(previous) <= delta
+
+(``trim_paths``, ``sticky_from_paths``): the same rule with the whole SID as the unit and
+relative distortion as the similarity. Other residual models (rq-vae, ADC-SID with residual
+behavioral codes) are refused upstream (``sticky_unit`` None).
 
 Only the encoder's k best codes per position come with a score (``encode(candidates=k)``), and
 of those only the ones within delta of the best can be kept, so the assignment job stages just
@@ -82,6 +90,51 @@ def sticky_codes(computed: np.ndarray, candidates: np.ndarray, scores: np.ndarra
         raise ValueError(f"shapes disagree: computed {computed.shape}, candidates {candidates.shape}")
     codes, counts = trim_candidates(candidates, scores, delta)
     return sticky_from_trimmed(computed, codes, counts, candidates.shape[-1], previous, missing_code)
+
+
+def trim_paths(paths: np.ndarray, scores: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """paths (n, k, L) int and scores (n, k) float: each row's k best whole SIDs, its own SID
+    first (``Encoding.paths``), NaN scores for paths that do not exist -> (codes (m * L,)
+    int32: per row, the paths whose score is within ``delta`` of the first one's, in order,
+    flattened; counts (n, 1) int32: how many paths each row has)."""
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if paths.ndim != 3 or scores.shape != paths.shape[:2]:
+        raise ValueError(f"paths {paths.shape} must be (n, k, L) and scores {scores.shape} (n, k)")
+    s = scores.astype(np.float64, copy=False)
+    within = (s[:, :1] - s) <= delta  # NaN compares False: a missing path is never within
+    within[:, 0] = True
+    return paths[within].reshape(-1).astype(np.int32), within.sum(1, keepdims=True).astype(np.int32)
+
+
+def sticky_from_paths(computed: np.ndarray, codes: np.ndarray, counts: np.ndarray, k: int,
+                      previous: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """computed (n, L) int: the SIDs; codes and counts (n, 1): ``trim_paths`` of the k best
+    paths; previous (n, L) int: the previous snapshot's SIDs, -1 rows where an item has none.
+
+    -> (sid (n, L) int32: the previous SID where it is among the row's paths, else the
+    computed one; kept (n, L) bool: positions where a kept previous SID differs from the
+    computed one; unscored (n, L) bool: the positions of a replaced previous SID that a larger
+    k might have kept, all k paths being within delta)."""
+    n, length = computed.shape
+    if counts.shape != (n, 1) or previous.shape != computed.shape:
+        raise ValueError(f"shapes disagree: computed {computed.shape}, counts {counts.shape} (need (n, 1)), "
+                         f"previous {previous.shape}")
+    if codes.shape != (int(counts.sum()) * length,):
+        raise ValueError(f"codes has {codes.shape} entries, counts sum to {int(counts.sum())} paths of {length}")
+    if k < 1 or int(counts.max(initial=0)) > k:
+        raise ValueError(f"k={k}: need k >= 1 and no row with more than k paths")
+    flat = counts[:, 0]
+    parent = np.repeat(np.arange(n), flat)  # (m,) the row of each path
+    match = (codes.reshape(-1, length) == previous[parent]).all(1)
+    found = np.zeros(n, bool)
+    found[parent[match]] = True
+    differs = previous != computed
+    eligible = (previous >= 0).all(1) & differs.any(1)
+    kept_rows = eligible & found
+    sid = np.where(kept_rows[:, None], previous, computed).astype(np.int32)
+    unscored_rows = eligible & ~found & (flat == k)
+    return sid, kept_rows[:, None] & differs, unscored_rows[:, None] & differs
 
 
 def parse_sid_str(sid_str, length: int) -> np.ndarray:

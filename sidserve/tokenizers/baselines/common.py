@@ -141,7 +141,7 @@ class BaselineTokenizer(BaseTokenizer):
         raise ValueError(
             f"{self.tokenizer_type} is residual: a position's candidates depend on the codes chosen "
             "before it, so it cannot offer per-position alternatives (sticky assignment needs "
-            "independent positions: adc-sid or opq)")
+            "independent positions, adc-sid or opq, or whole alternative SIDs, rq-kmeans and rq-evidence)")
 
     def encode(self, items, *, batch_size: int | None = None, candidates: int = 0) -> Encoding:
         """items -> Encoding (``batch_size`` is accepted for the common interface; ``candidates``:
@@ -150,8 +150,11 @@ class BaselineTokenizer(BaseTokenizer):
         if not isinstance(candidates, int) or not 0 <= candidates <= self.config.codebook_size:
             raise ValueError(f"candidates must be an int in [0, {self.config.codebook_size}], got {candidates!r}")
         arrays = coerce_items(items, self.config)
-        cand = scores = None
-        if candidates:
+        cand = scores = paths = path_scores = None
+        if candidates and self.sticky_unit == "path":
+            paths, path_scores = self._paths(self.features(arrays), candidates)
+            codes = paths[:, 0]
+        elif candidates:
             cand, scores = self._candidates(self.features(arrays), candidates)
             codes = cand[:, :, 0]
         else:
@@ -161,7 +164,7 @@ class BaselineTokenizer(BaseTokenizer):
         else:
             path = np.full(len(arrays), "full", dtype=object)
         return Encoding(codes, np.zeros((len(arrays), 0), np.float32), path, arrays.item_ids,
-                        candidates=cand, candidate_scores=scores)
+                        candidates=cand, candidate_scores=scores, paths=paths, path_scores=path_scores)
 
     def reconstruction_error(self, items) -> np.ndarray:
         """(N,) mean squared error per input element of decode(encode(x))."""

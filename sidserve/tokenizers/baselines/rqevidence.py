@@ -201,16 +201,23 @@ class EvidenceRQTokenizer(RQKmeansTokenizer):
 
     def encode(self, items, *, batch_size: int | None = None, candidates: int = 0) -> Encoding:
         """items -> Encoding: codes, ``behavior_weights`` = r at every fused level (``batch_size``
-        is accepted for the common interface; candidates: residual, so none, as RQ-Kmeans)."""
+        is accepted for the common interface; ``candidates=k``: the k best whole SIDs, as
+        RQ-Kmeans gives them, ``paths``)."""
         self._check_fitted()
-        if candidates:
-            self._candidates(None, candidates)  # raises: a residual code has no alternatives alone
+        if not isinstance(candidates, int) or not 0 <= candidates <= self.config.codebook_size:
+            raise ValueError(f"candidates must be an int in [0, {self.config.codebook_size}], got {candidates!r}")
         arrays = coerce_items(items, self.config)
-        codes = self._encode_features(self.features(arrays)).astype(np.int32)
+        paths = path_scores = None
+        if candidates:
+            paths, path_scores = self._paths(self.features(arrays), candidates)
+            codes = paths[:, 0]
+        else:
+            codes = self._encode_features(self.features(arrays)).astype(np.int32)
         r = self.reliability(arrays).astype(np.float32)
         width = self.config.num_levels - self.config.content_levels
         path = np.where(arrays.has_behavior, "full", "content_only").astype(object)
-        return Encoding(codes, np.repeat(r[:, None], width, axis=1), path, arrays.item_ids)
+        return Encoding(codes, np.repeat(r[:, None], width, axis=1), path, arrays.item_ids,
+                        paths=paths, path_scores=path_scores)
 
     # ---- state -----------------------------------------------------------------------
     def _tensors(self):

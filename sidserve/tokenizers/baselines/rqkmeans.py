@@ -67,6 +67,7 @@ class RQKmeansTokenizer(BaselineTokenizer):
     """
 
     tokenizer_type = "rq-kmeans"
+    sticky_unit = "path"  # residual: a code cannot be kept alone, a whole previous SID can (_paths)
 
     def _fitted_attr(self) -> str:
         return "centroids_"
@@ -96,6 +97,59 @@ class RQKmeansTokenizer(BaselineTokenizer):
 
     def _decode_codes(self, codes, x=None):
         return sum(self.centroids_[level][codes[:, level]] for level in range(codes.shape[1]))
+
+    def _paths(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, D) float32 -> (paths (N, k, L) int32, scores (N, k) float64): whole SIDs that
+        reconstruct x almost as well as its SID does, for sticky assignment of residual codes.
+
+        paths[:, 0] is the SID ``encode`` gives (greedy, level by level); the rest are the
+        best other paths a beam of width k finds (at each level every kept prefix is extended
+        by every code and the k prefixes with the smallest residual are kept), best first.
+        score = -||x - decode(path)||^2 / ||x||^2 in float64, the share of the item's input
+        energy its SID leaves unexplained (minus), so a margin means the same for every item;
+        a beam path may score above the greedy one. With k >= K^L the beam is exhaustive."""
+        import torch
+
+        greedy = self._encode_features(x)  # (N, L)
+        cents = torch.from_numpy(np.ascontiguousarray(self.centroids_, dtype=np.float32))  # (L, K, D)
+        L, K, _ = cents.shape
+        n = x.shape[0]
+        beam = np.zeros((n, k, L), np.int64)
+        chunk = max(1, EXACT_CHUNK // k)
+        for s in range(0, n, chunk):
+            res = torch.from_numpy(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32))[:, None, :]  # (B, 1, D)
+            codes = torch.zeros((res.shape[0], 1, 0), dtype=torch.int64)
+            for level in range(L):
+                c = cents[level]  # (K, D)
+                d = (res * res).sum(-1, keepdim=True) - 2.0 * res @ c.T + (c * c).sum(1)  # (B, P, K)
+                width = min(k, d.shape[1] * K)
+                best = d.reshape(d.shape[0], -1).topk(width, dim=1, largest=False).indices  # (B, width), sorted
+                prefix, code = best // K, best % K
+                rows = torch.arange(res.shape[0])[:, None]
+                res = res[rows, prefix] - c[code]  # (B, width, D)
+                codes = torch.cat([codes[rows, prefix], code[..., None]], dim=2)  # (B, width, level + 1)
+            got = codes.numpy()
+            beam[s:s + chunk, :got.shape[1]] = got
+            if got.shape[1] < k:  # fewer than k paths exist: repeat the last (dropped below)
+                beam[s:s + chunk, got.shape[1]:] = got[:, -1:]
+        x64 = x.astype(np.float64)
+        energy = np.maximum((x64 * x64).sum(1), 1e-300)
+
+        def score(p):  # (N, L) -> (N,)
+            r = x64 - sum(self.centroids_[lv].astype(np.float64)[p[:, lv]] for lv in range(L))
+            return -(r * r).sum(1) / energy
+
+        cand = np.concatenate([greedy[:, None, :], beam], axis=1)  # (N, k + 1, L)
+        sc = np.stack([score(cand[:, j]) for j in range(k + 1)], axis=1)  # (N, k + 1)
+        dup = np.zeros(sc.shape, bool)  # the greedy path again, or a repeat: not a second candidate
+        for j in range(1, k + 1):
+            dup[:, j] = (cand[:, j:j + 1] == cand[:, :j]).all(-1).any(-1)
+        order = np.argsort(np.where(dup, np.inf, -sc)[:, 1:], axis=1, kind="stable") + 1  # others, best first
+        order = np.concatenate([np.zeros((n, 1), np.int64), order[:, :k - 1]], axis=1)  # (N, k)
+        rows = np.arange(n)[:, None]
+        paths, scores = cand[rows, order], sc[rows, order]
+        scores[dup[rows, order]] = np.nan  # no such path (fewer than k exist)
+        return paths.astype(np.int32), scores
 
     def _tensors(self):
         return {"centroids": self.centroids_}
