@@ -217,6 +217,20 @@ def _adc_config(dims: dict[str, int], behavior_dim: int, b: TokenizerBudget, fam
     return replace(TokenizerConfig(modality_dims=dict(dims), behavior_dim=behavior_dim), **fields).validate()
 
 
+POPULARITY_BUCKETS = (("1", 1, 1), ("2-10", 2, 10), ("11-100", 11, 100), ("100+", 101, np.inf))
+
+
+def weight_by_popularity(values: np.ndarray, popularity: np.ndarray) -> dict[str, float | None]:
+    """(N,) per-item values -> their mean per training-popularity bucket (1 / 2-10 / 11-100 /
+    100+ interactions; None for an empty bucket): issue 47's check that behavioral weights rise
+    with an item's evidence."""
+    out = {}
+    for label, lo, hi in POPULARITY_BUCKETS:
+        sel = (popularity >= lo) & (popularity <= hi)
+        out[label] = float(values[sel].mean()) if sel.any() else None
+    return out
+
+
 def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: int, b: TokenizerBudget,
                   letter_sids: list | None = None) -> Tokenized:
     """items: the numpy item dict (``<modality>_emb`` (N, d), ``behavior_emb`` (N, d_b)): for an
@@ -237,6 +251,11 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         weights[:, beh] = enc.behavior_weights
         q = dict(tok.stats_["fit_metrics"])
         q["behavior_weight_mean_per_position"] = enc.behavior_weights.mean(0).round(6).tolist()
+        # issue 47, item 2: R(e_b) by popularity bucket, mean and share of zeros over the positions
+        pop = np.asarray(items["popularity"], np.float64)
+        q["behavior_weight_by_popularity"] = weight_by_popularity(enc.behavior_weights.mean(1), pop)
+        q["behavior_weight_zero_share_by_popularity"] = weight_by_popularity(
+            (enc.behavior_weights == 0).mean(1), pop)
         if tok.history_:  # the gates at the end of training (issue 17's per-epoch statistics)
             q["last_epoch"] = {k: v for k, v in tok.history_[-1].items()
                                if k.startswith(("gate_", "sparsity_", "align_w"))}
@@ -254,9 +273,7 @@ def fit_tokenizer(name: str, items: dict, dims: dict[str, int], behavior_dim: in
         # issue 47, item 2: the exported weights per popularity bucket (1 / 2-10 / 11-100 / 100+)
         pop = np.asarray(items["popularity"], np.float64)
         w = enc.behavior_weights[:, 0] if enc.behavior_weights.shape[1] else np.zeros(len(pop))
-        q["behavior_weight_by_popularity"] = {
-            label: float(w[(pop >= lo) & (pop <= hi)].mean()) if ((pop >= lo) & (pop <= hi)).any() else None
-            for label, lo, hi in (("1", 1, 1), ("2-10", 2, 10), ("11-100", 11, 100), ("100+", 101, np.inf))}
+        q["behavior_weight_by_popularity"] = weight_by_popularity(w, pop)
         # downstream models read every code at weight 1, as for the other residual baselines
         return Tokenized(enc.sid, np.ones(enc.sid.shape, np.float32), q, b.codebook_size, tok)
     if name not in ("rqvae", "opq", "rqkmeans", "rqkmeans_content"):
