@@ -364,7 +364,7 @@ def test_recall_ndcg_ranks_the_catalog_in_sasrec_order():
 
 
 def test_select_overrides_are_typed_and_unknown_keys_named():
-    from sidserve.eval.selection import parse_overrides
+    from sidserve.eval.tuning import parse_overrides
     assert parse_overrides(["lr=0.002", "tied=false", "max_len=30"], SASRecConfig) == \
         {"lr": 0.002, "tied": False, "max_len": 30}
     with pytest.raises(ValueError, match="unknown SASRecConfig field 'epochs'"):
@@ -376,10 +376,10 @@ def test_select_overrides_are_typed_and_unknown_keys_named():
 
 
 def test_select_logs_validation_results(tmp_path):
-    from sidserve.eval.selection import select
+    from sidserve.eval.tuning import tune
     _successor_data(users=100).save(str(tmp_path / "d"))
     log = tmp_path / "sel.jsonl"
-    r = select(str(tmp_path / "d"), "sasrec", {"max_epochs": 2, "hidden_dim": 16, "ff_dim": 16, "max_len": 10},
+    r = tune(str(tmp_path / "d"), "sasrec", {"max_epochs": 2, "hidden_dim": 16, "ff_dim": 16, "max_len": 10},
                log_path=str(log))
     assert set(r["valid"]) == {"recall@10", "ndcg@10"} and r["early_stopping"]["epochs_run"] == 2
     assert not any(k.startswith("test") for k in r)
@@ -391,7 +391,7 @@ def test_select_breaks_validation_down_by_popularity_group(tmp_path):
     """The per-group figures are the selected model (best epoch restored) on every validation
     target: their 'all' row is the selection's own validation metric, and head / tail are
     subsets of those users."""
-    from sidserve.eval.selection import select
+    from sidserve.eval.tuning import tune
     data = _successor_data(n=150, users=300)
     data.save(str(tmp_path / "d"))
     rng = np.random.default_rng(0)
@@ -400,14 +400,14 @@ def test_select_breaks_validation_down_by_popularity_group(tmp_path):
     small = {"sid_sasrec": {"max_epochs": 2, "hidden_dim": 16, "ff_dim": 16, "max_len": 10},
              "ranking": {"max_epochs": 2, "d_model": 16, "mlp_dim": 16}}
     for model, metric in (("sid_sasrec", "ndcg@10"), ("ranking", "gauc")):
-        r = select(str(tmp_path / "d"), model, small[model], sids=str(sids))
+        r = tune(str(tmp_path / "d"), model, small[model], sids=str(sids))
         g = r["valid_by_group"]
         assert g["all"][metric] == pytest.approx(r["valid"][metric], abs=1e-6)
         assert g["all"]["users"] == 300 and 0 < g["head"]["users"] + g["tail"]["users"] <= 300
         assert all(0 <= g[k][metric] <= 1 for k in ("head", "tail"))
         if model == "sid_sasrec":  # the code weights R(e_b) can be set to 1 (same seed, same init)
             assert r["sid_weights"] == "r"
-            ones = select(str(tmp_path / "d"), model, small[model], sids=str(sids), sid_weights=False)
+            ones = tune(str(tmp_path / "d"), model, small[model], sids=str(sids), sid_weights=False)
             assert ones["sid_weights"] == "one" and ones["valid"] != r["valid"]
 
 

@@ -360,7 +360,7 @@ def test_an_embedding_variant_fits_on_its_own_table(quick_run):
     told to read that table, other SIDs than on the run's e_b; a contradicting table is refused,
     and a run without the tied SASRec cannot plan it."""
     from sidserve.eval.config import EvalConfig
-    from sidserve.eval.selection import fit_candidate
+    from sidserve.eval.tuning import fit_candidate
     small = {"codebook_size": 16, "num_levels": 3}
     variant, _ = fit_candidate(quick_run[0], "rqkmeans_tied", small)
     same, _ = fit_candidate(quick_run[0], "rqkmeans", small, "tied")

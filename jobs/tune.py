@@ -1,10 +1,10 @@
 """Choose a downstream model's settings on the validation split (never test): train it
 with --set overrides, print and log its validation metrics.
 
-    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
-    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
-        --set lr=1e-3 --log docs/evaluation/selection.jsonl
-    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sid_sasrec \
+    python jobs/tune.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
+    python jobs/tune.py --data ../shared/data/amazon-beauty-5core --model retrieval --sids letter \\
+        --set lr=1e-3 --log docs/evaluation/tuning.jsonl
+    python jobs/tune.py --data ../shared/data/amazon-beauty-5core --model sid_sasrec \
         --tokenizer adc_sid --eval-cache eval-out/ --tok-set richness_normalization=minmax
 """
 
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sidserve.eval.selection import MODELS, parse_overrides, select
+    from sidserve.eval.tuning import MODELS, parse_overrides, tune
     from sidserve.runner import run_job
 
     def body():
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             raise ValueError("--tok-set needs --tokenizer")
         if args.sid_weights is not None and args.model != "sid_sasrec":
             raise ValueError(f"--sid-weights is sid_sasrec's (--model {args.model} has use_sid_weights: use --set)")
-        print(json.dumps(select(args.data, args.model, overrides, sids=args.sids, log_path=args.log,
+        print(json.dumps(tune(args.data, args.model, overrides, sids=args.sids, log_path=args.log,
                                 tokenizer=tokenizer,
                                 sid_weights=None if args.sid_weights is None else args.sid_weights == "r")))
 

@@ -1,13 +1,13 @@
 """Choosing the downstream models' settings on the validation split only.
 
-``select`` trains one downstream model with the given overrides on the training part of
+``tune`` trains one downstream model with the given overrides on the training part of
 every sequence and scores it on the validation targets; the test targets are never
 read. Each call appends one JSON line (settings, validation metrics, epochs, seconds) to
-a selection log, so the choices behind the defaults are on record
-(docs/evaluation/selection.jsonl) and can be re-run on another catalog.
+a tuning log, so the choices behind the defaults are on record
+(docs/evaluation/tuning.jsonl) and can be re-run on another catalog.
 
-    python jobs/selection.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
-    python jobs/selection.py --data ... --model retrieval --sids letter --set lr=1e-3
+    python jobs/tune.py --data ../shared/data/amazon-beauty-5core --model sasrec --set dropout=0.5
+    python jobs/tune.py --data ... --model retrieval --sids letter --set lr=1e-3
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sidserve.eval.sasrec import SASRecConfig, SIDItems, train_sasrec
 from sidserve.eval.sid_table import SIDTable
 from sidserve.eval.tokenizers import parse_letter_sids
 
-VALID_NEGATIVES_DRAW = 54321  # the validation negatives of every ranking selection (one fixed draw)
+VALID_NEGATIVES_DRAW = 54321  # the validation negatives of every ranking trial (one fixed draw)
 MODELS = {"sasrec": SASRecConfig, "sid_sasrec": SASRecConfig, "retrieval": RetrievalConfig,
           "ranking": RankingConfig}
 
@@ -112,7 +112,7 @@ def fit_candidate(eval_cache: str, name: str, overrides: dict, behavior_embeddin
 
 
 def valid_negatives(data) -> np.ndarray:
-    """(U, 99) validation negatives of every ranking selection: one fixed draw of items outside
+    """(U, 99) validation negatives of every ranking trial: one fixed draw of items outside
     each user's training + validation items."""
     return sample_negatives(np.random.default_rng(VALID_NEGATIVES_DRAW), [s[:-1] for s in data.sequences],
                             data.num_items, 99)
@@ -123,7 +123,7 @@ def valid_by_group(model: str, m, data, table: SIDTable, c) -> dict:
     the users whose validation item is a head / tail item by training popularity (the
     evaluation's groups): where a tokenizer wins or loses, on validation. SID-SASRec: Recall /
     NDCG@10 over the catalog; retrieval: the same from a beam search over all validation users;
-    ranking: AUC / GAUC against the selection's 99 validation negatives."""
+    ranking: AUC / GAUC against the trial's 99 validation negatives."""
     from sidserve.eval.metrics import grouped_means, recall_ndcg
     from sidserve.eval.ranking import evaluate_ranking, score
     from sidserve.eval.retrieval import rank_items
@@ -141,7 +141,7 @@ def valid_by_group(model: str, m, data, table: SIDTable, c) -> dict:
     return evaluate_ranking(score(m, hist, np.concatenate([targets[:, None], neg], axis=1)), targets, groups)
 
 
-def select(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
+def tune(data_dir: str, model: str, overrides: dict, sids: str = "letter", log_path: str | None = None,
            tokenizer: dict | None = None, sid_weights: bool | None = None) -> dict:
     """Train ``model`` with ``overrides`` and return its validation result (no test).
 
