@@ -5,6 +5,7 @@
     sidserve refresh  --items catalog/ --model model/ --output snapshots/ [--refit]
     sidserve serve    --model model/ --snapshot snapshots/ [--local]
     sidserve evaluate --data ../shared/data/amazon-beauty-5core --output eval/
+    sidserve select   --items catalog/ --interactions log.parquet --output select/
     sidserve demo     [--in-process]
 
 ``jobs/*.py`` are the same commands as ``ray job submit`` entry points (``python
@@ -210,6 +211,41 @@ def evaluate(args: argparse.Namespace) -> int:
     return run_cli(args, command=f"{args.prog} " + shlex.join(args.argv))
 
 
+# ---- select ----------------------------------------------------------------------------
+
+def add_select_args(p: argparse.ArgumentParser) -> None:
+    from sidserve.select import DEFAULT_CANDIDATES, SAMPLE_USERS
+
+    p.add_argument("--items", required=True, help="the catalog (Parquet file/dir or URI) sidserve train reads")
+    p.add_argument("--interactions", required=True,
+                   help="the interaction log (Parquet): user_id, item_id and an order column")
+    p.add_argument("--output", required=True, help="cache + report dir (report.md, tokenizer.yaml)")
+    p.add_argument("--tokenizers", help=f"comma-separated candidates (default: {','.join(DEFAULT_CANDIDATES)}; the "
+                                        "first is the library default, always compared against)")
+    p.add_argument("--seeds", help="comma-separated seeds, each a fit and its downstream models (default: 0,1,2)")
+    p.add_argument("--split", choices=["loo", "time"], default="loo",
+                   help="loo: per user, last = test, second to last = validation; time: two global cuts of the "
+                        "order column (its 90%% and 95%% quantiles)")
+    p.add_argument("--order-column", default="timestamp", help="the log column that orders interactions")
+    p.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
+                   help="read modality MODALITY from COLUMN, as in sidserve train; repeatable")
+    p.add_argument("--sample-users", type=int, default=SAMPLE_USERS,
+                   help="users kept (0: all): bounds the cost, about an hour on 2 CPUs at the default")
+    p.add_argument("--max-unknown-share", type=float, default=0.05,
+                   help="share of log rows naming items the catalog lacks above which the ids are taken to disagree")
+    p.add_argument("--behavior", choices=["auto", "sasrec", "catalog"], default="auto",
+                   help="e_b: the catalog's behavior_emb (catalog), a SASRec trained here on the log's training "
+                        "part (sasrec), auto: the catalog's when it has one")
+    p.add_argument("--quick", action="store_true", help="small downstream models: a smoke run, not a measurement")
+
+
+def select(args: argparse.Namespace) -> int:
+    from sidserve.select import run_cli
+
+    args.command_line = f"{args.prog} " + shlex.join(args.argv)
+    return run_cli(args)
+
+
 # ---- stability -------------------------------------------------------------------------
 
 def add_stability_args(p: argparse.ArgumentParser) -> None:
@@ -298,6 +334,8 @@ COMMANDS = {
     "refresh": (add_refresh_args, refresh, "nightly: optional re-fit, assignment, churn report, publish"),
     "serve": (add_serve_args, serve, "run POST /tokenize (Ray Serve, or --local under uvicorn)"),
     "evaluate": (add_evaluate_args, evaluate, "compare tokenizers on real interactions (docs/evaluation.md)"),
+    "select": (add_select_args, select, "choose the tokenizer for your catalog from your interaction log "
+                                        "(the evaluation's pipeline on your Parquet inputs)"),
     "stability": (add_stability_args, stability, "two nights on real interactions: SID churn after a re-fit "
                                                  "and what warm re-fits and sticky assignment buy"),
     "demo": (add_demo_args, demo, "the whole pipeline on the synthetic catalog on a local Ray"),

@@ -1,6 +1,7 @@
 """The rule that names the default tokenizer (sidserve/eval/default_rule.py), on figures
 whose shortfalls are computed by hand."""
 
+import numpy as np
 import pytest
 
 from sidserve.eval.default_rule import CELLS, choose_default, figures_from_results
@@ -79,3 +80,38 @@ def test_figures_are_read_from_a_results_file():
     del results["tokenizers"]["x"]["ranking"]["valid_groups"]
     with pytest.raises(ValueError, match="predate per-group validation"):
         figures_from_results(results)
+
+
+# ---- sidserve select's rule (issue 48): keep the default unless clearly beaten everywhere ----
+
+def _per_seed(*values):
+    """The same per-seed values in every cell."""
+    return {cell: list(values) for cell in CELLS}
+
+
+def test_select_keeps_the_default_unless_a_candidate_beats_it_everywhere_by_two_se():
+    from sidserve.eval.default_rule import choose_for_catalog
+
+    default = _per_seed(0.100, 0.110, 0.105)
+    clear = _per_seed(0.111, 0.122, 0.116)  # + 0.011, 0.012, 0.011: mean 0.01133, sd 0.000577
+    figs = {"d": default, "clear": clear, "partial": {**clear, CELLS[3]: default[CELLS[3]]}}
+    r = choose_for_catalog(figs, default="d")
+    assert (r.chosen, r.runner_up) == ("clear", "d")
+    cell = r.cells["clear"][CELLS[0]]
+    d = np.array([0.011, 0.012, 0.011])
+    assert cell["diff"] == pytest.approx(d.mean()) and cell["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert cell["beats"] and cell["in_se"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+    # ahead on three cells, level on the fourth: not enough
+    assert not r.cells["partial"][CELLS[3]]["beats"] and r.cells["partial"][CELLS[3]]["diff"] == 0
+    assert choose_for_catalog({"d": default, "partial": figs["partial"]}, default="d").chosen == "d"
+    # a lead of under 2 se on one cell keeps the default: noisy = + 0.011, 0.001, 0.021 (mean 0.011, se 0.0058)
+    noisy = {**clear, CELLS[2]: [0.111, 0.111, 0.126]}
+    r = choose_for_catalog({"d": default, "noisy": noisy}, default="d")
+    assert r.chosen == "d" and r.runner_up == "noisy" and "kept" in r.reason
+    # one seed has no error estimate: nothing beats the default
+    r = choose_for_catalog({"d": _per_seed(0.1), "x": _per_seed(0.2)}, default="d")
+    assert r.chosen == "d" and "one seed" in r.reason and r.cells["x"][CELLS[0]]["se"] is None
+    with pytest.raises(ValueError, match="must be among the candidates"):
+        choose_for_catalog({"x": clear}, default="d")
+    with pytest.raises(ValueError, match="same number of seeds"):
+        choose_for_catalog({"d": default, "x": _per_seed(0.1, 0.2)}, default="d")

@@ -56,6 +56,9 @@ class EvalConfig:
     # downstream tasks trained per tokenizer and seed (TASKS): the default tokenizer's rule reads
     # SID-SASRec and ranking only, so its study skips retrieval, a third of the compute (issue 47)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    # where e_b comes from: "sasrec" (the run's SASRec tables, trained on the training split) or
+    # "catalog" (the dataset's behavior.npy, a user's own behavior_emb: sidserve select)
+    behavior_source: str = "sasrec"
     head_tail_share: float = 0.25  # head = top 25% items by training popularity, tail = bottom 25%
     ranking_negatives: int = 99  # sampled negatives per test user for AUC/GAUC
     sasrec_variants: list[str] = field(default_factory=lambda: ["tied", "untied"])  # ID SASRec models trained
@@ -76,6 +79,8 @@ class EvalConfig:
             raise ValueError(f"unknown tokenizers {unknown}; choose from {ALL_TOKENIZERS}")
         if self.content not in CONTENT:
             raise ValueError(f"content must be one of {CONTENT}, got {self.content!r}")
+        if self.behavior_source not in ("sasrec", "catalog"):
+            raise ValueError(f"behavior_source must be 'sasrec' or 'catalog', got {self.behavior_source!r}")
         bad_tasks = [t for t in self.tasks if t not in TASKS]
         if bad_tasks or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must name distinct ones of {list(TASKS)}, got {self.tasks}")

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# the library's default tokenizer (what ``sidserve train`` fits with no --tokenizer), as the
+# evaluation names it; ``sidserve select`` keeps it unless a candidate clearly beats it
+LIBRARY_DEFAULT = "adc_sid_cold_consistency"
 # (stage task, metric, group) of every cell the rule reads
 CELLS = (("sid_sasrec", "ndcg@10", "all"), ("sid_sasrec", "ndcg@10", "tail"),
          ("ranking", "gauc", "all"), ("ranking", "gauc", "tail"))
@@ -106,3 +109,57 @@ def figures_from_results(results: dict, candidates: list[str] | None = None) -> 
             cells[(task, metric, group)] = list(vg[group][metric]["values"])
         out[name] = cells
     return out
+
+
+@dataclass
+class SelectResult:
+    chosen: str  # the tokenizer to use on this catalog
+    runner_up: str | None  # the next one (the default when another was chosen)
+    default: str  # the library default it was compared against
+    # candidate -> (task, metric, group) -> {"diff": mean paired difference, "se": its standard
+    # error over seeds (None with one seed), "beats": diff > 2 se}
+    cells: dict[str, dict[tuple, dict]] = field(default_factory=dict)
+    reason: str = ""
+
+
+def choose_for_catalog(figures: dict[str, dict[tuple, list[float]]], default: str = LIBRARY_DEFAULT,
+                       margin_se: float = 2.0) -> SelectResult:
+    """``sidserve select``'s rule (issue 48): keep ``default`` unless another candidate beats it
+    on **every** cell of the default's rule (CELLS, validation) by more than ``margin_se``
+    standard errors of the paired difference (per seed: candidate - default; se =
+    std(ddof=1) / sqrt(seeds)). Among several that do, the one whose smallest margin (in
+    standard errors) is largest. With one seed there is no error estimate: nothing can beat
+    the default. figures: candidate -> {(task, metric, group): [value per seed]}, seeds in the
+    same order for every candidate."""
+    if default not in figures:
+        raise ValueError(f"the default {default!r} must be among the candidates, got {sorted(figures)}")
+    seeds = {len(v) for cells in figures.values() for v in cells.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"every candidate and cell needs the same number of seeds, got {sorted(seeds)}")
+    out, margins = {}, {}
+    for name, cells in figures.items():
+        if name == default:
+            continue
+        per = {}
+        for cell in CELLS:
+            d = np.asarray(cells[cell], np.float64) - np.asarray(figures[default][cell], np.float64)
+            se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else None
+            diff = float(d.mean())
+            if se:
+                in_se = diff / se
+            else:  # no spread (or one seed): only the sign is known
+                in_se = math.copysign(math.inf, diff) if diff else 0.0
+            per[cell] = {"diff": diff, "se": se, "in_se": in_se, "beats": se is not None and diff > margin_se * se}
+        out[name] = per
+        margins[name] = min(c["in_se"] for c in per.values())
+    winners = [n for n, per in out.items() if all(c["beats"] for c in per.values())]
+    ranked = sorted(out, key=lambda n: (-margins[n], n))
+    if winners:
+        chosen = max(sorted(winners), key=lambda n: margins[n])
+        reason = (f"{chosen} beats the default {default} on every cell by more than {margin_se:g} standard errors "
+                  f"of the paired difference (smallest margin {margins[chosen]:.1f} se)")
+        return SelectResult(chosen, default, default, out, reason)
+    n_seeds = seeds.pop()
+    why = ("one seed gives no error estimate, so nothing can beat it" if n_seeds < 2 else
+           f"no candidate beats it on every cell by more than {margin_se:g} standard errors")
+    return SelectResult(default, ranked[0] if ranked else None, default, out, f"the default {default} is kept: {why}")

@@ -135,8 +135,10 @@ class Evaluation:
                "retrieval": dataclasses.asdict(self.c.retrieval), "ranking": dataclasses.asdict(self.c.ranking),
                "head_tail_share": self.c.head_tail_share, "ranking_negatives": self.c.ranking_negatives,
                "behavior_embedding": self.c.behavior_embedding, "sid_sasrec_dedup": self.c.sid_sasrec_dedup,
-               "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION, "content": self.c.content}
-        pin_run_config(self.path("run_config.json"), key, "a run", defaults={"content": "full"})
+               "tokenizer_fits": "one per seed", "harness": HARNESS_VERSION, "content": self.c.content,
+               "behavior_source": self.c.behavior_source}
+        pin_run_config(self.path("run_config.json"), key, "a run", defaults={"content": "full",
+                                                                             "behavior_source": "sasrec"})
         self._write_gitignore()
 
     def _write_gitignore(self) -> None:
@@ -214,7 +216,26 @@ class Evaluation:
             lock.release()
 
     # 1 ---------------------------------------------------------------------------------
+    def content_modalities(self) -> list[str] | None:
+        """The modalities a dataset carries as embeddings (``sidserve select``'s layout,
+        sidserve.eval.parquet_input), in catalog order; None: embed the item text."""
+        d = os.path.join(self.c.data, "embeddings")
+        if not os.path.isdir(d):
+            return None
+        prep = os.path.join(self.c.data, "prepare.json")
+        if os.path.exists(prep):
+            return list(read_json(prep)["modalities"])
+        return sorted(f[:-4] for f in os.listdir(d) if f.endswith(".npy"))
+
     def embeddings(self) -> dict[str, np.ndarray]:
+        own = self.content_modalities()
+        if own is not None:  # the catalog's own embeddings: nothing to compute
+            out = {m: np.load(os.path.join(self.c.data, "embeddings", f"{m}.npy")) for m in own}
+            if self.c.quick and self.data.num_items != len(next(iter(out.values()))):
+                raise ValueError("--quick subsamples the items of a dataset with its own embeddings: "
+                                 "use sidserve select --sample-users instead")
+            return out
+
         def run():
             from sidserve.eval.text import embed_texts, load_text_model
             model = load_text_model()
@@ -257,7 +278,14 @@ class Evaluation:
         return self._stage(f"sasrec:{variant}", os.path.join(d, "report.json"), run, wait=wait)
 
     def behavior(self, embedding: str | None = None) -> np.ndarray:
-        """e_b: the ``embedding`` table (default: the run's ``behavior_embedding``)."""
+        """e_b: the ``embedding`` table (default: the run's ``behavior_embedding``); with
+        ``behavior_source`` "catalog", the dataset's own table (NaN rows: no behavior) for
+        every tokenizer."""
+        if self.c.behavior_source == "catalog":
+            p = os.path.join(self.c.data, "behavior.npy")
+            if not os.path.exists(p):
+                raise ValueError(f"behavior_source 'catalog' needs {p} (a catalog with behavior_emb)")
+            return np.load(p)
         for v in self.c.sasrec_variants:
             self.sasrec_variant(v)
         variant, which = EMBEDDING_SOURCE[embedding or self.c.behavior_embedding]
@@ -275,11 +303,14 @@ class Evaluation:
         embedding = embedding or self.c.behavior_embedding
         if embedding not in self._fit_inputs:
             content = self.embeddings()
-            items = {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                     "meta_emb": content["meta"], "behavior_emb": self.behavior(embedding),
+            behavior = self.behavior(embedding)
+            if np.isnan(behavior).any():  # the catalog's table: rows without behavior are cold items
+                behavior = [None if np.isnan(row).any() else row for row in behavior]
+            items = {"item_id": np.arange(1, self.data.num_items + 1),
+                     **{f"{m}_emb": v for m, v in content.items()}, "behavior_emb": behavior,
                      # interactions per item in the training split (richness_signal="popularity")
                      "popularity": self.data.popularity()[1:].astype(np.float64)}
-            self._fit_inputs[embedding] = items, {"text": content["text"].shape[1], "meta": content["meta"].shape[1]}
+            self._fit_inputs[embedding] = items, {m: v.shape[1] for m, v in content.items()}
         return self._fit_inputs[embedding]
 
     def fit_seed(self, name: str, seed: int) -> int | None:

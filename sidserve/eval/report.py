@@ -185,7 +185,8 @@ def write_report(ev, wall_seconds: float) -> dict:
                    "retrieval": dataclasses.asdict(ev.c.retrieval), "ranking": dataclasses.asdict(ev.c.ranking),
                    "head_tail_share": ev.c.head_tail_share, "ranking_negatives": ev.c.ranking_negatives,
                    "sasrec_variants": ev.c.sasrec_variants, "behavior_embedding": ev.c.behavior_embedding,
-                   "sid_sasrec_dedup": ev.c.sid_sasrec_dedup, "bootstrap_samples": ev.c.bootstrap_samples},
+                   "sid_sasrec_dedup": ev.c.sid_sasrec_dedup, "bootstrap_samples": ev.c.bootstrap_samples,
+                   "behavior_source": ev.c.behavior_source},
         "environment": ev.environment(),
         "anchors": ANCHORS,
         "sasrec": {v: {k: r[k] for k in ("test", "valid", "early_stopping", "tables", "tied", "stage_seconds")}
@@ -252,6 +253,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
            + (", its codes read at weight 1 downstream" if not e["spec"]["sid_weights"] else "") + ")"
            for e in r["tokenizers"].values()
            if e["spec"]["embedding"] not in (None, default) or not e["spec"]["sid_weights"]]
+    if r["config"].get("behavior_source") == "catalog":
+        L.append("**e_b is the catalog's own behavior_emb** (`sidserve select`), for every tokenizer; the SASRec "
+                 "tables below are the ceiling reference only.\n")
     L.append(f"The tokenizers receive `{default}` as e_b"
              + (f", except {'; '.join(own)}" if own else "") + ". Full-catalog ranking, "
              f"history items excluded. Anchors: {ANCHORS['sasrec_ce']['source']}: R@10 "
