@@ -163,3 +163,41 @@ def test_bad_inputs_are_refused_with_a_message_and_nothing_written(quick_run, tm
     # the command: exit 2 and the message, no traceback
     p = select("--items", catalog, "--interactions", other, "--output", out)
     assert p.returncode == 2 and "same id space" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prepare_splits_by_time_and_by_user_as_documented(tmp_path):
+    """The two splits on a hand-made log, checked line by line."""
+    from sidserve.eval.data import load_dataset
+    from sidserve.eval.parquet_input import prepare
+
+    ids = ["a", "b", "c", "d", "e"]
+    emb = np.arange(10, dtype=np.float32).reshape(5, 2)
+    os.makedirs(tmp_path / "cat")
+    pq.write_table(pa.table({"item_id": ids, "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 2),
+                             "behavior_emb": [[1.0, 2.0], None, [3.0, 4.0], None, [5.0, 6.0]]}),
+                   tmp_path / "cat" / "p.parquet")
+    # u1: a b c d e at t = 1..5; u2: e d at t = 2, 9 (then c at 10, then b at 20); u3: one item
+    log = pa.table({"user_id": ["u1"] * 5 + ["u2"] * 4 + ["u3"],
+                    "item_id": ["a", "b", "c", "d", "e", "e", "d", "c", "b", "a"],
+                    "timestamp": [1, 2, 3, 4, 5, 2, 9, 10, 20, 3]})
+    pq.write_table(log, tmp_path / "log.parquet")
+    cat, lg = str(tmp_path / "cat"), str(tmp_path / "log.parquet")
+    s = prepare(cat, lg, str(tmp_path / "loo"), split="loo")
+    d = load_dataset(str(tmp_path / "loo"))
+    names = [json.loads(line)["id"] for line in open(tmp_path / "loo" / "items.jsonl")]
+    seqs = [[names[i - 1] for i in q] for q in d.sequences]
+    assert seqs == [list("abcde"), list("edcb")] and s["users_dropped_too_short"] == 1
+    assert s["behavior_dim"] == 2 and np.isnan(np.load(tmp_path / "loo" / "behavior.npy")[names.index("b")]).all()
+    np.testing.assert_array_equal(np.load(tmp_path / "loo" / "embeddings" / "text.npy")[names.index("c")], emb[2])
+    # time: cuts at the 0.5 / 0.8 quantiles of the log's order ranks (1..10, ties in file order:
+    # u1 a1 b2 c4 d6 e7, u2 e3 d8 c9 b10, u3 a5 -> cuts 5.5 and 8.2). u1: train a b c, validation
+    # d (then e, dropped), no test -> dropped; u2: train e, validation d, test c (then b, dropped)
+    s = prepare(cat, lg, str(tmp_path / "time"), split="time", valid_quantile=0.5, test_quantile=0.8)
+    d = load_dataset(str(tmp_path / "time"))
+    names = [json.loads(line)["id"] for line in open(tmp_path / "time" / "items.jsonl")]
+    seqs = [[names[i - 1] for i in q] for q in d.sequences]
+    assert seqs == [list("edc")] and s["users_dropped_too_short"] == 2
+    # the same output again is reused; other inputs on it are refused
+    assert prepare(cat, lg, str(tmp_path / "time"), split="time", valid_quantile=0.5, test_quantile=0.8) == s
+    with pytest.raises(ValueError, match="was prepared from"):
+        prepare(cat, lg, str(tmp_path / "time"), split="loo")
