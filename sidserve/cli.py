@@ -269,10 +269,14 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
                    help="seeds, comma-separated (default: 0): each fits every tokenizer and trains night 2's "
                         "downstream models; the report gives mean +- std over them")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
-    p.add_argument("--tokenizer", default="adc_sid", choices=["adc_sid", "adc_sid_cold_consistency", "adc_sid_untied"],
+    p.add_argument("--tokenizer", default="adc_sid",
+                   choices=["adc_sid", "adc_sid_cold_consistency", "adc_sid_untied", "rqkmeans_tied",
+                            "rqevidence_tied"],
                    help="ADC-SID as the evaluation runs it (tied SASRec table, richness from popularity, codes at "
                         "weight 1), the library's default (the same plus cold-path consistency 0.3) or the paper's "
-                        "configuration (untied input table, norm, R(e_b) weights)")
+                        "configuration (untied input table, norm, R(e_b) weights); or residual k-means over the "
+                        "tied table, plain or evidence-weighted (night 2: cold re-fit, or night 1's model with "
+                        "sticky assignment of whole SIDs; --deltas in relative distortion)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run")
 
 

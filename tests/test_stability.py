@@ -263,3 +263,34 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
     gap = np.linalg.norm(rebuilt - before)
     for other in ("night1", "scratch"):
         assert gap < 1e-3 * np.linalg.norm(before - np.load(os.path.join(out, "behavior", f"{other}.npz"))["emb"])
+
+
+@pytest.mark.parametrize("tokenizer", ["rqevidence_tied"])
+def test_residual_kmeans_two_nights_with_sticky_whole_sids(quick_run, tmp_path, tokenizer):
+    """Issue 47, item 3's measurement for residual k-means: night 2 is a cold re-fit or night 1's
+    model as it is, the latter with sticky assignment of whole SIDs at each margin; churn never
+    rises with the margin, every sticky SID is tonight's or last night's, and the content prefix
+    of rq-evidence is the cold path's for every item (it is coded from content alone)."""
+    out = str(tmp_path / "stability")
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
+           "--quick", "--modes", "warm", "--deltas", "0,0.02,0.1", "--downstream-modes", "",
+           "--tokenizer", tokenizer, "--content-from", quick_run[0]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(os.path.join(out, "stability.json")))
+    s = r["settings"]
+    assert set(s) == {"warm/cold", "warm/none", "warm/none+sticky 0", "warm/none+sticky 0.02",
+                      "warm/none+sticky 0.1"}
+    churns = [s[f"warm/none+sticky {d}"]["churn"] for d in ("0", "0.02", "0.1")]
+    # delta 0 keeps a previous SID only where it reconstructs the item at least as well as
+    # tonight's greedy SID (the beam finds such paths): never more churn than the plain assignment
+    assert churns[0] <= s["warm/none"]["churn"] and churns[0] >= churns[1] >= churns[2]
+    kept = [s[f"warm/none+sticky {d}"]["codes_kept"] for d in ("0", "0.02", "0.1")]
+    assert kept[0] <= kept[1] <= kept[2]
+    assert s["warm/none"]["churn"] > 0  # night 2's e_b and counts moved the residual codes
+    tok = load_tokenizer(os.path.join(out, "tokenizers", "night1"))
+    assert tok.tokenizer_type == "rq-evidence"
+    prefix = [q["position"] for q in tok.sid_layout if q["group"] == "content"]
+    assert prefix and all(s["warm/none"]["per_position"][q] == 0 for q in prefix)  # content unchanged
+    t = r["cold_to_warm"]
+    assert t["plain"]["all"] == 1.0 and t["sticky 0.1"]["all"] == 1.0  # the prefix is the cold path's

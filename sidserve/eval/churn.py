@@ -85,22 +85,31 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
     SID; the behavioral positions had no code then, so only the shared ones can be kept)."""
     from sidserve.items import ItemArrays
     from sidserve.jobs.assign.stats import share_per_bucket
-    from sidserve.jobs.assign.sticky import sticky_codes
+    from sidserve.jobs.assign.sticky import sticky_codes, sticky_from_paths, trim_paths
     from sidserve.tokenizers.config import BEHAVIOR
 
     warm_items = items.take(np.flatnonzero(items.has_behavior))
     cold_items = ItemArrays(warm_items.content, warm_items.behavior, np.zeros(len(warm_items), bool),
                             warm_items.item_ids, warm_items.popularity)
-    shared = [q["position"] for q in tok.sid_layout if q["group"] == "shared"]
+    # the positions the cold path codes from content: ADC-SID's shared ones, rq-evidence's content prefix
+    shared = [q["position"] for q in tok.sid_layout if q["group"] in ("shared", "content")]
     behavior = [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]
     cold = tok.encode(cold_items).sid
     warm = tok.encode(warm_items, candidates=candidates)
     previous = cold.astype(np.int64)
-    previous[:, behavior] = tok.config.codebook_size  # no behavioral code on the cold path
+    by_path = tok.sticky_unit == "path"
+    if not by_path:
+        previous[:, behavior] = tok.codebook_size  # no behavioral code on the cold path
     out = {}
     for delta in [None, *deltas]:
-        codes = warm.sid if delta is None else sticky_codes(warm.sid, warm.candidates, warm.candidate_scores,
-                                                           previous, delta, tok.config.codebook_size)[0]
+        if delta is None:
+            codes = warm.sid
+        elif by_path:  # the whole cold SID is kept or not (residual codes)
+            codes = sticky_from_paths(warm.sid, *trim_paths(warm.paths, warm.path_scores, delta), candidates,
+                                      previous)[0]
+        else:
+            codes = sticky_codes(warm.sid, warm.candidates, warm.candidate_scores, previous, delta,
+                                 tok.codebook_size)[0]
         agree = (codes[:, shared] == cold[:, shared]).all(1)
         row = {"all": float(agree.mean())}
         row.update({name: share for name, (_, share) in share_per_bucket(agree, warm_items.popularity).items()})

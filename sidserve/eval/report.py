@@ -386,7 +386,7 @@ _TASK_NAMES = {"sid_sasrec": "SID-SASRec", "retrieval": "retrieval", "ranking": 
 _METRIC_NAMES = {"ndcg@10": "N@10", "recall@10": "R@10", "gauc": "GAUC"}
 
 
-def _ablation_markdown(rows: list[dict], tok: dict, tasks) -> list[str]:
+def _ablation_markdown(rows: list[dict], tok: dict, tasks=TASKS) -> list[str]:
     full = tok["adc_sid"]
     head = headline(tasks)
     L = ["## Ablations (the paper's Table 3), on the validation split\n",

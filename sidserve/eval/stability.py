@@ -66,6 +66,7 @@ from sidserve.eval.churn import (
 from sidserve.eval.data import Dataset, load_dataset
 from sidserve.eval.stability_config import (
     GITIGNORE,
+    RESIDUAL,
     STABILITY_VERSION,
     STICKY_KINDS,
     StabilityConfig,
@@ -232,6 +233,8 @@ class TwoNights:
         from sidserve.jobs.assign.sticky import sticky_codes
         from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 
+        if self.c.tokenizer in RESIDUAL:
+            return self._residual_fits(content, beh, seed)
         dims = {m: content[m].shape[1] for m in ("text", "meta")}
         config = _adc_config(dims, beh["night1"].shape[1], dataclasses.replace(self.c.budget, seed=seed),
                              family_overrides(self.c.tokenizer))
@@ -269,6 +272,53 @@ class TwoNights:
         assert list(settings) == self.c.setting_names()
         return tok1, sid1, settings
 
+    def _residual_fits(self, content: dict, beh: dict, seed: int) -> tuple[object, np.ndarray, dict[str, dict]]:
+        """``fits`` for residual k-means: night 1's fit, night 2's cold re-fit, and night 1's
+        model on night 2's inputs ("none", a refresh without --refit), plain and with sticky
+        assignment of whole SIDs at each delta (the assignment job's path rule)."""
+        from sidserve.eval.tokenizers import fit_tokenizer
+        from sidserve.jobs.assign.sticky import sticky_from_paths, trim_paths
+        from sidserve.tokenizers.base import BaseTokenizer
+
+        tag = "" if seed == self.c.seed else f"-seed{seed}"
+        budget = dataclasses.replace(self.c.budget, seed=seed)
+
+        def fitted(name, night_items):
+            d = self.path("tokenizers", name + tag)
+            if not os.path.exists(os.path.join(d, "manifest.json")):
+                t0 = time.perf_counter()
+                dims = {m: content[m].shape[1] for m in ("text", "meta")}
+                tk = fit_tokenizer(self.c.tokenizer, night_items, dims, beh["night1"].shape[1], budget)
+                tk.tokenizer.save_pretrained(d, overwrite=True)
+                self.timings[f"fit {name}{tag}"] = round(time.perf_counter() - t0, 1)
+            return BaseTokenizer.from_pretrained(d)
+
+        def as_dict(emb, popularity):  # what fit_tokenizer reads: cold items (no interaction) without e_b
+            seen = popularity > 0
+            return {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
+                    "meta_emb": content["meta"], "popularity": popularity.astype(np.float64),
+                    "behavior_emb": [row if s else None for row, s in zip(emb.astype(np.float32), seen)]}
+
+        items1 = as_dict(beh["night1"], self.pop1)
+        tok1 = fitted("night1", items1)
+        sid1 = tok1.encode(items1).sid
+        k = min(self.c.candidates, tok1.codebook_size)
+        settings: dict[str, dict] = {}
+        for mode in self.c.modes:
+            items2 = as_dict(beh[mode], self.pop2)
+            cold = fitted(f"{mode}-cold", items2).encode(items2)
+            settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
+            enc = tok1.encode(items2, candidates=k)
+            settings[f"{mode}/none"] = {"sid": enc.sid, "weights": enc.behavior_weights}
+            for delta in self.c.deltas:
+                codes, counts = trim_paths(enc.paths, enc.path_scores, delta)
+                sid, kept, unscored = sticky_from_paths(enc.sid, codes, counts, k, sid1.astype(np.int64))
+                settings[f"{mode}/none+sticky {delta:g}"] = {
+                    "sid": sid, "weights": enc.behavior_weights, "codes_kept": int(kept.sum()),
+                    "codes_unscored": int(unscored.sum())}
+        assert list(settings) == self.c.setting_names()
+        return tok1, sid1, settings
+
     def run(self) -> dict:
         t_start = time.perf_counter()
         os.makedirs(self.c.output, exist_ok=True)
@@ -292,7 +342,7 @@ class TwoNights:
                     row["downstream"]["ranking_early_stopping"] = rk.get("early_stopping")
                 per_seed_rows[name][seed] = row
             transitions[seed] = cold_to_warm(tok1, self.items(content, beh["night1"], self.pop1), self.c.deltas,
-                                             min(self.c.candidates, tok1.config.codebook_size))
+                                             min(self.c.candidates, tok1.codebook_size))
         rows = {}
         for name, runs in per_seed_rows.items():
             churn_only = [{k: v for k, v in r.items() if k != "downstream"} for r in runs.values()]
@@ -368,7 +418,9 @@ class TwoNights:
         from sidserve.tokenizers.config import BEHAVIOR
 
         w = np.ones(sid.shape, np.float32)
-        if uses_sid_weights(self.c.tokenizer):  # else every code at weight 1, as the evaluation reads it
+        # ADC-SID's R(e_b) where the evaluation reads it; every code at weight 1 otherwise (as the
+        # evaluation reads ADC_EVAL and the residual baselines)
+        if uses_sid_weights(self.c.tokenizer) and self.c.tokenizer not in RESIDUAL:
             w[:, [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]] = weights
         return SIDTable.build(sid, w)
 

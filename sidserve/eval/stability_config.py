@@ -15,7 +15,11 @@ MODES = ("scratch", "warm", "procrustes")
 STABILITY_VERSION = 2
 # ADC-SID configurations the simulation fits (sidserve.eval.tokenizers): the evaluation's
 # (ADC_EVAL), the library's default (the same plus cold-path consistency 0.3) and the paper's
-TOKENIZERS = ("adc_sid", "adc_sid_cold_consistency", "adc_sid_untied")
+TOKENIZERS = ("adc_sid", "adc_sid_cold_consistency", "adc_sid_untied", "rqkmeans_tied", "rqevidence_tied")
+# residual k-means (issue 47, item 3): no warm re-fit exists, so night 2 is either a cold re-fit or
+# night 1's model as it is (a refresh without --refit), the latter also with sticky assignment of
+# whole SIDs (sidserve.jobs.assign.sticky.sticky_from_paths; the margin is in relative distortion)
+RESIDUAL = ("rqkmeans_tied", "rqevidence_tied")
 TOKENIZER_TEXT = {
     "adc_sid": "the evaluation's configuration (e_b the tied CE SASRec's table, richness from popularity, "
                "codes at weight 1 downstream)",
@@ -23,6 +27,9 @@ TOKENIZER_TEXT = {
                                 "0.3: `cold_consistency_weight`)",
     "adc_sid_untied": "the paper's configuration (e_b the untied CE SASRec's input table, richness from its norm, "
                       "behavioral codes scaled by R(e_b) downstream)",
+    "rqkmeans_tied": "RQ-Kmeans over [text, meta, the tied CE SASRec's table] (the evaluation's `rqkmeans_tied`)",
+    "rqevidence_tied": "evidence-weighted RQ-Kmeans (`rq-evidence`: content prefix, then residual levels over "
+                       "[content; r b + (1 - r) W c], r = n / (n + kappa)) over the tied CE SASRec's table",
 }
 # night 2's tokenizers that sticky assignment is applied to: night 1's model as it is (a refresh
 # without --refit), the warm re-fit, and the warm re-fit with frozen codebooks (anchored)
@@ -85,7 +92,7 @@ class StabilityConfig:
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and x >= 0 for x in seeds):
             raise ValueError(f"downstream_seeds must be distinct ints >= 0, got {self.downstream_seeds!r}")
         if self.downstream_settings is None:
-            if [d for d in self.downstream_deltas if d not in self.deltas]:
+            if self.downstream_modes and [d for d in self.downstream_deltas if d not in self.deltas]:
                 raise ValueError(f"downstream_deltas {self.downstream_deltas} must be among deltas {self.deltas}")
         else:  # named now, not after an hour of fits
             unknown = sorted(set(self.downstream_settings) - set(self.setting_names()))
@@ -100,9 +107,14 @@ class StabilityConfig:
         names = []
         for mode in self.modes:
             names.append(f"{mode}/cold")
-            for kind in STICKY_KINDS:
+            for kind in self.sticky_kinds():
                 names += [f"{mode}/{kind}"] + [f"{mode}/{kind}+sticky {d:g}" for d in self.deltas]
         return names
+
+    def sticky_kinds(self) -> tuple[str, ...]:
+        """Night 2's models that sticky assignment is applied to: every STICKY_KIND for ADC-SID,
+        night 1's model as it is ("none") for residual k-means, which has no warm re-fit."""
+        return ("none",) if self.tokenizer in RESIDUAL else STICKY_KINDS
 
     def seeds(self) -> list[int]:
         return [self.seed] if self.downstream_seeds is None else list(self.downstream_seeds)

@@ -96,7 +96,7 @@ def plot(r: dict, path: str) -> None:
         cold = r["settings"].get(f"{mode}/cold")
         if cold:
             ax.axhline(_churn(cold), ls="--", alpha=0.5, color="gray")
-    ax.set_xlabel("sticky margin delta (cosine)")
+    ax.set_xlabel("sticky margin delta (cosine; residual k-means: relative distortion)")
     ax.set_ylabel("churn (share of items on both nights whose SID changed)")
     ax.set_title("churn vs delta (dashed: cold re-fits)")
     ax.legend(fontsize=6)

@@ -20,7 +20,10 @@ previous SID is kept when it is among them and
     score(best) - score(previous) <= delta
 
 (``trim_paths``, ``sticky_from_paths``): the same rule with the whole SID as the unit and
-relative distortion as the similarity. Other residual models (rq-vae, ADC-SID with residual
+relative distortion as the similarity. One difference: tonight's SID is the greedy one (level
+by level), and the beam can find a previous SID that reconstructs the item *better*; that one is
+always kept (no churn and less distortion), so delta 0 is not quite the plain assignment for
+whole SIDs (the assignment job runs ``--sticky-delta 0`` as the plain assignment anyway). Other residual models (rq-vae, ADC-SID with residual
 behavioral codes) are refused upstream (``sticky_unit`` None).
 
 Only the encoder's k best codes per position come with a score (``encode(candidates=k)``), and
