@@ -119,7 +119,7 @@ def numpy_to_dense(value, dim: int, name: str, n: int | None) -> DenseColumn:
 def _problems(col: DenseColumn, name: str, dim: int) -> list[tuple[np.ndarray, str]]:
     return [
         (col.wrong_dim, f"{name}: wrong dimension (expected {dim})"),
-        (col.nonfinite, f"{name}: NaN or inf value"),
+        (col.nonfinite, f"{name}: NaN or inf value"),  # float64 beyond float32 range: inf
     ]
 
 

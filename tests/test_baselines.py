@@ -96,3 +96,30 @@ def test_encode_is_batch_invariant(baseline, small_catalog):
     whole = baseline.encode(small_catalog).sid
     for idx in random_pieces(len(small_catalog), np.random.default_rng(4)):
         np.testing.assert_array_equal(baseline.encode(small_catalog.take(idx)).sid, whole[idx])
+
+
+def test_half_precision_inputs_are_widened_and_out_of_range_ones_refused(small_catalog):
+    """Issue 49.3: float16 embedding columns are widened to float32 exactly (the same SIDs as
+    the same values given in float32), and a float64 value beyond float32's range is a row's
+    reject reason, never an inf inside the model."""
+    import pyarrow as pa
+
+    from sidserve.items import check_items
+
+    rq = RQKmeansTokenizer(BaselineConfig(modality_dims={"text": 24, "image": 16}, codebook_size=8,
+                                          num_levels=2, kmeans_iters=5)).fit(small_catalog)
+
+    def cast(table, dtype):
+        cols = {n: table.column(n) for n in table.column_names}
+        for n in ("text_emb", "image_emb"):
+            cols[n] = pa.array([np.asarray(v, np.float16).astype(dtype).tolist() for v in table.column(n).to_pylist()],
+                               pa.list_(pa.float16() if dtype == np.float16 else pa.float32()))
+        return pa.table(cols)
+
+    half, single = cast(small_catalog, np.float16), cast(small_catalog, np.float32)
+    assert half.schema.field("text_emb").type.value_type == pa.float16()
+    np.testing.assert_array_equal(rq.encode(half).sid, rq.encode(single).sid)
+    big = {"item_id": np.array(["a", "b"]), "text_emb": np.full((2, 24), 0.5), "image_emb": np.full((2, 16), 0.5)}
+    big["text_emb"][1, 3] = 1e39  # a float64 beyond float32's largest (3.4e38)
+    checked = check_items(big, rq.config, require_item_id=True)
+    assert checked.reasons[0] is None and checked.reasons[1] == "text_emb: NaN or inf value"

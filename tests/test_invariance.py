@@ -70,6 +70,40 @@ def test_exact_linear_and_norm_are_batch_invariant():
     torch.testing.assert_close(norms.double(), torch.linalg.vector_norm(x.double(), dim=-1), rtol=1e-6, atol=0)
 
 
+def test_concurrent_callers_share_one_thread_setting():
+    """Two threads inside batch_invariant() at once, leaving in the order they entered: the
+    first to leave must not restore the thread count under the second (issue 49.3: toggled per
+    call, it did), and the last to leave restores what was set before either entered."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with invariant.batch_invariant():
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def b():
+            a_in.wait(10)
+            with invariant.batch_invariant():
+                b_in.set()
+                a_out.wait(10)
+                seen["b_after_a_left"] = torch.get_num_threads()
+            seen["after_both"] = torch.get_num_threads()
+
+        ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+        ta.start(), tb.start()
+        ta.join(20), tb.join(20)
+        assert seen == {"b_after_a_left": 1, "after_both": 2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nearest_l2_is_exact_and_breaks_ties_by_lowest_index():
     rng = np.random.default_rng(2)
     c = torch.tensor(rng.standard_normal((16, 8)), dtype=torch.float32)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 
 import numpy as np
 import torch
@@ -48,20 +49,38 @@ CHUNK_ROWS = 1024  # rows per exact call: the float64 temporaries of 8,192 rows 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("sidserve_batch_invariant", default=False)
 
 
+# torch's intra-op thread count is one setting for the whole process, so concurrent callers
+# (a replica's request threads, an encode beside a fit) share it: the first to enter saves it and
+# sets 1, the last to leave restores it. Toggling it per call raced: a caller leaving restored
+# the saved count while another was still inside, whose elementwise kernels then split across
+# threads (and so took other code paths), and the last to leave could restore a 1 it saved.
+_THREADS_LOCK = threading.Lock()
+_INSIDE = 0  # callers inside batch_invariant()
+_SAVED_THREADS: int | None = None
+
+
 @contextlib.contextmanager
 def batch_invariant(enabled: bool = True):
-    """Run the enclosed inference batch-invariantly (one intra-op thread; exact GEMMs and
-    norms in the modules and helpers of this package that consult ``active()``)."""
+    """Run the enclosed inference batch-invariantly (one intra-op thread while any caller is
+    inside; exact GEMMs and norms in the modules and helpers of this package that consult
+    ``active()``). Safe to enter from several threads at once."""
+    global _INSIDE, _SAVED_THREADS
     if not enabled:
         yield
         return
     token = _ACTIVE.set(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _THREADS_LOCK:
+        if _INSIDE == 0:
+            _SAVED_THREADS = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _INSIDE += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _THREADS_LOCK:
+            _INSIDE -= 1
+            if _INSIDE == 0:
+                torch.set_num_threads(_SAVED_THREADS)
         _ACTIVE.reset(token)
 
 
