@@ -269,6 +269,8 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
                    help="seeds, comma-separated (default: 0): each fits every tokenizer and trains night 2's "
                         "downstream models; the report gives mean +- std over them")
     p.add_argument("--content-from", help="an `evaluate` output dir of the same dataset: reuse its text embeddings")
+    p.add_argument("--behavior-from", help="another stability run of the same data and SASRec settings: reuse its "
+                                           "night tables (behavior/) instead of training the nights again")
     p.add_argument("--tokenizer", default="adc_sid",
                    choices=["adc_sid", "adc_sid_cold_consistency", "adc_sid_untied", "rqkmeans_tied",
                             "rqevidence_tied"],
@@ -281,7 +283,7 @@ def add_stability_args(p: argparse.ArgumentParser) -> None:
 
 
 def stability(args: argparse.Namespace) -> int:
-    from sidserve.eval.stability import run_cli
+    from sidserve.eval.stability_parts import run_cli
 
     return run_cli(args)
 

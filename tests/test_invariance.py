@@ -194,6 +194,11 @@ def test_assign_snapshot_equals_tokenize_recompute(ray_session, refreshed, small
                                              bits(np.float32(expect[x["item_id"]]["behavior_weights"])))]
             assert not wrong_sid and not wrong_w, f"request size {size}: {len(wrong_sid)} SIDs, {len(wrong_w)} weights differ"
             assert all(x["path"] in ("full", "content_only") for x in results)  # computed, not looked up
+        # issue 49.3: the replica's probe encoding equals what the job's encoder actors recorded
+        probe = client.get("/v1/model").json()["probe"]
+        assert probe["status"] == "match", probe
+        summary = SnapshotRoot(refreshed["snap"]).summary(SnapshotRoot(refreshed["snap"]).latest())
+        assert summary["environment"]["probe_hash"] == probe["replica"]["probe_hash"]
 
 
 def test_the_float32_path_is_the_same_model(fitted, small_catalog, tmp_path):

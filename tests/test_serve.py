@@ -223,6 +223,9 @@ def test_model_info_and_docs(setup):
     assert info["sid_layout"] == tok.sid_layout and info["codebook_size"] == tok.codebook_size
     assert info["inputs"]["content"] == {"text_emb": 24, "image_emb": 16}
     assert info["snapshot"]["version"] == "v1" and info["snapshot"]["catalog_lookup"] is True
+    # this snapshot (written by hand, like one from before issue 49.3) records no environment:
+    # the replica cannot compare and says so
+    assert info["probe"]["status"] == "unknown" and info["probe"]["replica"]["probe_hash"]
     assert c.get("/docs").status_code == 200
     spec = c.get("/openapi.json").json()
     body = spec["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -539,3 +539,46 @@ def test_a_replica_that_cannot_load_a_new_state_says_so_in_its_metrics(tmp_path,
         service.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_whose_probe_differs_from_its_snapshot_says_so(fitted):
+    """Issue 49.3: the probe hash is a function of the model and the machine (stable here,
+    changed by a model that differs in its weights); a replica compares its own with the one
+    the snapshot's encoders recorded, shows both in GET /v1/model's ``probe`` and exports
+    sidserve_probe_mismatch; it says "unknown" where it cannot compare."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from sidserve.serving.core import TokenizeService
+    from sidserve.serving.state import ServingState
+    from sidserve.serving.telemetry import PrometheusTelemetry
+    from sidserve.tokenizers.probe import environment, probe_hash
+
+    env = environment(fitted)
+    assert env["probe_hash"] == probe_hash(fitted) and len(env["probe_hash"]) == 16
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    other = copy.deepcopy(fitted)
+    with torch.no_grad():
+        for p in other.model_.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    assert probe_hash(other) != env["probe_hash"]
+
+    def state(snapshot_hash, model_version=fitted.version, catalog=True):
+        cat = SimpleNamespace(summary={"environment": {"probe_hash": snapshot_hash,
+                                                       "encoders": [{"probe_hash": snapshot_hash}]}},
+                              model_version=model_version, version="v1", created_at=None) if catalog else None
+        return ServingState(tokenizer=fitted, model_uri="m", catalog=cat, environment=env)
+
+    assert state(env["probe_hash"]).probe["status"] == "match"
+    assert state("0" * 16).probe["status"] == "mismatch"
+    assert state("0" * 16).probe["snapshot"] == [{"probe_hash": "0" * 16}]
+    for s in (state(None), state("0" * 16, model_version="another"), state(None, catalog=False)):
+        assert s.probe["status"] == "unknown"
+    telemetry = PrometheusTelemetry()
+    service = TokenizeService(telemetry)
+    service.swap(state("0" * 16))
+    assert b"sidserve_probe_mismatch 1.0" in telemetry.exposition()
+    service.swap(state(env["probe_hash"]))
+    assert b"sidserve_probe_mismatch 0.0" in telemetry.exposition()

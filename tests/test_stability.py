@@ -172,9 +172,11 @@ def test_a_cache_of_other_settings_is_refused(tmp_path):
         run._night1_model(os.path.join(out, "behavior", "night1_model.pt"))
 
 
-@pytest.mark.slow
-def test_quick_two_nights_end_to_end(quick_run, tmp_path):
-    out = str(tmp_path / "stability")
+@pytest.fixture(scope="module")
+def quick_nights(quick_run, tmp_path_factory):
+    """One quick two-night run of the evaluation's ADC-SID (its night tables are reused by the
+    residual k-means test: the same tied SASRec)."""
+    out = str(tmp_path_factory.mktemp("stability") / "stability")
     # the text embeddings of the quick evaluation (same slice, same subsample): embedding the
     # item text again would be most of this test's time
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
@@ -182,6 +184,12 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
            "--downstream-seeds", "0,1", "--content-from", quick_run[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
+    return out, cmd
+
+
+@pytest.mark.slow
+def test_quick_two_nights_end_to_end(quick_nights):
+    out, cmd = quick_nights
     r = json.load(open(os.path.join(out, "stability.json")))
     s = r["settings"]
     assert 0 < r["new_interaction_share"] < 0.5
@@ -265,16 +273,18 @@ def test_quick_two_nights_end_to_end(quick_run, tmp_path):
         assert gap < 1e-3 * np.linalg.norm(before - np.load(os.path.join(out, "behavior", f"{other}.npz"))["emb"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["rqevidence_tied"])
-def test_residual_kmeans_two_nights_with_sticky_whole_sids(quick_run, tmp_path, tokenizer):
+def test_residual_kmeans_two_nights_with_sticky_whole_sids(quick_run, quick_nights, tmp_path, tokenizer):
     """Issue 47, item 3's measurement for residual k-means: night 2 is a cold re-fit or night 1's
     model as it is, the latter with sticky assignment of whole SIDs at each margin; churn never
     rises with the margin, every sticky SID is tonight's or last night's, and the content prefix
     of rq-evidence is the cold path's for every item (it is coded from content alone)."""
     out = str(tmp_path / "stability")
+    # the nights' tables of the ADC-SID run (the same tied SASRec, data and settings): no SASRec here
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "stability.py"), "--data", SLICE, "--output", out,
            "--quick", "--modes", "warm", "--deltas", "0,0.02,0.1", "--downstream-modes", "",
-           "--tokenizer", tokenizer, "--content-from", quick_run[0]]
+           "--tokenizer", tokenizer, "--content-from", quick_run[0], "--behavior-from", quick_nights[0]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "stability.json")))
@@ -294,3 +304,11 @@ def test_residual_kmeans_two_nights_with_sticky_whole_sids(quick_run, tmp_path, 
     assert prefix and all(s["warm/none"]["per_position"][q] == 0 for q in prefix)  # content unchanged
     t = r["cold_to_warm"]
     assert t["plain"]["all"] == 1.0 and t["sticky 0.1"]["all"] == 1.0  # the prefix is the cold path's
+    assert not [k for k in r["stage_seconds"] if k.startswith("sasrec")]  # the nights were adopted
+    np.testing.assert_array_equal(np.load(os.path.join(out, "behavior", "warm.npz"))["emb"],
+                                  np.load(os.path.join(quick_nights[0], "behavior", "warm.npz"))["emb"])
+    # nights trained otherwise are refused: the paper's configuration reads the untied table
+    bad = cmd[:-6] + ["--tokenizer", "adc_sid_untied", "--output", str(tmp_path / "o2"), "--content-from",
+                      quick_run[0], "--behavior-from", quick_nights[0]]
+    p = subprocess.run(bad, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 2 and "--behavior-from" in p.stderr and "trained otherwise" in p.stderr

@@ -68,15 +68,10 @@ from sidserve.eval.stability_config import (
     GITIGNORE,
     RESIDUAL,
     STABILITY_VERSION,
-    STICKY_KINDS,
     StabilityConfig,
 )
 from sidserve.eval.stability_report import plot, render
-from sidserve.eval.tokenizers import (
-    family_overrides,
-    spec,
-    uses_sid_weights,
-)
+from sidserve.eval.tokenizers import family_overrides, spec, uses_sid_weights
 from sidserve.files import atomic_write, write_json, write_npz
 
 log = logging.getLogger(__name__)
@@ -118,6 +113,9 @@ class TwoNights:
             raise ValueError(f"{self.c.output} holds a stability cache from before run_config.json (its settings and "
                              "code version are unknown); use a new --output directory")
         pin_run_config(p, key, "a stability run")
+        if self.c.behavior_from:
+            from sidserve.eval.stability_parts import adopt_nights
+            adopt_nights(self, key, self.c.tied())
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.c.output, *parts)
@@ -234,7 +232,8 @@ class TwoNights:
         from sidserve.tokenizers.adc_sid.tokenizer import SemanticIdTokenizer
 
         if self.c.tokenizer in RESIDUAL:
-            return self._residual_fits(content, beh, seed)
+            from sidserve.eval.stability_parts import residual_fits
+            return residual_fits(self, content, beh, seed)
         dims = {m: content[m].shape[1] for m in ("text", "meta")}
         config = _adc_config(dims, beh["night1"].shape[1], dataclasses.replace(self.c.budget, seed=seed),
                              family_overrides(self.c.tokenizer))
@@ -257,7 +256,7 @@ class TwoNights:
             items2 = self.items(content, beh[mode], self.pop2)
             cold = fitted(f"{mode}-cold", config, items2).encode(items2)
             settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
-            for kind in STICKY_KINDS:
+            for kind in self.c.sticky_kinds():
                 tok = tok1 if kind == "none" else fitted(
                     f"{mode}-{kind}", config.replace(train_codebooks=kind != "anchored"), items2, init=tok1)
                 enc = tok.encode(items2, candidates=k)
@@ -269,53 +268,6 @@ class TwoNights:
                     settings[f"{mode}/{kind}+sticky {delta:g}"] = {
                         "sid": codes, "weights": enc.behavior_weights, "codes_kept": int(kept.sum()),
                         "codes_unscored": int(unscored.sum())}
-        assert list(settings) == self.c.setting_names()
-        return tok1, sid1, settings
-
-    def _residual_fits(self, content: dict, beh: dict, seed: int) -> tuple[object, np.ndarray, dict[str, dict]]:
-        """``fits`` for residual k-means: night 1's fit, night 2's cold re-fit, and night 1's
-        model on night 2's inputs ("none", a refresh without --refit), plain and with sticky
-        assignment of whole SIDs at each delta (the assignment job's path rule)."""
-        from sidserve.eval.tokenizers import fit_tokenizer
-        from sidserve.jobs.assign.sticky import sticky_from_paths, trim_paths
-        from sidserve.tokenizers.base import BaseTokenizer
-
-        tag = "" if seed == self.c.seed else f"-seed{seed}"
-        budget = dataclasses.replace(self.c.budget, seed=seed)
-
-        def fitted(name, night_items):
-            d = self.path("tokenizers", name + tag)
-            if not os.path.exists(os.path.join(d, "manifest.json")):
-                t0 = time.perf_counter()
-                dims = {m: content[m].shape[1] for m in ("text", "meta")}
-                tk = fit_tokenizer(self.c.tokenizer, night_items, dims, beh["night1"].shape[1], budget)
-                tk.tokenizer.save_pretrained(d, overwrite=True)
-                self.timings[f"fit {name}{tag}"] = round(time.perf_counter() - t0, 1)
-            return BaseTokenizer.from_pretrained(d)
-
-        def as_dict(emb, popularity):  # what fit_tokenizer reads: cold items (no interaction) without e_b
-            seen = popularity > 0
-            return {"item_id": np.arange(1, self.data.num_items + 1), "text_emb": content["text"],
-                    "meta_emb": content["meta"], "popularity": popularity.astype(np.float64),
-                    "behavior_emb": [row if s else None for row, s in zip(emb.astype(np.float32), seen)]}
-
-        items1 = as_dict(beh["night1"], self.pop1)
-        tok1 = fitted("night1", items1)
-        sid1 = tok1.encode(items1).sid
-        k = min(self.c.candidates, tok1.codebook_size)
-        settings: dict[str, dict] = {}
-        for mode in self.c.modes:
-            items2 = as_dict(beh[mode], self.pop2)
-            cold = fitted(f"{mode}-cold", items2).encode(items2)
-            settings[f"{mode}/cold"] = {"sid": cold.sid, "weights": cold.behavior_weights}
-            enc = tok1.encode(items2, candidates=k)
-            settings[f"{mode}/none"] = {"sid": enc.sid, "weights": enc.behavior_weights}
-            for delta in self.c.deltas:
-                codes, counts = trim_paths(enc.paths, enc.path_scores, delta)
-                sid, kept, unscored = sticky_from_paths(enc.sid, codes, counts, k, sid1.astype(np.int64))
-                settings[f"{mode}/none+sticky {delta:g}"] = {
-                    "sid": sid, "weights": enc.behavior_weights, "codes_kept": int(kept.sum()),
-                    "codes_unscored": int(unscored.sum())}
         assert list(settings) == self.c.setting_names()
         return tok1, sid1, settings
 
@@ -479,23 +431,3 @@ class TwoNights:
 
         return self._cached_result(name, "", seed, run)
 
-
-def run_cli(args) -> int:
-    """``sidserve stability`` / jobs/stability.py."""
-    from sidserve.runner import run_job
-
-    def body():
-        make = StabilityConfig.quick_profile if args.quick else StabilityConfig
-        c = make(data=args.data, output=args.output, holdout=args.holdout,
-                 modes=args.modes.split(","), deltas=[float(x) for x in args.deltas.split(",")],
-                 downstream_modes=[m for m in args.downstream_modes.split(",") if m],
-                 downstream_deltas=[float(x) for x in args.downstream_deltas.split(",") if x],
-                 candidates=args.candidates,
-                 downstream_settings=[x.strip() for x in args.downstream_settings.split(",")]
-                 if args.downstream_settings else None,
-                 downstream_seeds=[int(x) for x in args.downstream_seeds.split(",")] if args.downstream_seeds else None,
-                 content_from=args.content_from, tokenizer=args.tokenizer)
-        r = TwoNights(c).run()
-        print(render(r))
-
-    return run_job(body)

@@ -64,6 +64,9 @@ class StabilityConfig:
     # an evaluation output dir (sidserve evaluate) of the same dataset whose text embeddings
     # (embeddings/text.npy, meta.npy) to reuse instead of embedding the item text again
     content_from: str | None = None
+    # another stability run of the same data and SASRec settings whose night tables (behavior/)
+    # to reuse instead of training the nights' SASRecs again (a second tokenizer on the same nights)
+    behavior_from: str | None = None
     seed: int = 0
     # the ADC-SID configuration measured (TOKENIZERS): "adc_sid", the one the evaluation chose on
     # validation (tied table, richness from popularity, codes at weight 1), so the churn and

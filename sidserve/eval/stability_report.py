@@ -88,7 +88,7 @@ def plot(r: dict, path: str) -> None:
         return
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode in r["config"]["modes"]:
-        for kind in STICKY_KINDS:
+        for kind in STICKY_KINDS:  # residual k-means has "none" only: the others find no points
             pts = sorted((float(k.split()[-1]), _churn(v)) for k, v in r["settings"].items()
                          if k.startswith(f"{mode}/{kind}+sticky"))
             if pts:

@@ -113,6 +113,7 @@ class TokenizeService:
         self.load_failing = False
         self.telemetry.model(state.model_version, state.snapshot_version)
         self.telemetry.refresh(False, state.snapshot_time)
+        self.telemetry.probe(state.probe["status"] == "mismatch")
         if old is None or (old.model_version, old.snapshot_version) != (state.model_version, state.snapshot_version):
             log.info("serving model %s, snapshot %s (%s)", state.model_version, state.snapshot_version,
                      "catalog lookups on" if state.catalog_usable else state.catalog_reason or "no catalog")
@@ -131,6 +132,7 @@ class TokenizeService:
             if self.state is not None:
                 self.telemetry.model(self.state.model_version, self.state.snapshot_version)
                 self.telemetry.refresh(self.load_failing, self.state.snapshot_time)
+                self.telemetry.probe(self.state.probe["status"] == "mismatch")
             if interval > 0 and time.monotonic() - last_check >= interval:
                 last_check = time.monotonic()
                 try:

@@ -101,6 +101,8 @@ class ServingState:
     catalog: CatalogIndex | None  # None: no snapshot root configured
     catalog_reason: str | None = None  # why catalog lookups are off, if they are
     loaded_at: float = field(default_factory=time.time)
+    # this replica's torch, CPU capability and probe hash (sidserve/tokenizers/probe.py)
+    environment: dict | None = None
 
     @property
     def model_version(self) -> str:
@@ -113,6 +115,23 @@ class ServingState:
     @property
     def snapshot_time(self) -> float | None:
         return self.catalog.created_at if self.catalog is not None else None
+
+    @property
+    def probe(self) -> dict:
+        """This replica's probe hash against the one the snapshot's encoders recorded:
+        ``status`` "match", "mismatch" (an item may be answered otherwise than the snapshot
+        holds it: another CPU instruction set, torch build or device made the snapshot) or
+        "unknown" (no snapshot, one made by another model, by encoders that disagree among
+        themselves, or from before snapshots recorded it)."""
+        mine = (self.environment or {}).get("probe_hash")
+        env = (self.catalog.summary.get("environment") or {}) if self.catalog is not None else {}
+        theirs = env.get("probe_hash")
+        same_model = self.catalog is not None and self.catalog.model_version == self.tokenizer.version
+        if mine is None or theirs is None or not same_model:
+            status = "unknown"
+        else:
+            status = "match" if mine == theirs else "mismatch"
+        return {"status": status, "replica": self.environment, "snapshot": env.get("encoders")}
 
     @property
     def catalog_usable(self) -> bool:
@@ -142,6 +161,7 @@ class ServingState:
                 "reason": self.catalog_reason,
             },
             "loaded_at": self.loaded_at,
+            "probe": self.probe,
         }
 
 
@@ -174,12 +194,21 @@ def load_state(config: ServiceConfig, *, snapshot_version: str | None = None,
     # (``--overwrite``) is loaded, an unchanged one is reused without reading its weights
     if current is not None and current.model_uri == model_uri \
             and current.tokenizer.version == read_manifest(model_uri)["version"]:
-        tokenizer = current.tokenizer
+        tokenizer, env = current.tokenizer, current.environment
     else:
+        from sidserve.tokenizers.probe import environment
+
         tokenizer = load_tokenizer(model_uri)
+        env = environment(tokenizer)
     reason = None
     if catalog is not None and catalog.model_version != tokenizer.version:
         reason = (f"snapshot {catalog.version} was made by model {catalog.model_versions or '[]'}, "
                   f"serving {tokenizer.version}: catalog lookups off, every item is computed")
         log.warning(reason)
-    return ServingState(tokenizer=tokenizer, model_uri=model_uri, catalog=catalog, catalog_reason=reason)
+    state = ServingState(tokenizer=tokenizer, model_uri=model_uri, catalog=catalog, catalog_reason=reason,
+                         environment=env)
+    if state.probe["status"] == "mismatch":
+        log.warning("probe hash %s differs from snapshot %s's encoders' %s: this replica's encodes may differ in "
+                    "their last bits from the snapshot's (another CPU instruction set, torch build or device)",
+                    env["probe_hash"], catalog.version, catalog.summary["environment"]["probe_hash"])
+    return state

@@ -17,6 +17,8 @@ local mode through a prometheus-client registry served at ``GET /metrics``.
                                                         serves its previous state), 0 after a success
     sidserve_snapshot_timestamp_seconds                 when the served snapshot was written (its
                                                         age: time() - this)
+    sidserve_probe_mismatch                             1 when this replica's probe hash differs from
+                                                        the snapshot encoders' (exactness not assured)
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Telemetry:
         """A new model or snapshot could not be loaded (the previous state keeps serving)."""
         raise NotImplementedError
 
+    def probe(self, mismatch: bool) -> None:
+        """Set sidserve_probe_mismatch (with the state gauges: after a load and from the poller)."""
+        raise NotImplementedError
+
 
 
 class RayTelemetry(Telemetry):
@@ -70,6 +76,8 @@ class RayTelemetry(Telemetry):
         self._failing = metrics.Gauge("sidserve_load_failing", "1 while the last load of a new state failed")
         self._snapshot_time = metrics.Gauge("sidserve_snapshot_timestamp_seconds",
                                             "when the served snapshot was written (unix seconds)")
+        self._probe = metrics.Gauge("sidserve_probe_mismatch",
+                                    "1 when this replica's probe hash differs from the snapshot encoders'")
         self._current: tuple[str, str] | None = None
 
     def request(self, route, status, latency_ms):
@@ -99,6 +107,9 @@ class RayTelemetry(Telemetry):
         if snapshot_time is not None:
             self._snapshot_time.set(snapshot_time)
 
+    def probe(self, mismatch):
+        self._probe.set(1 if mismatch else 0)
+
 
 class PrometheusTelemetry(Telemetry):
     """Local mode (plain uvicorn): its own registry, exposed by the app at /metrics."""
@@ -122,6 +133,9 @@ class PrometheusTelemetry(Telemetry):
                                  registry=self.registry)
         self._snapshot_time = pc.Gauge("sidserve_snapshot_timestamp_seconds",
                                        "when the served snapshot was written (unix seconds)", registry=self.registry)
+        self._probe = pc.Gauge("sidserve_probe_mismatch",
+                               "1 when this replica's probe hash differs from the snapshot encoders'",
+                               registry=self.registry)
         self._current: tuple[str, str] | None = None
 
     def request(self, route, status, latency_ms):
@@ -150,6 +164,9 @@ class PrometheusTelemetry(Telemetry):
         self._failing.set(1 if failing else 0)
         if snapshot_time is not None:
             self._snapshot_time.set(snapshot_time)
+
+    def probe(self, mismatch):
+        self._probe.set(1 if mismatch else 0)
 
     def exposition(self) -> bytes:
         import prometheus_client as pc

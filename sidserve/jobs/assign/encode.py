@@ -174,10 +174,19 @@ class EncodeAndScatter(Encoder):
     def __init__(self, model_uri: str, use_gpu: bool, batch_size: int, staging: str, n_parts: int,
                  candidates: int = 0, items_uri: str = "", read_columns: list[str] | None = None,
                  renames: dict[str, str] | None = None, rows_per_task: int = 65536, delta: float | None = None):
-        from sidserve.artifact import resolve
+        import json
+        import uuid
+
+        from sidserve.artifact import resolve, write_bytes
+        from sidserve.tokenizers.probe import environment
 
         super().__init__(model_uri, use_gpu, batch_size, candidates, delta)
         self.root = SnapshotRoot(staging)
+        # what this encoder's bits depend on (sidserve/tokenizers/probe.py): the job's summary
+        # records every encoder's, and replicas compare theirs with it
+        env = environment(self.tok, "cuda" if use_gpu else "cpu")
+        self.root.fs.create_dir(self.root.join("environment"), recursive=True)
+        write_bytes(self.root.fs, self.root.join("environment", f"{uuid.uuid4().hex}.json"), json.dumps(env).encode())
         self.n_parts = n_parts
         self.fs = resolve(items_uri)[0] if items_uri else None
         self.read_columns = read_columns

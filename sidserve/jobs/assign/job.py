@@ -158,6 +158,23 @@ def scatter_previous_units(uri: str, columns: list[str], staging: str, n_parts: 
     return run_tasks(scatter_unit, units)
 
 
+def encoder_environments(staging: SnapshotRoot) -> dict[str, Any]:
+    """The environments the encoder actors recorded (one file each) -> {"encoders": the distinct
+    ones, "probe_hash": theirs when they all agree (else None: the snapshot's rows were computed
+    by encoders that differ in their last bits, e.g. GPU and CPU actors mixed)}."""
+    import pyarrow.fs as pafs
+
+    infos = staging.fs.get_file_info(pafs.FileSelector(staging.join("environment"), allow_not_found=True))
+    envs = []
+    for info in infos:
+        with staging.fs.open_input_stream(info.path) as f:
+            env = json.loads(f.read())
+        if env not in envs:
+            envs.append(env)
+    hashes = {e["probe_hash"] for e in envs}
+    return {"encoders": envs, "probe_hash": hashes.pop() if len(hashes) == 1 else None}
+
+
 def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     """Encode, dedup, write and publish a snapshot. Returns its summary."""
     import pyarrow as pa
@@ -229,6 +246,7 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
     encoded_rows = pc.sum(enc_manifest.column("rows")).as_py() or 0
     if encoded_rows != n_input:
         raise RuntimeError(f"encoded {encoded_rows} rows, the input has {n_input}")
+    environment = encoder_environments(SnapshotRoot(staging))
     prev_manifests = []
     if previous is not None:  # its items' keys, and the keys it held for absent items
         for sub, cols in (("items", ["item_id", "sid_str", "dedup"]),
@@ -308,6 +326,9 @@ def run_assignment(job: AssignJobConfig) -> dict[str, Any]:
                           (("encoded", enc_manifest), ("previous", prev_manifest), ("resolved", sid_manifest))},
         "duration_s": time.perf_counter() - t0,
         "created_at": time.time(),  # unix seconds: replicas export the served snapshot's age
+        # torch, CPU capability, device and probe hash of the encoders (sidserve/tokenizers/probe.py):
+        # replicas whose probe hash differs say so (GET /v1/model, sidserve_probe_mismatch)
+        "environment": environment,
         "stage_seconds": stages,
         # CPU-side seconds summed over the grouping tasks (reading their segments, and in all)
         "task_seconds": {name: {k: sum(r["seconds"][k] for r in results) for k in ("read", "total")}
