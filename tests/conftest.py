@@ -299,3 +299,22 @@ def refreshed(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory)
     return dict(base=base, model=str(base / "model"), items=str(base / "items"), snap=str(base / "snap"),
                 summary=summary)
 
+
+
+# ---- the suite's budget: seconds per xdist worker (docs/testing.md) --------------------------
+_WORKER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """On the controller: add each phase's duration to its worker's total (the suite's wall
+    time is the busier worker's; the 10-minute budget is read from this line)."""
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", None)
+    if worker is not None:
+        _WORKER_SECONDS[worker] = _WORKER_SECONDS.get(worker, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _WORKER_SECONDS:
+        terminalreporter.write_line("test seconds per xdist worker: " + ", ".join(
+            f"{w} {s:.0f} s" for w, s in sorted(_WORKER_SECONDS.items())))
