@@ -289,8 +289,11 @@ def test_residual_kmeans_two_nights_with_sticky_whole_sids(quick_run, quick_nigh
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "stability.json")))
     s = r["settings"]
-    assert set(s) == {"warm/cold", "warm/none", "warm/none+sticky 0", "warm/none+sticky 0.02",
-                      "warm/none+sticky 0.1"}
+    assert set(s) == {"warm/cold", "warm/none", *(f"warm/none+{how} {d}" for how in ("sticky", "direct")
+                                                  for d in ("0", "0.02", "0.1"))}
+    # scoring the previous SID itself keeps every SID the beam's paths keep, and more
+    for d in ("0", "0.02", "0.1"):
+        assert s[f"warm/none+direct {d}"]["churn"] <= s[f"warm/none+sticky {d}"]["churn"]
     churns = [s[f"warm/none+sticky {d}"]["churn"] for d in ("0", "0.02", "0.1")]
     # delta 0 keeps a previous SID only where it reconstructs the item at least as well as
     # tonight's greedy SID (the beam finds such paths): never more churn than the plain assignment

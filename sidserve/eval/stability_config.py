@@ -112,6 +112,8 @@ class StabilityConfig:
             names.append(f"{mode}/cold")
             for kind in self.sticky_kinds():
                 names += [f"{mode}/{kind}"] + [f"{mode}/{kind}+sticky {d:g}" for d in self.deltas]
+            if self.tokenizer in RESIDUAL:  # the previous SID scored itself, not looked up in the beam
+                names += [f"{mode}/none+direct {d:g}" for d in self.deltas]
         return names
 
     def sticky_kinds(self) -> tuple[str, ...]:

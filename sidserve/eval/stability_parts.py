@@ -25,6 +25,7 @@ def residual_fits(run, content: dict, beh: dict, seed: int) -> tuple[object, np.
     model on night 2's inputs ("none", a refresh without --refit), plain and with sticky
     assignment of whole SIDs at each delta (the assignment job's path rule)."""
     from sidserve.eval.tokenizers import fit_tokenizer
+    from sidserve.items import coerce_items
     from sidserve.jobs.assign.sticky import sticky_from_paths, trim_paths
     from sidserve.tokenizers.base import BaseTokenizer
 
@@ -64,6 +65,23 @@ def residual_fits(run, content: dict, beh: dict, seed: int) -> tuple[object, np.
             settings[f"{mode}/none+sticky {delta:g}"] = {
                 "sid": sid, "weights": enc.behavior_weights, "codes_kept": int(kept.sum()),
                 "codes_unscored": int(unscored.sum())}
+        # the same rule with the previous SID scored directly (what an encoder handed each item's
+        # previous SID can do): kept where it explains at most delta less of the item's input
+        # energy than tonight's SID, whether or not the beam found it
+        x = tok1.features(coerce_items(items2, tok1.config)).astype(np.float64)
+        cent = tok1.centroids_.astype(np.float64)
+        energy = np.maximum((x * x).sum(1), 1e-300)
+
+        def score(p, x=x, cent=cent, energy=energy):
+            r = x - sum(cent[lv][p[:, lv]] for lv in range(p.shape[1]))
+            return -(r * r).sum(1) / energy
+        gap = score(enc.sid.astype(np.int64)) - score(sid1.astype(np.int64))
+        moved = (sid1 != enc.sid).any(1)
+        for delta in run.c.deltas:
+            keep = (gap <= delta) & moved
+            settings[f"{mode}/none+direct {delta:g}"] = {
+                "sid": np.where(keep[:, None], sid1, enc.sid).astype(np.int32), "weights": enc.behavior_weights,
+                "codes_kept": int((keep[:, None] & (sid1 != enc.sid)).sum()), "codes_unscored": 0}
     assert list(settings) == run.c.setting_names()
     return tok1, sid1, settings
 
