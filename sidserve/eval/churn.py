@@ -93,6 +93,8 @@ def cold_to_warm(tok, items, deltas: list[float], candidates: int) -> dict:
                             warm_items.item_ids, warm_items.popularity)
     # the positions the cold path codes from content: ADC-SID's shared ones, rq-evidence's content prefix
     shared = [q["position"] for q in tok.sid_layout if q["group"] in ("shared", "content")]
+    if not shared:  # no position is coded from content alone (rq-kmeans): nothing to agree on
+        return {}
     behavior = [q["position"] for q in tok.sid_layout if q["group"] == BEHAVIOR]
     cold = tok.encode(cold_items).sid
     warm = tok.encode(warm_items, candidates=candidates)

@@ -22,7 +22,7 @@ def render(r: dict) -> str:
              + ("(night 1's tied SASRec had no training pair with them: their row moved only as a softmax negative). "
                 if r["config"].get("tied") else
                 "(night 1's SASRec saw them only as a sequence's last item: their night-1 row is its random init). ")
-             + f"ADC-SID: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "
+             + f"Tokenizer: {TOKENIZER_TEXT[r['config'].get('tokenizer', 'adc_sid_untied')]}. Churn: share "
              "of items whose SID changed between the nights, over the whole catalog and over the "
              f"{r['items_both_nights']} items with interactions on both nights. Every seed of "
              f"{seeds} fits its own tokenizers (night 1's and night 2's) and trains the downstream models "
