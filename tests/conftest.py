@@ -303,6 +303,7 @@ def refreshed(ray_session, fitted, small_catalog, pushgateway, tmp_path_factory)
 
 # ---- the suite's budget: seconds per xdist worker (docs/testing.md) --------------------------
 _WORKER_SECONDS: dict[str, float] = {}
+_RAY_WORKER: set[str] = set()
 
 
 def pytest_runtest_logreport(report):
@@ -312,9 +313,12 @@ def pytest_runtest_logreport(report):
     worker = getattr(getattr(node, "gateway", None), "id", None)
     if worker is not None:
         _WORKER_SECONDS[worker] = _WORKER_SECONDS.get(worker, 0.0) + report.duration
+        if xdist_scope(report.nodeid) == "ray":
+            _RAY_WORKER.add(worker)
 
 
 def pytest_terminal_summary(terminalreporter):
     if _WORKER_SECONDS:
         terminalreporter.write_line("test seconds per xdist worker: " + ", ".join(
-            f"{w} {s:.0f} s" for w, s in sorted(_WORKER_SECONDS.items())))
+            f"{w}{' (the Ray scope)' if w in _RAY_WORKER else ''} {s:.0f} s"
+            for w, s in sorted(_WORKER_SECONDS.items())))
