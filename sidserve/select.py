@@ -136,11 +136,11 @@ def _selection(c: SelectConfig, prep: dict, source: str, results: dict, decision
     tok = results["tokenizers"]
     groups = ("all", "head", "tail")
     valid = {n: {f"{t}/{m}/{g}": {"mean": float(np.mean(v)), "values": v}
-                 for t, m in {(t, m) for t, m, _ in CELLS}
+                 for t, m in dict.fromkeys((t, m) for t, m, _ in CELLS)
                  for g in groups for v in [tok[n][t]["valid_groups"][g][m]["values"]]}
              for n in c.tokenizers}
     read = [n for n in (decision.chosen, decision.runner_up) if n]
-    test = {n: {f"{t}/{m}/{g}": tok[n][t][g][m] for t, m in {(t, m) for t, m, _ in CELLS} for g in groups}
+    test = {n: {f"{t}/{m}/{g}": tok[n][t][g][m] for t, m in dict.fromkeys((t, m) for t, m, _ in CELLS) for g in groups}
             for n in read}
     cfg = _tokenizer_config(os.path.join(c.output, "evaluation"), decision.chosen)
     return {
@@ -197,6 +197,13 @@ def _fmt(v: dict) -> str:
     return f"{v['mean']:.4f}{sd}"
 
 
+def _figures_table(first: str, rows: dict, labels: dict) -> list[str]:
+    """A markdown table: one row per tokenizer of ``rows`` ({name: {"task/metric/group": figures}})."""
+    keys = list(next(iter(rows.values())))
+    out = [f"| {first} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    return out + [f"| {labels[n]} | " + " | ".join(_fmt(v[k]) for k in keys) + " |" for n, v in rows.items()]
+
+
 def _markdown(s: dict) -> str:
     p, labels = s["inputs"], s["labels"]
     L = [f"# Which tokenizer for this catalog: {labels[s['chosen']]} (`{s['chosen']}`)\n",
@@ -231,17 +238,9 @@ def _markdown(s: dict) -> str:
     L.append("")
     L.append("Validation, mean ± sd over seeds, per group (head: top 25% items by training popularity, tail: bottom "
              "25%):\n")
-    keys = list(next(iter(s["valid"].values())))
-    L.append("| candidate | " + " | ".join(keys) + " |")
-    L.append("|---|" + "---|" * len(keys))
-    for n, v in s["valid"].items():
-        L.append(f"| {labels[n]} | " + " | ".join(_fmt(v[k]) for k in keys) + " |")
+    L += _figures_table("candidate", s["valid"], labels)
     L.append("\n## Test (read once, after the choice: the chosen and the runner-up)\n")
-    tkeys = list(next(iter(s["test"].values())))
-    L.append("| tokenizer | " + " | ".join(tkeys) + " |")
-    L.append("|---|" + "---|" * len(tkeys))
-    for n, v in s["test"].items():
-        L.append(f"| {labels[n]} | " + " | ".join(_fmt(v[k]) for k in tkeys) + " |")
+    L += _figures_table("tokenizer", s["test"], labels)
     L.append("\nEvery figure of every candidate, per group, with plots: [evaluation/report.md](evaluation/report.md).\n")
     L.append("## Use it\n")
     if s["tokenizer_type"] in TRAIN_TYPES:
