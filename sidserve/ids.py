@@ -20,28 +20,28 @@ def hash_strings(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
-    ids = ids.cast(pa.large_string())
+    if ids.type not in (pa.string(), pa.large_string()):
+        ids = ids.cast(pa.large_string())
     n = len(ids)
     if ids.null_count:
         raise ValueError("item ids to hash contain nulls")
-    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + n + 1]
+    width = np.int32 if ids.type == pa.string() else np.int64  # offsets read in place, never copied
+    offsets = np.frombuffer(ids.buffers()[1], dtype=width)[ids.offset:ids.offset + n + 1].astype(np.int64)
     data = np.frombuffer(ids.buffers()[2], dtype=np.uint8) if ids.buffers()[2] is not None \
         else np.zeros(0, np.uint8)
-    start, end = offsets[:-1], offsets[1:]
-    lengths = end - start
+    start = offsets[:-1]
+    lengths = offsets[1:] - start
     max_len = int(lengths.max()) if n else 0
     with np.errstate(over="ignore"):
         powers = np.cumprod(np.concatenate([[np.uint64(1)], np.full(max_len, _PRIME, np.uint64)]))
         out = np.zeros(n, dtype=np.uint64)
-        if data.size and n:
-            lo, hi = int(start[0]), int(end[-1])
-            seg = data[lo:hi].astype(np.uint64) + np.uint64(1)
-            pos = np.arange(lo, hi, dtype=np.int64)
-            row_end = np.repeat(end, lengths)  # end offset of each byte's string
-            terms = seg * powers[row_end - pos - 1]
-            nonempty = lengths > 0
-            sums = np.add.reduceat(terms, (start[nonempty] - lo)) if nonempty.any() else np.zeros(0, np.uint64)
-            out[nonempty] = sums
+        # Horner's rule one byte position at a time: O(n) temporaries, not O(bytes)
+        for j in range(max_len):
+            active = np.flatnonzero(lengths > j)  # (A,) rows with a byte at position j
+            if active.size < n:
+                out[active] = out[active] * _PRIME + (data[start[active] + j].astype(np.uint64) + np.uint64(1))
+            else:
+                out = out * _PRIME + (data[start + j].astype(np.uint64) + np.uint64(1))
         out += lengths.astype(np.uint64) * powers[lengths]
     return out
 

@@ -65,6 +65,47 @@ def test_catalog_index_refuses_null_ids():
         CatalogIndex(snapshot_table(["a", "b"]).set_column(0, "item_id", pa.array(["a", None])), "v9")
 
 
+LOAD_PEAK = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from sidserve.serving.catalog_index import CatalogIndex
+from sidserve.snapshot import SnapshotRoot
+root = SnapshotRoot(sys.argv[1])
+tracemalloc.start()  # numpy's buffers (the id hashes and their temporaries) are traced
+index = CatalogIndex.load(root)
+numpy_peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"arrow_peak": pa.default_memory_pool().max_memory(), "numpy_peak": numpy_peak,
+                  "nbytes": index.table.nbytes + 16 * len(index), "rows": len(index), "columns": index.table.column_names,
+                  "found": int(index.lookup(["item-0", "item-99999", "nope"]).found.sum())}))
+"""
+
+
+def test_catalog_index_loads_within_twice_its_size(tmp_path):
+    """Issue 50.2: loading reads only the columns the index keeps (a snapshot's long ``path``
+    and ``sid_str`` strings are never decoded) and hashes the ids in bounded chunks, so the
+    peak while loading (Arrow's pool plus numpy's buffers, in a fresh process) stays within 2x
+    of the loaded index. Reading every column and hashing all ids at once took several times
+    the index."""
+    import pyarrow.parquet as pq
+
+    n = 100_000
+    table = snapshot_table([f"item-{i}" for i in range(n)])
+    long = pa.array([f"{'p' * 300}-{i}" for i in range(n)])  # columns the index does not keep
+    table = table.set_column(ITEMS_SCHEMA.get_field_index("path"), "path", long)
+    table = table.set_column(ITEMS_SCHEMA.get_field_index("sid_str"), "sid_str", long)
+    (tmp_path / "snapshots" / "v1" / "items").mkdir(parents=True)
+    for k in range(2):  # two files, row groups smaller than a file
+        pq.write_table(table.slice(k * n // 2, n // 2), tmp_path / "snapshots" / "v1" / "items" / f"part-{k}.parquet",
+                       row_group_size=20_000)
+    (tmp_path / "snapshots" / "v1" / "summary.json").write_text(json.dumps({"version": "v1", "items": n}))
+    root = SnapshotRoot(str(tmp_path))
+    root.publish("v1")
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["rows"] == n and m["found"] == 2 and m["columns"] == ["item_id", "sid", "dedup", "behavior_weights"]
+    assert m["arrow_peak"] + m["numpy_peak"] <= 2 * m["nbytes"], m
+
 @pytest.mark.parametrize("bad,match", [
     ({"modle_uri": "x"}, "unknown config key.*modle_uri"),
     ({"max_batch_size": 0}, "max_batch_size"),

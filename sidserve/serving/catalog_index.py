@@ -19,6 +19,10 @@ from sidserve.ids import hash_strings
 from sidserve.snapshot import ITEMS_SCHEMA, SnapshotRoot
 
 KEEP = ["item_id", "sid", "dedup", "behavior_weights"]  # columns held in memory
+KEEP_SCHEMA = pa.schema([ITEMS_SCHEMA.field(name) for name in KEEP])
+READ = [*KEEP, "model_version"]  # columns read while loading
+READ_BATCH_ROWS = 65_536  # rows decoded at a time while loading
+HASH_CHUNK_ROWS = 16_384  # ids hashed at a time (hash_strings' temporaries: ~48 bytes per id byte)
 @dataclass
 class CatalogHits:
     """Rows of a lookup: ``found`` (Q,) bool and, for found ones, ``rows`` into the table."""
@@ -28,34 +32,78 @@ class CatalogHits:
 
 
 class CatalogIndex:
-    """One snapshot's items, looked up by item_id."""
+    """One snapshot's items, looked up by item_id.
+
+    Loading streams the snapshot in record batches and keeps only ``KEEP``: the columns a
+    response does not need (``sid_str``, ``path``) are never read, ``model_version`` is read one
+    batch at a time for its distinct values, and the ids are hashed ``HASH_CHUNK_ROWS`` at a
+    time (``hash_strings`` holds about 40 bytes per id *byte* while it works). Peak memory
+    while loading stays within 2x of the loaded index (``nbytes``); bench/catalog_index_memory.py
+    measures it at 5M items.
+    """
 
     def __init__(self, table: pa.Table, version: str, summary: dict | None = None, root_uri: str | None = None):
         if not set(ITEMS_SCHEMA.names) <= set(table.column_names):
             raise ValueError(f"snapshot {version}: items have columns {table.column_names}, "
                              f"expected {ITEMS_SCHEMA.names}")
-        versions = pc.unique(table.column("model_version")).to_pylist() if table.num_rows else []
-        self.model_versions: list[str] = sorted(v for v in versions if v is not None)
-        # only what a response needs (sid_str is rebuilt from sid): about 70 bytes an item
-        self.table = table.select(KEEP).combine_chunks()
-        self.version = version
-        self.summary = summary or {}
-        self.root_uri = root_uri
-        ids = self.table.column("item_id")
-        if ids.null_count:
-            raise ValueError(f"snapshot {version}: {ids.null_count} item(s) with a null item_id")
-        hashes = hash_strings(ids)
-        self._order = np.argsort(hashes, kind="stable").astype(np.int64)
-        self._hashes = hashes[self._order]
-        self._ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        self._build(table.select(READ).to_batches(), table.num_rows, version, summary, root_uri)
 
     @classmethod
     def load(cls, root: SnapshotRoot, version: str | None = None) -> CatalogIndex:
         version = version or root.latest()
         if version is None:
             raise ValueError(f"{root.uri}: no published snapshot (no LATEST)")
-        table = root.read_items(version, columns=ITEMS_SCHEMA.names)
-        return cls(table, version, root.summary(version), root.uri)
+        dataset = root.items_dataset(version)
+        missing = sorted(set(ITEMS_SCHEMA.names) - set(dataset.schema.names))
+        if missing:
+            raise ValueError(f"snapshot {version}: items have columns {dataset.schema.names}, "
+                             f"expected {ITEMS_SCHEMA.names} (missing {missing})")
+        index = cls.__new__(cls)
+        index._build(dataset.to_batches(columns=READ, batch_size=READ_BATCH_ROWS, batch_readahead=2,
+                                        fragment_readahead=1), dataset.count_rows(),
+                     version, root.summary(version), root.uri)
+        return index
+
+    def _build(self, batches, n: int, version: str, summary: dict | None, root_uri: str | None) -> None:
+        kept: list[pa.RecordBatch] = []
+        h = np.empty(n, np.uint64)  # (N,) the ids' hashes, filled batch by batch
+        done = 0
+        versions: set[str] = set()
+        nulls = 0
+        for batch in batches:
+            versions.update(v for v in pc.unique(batch.column("model_version")).to_pylist() if v is not None)
+            batch = batch.select(KEEP)
+            ids = batch.column("item_id")
+            nulls += ids.null_count
+            if nulls:
+                continue  # counted for the error below; nothing more to build
+            if done + len(ids) > n:
+                raise ValueError(f"snapshot {version}: more items than its files' metadata count ({n})")
+            for start in range(0, len(ids), HASH_CHUNK_ROWS):  # bounded temporaries
+                chunk = ids.slice(start, HASH_CHUNK_ROWS)
+                h[done:done + len(chunk)] = hash_strings(chunk)
+                done += len(chunk)
+            kept.append(batch)
+        if nulls:
+            raise ValueError(f"snapshot {version}: {nulls} item(s) with a null item_id")
+        self.model_versions: list[str] = sorted(versions)
+        # only what a response needs (sid_str is rebuilt from sid): about 70 bytes an item
+        self.table = pa.Table.from_batches(kept, schema=kept[0].schema if kept else KEEP_SCHEMA)
+        del kept
+        self.version = version
+        self.summary = summary or {}
+        self.root_uri = root_uri
+        if done != n:
+            raise ValueError(f"snapshot {version}: read {done} items, its files' metadata count {n}")
+        self._order = np.argsort(h, kind="stable")  # (N,) int64 rows by hash
+        self._hashes = h[self._order]  # (N,) sorted
+        del h
+        self._ids = self.table.column("item_id")  # chunked: indexing finds the chunk
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the loaded index holds: the kept columns plus the hash index (16 per item)."""
+        return self.table.nbytes + self._hashes.nbytes + self._order.nbytes
 
     @property
     def created_at(self) -> float | None:
