@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from sidserve import conditional
 from sidserve.artifact import read_bytes, resolve, safe_name, write_bytes
 from sidserve.files import atomic_write, file_lock
 
@@ -93,7 +94,13 @@ class SnapshotRoot:
         path = self.join(LATEST)
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
-        version = read_bytes(self.fs, path).decode().strip()
+        return self._parse_latest(read_bytes(self.fs, path))
+
+    def _parse_latest(self, raw: bytes | None) -> str | None:
+        """LATEST's bytes (None: no LATEST) -> the version it names, checked as ``latest`` says."""
+        if raw is None:
+            return None
+        version = raw.decode().strip()
         repair = (f"write the last good version (a directory under {self.uri_of('snapshots')} with a "
                   f"{SUMMARY}) into it")
         if not version:
@@ -112,8 +119,10 @@ class SnapshotRoot:
         Publishing then succeeds only if LATEST still names it, so of two runs that started
         from the same snapshot the second to finish fails instead of silently replacing the
         first (whose dedup continuity it would break). On a local file system the check and
-        the rename happen under an exclusive lock (sidserve/files.py); on object stores (no compare-and-swap
-        through pyarrow) the check runs just before the PUT, a window of one request.
+        the rename happen under an exclusive lock (sidserve/files.py); on S3 and GCS the PUT is
+        conditional on LATEST's ETag / generation as read for the check (sidserve/conditional.py),
+        so a publisher that lands between the check and the write makes this one fail too.
+        Another object store (no conditional write known here) checks just before the PUT.
         """
         safe_name(version, "snapshot version")
         if self.fs.get_file_info(self.join("snapshots", version, SUMMARY)).type != pafs.FileType.File:
@@ -127,14 +136,27 @@ class SnapshotRoot:
                 # the old version or the new one, never empty
                 with atomic_write(self.join(LATEST)) as f:
                     f.write(data)
+        elif (store := conditional.for_uri(self.uri_of(LATEST))) is not None:
+            if expected is ANY:  # a manual re-point: whatever LATEST names now
+                write_bytes(self.fs, self.join(LATEST), data)
+                return
+            current = store.read()
+            self._check_expected(expected, version, now=self._parse_latest(current.data))
+            try:
+                store.write(data, current.token)
+            except conditional.Conflict as e:
+                raise PublishConflict(
+                    f"{self.uri}: not publishing {version}: LATEST changed between this run's check "
+                    f"(it named {expected or 'no published snapshot'}) and its write; it names "
+                    f"{self.latest()} now (another run published at the same moment); rerun to build on it") from e
         else:
             self._check_expected(expected, version)
-            write_bytes(self.fs, self.join(LATEST), data)  # object stores: a PUT is atomic
+            write_bytes(self.fs, self.join(LATEST), data)  # another object store: a PUT is atomic
 
-    def _check_expected(self, expected, version: str) -> None:
+    def _check_expected(self, expected, version: str, *, now: str | None | object = ANY) -> None:
         if expected is ANY:
             return
-        now = self.latest()
+        now = self.latest() if now is ANY else now
         if now != expected:
             raise PublishConflict(
                 f"{self.uri}: not publishing {version}: this run started from "
