@@ -31,6 +31,16 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
 
+# The evaluation's text-embedding cache (sidserve/eval/text.py): one directory for the whole
+# run, made by the controlling process before xdist starts its workers (they inherit it), so
+# the slice's text is embedded once per run, never read from a developer's ~/.cache, and
+# removed at the end (pytest_unconfigure below).
+if "SIDSERVE_TEXT_CACHE" not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+    os.environ["SIDSERVE_TEXT_CACHE"] = _TEXT_CACHE = tempfile.mkdtemp(prefix="sidserve-test-text-cache-")
+else:
+    _TEXT_CACHE = None
+
 from sidserve import SemanticIdTokenizer, TokenizerConfig, make_synthetic_catalog
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -322,3 +332,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line("test seconds per xdist worker: " + ", ".join(
             f"{w}{' (the Ray scope)' if w in _RAY_WORKER else ''} {s:.0f} s"
             for w, s in sorted(_WORKER_SECONDS.items())))
+
+
+def pytest_unconfigure(config):
+    if _TEXT_CACHE is not None:
+        import shutil
+        shutil.rmtree(_TEXT_CACHE, ignore_errors=True)

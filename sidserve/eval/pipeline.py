@@ -237,11 +237,10 @@ class Evaluation:
             return out
 
         def run():
-            from sidserve.eval.text import embed_texts, load_text_model
-            model = load_text_model()
+            from sidserve.eval.text import embed_texts
             for modality, texts in self.data.item_texts(self.c.content).items():
                 uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-                emb = embed_texts(list(uniq), model=model)[inv.ravel()]
+                emb = embed_texts(list(uniq))[inv.ravel()]
                 write_npy(self.path("embeddings", f"{modality}.npy"), emb)
             return {"modalities": ["text", "meta"]}
         done = self.path("embeddings", "done.json")

@@ -141,12 +141,11 @@ class TwoNights:
                     raise ValueError(f"--content-from {self.c.content_from}: embeddings of "
                                      f"{[v.shape[0] for v in out.values()]} items, the dataset has {self.data.num_items}")
                 return out
-            from sidserve.eval.text import embed_texts, load_text_model
-            model = load_text_model()
+            from sidserve.eval.text import embed_texts
             out = {}
             for m, texts in self.data.item_texts().items():
                 uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-                out[m] = embed_texts(list(uniq), model=model)[inv.ravel()]
+                out[m] = embed_texts(list(uniq))[inv.ravel()]
             return out
         return self._cached("content embeddings", "embeddings.npz", run)
 
