@@ -162,24 +162,24 @@ def test_a_failed_run_resumes_and_equals_an_uninterrupted_one(ray_session, items
 
 
 @pytest.mark.timeout(300)
-def test_a_resume_inside_a_regulation_refresh_period_equals_an_uninterrupted_run(ray_session, items_dir, tmp_path):
-    """Issue 50.6: collision regulation plans its pairs at epoch 0 and then every 2 epochs. The
-    worker dies at the start of epoch 1; the restarted one resumes from epoch 0's checkpoint and
-    trains epoch 1 on epoch 0's pairs, which the checkpoint keeps (re-planning them from the
-    epoch-0 model, as before, gave another model). One worker (a fixed data order, as in the
-    resume test above): the same weights, bit for bit, and the same history."""
+def test_a_two_worker_resume_inside_a_regulation_refresh_period_equals_an_uninterrupted_run(
+        regulated_fit, items_dir, tmp_path):
+    """Issue 50.6: collision regulation plans its pairs at epoch 0 and then every 2 epochs. A
+    worker dies at the start of epoch 1; the restarted group resumes from epoch 0's checkpoint
+    and trains epoch 1 on epoch 0's pairs, which the checkpoint keeps (re-planning them from
+    the epoch-0 model, as before, gave another model). Two workers (issue 50's node faults
+    lose some of several): each rank goes on with its own generator, which the checkpoint
+    keeps per rank (it kept rank 0's, and a restarted rank 1 drew rank 0's numbers). The
+    uninterrupted run is the module's regulated fit (same workers, each reading its own row
+    groups in a seeded order): the same weights, bit for bit, and the same history."""
     import torch
 
-    ray_session()
-
-    def run(name, **kw):
-        return fit_distributed(job(tmp_path / name, items_dir, num_workers=1, cpus_per_worker=1.0,
-                                   tokenizer=TokenizerConfig(**TINY).replace(epochs=2, **REGULATED), **kw))
-
-    tok_a, _, m_a = run("a")
-    tok_b, _, m_b = run("b", max_failures=1, callbacks=[FaultInjection(1, 0, str(tmp_path / "died"))])
+    _, _, tok_a, _, m_a = regulated_fit
+    tok_b, _, m_b = fit_distributed(job(tmp_path, items_dir, max_failures=1,
+                                        callbacks=[FaultInjection(1, 1, str(tmp_path / "died"))],
+                                        tokenizer=TokenizerConfig(**TINY).replace(**REGULATED)))
     assert (tmp_path / "died").exists()
-    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1]  # epoch 1 by the restarted worker
+    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 1]  # epochs 1-2 by the restarted group
     a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     drop = {"started_at_epoch", "resumed_at_step", "items_per_s", "data_wait_s", "step_s"}

@@ -28,13 +28,15 @@ PAIRS_FILE = "pairs.npz"  # collision regulation: the refresh period's PairSet (
 
 
 def save_checkpoint(directory: str, model: ADCSIDModel, optimizer, epoch: int, state: TrainState,
-                    history: list[dict], partial: list[dict] | None = None, pairs=None) -> None:
+                    history: list[dict], partial: list[dict] | None = None, pairs=None,
+                    generators: list[torch.Tensor] | None = None) -> None:
     """A checkpoint: weights, optimizer + epoch + step + RNG, the history so far; ``partial``
     (one dict per rank, tensors and plain values): ``epoch`` is still running; ``pairs``:
-    (PairSet, steps taken with it) of collision regulation's current refresh period."""
+    (PairSet, steps taken with it) of collision regulation's current refresh period;
+    ``generators``: every rank's generator state, by rank (``generator`` is rank 0's)."""
     torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": state.step,
-                "generator": state.generator.get_state(),
+                "generator": state.generator.get_state(), "generators": generators,
                 "pair_step": None if pairs is None else int(pairs[1])}, os.path.join(directory, STATE_FILE))
     if pairs is not None:
         np.savez(os.path.join(directory, PAIRS_FILE), **pairs[0].arrays())

@@ -161,7 +161,10 @@ def train_loop(cfg: dict) -> None:
             saved, history = load_checkpoint(d, model)
         optimizer_state, start_epoch, state.step = saved["optimizer"], saved["epoch"] + 1, saved["step"]
         resumed_pairs = (saved["pair_set"], saved.get("pair_step") or 0) if saved["pair_set"] is not None else None
-        state.generator.set_state(saved["generator"])  # dead-code restarts draw as they would have
+        # dead-code restarts draw as they would have: this rank's stream (checkpoints from before
+        # the per-rank list hold rank 0's only, as do those of another worker count)
+        generators = saved.get("generators") or []
+        state.generator.set_state(generators[rank] if len(generators) == world else saved["generator"])
         if saved["partial"] is not None:
             if len(saved["partial"]) != world:
                 raise ValueError(f"the checkpoint stopped inside epoch {saved['epoch']} with "
@@ -271,9 +274,12 @@ def train_loop(cfg: dict) -> None:
                                                   "catalog_collision_rate", "admissible_share", "items_per_s")
                 if k in record)), flush=True)
         flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+        # every rank's generator (each draws its own stream, seeded by rank): a restarted rank 1
+        # must go on with rank 1's draws, not rank 0's
+        generators = sync.gather_object_to_root(state.generator.get_state())
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, optimizer, epoch, state, history,
+                save_checkpoint(d, model, optimizer, epoch, state, history, generators=generators,
                                 pairs=None if pair_set is None else (pair_set, pair_step))
                 ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
