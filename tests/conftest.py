@@ -11,6 +11,10 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 # under a second, so every report, restart and finish waited for the next poll (about 5 s of
 # a 30 s fit). Production keeps Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Train v2 starts a PreemptionWatcher actor (one more Python process importing Ray Train) with
+# every worker group, to log a node's draining notice; one node that never drains has no use
+# for it, and each fit and restart of the suite paid its start.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray Data's DataSource V2 Parquet reader (the 2.60 default) provisions 32 footer-reader
 # actors for every read it executes: about 2 s and a burst of 32 processes per read on
 # this 2-CPU machine, whatever the file size, paid again by every epoch of a streaming fit.
@@ -173,8 +177,10 @@ def pytest_collection_modifyitems(items):
         raise pytest.UsageError(f"add their modules to conftest.RAY_MODULES: {stray}")
     # the Ray tests first: the "ray" scope is then the first unit of work a worker takes, so that
     # worker runs at normal priority (pytest_runtest_setup below lowers the other one's)
-    items.sort(key=lambda item: (xdist_scope(item.nodeid) != "ray", item.path.name in SERVE_MODULES,
-                                 item.path.name == "test_serve.py"))
+    # and the demo last of them: it shuts the session cluster down for its own, and nothing
+    # after it has to start the session cluster again
+    items.sort(key=lambda item: (xdist_scope(item.nodeid) != "ray", item.path.name == "test_demo.py",
+                                 item.path.name in SERVE_MODULES, item.path.name == "test_serve.py"))
 
 
 _NICED = False
