@@ -122,12 +122,13 @@ def test_two_worker_fit_over_sharded_parquet(regulated_fit, catalog):
 @pytest.mark.timeout(600)
 def test_a_failed_run_resumes_and_equals_an_uninterrupted_one(ray_session, items_dir, tmp_path):
     """One worker (a fixed data order: the cleaned catalog is materialised in block order and
-    shuffled locally with a per-epoch seed). The worker dies after step 6 of epoch 1: the run
-    restarts its worker group from the mid-epoch checkpoint (weights, optimizer, step, RNG;
-    the restarted worker skips the 4 batches it had trained on). It dies again at the start of
-    epoch 2: with max_failures=1 spent, the run fails and publishes nothing; a plain rerun
-    under the same name is refused; ``resume`` finishes it from epoch 1's checkpoint. The
-    model equals, bit for bit, with the same per-epoch history, a run never interrupted."""
+    shuffled locally with a per-epoch seed). The worker dies after step 6 of epoch 1, past the
+    mid-epoch checkpoint of step 4; with no restarts allowed the run fails and publishes
+    nothing; a plain rerun under the same name is refused; ``resume`` finishes it from that
+    checkpoint (weights, optimizer, step, RNG; the resumed worker skips the 4 batches it had
+    trained on). The model equals, bit for bit, with the same per-epoch history, a run never
+    interrupted. (A restart inside a run, from an epoch's checkpoint, with two workers: the
+    regulated test below; both read ``ray.train.get_checkpoint()`` the same way.)"""
     import torch
 
     ray_session()
@@ -137,17 +138,16 @@ def test_a_failed_run_resumes_and_equals_an_uninterrupted_one(ray_session, items
         return job(tmp_path / "b", items_dir, num_workers=1, cpus_per_worker=1.0, name="nightly",
                    checkpoint_every_steps=4, **kw)
 
-    faults = [FaultAtStep(1, 6, 0, str(tmp_path / "died-mid")), FaultInjection(2, 0, str(tmp_path / "died"))]
     with pytest.raises(Exception, match="(?i)fail|died|error"):
-        fit_distributed(nightly(max_failures=1, callbacks=faults))
-    assert (tmp_path / "died-mid").exists() and (tmp_path / "died").exists()  # the worker did die, twice
+        fit_distributed(nightly(max_failures=0, callbacks=[FaultAtStep(1, 6, 0, str(tmp_path / "died-mid"))]))
+    assert (tmp_path / "died-mid").exists()  # the worker did die
     assert not (tmp_path / "b" / "model" / "manifest.json").exists()
     # a plain rerun under the same name is refused: it would silently mix two runs
     with pytest.raises(ValueError, match="--resume"):
         fit_distributed(nightly())
     tok_b, _, m_b = fit_distributed(nightly(resume=True))
-    # epoch 0 by the first worker group, 1 by the restarted one (from step 4), 2 by the resumed run
-    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 2]
+    # epoch 0 by the failed run, 1 (from step 4) and 2 by the resumed one
+    assert [e["started_at_epoch"] for e in m_b["epochs"]] == [0, 1, 1]
     assert [e["resumed_at_step"] for e in m_b["epochs"]] == [0, 4, 0]
     a, b = tok_a.model_.state_dict(), tok_b.model_.state_dict()
     assert a.keys() == b.keys()
