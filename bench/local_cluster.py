@@ -56,6 +56,7 @@ class LocalCluster:
         self.nodes: dict[str, Node] = {}
         self.address: str | None = None
         self._count = 0
+        self._started = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def start_head(self, num_cpus: float = 0) -> Node:
@@ -128,12 +129,13 @@ class LocalCluster:
     def _ray_start(self, node: Node, extra: list[str]) -> None:
         import json
 
-        lo = min(node.ports.values())
+        self._started += 1  # worker ports below the ephemeral range the other ports come from
+        lo = 10000 + 200 * (self._started % 45)
         cmd = [self.ray, "start", f"--num-cpus={node.num_cpus:g}", f"--temp-dir={node.temp_dir}",
                f"--object-store-memory={self.object_store}", "--disable-usage-stats",
                f"--resources={json.dumps({**node.resources, 'node:' + node.name: 1})}",
                *[f"--{flag}={port}" for flag, port in node.ports.items()],
-               f"--min-worker-port={20000 + (lo % 20000)}", f"--max-worker-port={20000 + (lo % 20000) + 199}",
+               f"--min-worker-port={lo}", f"--max-worker-port={lo + 199}",
                *extra]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         if proc.returncode != 0:

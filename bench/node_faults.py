@@ -145,15 +145,18 @@ def train_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
 
 
 def kill_when_staged(cluster: LocalCluster, staging: str, victim: str, cpus: float, log: dict,
-                     timeout_s: float = 600) -> None:
+                     done: threading.Event, timeout_s: float = 600) -> None:
     """Watcher: once the assignment has staged its first encoded rows, kill ``victim`` (a node
     with an encoder actor on it) and start a replacement."""
     deadline = time.time() + timeout_s
     while not any(files for _, _, files in os.walk(staging)):
-        if time.time() > deadline:
-            log["error"] = "nothing was staged"
+        if time.time() > deadline or done.is_set():
+            log["error"] = "the job ended before anything was seen staged"
             return
         time.sleep(0.02)
+    if done.is_set():
+        log["error"] = "the job ended before the node could be killed"
+        return
     log["killed"] = victim
     log["processes_killed"] = cluster.kill(victim)
     log["replacement"] = cluster.replace("worker", cpus).name
@@ -192,8 +195,9 @@ def assign_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
     out = os.path.join(workdir, "assign-node-lost")
     victim = sorted(n for n in cluster.nodes if n != "head")[-1]
     log: dict = {}
-    watcher = threading.Thread(target=kill_when_staged, args=(cluster, os.path.join(out, "_staging"), victim, 1.0, log),
-                               daemon=True)
+    done = threading.Event()
+    watcher = threading.Thread(target=kill_when_staged, daemon=True,
+                               args=(cluster, os.path.join(out, "_staging"), victim, 1.0, log, done))
     watcher.start()
     t0 = time.perf_counter()
     error = None
@@ -201,6 +205,8 @@ def assign_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
         run_assignment(job("assign-node-lost"))
     except Exception as e:  # noqa: BLE001  (an honest failure is one of the two allowed outcomes)
         error = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        done.set()  # the kill must have come before this to count
     faulted_s = time.perf_counter() - t0
     watcher.join(timeout=5)
     got = table(out)
@@ -219,12 +225,15 @@ def assign_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
             "in_flight": 0}
 
 
-RETRY_STATUSES = {502, 503, 504}  # docs/operations.md: what a client of POST /tokenize retries
+# docs/operations.md: what a client of POST /tokenize retries. 500 is in: Serve's proxy answers a
+# request whose replica died under it with a plain "500 Internal Server Error" (seen here), and
+# the request is idempotent; the service itself answers bad input with a 4xx, never a 5xx
+RETRY_STATUSES = {500, 502, 503, 504}
 
 
 def post_with_retry(client, body: dict, attempts: int = 6, backoff_s: float = 0.2):
     """docs/operations.md's client policy for the idempotent ``POST /tokenize``: retry a
-    connection error or a 502/503/504 with exponential backoff (0.2, 0.4, ... s), up to 6
+    connection error or a 5xx (500/502/503/504) with exponential backoff (0.2, 0.4, ... s), up to 6
     attempts -> (response or None, attempts used, first attempt failed)."""
     import httpx
 
@@ -297,6 +306,8 @@ def serve_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
                     stats["first_attempt_failed"] += first_failed
                     if r is None or r.status_code != 200:
                         stats["failed_after_retry"] += 1
+                        stats.setdefault("failures", []).append(
+                            "no answer" if r is None else f"{r.status_code} {r.text[:200]}")
                         continue
                     got = r.json()["results"][0]
                     want = (list(expected[row["item_id"]][0]), expected[row["item_id"]][1]) if known \
@@ -336,17 +347,22 @@ def serve_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
                        "requests": stats["requests"], "requests_before_kill": before,
                        "recovered_s": None if recovered_s is None else round(recovered_s, 1),
                        "first_attempt_failed": stats["first_attempt_failed"],
-                       "failed_after_retry": stats["failed_after_retry"]},
+                       "failed_after_retry": stats["failed_after_retry"],
+                       "failures": sorted(set(stats.get("failures", [])))[:5]},
             "rows_lost": 0, "wrong_answers": stats["wrong"], "failed_requests": stats["first_attempt_failed"],
             "in_flight": stats["in_flight"]}
 
 
 def ray_actors(class_fragment: str) -> list[dict]:
-    """Alive actors whose class name contains ``class_fragment`` (with their node ids)."""
-    from ray.util.state import list_actors
+    """Alive actors whose class name contains ``class_fragment``, with their node ids, from the
+    GCS's actor table (the state API needs the dashboard, which this cluster does not run)."""
+    import ray._private.state as gcs_state
 
-    return [{"node_id": a.node_id, "name": a.class_name} for a in
-            list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if class_fragment in a.class_name]
+    out = []
+    for info in gcs_state.actors(actor_state_name="ALIVE").values():
+        if class_fragment in (info.get("ActorClassName") or ""):
+            out.append({"node_id": (info.get("Address") or {}).get("NodeID"), "name": info["ActorClassName"]})
+    return out
 
 
 SCENARIOS = {"train": train_scenario, "assign": assign_scenario, "serve": serve_scenario}

@@ -36,12 +36,20 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
         os.environ.setdefault(var, "1")
 
 # The evaluation's text-embedding cache (sidserve/eval/text.py): one directory for the whole
-# run, made by the controlling process before xdist starts its workers (they inherit it), so
-# the slice's text is embedded once per run, never read from a developer's ~/.cache, and
-# removed at the end (pytest_unconfigure below).
+# run, made by the controlling process before xdist starts its workers (they inherit it), never
+# a developer's ~/.cache, removed at the end (pytest_unconfigure below). It starts with the
+# quick evaluation's embeddings of the Beauty slice (tests/data/text-embeddings: the entries
+# the text model wrote for its two modalities, 4 MB), so the suite does not spend ~35 s of
+# CPU re-embedding the same 2,500 texts each run; if the slice, its subsample or the model
+# changes, the keys change and the model runs (slower, same results). The model itself runs in
+# test_text_cache.py.
 if "SIDSERVE_TEXT_CACHE" not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+    import glob
+    import shutil
     import tempfile
     os.environ["SIDSERVE_TEXT_CACHE"] = _TEXT_CACHE = tempfile.mkdtemp(prefix="sidserve-test-text-cache-")
+    for _f in glob.glob(os.path.join(os.path.dirname(__file__), "data", "text-embeddings", "*.npy")):
+        shutil.copy(_f, _TEXT_CACHE)
 else:
     _TEXT_CACHE = None
 
