@@ -373,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="train,assign,serve", help=f"comma-separated, of {sorted(SCENARIOS)}")
     ap.add_argument("--items", type=int, default=20000)
     ap.add_argument("--workdir", default="/tmp/sidserve-node-faults")
+    ap.add_argument("--head-cpus", type=int, default=0,
+                    help="CPUs of the head (0: only the driver there; 1 with --worker-nodes 1: the smallest "
+                         "cluster with work on two nodes, what the suite runs)")
+    ap.add_argument("--worker-nodes", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.head_cpus + args.worker_nodes < 2 or args.worker_nodes < 1:
+        ap.error("a scenario needs two nodes with a CPU, one of them a worker node that can be lost: "
+                 f"--head-cpus {args.head_cpus} --worker-nodes {args.worker_nodes}")
     chosen = [s for s in args.scenarios.split(",") if s]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown or not chosen:
@@ -388,18 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalCluster()
     results = []
     try:
-        cluster.start_head(num_cpus=0)
+        cluster.start_head(num_cpus=args.head_cpus)
         ray.init(address=cluster.address, log_to_driver=False)
-        for name in ("worker-a", "worker-b"):
-            cluster.add_node(name, 1.0)
+        for k in range(args.worker_nodes):
+            cluster.add_node(f"worker-{'abcdefgh'[k]}", 1.0)
         for name in chosen:
             results.append(SCENARIOS[name](cluster, args.workdir, items))
             print(json.dumps(results[-1]), flush=True)
     finally:
         ray.shutdown()
         cluster.stop()
-    print(f"\nnode faults on one machine ({platform.machine()}, {os.cpu_count()} CPUs): a head (0 CPUs) and "
-          "2 worker nodes of 1 CPU, each `ray start`; one node SIGKILLed per scenario, a replacement started")
+    print(f"\nnode faults on one machine ({platform.machine()}, {os.cpu_count()} CPUs): a head ({args.head_cpus} CPUs) "
+          f"and {args.worker_nodes} worker node(s) of 1 CPU, each `ray start`; one node SIGKILLed per scenario, "
+          "a replacement started")
     print("| scenario | survived | node killed (processes) | detail |")
     print("|---|---|---|---|")
     for r in results:
