@@ -84,7 +84,10 @@ def kill_when_marked(cluster: LocalCluster, marker: str, cpus: float, log: dict,
     log["killed"] = name
     log["processes_killed"] = cluster.kill(name)
     log["killed_at"] = time.time()
-    log["replacement"] = cluster.replace("worker", cpus).name
+    try:
+        log["replacement"] = cluster.replace("worker", cpus).name
+    except RuntimeError as e:  # recorded: a scenario without its replacement did not survive
+        log["error"] = f"the replacement node did not start: {str(e)[:300]}"
 
 
 def write_catalog(workdir: str, n: int) -> str:
@@ -132,7 +135,7 @@ def train_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
     tok, _, metrics = fit_distributed(job("train-node-lost", max_failures=2,
                                           callbacks=[MarkEpoch(2, 1, 3, marker)]))
     faulted_s = time.perf_counter() - t0
-    watcher.join(timeout=5)
+    watcher.join(timeout=300)  # its replacement node started (or failed) before teardown
     a, b = ref.model_.state_dict(), tok.model_.state_dict()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     attempts = [e["started_at_epoch"] for e in metrics["epochs"]]
@@ -159,7 +162,10 @@ def kill_when_staged(cluster: LocalCluster, staging: str, victim: str, cpus: flo
         return
     log["killed"] = victim
     log["processes_killed"] = cluster.kill(victim)
-    log["replacement"] = cluster.replace("worker", cpus).name
+    try:
+        log["replacement"] = cluster.replace("worker", cpus).name
+    except RuntimeError as e:  # recorded: a scenario without its replacement did not survive
+        log["error"] = f"the replacement node did not start: {str(e)[:300]}"
 
 
 def assign_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
@@ -208,7 +214,7 @@ def assign_scenario(cluster: LocalCluster, workdir: str, items: str) -> dict:
     finally:
         done.set()  # the kill must have come before this to count
     faulted_s = time.perf_counter() - t0
-    watcher.join(timeout=5)
+    watcher.join(timeout=300)  # its replacement node started (or failed) before teardown
     got = table(out)
     if got is None:
         outcome, lost, same = "nothing published, LATEST untouched", 0, True
