@@ -158,7 +158,7 @@ SERVE_MODULES = ("test_invariance.py", "test_observability.py", "test_serve.py")
 # neither. Grouped by module name here, because pytest 9 ignores the node-id suffix that
 # xdist's own `--dist loadgroup` relies on.
 RAY_MODULES = {"test_assign_job.py", "test_catalog_prepass.py", "test_cli.py", "test_demo.py",
-               "test_refresh_job.py", "test_train_ingest.py", "test_train_job.py", *SERVE_MODULES}
+               "test_refresh_job.py", "test_train_sample.py", "test_train_job.py", *SERVE_MODULES}
 QUICK_RUN_MODULES = {"test_evaluate.py", "test_stability.py", "test_select.py"}
 
 

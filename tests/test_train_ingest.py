@@ -1,6 +1,7 @@
 """The train workers' own Parquet reads (sidserve/jobs/train/ingest.py): every valid row once
 per epoch across the workers, equal shares, a seeded order that a resume can replay, bad rows
-left out, the input's column names mapped, and the k-means sample drawn from the valid rows."""
+left out, the input's column names mapped (no Ray here; the k-means sample, drawn with Ray's
+help, is test_train_sample.py's)."""
 
 import itertools
 
@@ -12,20 +13,24 @@ from catalog_files import write_catalog
 
 from sidserve import TokenizerConfig, make_synthetic_catalog
 from sidserve.jobs.catalog import HAS_BEHAVIOR, clean_batch
-from sidserve.jobs.train.ingest import ParquetShards, prefetched, sample_rows, spans
+from sidserve.jobs.train.ingest import ParquetShards, prefetched, spans
 
 CFG = dict(modality_dims={"text": 16, "image": 8}, behavior_dim=8, codebook_size=16, hidden_dim=32,
            num_behavior_experts=2, epochs=1)
 
 
-@pytest.fixture(scope="module")
-def table() -> pa.Table:
+def make_table() -> pa.Table:
     t = make_synthetic_catalog(2300, modality_dims=CFG["modality_dims"], behavior_dim=8, cold_share=0.2, seed=5)
     rows = t.to_pylist()
     for i in (4, 1200, 2299):  # rows cleaning skips
         rows[i]["image_emb"][0] = float("nan")
     rows[17]["text_emb"] = None
     return pa.Table.from_pylist(rows, schema=t.schema)
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return make_table()
 
 
 write = write_catalog
@@ -195,20 +200,3 @@ def test_prefetched_raises_the_readers_error_and_stops_with_the_consumer():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
-
-
-def test_the_kmeans_sample_is_bounded_uniform_and_seeded(ray_session, table, tmp_path):
-    ray_session()
-    config = TokenizerConfig(**CFG)
-    shards = ParquetShards.plan(write(table, tmp_path / "items"), config, rows_per_read=256)
-    valid = set(valid_ids(table))
-    a = sample_rows(shards, len(valid), 500, seed=1)
-    assert len(a["item_id"]) == 500 and len(set(a["item_id"])) == 500 and set(a["item_id"]) <= valid
-    assert list(sample_rows(shards, len(valid), 500, seed=1)["item_id"]) == list(a["item_id"])
-    assert list(sample_rows(shards, len(valid), 500, seed=2)["item_id"]) != list(a["item_id"])
-    # drawn from every file, not from the first rows read
-    rows = np.flatnonzero(np.isin(table.column("item_id").to_numpy(zero_copy_only=False), a["item_id"]))
-    files = set(np.searchsorted([1000, 1900], rows, side="right").tolist())
-    assert files == {0, 1, 2}
-    # asked for more than there are: every valid row
-    assert sorted(sample_rows(shards, len(valid), 10_000, seed=1)["item_id"]) == sorted(valid)
