@@ -3,7 +3,6 @@
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,9 @@ import pytest
 from sidserve import SemanticIdTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from local_cluster import free_ports  # noqa: E402  (bench/: the multi-node harness picks ports the same way)
+
 TINY_YAML = """\
 modality_dims: {text: 64, image: 32}
 behavior_dim: 32
@@ -32,20 +34,6 @@ def run(cmd, env, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: every socket stays bound until all are picked (one at a time,
-    the kernel may hand the same port out twice: seen as 'metrics_export is trying to use a
-    port number ... used by other components')."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def stop_cluster(temp_dir: str) -> None:
