@@ -664,6 +664,20 @@ def test_the_path_beam_is_exhaustive_when_wide_enough_and_scores_by_hand(small_c
     assert (narrow[:, 1] <= scores[:, 1] + 1e-12).all()
 
 
+def test_sticky_delta_zero_is_the_plain_assignment_even_on_a_tie():
+    """An exact tie between the previous code and the best (float32 scores tie now and then)
+    goes to the best at delta 0, as in the plain assignment (the job runs delta 0 as it); any
+    positive delta keeps the previous code."""
+    from sidserve.jobs.assign.sticky import sticky_codes
+
+    computed = np.array([[0, 2]])
+    cand = np.array([[[0, 3, 1], [2, 4, 1]]])
+    scores = np.array([[[0.9, 0.9, 0.5], [0.8, 0.7, 0.1]]], dtype=np.float32)  # position 0: 0 and 3 tie
+    previous = np.array([[3, 4]])
+    assert sticky_codes(computed, cand, scores, previous, 0.0, 5)[0].tolist() == [[0, 2]]
+    assert sticky_codes(computed, cand, scores, previous, 1e-9, 5)[0].tolist() == [[3, 2]]
+
+
 def test_sticky_keeps_a_whole_previous_sid_within_delta():
     """sticky_from_paths, by hand: a previous SID among the row's paths within delta is kept
     whole; one beyond delta or absent is replaced; unscored when all k were within delta."""

@@ -216,3 +216,55 @@ def test_the_float32_path_is_the_same_model(fitted, small_catalog, tmp_path):
     assert SemanticIdTokenizer.from_pretrained(str(tmp_path / "plain")).config.batch_invariant is False
     assert (plain.sid == exact.sid).all(axis=1).mean() >= 0.99
     np.testing.assert_allclose(plain.behavior_weights, exact.behavior_weights, rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_point_encode_is_batch_invariant_and_float32_mode_computes_the_same_model(fitted, small_catalog):
+    """Both arithmetics of the batch-invariant encode (adc_sid/model/invariant_encode.py): fixed
+    point is batch-invariant by construction, pieces against the whole; and "auto" (float32
+    where this machine's rows are checked batch-independent) computes the same model: the same
+    SIDs but for the odd near-tie, weights within float32 rounding."""
+    with invariant.batch_invariant(arithmetic="fixed"):
+        whole = fitted.encode(small_catalog)
+        rng = np.random.default_rng(5)
+        for idx in random_pieces(len(small_catalog), rng):
+            part = fitted.encode(small_catalog.take(idx))
+            np.testing.assert_array_equal(part.sid, whole.sid[idx])
+            np.testing.assert_array_equal(bits(part.behavior_weights), bits(whole.behavior_weights[idx]))
+    auto = fitted.encode(small_catalog)
+    assert (auto.sid != whole.sid).any(axis=1).mean() <= 0.01
+    np.testing.assert_allclose(auto.behavior_weights, whole.behavior_weights, rtol=1e-4, atol=1e-6)
+    if fitted.arithmetic() == "float32":  # it did compute in another arithmetic (on this machine: yes)
+        assert not np.array_equal(bits(auto.behavior_weights), bits(whole.behavior_weights))
+
+
+def test_float32_mode_is_refused_where_rows_depend_on_the_batch_shape(fitted, small_catalog, monkeypatch):
+    """A BLAS whose row results change with the GEMM's row count (here: a float32 linear that
+    rounds differently for row counts not a multiple of 8, as gemv-style small-M kernels do)
+    fails the check: "auto" computes in fixed point (and stays batch-invariant), "float32" is
+    refused with a message."""
+    import torch.nn.functional as F
+
+    from sidserve.tokenizers.adc_sid.model import invariant_encode
+
+    with invariant.batch_invariant(arithmetic="fixed"):
+        fixed = fitted.encode(small_catalog)
+    real = F.linear
+
+    def shape_dependent(x, w, b=None):
+        y = real(x, w, b)
+        return y * (1 + 2.0 ** -20) if x.ndim == 2 and x.shape[0] % 8 else y
+
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear", shape_dependent)
+    monkeypatch.setattr(invariant_encode, "_CHECKS", {})
+    assert not invariant_encode.float32_rows_agree(fitted.model_, __import__(
+        "sidserve.tokenizers.adc_sid.model.encode", fromlist=["_encode"])._encode)
+    auto = fitted.encode(small_catalog)
+    np.testing.assert_array_equal(auto.sid, fixed.sid)  # fixed point: the same bits
+    np.testing.assert_array_equal(bits(auto.behavior_weights), bits(fixed.behavior_weights))
+    with pytest.raises(RuntimeError, match="float32.*batch shapes"):
+        with invariant.batch_invariant(arithmetic="float32"):
+            fitted.encode(small_catalog.slice(0, 5))
+    assert fitted.arithmetic() == "fixed point"
+    monkeypatch.undo()
+    monkeypatch.setattr(invariant_encode, "_CHECKS", {})
+    assert fitted.arithmetic() in ("float32", "fixed point")  # this machine's own answer again

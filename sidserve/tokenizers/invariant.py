@@ -23,6 +23,11 @@ Inside ``batch_invariant()`` every operation the encoders use is made position-f
   tail. Correctly rounded operations (+, *, /, sqrt, round) are the same in either path anyway.
 * **Ties go to the lowest index** (``torch.argmax``/``argmin`` return the first extremum).
 
+ADC-SID's encode has a second, faster arithmetic, float32 with every GEMM in one of a few
+checked shapes (sidserve/tokenizers/adc_sid/model/invariant_encode.py; ``float32_inside``), used where this
+machine's kernels are shown to compute a row the same in each of them; fixed point is its
+fallback, and the only arithmetic of the other encoders.
+
 The outcome is bit-identical SIDs and weights for an item whatever batch it is encoded in, on
 a given machine type and torch build (tests/test_invariance.py). Across CPU instruction sets,
 or CPU against GPU, the transcendental functions (SiLU, sigmoid) may differ in their last bit,
@@ -43,10 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 
 ROW_MULTIPLE = 64  # rows padded to a multiple of this: element counts avoid every SIMD tail
+MIN_ROWS = 4  # no GEMM of fewer rows: BLAS libraries compute 1-3 rows with other kernels (gemv)
 CHUNK_ROWS = 1024  # rows per exact call: the float64 temporaries of 8,192 rows (tens of MB each)
                    # cost more in page faults than their arithmetic
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("sidserve_batch_invariant", default=False)
+# inside batch_invariant(): which arithmetic an encoder that offers both may use (ADC-SID's,
+# sidserve/tokenizers/adc_sid/model/encode.py): "auto" (float32 where this machine's kernels are checked to compute
+# each row the same in every batch shape the encoder uses, fixed point otherwise), "float32"
+# (checked the same way, an error if the check fails) or "fixed" (exact fixed point)
+ARITHMETICS = ("auto", "float32", "fixed")
+_ARITHMETIC: contextvars.ContextVar[str] = contextvars.ContextVar("sidserve_arithmetic", default="auto")
 
 
 # torch's intra-op thread count is one setting for the whole process, so concurrent callers
@@ -60,15 +72,22 @@ _SAVED_THREADS: int | None = None
 
 
 @contextlib.contextmanager
-def batch_invariant(enabled: bool = True):
+def batch_invariant(enabled: bool = True, *, arithmetic: str | None = None):
     """Run the enclosed inference batch-invariantly (one intra-op thread while any caller is
     inside; exact GEMMs and norms in the modules and helpers of this package that consult
-    ``active()``). Safe to enter from several threads at once."""
+    ``exact()``). Safe to enter from several threads at once. ``arithmetic``: see ARITHMETICS
+    (encoders without a float32 mode always compute in fixed point); None keeps the enclosing
+    call's ("auto" outermost)."""
     global _INSIDE, _SAVED_THREADS
+    if arithmetic is None:
+        arithmetic = _ARITHMETIC.get()
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
     if not enabled:
         yield
         return
     token = _ACTIVE.set(True)
+    arithmetic_token = _ARITHMETIC.set(arithmetic)
     with _THREADS_LOCK:
         if _INSIDE == 0:
             _SAVED_THREADS = torch.get_num_threads()
@@ -81,6 +100,7 @@ def batch_invariant(enabled: bool = True):
             _INSIDE -= 1
             if _INSIDE == 0:
                 torch.set_num_threads(_SAVED_THREADS)
+        _ARITHMETIC.reset(arithmetic_token)
         _ACTIVE.reset(token)
 
 
@@ -88,11 +108,63 @@ def active() -> bool:
     return _ACTIVE.get()
 
 
-def padded_rows(n: int) -> np.ndarray:
-    """Row indices 0..n-1, then row 0 repeated up to a multiple of ROW_MULTIPLE: take these,
+def arithmetic() -> str:
+    """Inside batch_invariant(): the arithmetic asked for (ARITHMETICS)."""
+    return _ARITHMETIC.get()
+
+
+_FLOAT32: contextvars.ContextVar[bool] = contextvars.ContextVar("sidserve_float32_inside", default=False)
+
+
+def exact() -> bool:
+    """Compute GEMMs and norms in exact fixed point: inside batch_invariant(), outside
+    float32_inside()."""
+    return _ACTIVE.get() and not _FLOAT32.get()
+
+
+def float32_inside_active() -> bool:
+    return _FLOAT32.get()
+
+
+@contextlib.contextmanager
+def float32_inside():
+    """Plain float32 GEMMs and norms inside batch_invariant() (one thread, the caller's padding
+    and ``pointwise`` still): an encoder's float32 mode, used once its rows are checked
+    batch-independent (sidserve/tokenizers/adc_sid/model/encode.py)."""
+    token = _FLOAT32.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT32.reset(token)
+
+
+def padded_rows(n: int, multiple: int = ROW_MULTIPLE) -> np.ndarray:
+    """Row indices 0..n-1, then row 0 repeated up to a multiple of ``multiple``: take these,
     compute, keep the first n results (rows are independent, so the repeats change nothing)."""
-    pad = (-n) % ROW_MULTIPLE if n else 0
+    pad = (-n) % multiple if n else 0
     return np.concatenate([np.arange(n), np.zeros(pad, dtype=np.int64)])
+
+
+def row_multiple(widths) -> int:
+    """The fewest rows (a power of two, at least MIN_ROWS) whose (rows, w) tensors hold a
+    multiple of 64 elements for every width w in ``widths``: an elementwise kernel then takes
+    its vector body for every element (no scalar tail), whatever the row count's multiple."""
+    m = MIN_ROWS
+    for w in widths:
+        m = max(m, 64 // math.gcd(64, int(w)))
+    return m
+
+
+def pointwise(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise fn (sigmoid, log1p) on a tensor whose element count is the
+    batch's (B,): inside batch_invariant() computed on a copy padded to a multiple of 64
+    elements, so no element lands in the kernel's scalar tail (whose libm result may differ in
+    the last bit from the vector body's)."""
+    if not active() or x.numel() % 64 == 0:
+        return fn(x)
+    flat = x.reshape(-1)
+    pad = torch.cat([flat, flat.new_zeros((-flat.numel()) % 64)])
+    return fn(pad)[:flat.numel()].reshape(x.shape)
 
 
 def _fixed_point(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +238,7 @@ def exact_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Te
 
 def row_norm(x: torch.Tensor) -> torch.Tensor:
     """x (B, d) -> L2 norm of each row (B,) in x's dtype; exact-then-rounded when active()."""
-    if not active():
+    if not exact():
         return torch.linalg.vector_norm(x, dim=-1)
     q, scale = _fixed_point(x, _bits(x.shape[-1]))
     return (torch.sqrt((q * q).sum(-1)) * scale[:, 0]).to(x.dtype)
@@ -174,7 +246,7 @@ def row_norm(x: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """F.normalize(x, dim=-1), with row_norm's exact norm when active()."""
-    if not active():
+    if not exact():
         return F.normalize(x, dim=-1, eps=eps)
     return x / row_norm(x).clamp_min(eps).unsqueeze(-1)
 
@@ -206,6 +278,6 @@ class Linear(nn.Linear):
         self._fixed_point = FixedPointWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if active():
+        if exact():
             return exact_linear(x, self._fixed_point(self.weight), self.bias)
         return super().forward(x)

@@ -2,9 +2,10 @@
 
 Online = offline holds bit for bit for one CPU instruction set and torch build
 (sidserve/tokenizers/invariant.py): across ISAs, or CPU against GPU, the transcendental
-kernels may differ in their last bit. So every snapshot (written by the assignment job's
+kernels may differ in their last bit, and ADC-SID's float32 mode (sidserve/tokenizers/adc_sid/model/invariant_encode.py)
+is not the same arithmetic as its fixed point. So every snapshot (written by the assignment job's
 encoders) and every loaded model (a serving replica) records ``environment(tok)``: the torch
-version, the CPU capability torch dispatches to, the device, and ``probe_hash``, a hash of the
+version, the CPU capability torch dispatches to, the device, the arithmetic, and ``probe_hash``, a hash of the
 model's encoding of a fixed probe set. Two encodes that agree on the probe hash computed the
 same bits on the probe; a replica whose hash differs from its snapshot's may answer an item
 differently from the snapshot, and says so (GET /v1/model, ``sidserve_probe_mismatch``, the
@@ -57,4 +58,5 @@ def environment(tok, device: str = "cpu") -> dict:
 
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": device if device == "cpu" else f"{device}:{torch.cuda.get_device_name()}",
+            "arithmetic": tok.arithmetic() if hasattr(tok, "arithmetic") else "fixed point",
             "model_version": tok.version, "probe_hash": probe_hash(tok)}

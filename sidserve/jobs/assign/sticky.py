@@ -8,9 +8,10 @@ similarity: cosine for ADC-SID, 2 x.c - ||c||^2 for OPQ), the previous code is k
 
     score(best) - score(previous) <= delta
 
-and the best code is taken otherwise. delta = 0 keeps a code only when it ties the best
-exactly, so it is today's assignment except on an exact float tie between two codewords
-(plain assignment then takes the lower index, sticky the previous code). Positions are independent (ADC-SID's experts, OPQ's
+and the best code is taken otherwise; delta = 0 is the plain assignment, ties included (an
+exact float tie between the previous code and the best goes to the best, the lower index, as
+in the plain assignment: float32 scores tie now and then, ADC-SID's float32 encode,
+sidserve/tokenizers/adc_sid/model/invariant_encode.py). Positions are independent (ADC-SID's experts, OPQ's
 subspaces). A residual tokenizer cannot keep a code alone (a level codes what the levels before
 it left), so residual k-means (rq-kmeans, rq-evidence; ``sticky_unit`` "path") keeps a whole
 SID instead: its ``encode(candidates=k)`` gives the k best whole SIDs of a beam search with
@@ -52,7 +53,11 @@ def trim_candidates(candidates: np.ndarray, scores: np.ndarray, delta: float) ->
     if candidates.shape != scores.shape or candidates.ndim != 3:
         raise ValueError(f"candidates {candidates.shape} and scores {scores.shape} must be the same (n, L, k)")
     s = scores.astype(np.float64, copy=False)
-    within = (s[:, :, :1] - s) <= delta  # (n, L, k): a prefix of each row (scores are best first)
+    if delta == 0:  # the plain assignment: the best code alone, even where another ties it
+        within = np.zeros(s.shape, dtype=bool)
+        within[:, :, 0] = ~np.isnan(s[:, :, 0])
+    else:
+        within = (s[:, :, :1] - s) <= delta  # (n, L, k): a prefix of each row (scores are best first)
     return candidates[within].astype(np.int32), within.sum(-1).astype(np.int32)
 
 

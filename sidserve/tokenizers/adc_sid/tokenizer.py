@@ -197,6 +197,21 @@ class SemanticIdTokenizer(BaseTokenizer):
         self.model_.to(device)
         return self
 
+    def arithmetic(self) -> str:
+        """What this process's encodes compute in: "float32" (batch-invariant, this machine's
+        float32 kernels checked to compute a row the same in every batch shape), "fixed point"
+        (batch-invariant by construction), or "float32, not batch-invariant" (config
+        batch_invariant off). A snapshot and the replicas serving it must agree on it (their
+        probe hashes do then: sidserve/tokenizers/probe.py)."""
+        self._check_fitted()
+        if not self.config.batch_invariant:
+            return "float32, not batch-invariant"
+        from sidserve.tokenizers.adc_sid.model import invariant_encode
+        from sidserve.tokenizers.adc_sid.model.encode import _encode
+
+        with invariant.batch_invariant():
+            return invariant_encode.arithmetic(self.model_, _encode, self.device)
+
     @property
     def device(self) -> torch.device:
         return self.model_.n_min.device
@@ -217,15 +232,18 @@ class SemanticIdTokenizer(BaseTokenizer):
         recon = np.full(n, np.nan)  # filled only with_recon
         cand = np.empty((n, L, candidates), dtype=np.int32) if candidates else None
         scores = np.empty((n, L, candidates), dtype=np.float64) if candidates else None
-        # config.batch_invariant: each row's codes and weights from that row alone
-        # (invariant.py: exact GEMMs, one thread, rows padded; any chunking then gives the same)
+        # config.batch_invariant: each row's codes and weights from that row alone (invariant.py:
+        # exact GEMMs, one thread, rows padded; any chunking then gives the same). The codes-only
+        # encode pads and chunks inside (model/encode.py) and certifies a float32 forward where it
+        # can (model/certified.py); the training forward (with_recon) gets padded chunks here.
         exact = c.batch_invariant
-        step = min(batch_size, invariant.CHUNK_ROWS) if exact else batch_size
+        pad = exact and with_recon
+        step = min(batch_size, invariant.CHUNK_ROWS) if pad else batch_size
         with invariant.batch_invariant(exact):
             for start in range(0, n, step):
                 sl = slice(start, min(n, start + step))
                 k = sl.stop - sl.start
-                rows = sl.start + (invariant.padded_rows(k) if exact else np.arange(k))
+                rows = sl.start + (invariant.padded_rows(k) if pad else np.arange(k))
                 out = self.model_(to_model_input(arrays, rows).to(device), codes_only=not with_recon,
                                   candidates=candidates)
                 sid[sl] = out.codes[:k].cpu().numpy()

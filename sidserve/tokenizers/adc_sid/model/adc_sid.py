@@ -223,7 +223,7 @@ class ADCSIDModel(nn.Module):
                 return e_b.new_zeros(0)
             if popularity is None:
                 raise ValueError("richness_signal='popularity' needs each item's 'popularity' (column or field)")
-            return torch.log1p(popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
+            return invariant.pointwise(torch.log1p, popularity.to(torch.float64).clamp_min(0.0)).to(e_b.dtype)
         return invariant.row_norm(e_b)
 
     def host_stats(self) -> tuple[float, float, bool]:

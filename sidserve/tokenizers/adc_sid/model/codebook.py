@@ -60,7 +60,7 @@ class CosineCodebook(nn.Module):
     def assign(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, d) -> codes (B,) int64: argmax_j cos(z, c_j), the lowest j on a tie
         (exact, so batch-invariant, inside ``invariant.batch_invariant()``)."""
-        if invariant.active():
+        if invariant.exact():
             return invariant.exact_matmul(invariant.normalize(z), self._fixed_point()).argmax(dim=-1)
         return (F.normalize(z, dim=-1) @ self.codewords().t()).argmax(dim=-1)
 
@@ -68,7 +68,7 @@ class CosineCodebook(nn.Module):
         """z (B, d) -> (codes (B, k) int64, cosines (B, k)): the k most similar codewords, best
         first, the lower index first on a tie (so codes[:, 0] == assign(z)); exact float64
         cosines inside ``invariant.batch_invariant()``."""
-        if invariant.active():
+        if invariant.exact():
             sims = invariant.exact_matmul(invariant.normalize(z), self._fixed_point())
         else:
             sims = F.normalize(z, dim=-1) @ self.codewords().t()
@@ -78,7 +78,7 @@ class CosineCodebook(nn.Module):
     def forward(self, z: torch.Tensor):
         z_hat = invariant.normalize(z)  # (B, d)
         codebook = self.codewords()  # (K, d)
-        sims = invariant.exact_matmul(z_hat, self._fixed_point()) if invariant.active() else z_hat @ codebook.t()
+        sims = invariant.exact_matmul(z_hat, self._fixed_point()) if invariant.exact() else z_hat @ codebook.t()
         codes = sims.argmax(dim=-1)  # (B,)
         z_q = codebook[codes]  # (B, d)
         vq_loss = F.mse_loss(z_q, z_hat.detach()) + self.commitment_weight * F.mse_loss(

@@ -6,7 +6,7 @@ Every row goes through the same computation whatever its batch holds (rows witho
 are computed with zeros and masked after), so an item's codes and weights do not depend on
 how many rows of its batch have behavior: a tensor's size decides which of its elements a
 kernel computes in its scalar tail (sidserve/tokenizers/invariant.py has the rest of that
-guarantee).
+guarantee; invariant_encode.py pads and chunks the rows and picks the arithmetic).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sidserve.tokenizers import invariant
+from sidserve.tokenizers.adc_sid.model.invariant_encode import encode_invariant
 from sidserve.tokenizers.adc_sid.model.io import ModelInput, ModelOutput, fill_missing
 
 if TYPE_CHECKING:
@@ -24,7 +26,15 @@ if TYPE_CHECKING:
 def encode(model: ADCSIDModel, x: ModelInput, candidates: int = 0) -> ModelOutput:
     """Codes (B, L) int64 and behavioral weights (B, N_b) of the batch ``x``; with
     ``candidates=k`` also the k best codes per position (B, L, k), best first, and their
-    cosines (``missing_code`` and NaN at positions an item has no code for)."""
+    cosines (``missing_code`` and NaN at positions an item has no code for). Inside
+    ``invariant.batch_invariant()``: chunked, padded and in the arithmetic that
+    invariant_encode.py picks, so that each row's results are a function of that row alone."""
+    if invariant.active() and not invariant.float32_inside_active():
+        return encode_invariant(model, x, candidates, _encode)
+    return _encode(model, x, candidates)
+
+
+def _encode(model: ADCSIDModel, x: ModelInput, candidates: int = 0) -> ModelOutput:
     c = model.config
     B = x.batch_size
     dev = x.has_behavior.device

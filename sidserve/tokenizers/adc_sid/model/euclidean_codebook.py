@@ -38,7 +38,7 @@ class EuclideanCodebook(CosineCodebook):
     def _scores(self, r: torch.Tensor) -> torch.Tensor:
         """r (B, d) -> 2 r.c_j - ||c_j||^2 (B, K) (= ||r||^2 - ||r - c_j||^2: argmax = the
         nearest codeword); exact float64 (batch-invariant) inside ``invariant.batch_invariant()``."""
-        if invariant.active():
+        if invariant.exact():
             return invariant.similarity_l2(r, self._fixed_point_l2(self.embed))
         return 2.0 * r @ self.embed.t() - (self.embed ** 2).sum(-1)
 

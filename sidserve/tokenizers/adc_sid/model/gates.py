@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sidserve.tokenizers import invariant
 from sidserve.tokenizers.adc_sid.model.experts import MLP
 
 
@@ -51,7 +52,7 @@ class BehaviorWeightingGate(nn.Module):
         logits = self.mlp(e_b) + self.bias  # (B, N_b)
         self.last_logits = logits.detach()
         pre = logits - self.threshold
-        scale = torch.sigmoid(n_norm).unsqueeze(-1)  # (B, 1)
+        scale = invariant.pointwise(torch.sigmoid, n_norm).unsqueeze(-1)  # (B, 1)
         r = scale * torch.relu(pre)
         if not self.straight_through:
             return r, r
