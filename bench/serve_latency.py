@@ -6,7 +6,9 @@
 
 Every request carries new items (no catalog hits): the model path, the expensive one.
 The load generator (aiohttp, one process) runs on the same machine as the server; on a
-small machine it takes CPU from both servers alike. Serve runs one replica (the yaml's
+small machine it takes CPU from both servers alike. Every response's ``Server-Timing`` header (sidserve/serving/core.py RequestTiming) splits the
+server's time into stages; the table after the latencies gives their medians and what the
+client saw beyond them. Serve runs one replica (the yaml's
 autoscaling replaced by ``num_replicas: 1``) so both servers have one model process; its
 Ray environment flags are a setting (``--serve-env``), measured in separate Ray sessions.
 ``--replicas 2`` (fixed) or ``--replicas auto`` (the shipped autoscaling config, each
@@ -66,6 +68,7 @@ async def load(url: str, bodies: list[bytes], concurrency: int, duration: float,
     import aiohttp
 
     latencies: list[float] = []
+    timings: list[dict[str, float]] = []  # the server's Server-Timing stages per measured request
     errors = 0
     done = 0
     stop_at = time.perf_counter() + warmup + duration
@@ -82,9 +85,11 @@ async def load(url: str, bodies: list[bytes], concurrency: int, duration: float,
                 async with s.post(url, data=bodies[i % len(bodies)]) as r:
                     await r.read()
                     ok = r.status == 200
+                    header = r.headers.get("Server-Timing", "")
                 t1 = time.perf_counter()
                 if t0 >= measure_from:
                     latencies.append(t1 - t0)
+                    timings.append(parse_server_timing(header))
                     done += 1
                     errors += not ok
                 i += concurrency
@@ -93,8 +98,23 @@ async def load(url: str, bodies: list[bytes], concurrency: int, duration: float,
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - max(t_start, measure_from)
     lat = np.array(latencies) * 1e3
+    stages = {k: float(np.median([t.get(k, 0.0) for t in timings])) for k in STAGES}
+    # the client's time beyond the app's: HTTP (both sides), the event loop and, under Serve, its proxy
+    stages["outside the app"] = float(np.median([x - t.get("app", 0.0) for x, t in zip(lat, timings)]))
     return {"requests": done, "errors": errors, "req_per_s": done / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "stages": stages}
+
+
+STAGES = ("read", "parse", "lookup", "queue", "model", "respond", "app")  # sidserve/serving/core.py RequestTiming
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -268,6 +288,14 @@ def report(rows: list[dict], cfg: dict, user_config: dict, args) -> None:
         print(f"| {r['server']} | {r['items']} | {r['concurrency']} | {r['replicas']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['req_per_s']:.1f} | {r['items_per_s']:.0f} | {r['p50_ms'] / b['p50_ms']:.2f}x | "
               f"{r['req_per_s'] / b['req_per_s']:.2f}x | {r['server_rss_mib']:.0f} | {r['errors']} |")
+    print("\nWhere a request's time goes, median ms per stage (the server's Server-Timing header; "
+          "'outside the app' = the client's latency minus the app's, per request):\n")
+    cols = [*STAGES, "outside the app"]
+    print("| server | items/req | concurrency | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['server']} | {r['items']} | {r['concurrency']} | "
+              + " | ".join(f"{r['stages'][c]:.2f}" for c in cols) + " |")
     print("\nGoals (issue 5): p50 at concurrency 1 within 2x of plain FastAPI; throughput at concurrency 64 "
           ">= 4x that at concurrency 1.")
     for server in dict.fromkeys(r["server"] for r in rows):

@@ -238,11 +238,14 @@ def test_concurrent_requests_share_model_calls(setup):
     before = batch_histogram()
     bodies = [{"items": [item_json(cat, 1100 + i, item_id=f"new-{i}")]} for i in range(48)]
     errors = []
+    timings = []
 
     def send(b):
         r = httpx.post(f"{c.base_url}/tokenize", json=b, headers=AUTH, timeout=30)
         if r.status_code != 200:
             errors.append(r.text)
+        else:
+            timings.append(r.headers["server-timing"])
 
     threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
     for t in threads:
@@ -250,6 +253,10 @@ def test_concurrent_requests_share_model_calls(setup):
     for t in threads:
         t.join()
     assert not errors
+    # through @serve.batch too, each response says where its time went (issue 49.2)
+    stages = [dict((p.strip().split(";dur=")[0], float(p.split(";dur=")[1])) for p in t.split(",")) for t in timings]
+    assert all({"read", "parse", "queue", "model", "respond", "app"} <= set(st) for st in stages), timings[:3]
+    assert all(st["model"] > 0 and st["app"] >= st["model"] for st in stages)
     # 48 one-item requests: some model calls must have carried more than one item (read
     # from the buckets: Ray's exported histogram _sum is not exact), so fewer model calls than
     # requests. Both counts are compared over the same window: Ray exports every 10 s, so

@@ -167,14 +167,30 @@ def test_local_mode_serves_the_same_app(tmp_path, fitted, small_catalog):
                                                            item_json(small_catalog, 200, behavior_emb=None)]})
         assert r.status_code == 200, r.text
         assert [x["path"] for x in r.json()["results"]] == ["catalog", "content_only"]
+        # where the request's time went (issue 49.2): every stage, summing to the app's time
+        stages = server_timing(r)
+        assert list(stages) == ["read", "parse", "lookup", "queue", "model", "respond", "app"], stages
+        assert all(v >= 0 for v in stages.values()) and stages["model"] > 0
+        assert sum(v for k, v in stages.items() if k != "app") == pytest.approx(stages["app"], abs=0.01)
+        hit = httpx.post(f"{base}/tokenize", json={"items": [item_json(small_catalog, 1)]})
+        assert "model" not in server_timing(hit) and "queue" not in server_timing(hit)  # a catalog hit
         bad = httpx.post(f"{base}/tokenize", json={"items": [{"text_emb": [1.0]}]})
         assert bad.status_code == 422 and "items[0].text_emb" in json.dumps(bad.json())
         metrics = httpx.get(f"{base}/metrics").text
-        assert 'sidserve_requests_total{route="/tokenize",status="200"} 1.0' in metrics
+        assert 'sidserve_requests_total{route="/tokenize",status="200"} 2.0' in metrics
         assert 'sidserve_items_total{path="content_only"} 1.0' in metrics
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def server_timing(response) -> dict[str, float]:
+    """The Server-Timing header's stages -> ms, in order."""
+    out = {}
+    for part in response.headers["server-timing"].split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
 
 
 def test_local_mode_bad_model_exits_with_the_reason(tmp_path):
@@ -506,19 +522,19 @@ def test_before_a_model_loads_a_request_gets_503_without_its_body_being_read():
 
 def test_the_service_defaults_are_what_ships():
     """The code's ServiceConfig defaults equal deploy/serve.yaml's user_config (max_batch_size was
-    256 in the code, 64 shipped and measured), and @serve.batch starts from the same size."""
-    import inspect
-
+    256 in the code, 64 shipped and measured), and the service's batcher starts from them."""
     import yaml
 
-    from sidserve.serving import deployment
+    from sidserve.serving.core import TokenizeService
     from sidserve.serving.state import ServiceConfig
+    from sidserve.serving.telemetry import Telemetry
 
     shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
     user_config = shipped["applications"][0]["deployments"][0]["user_config"]
     defaults = ServiceConfig()
     assert user_config and {k: getattr(defaults, k) for k in user_config} == user_config
-    assert f"max_batch_size={defaults.max_batch_size}," in inspect.getsource(deployment)
+    batcher = TokenizeService(Telemetry()).batcher
+    assert (batcher.max_batch_size, batcher.wait_s) == (defaults.max_batch_size, defaults.batch_wait_timeout_s)
 
 
 def test_a_replica_that_cannot_load_a_new_state_says_so_in_its_metrics(tmp_path, fitted, small_catalog):

@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from sidserve.serving.core import NotReady, TokenizeService
+from sidserve.serving.core import NotReady, RequestTiming, TokenizeService
 from sidserve.serving.schema import RequestError, TokenizeRequest, TokenizeResponse
 from sidserve.serving.state import API_KEY_ENV, MODEL_INFO_OPEN_ENV
 
@@ -52,7 +52,10 @@ def make_app(get_service: Callable[[], TokenizeService], *, metrics_route: Calla
     async def tokenize(request: Request):
         """SIDs for a batch of items. An item whose ``item_id`` is in the published snapshot
         gets its published SID and dedup (``path: catalog``) unless ``recompute`` is set."""
-        return await endpoint.respond(await request.body())
+        timing = RequestTiming()
+        body = await request.body()
+        timing.mark("read")
+        return await endpoint.respond(body, timing)
 
     # FastAPI documents the route; requests skip its request/dependency wrappers (about 6%
     # of a 32-item request's CPU at concurrency 64, measured with py-spy) and go to the same
@@ -133,9 +136,9 @@ class TokenizeEndpoint:
     def __init__(self, get_service: Callable[[], TokenizeService]):
         self.get_service = get_service
 
-    async def respond(self, body: bytes) -> Response:
+    async def respond(self, body: bytes, timing: RequestTiming) -> Response:
         try:
-            result = await self.get_service().tokenize(body)
+            result = await self.get_service().tokenize(body, timing)
         except ValidationError as err:
             errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
             return JSONResponse({"detail": validation_detail(errors)}, status_code=422)
@@ -144,9 +147,13 @@ class TokenizeEndpoint:
         except NotReady as err:
             return not_ready_response(err)
         # orjson: 0.01 ms instead of json.dumps' 0.2 ms for a 32-item response
-        return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+        content = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        timing.mark("respond")
+        timing.add("app", sum(timing.stages.values()))
+        return Response(content, media_type="application/json", headers={"Server-Timing": timing.header()})
 
     async def __call__(self, scope, receive, send):
+        timing = RequestTiming()
         service = self.get_service()
         if service.state is None:  # no model yet: the 503 comes before a byte of the body is read
             try:
@@ -173,7 +180,8 @@ class TokenizeEndpoint:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        response = await self.respond(b"".join(chunks))
+        timing.mark("read")
+        response = await self.respond(b"".join(chunks), timing)
         await response(scope, receive, send)
 
 

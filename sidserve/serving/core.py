@@ -17,6 +17,7 @@ import numpy as np
 
 from sidserve.artifact import read_manifest
 from sidserve.items import ItemArrays
+from sidserve.serving.batching import Batcher
 from sidserve.serving.schema import Prepared, concat_arrays, read_request
 from sidserve.serving.state import ServiceConfig, ServingState, load_state
 from sidserve.serving.telemetry import Telemetry
@@ -32,12 +33,47 @@ class NotReady(Exception):
     """No state loaded yet (or the last load failed before any state existed)."""
 
 
+class RequestTiming:
+    """Where one request's time went, in ms per stage, sent back as the standard
+    ``Server-Timing`` response header (``read;dur=0.01, parse;dur=0.18, ...``): ``read`` the
+    body, ``parse`` JSON and validation, ``lookup`` the snapshot, ``queue`` from handing the
+    items to the batcher to the start of their model call (``@serve.batch``'s wait), ``model``
+    that call (shared by the requests batched into it), ``respond`` building the results and
+    the JSON, ``app`` all of it. What a client measures beyond ``app`` is the HTTP stack and,
+    under Ray Serve, its proxy."""
+
+    __slots__ = ("stages", "_t")
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        """The time since the last mark (or the start) goes to ``stage``."""
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + (now - self._t) * 1e3
+        self._t = now
+
+    def restart(self) -> None:
+        """The next mark counts from now (time already given to stages by ``add``)."""
+        self._t = time.perf_counter()
+
+    def add(self, stage: str, ms: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + ms
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={v:.3f}" for k, v in self.stages.items())
+
+
 @dataclass
 class EncodeJob:
-    """One request's items to compute, with the state they must be computed with."""
+    """One request's items to compute, with the state they must be computed with; ``timing``
+    gets the job's wait for its model call (queue) and the call (model)."""
 
     state: ServingState
     arrays: ItemArrays
+    timing: RequestTiming | None = None
+    queued_at: float = 0.0
 
 
 def encode_jobs(jobs: list[EncodeJob], telemetry: Telemetry, batch_size: int) -> list[Encoding]:
@@ -50,7 +86,13 @@ def encode_jobs(jobs: list[EncodeJob], telemetry: Telemetry, batch_size: int) ->
         tok = jobs[idx[0]].state.tokenizer
         arrays = concat_arrays([jobs[i].arrays for i in idx])
         telemetry.batch(len(arrays))
+        t0 = time.perf_counter()
         enc = tok.encode(arrays, batch_size=batch_size)
+        t1 = time.perf_counter()
+        for i in idx:
+            if jobs[i].timing is not None:
+                jobs[i].timing.add("queue", (t0 - jobs[i].queued_at) * 1e3)
+                jobs[i].timing.add("model", (t1 - t0) * 1e3)
         start = 0
         for i in idx:
             n = len(jobs[i].arrays)
@@ -76,17 +118,20 @@ async def run_encode(jobs: list[EncodeJob], telemetry: Telemetry, batch_size: in
 class TokenizeService:
     def __init__(self, telemetry: Telemetry,
                  encode: Callable[[EncodeJob], Awaitable[Encoding]] | None = None):
+        """``encode``: how a request's items reach the model; by default the service's
+        ``Batcher`` (concurrent requests share model calls, up to ``max_batch_size`` jobs)."""
         self.telemetry = telemetry
         self.config = ServiceConfig()
+        self.batcher = Batcher(self._encode_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self.state: ServingState | None = None
         self.last_error: str | None = None
         self.load_failing = False  # the last load of a new state failed (exported as a metric)
-        self._encode = encode or self._encode_direct
+        self._encode = encode or self.batcher.submit
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
 
-    async def _encode_direct(self, job: EncodeJob) -> Encoding:
-        return (await run_encode([job], self.telemetry, self.config.encode_batch_size))[0]
+    async def _encode_batch(self, jobs: list[EncodeJob]) -> list[Encoding]:
+        return await run_encode(jobs, self.telemetry, self.config.encode_batch_size)
 
     # ---- state -------------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -102,9 +147,14 @@ class TokenizeService:
                 self.telemetry.load_failed("reconfigure")
                 log.error("reconfigure failed, keeping the previous state: %s", self.last_error)
                 raise
-            self.config = config
+            self.set_config(config)
             self.swap(state)
         self.start_polling()
+
+    def set_config(self, config: ServiceConfig) -> None:
+        """A validated ServiceConfig: the service's, and the batcher's size and wait."""
+        self.config = config
+        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s)
 
     def swap(self, state: ServingState) -> None:
         old = self.state
@@ -175,12 +225,15 @@ class TokenizeService:
         return self.state
 
     # ---- requests ----------------------------------------------------------------
-    async def tokenize(self, body: bytes) -> dict:
+    async def tokenize(self, body: bytes, timing: RequestTiming | None = None) -> dict:
         """A raw request body -> the response dict. Raises pydantic.ValidationError or
-        RequestError for a bad request (see ``read_request``), NotReady before a model."""
+        RequestError for a bad request (see ``read_request``), NotReady before a model.
+        ``timing`` gets the stages parse, lookup, queue, model (RequestTiming)."""
+        timing = timing or RequestTiming()
         state = self.current()  # one state for the whole request
         prepared: Prepared = read_request(body, state.tokenizer.config, self.config.max_items_per_request,
                                           max_id_chars=self.config.max_item_id_chars)
+        timing.mark("parse")
         n = len(prepared.item_ids)
         results: list[dict | None] = [None] * n
         hit = np.zeros(n, dtype=bool)
@@ -195,9 +248,11 @@ class TokenizeService:
                                   "behavior_weights": rows["behavior_weights"][j], "path": "catalog"}
                 hit = hits.found
         todo = np.flatnonzero(~hit)
+        timing.mark("lookup")
         if todo.size:
             arrays = prepared.arrays if todo.size == n else prepared.arrays.take(todo)
-            enc = await self._encode(EncodeJob(state, arrays))
+            enc = await self._encode(EncodeJob(state, arrays, timing, time.perf_counter()))
+            timing.restart()  # queue and model were added by the batch
             sids = enc.sid.tolist()
             weights = enc.behavior_weights.tolist()
             for j, i in enumerate(todo.tolist()):

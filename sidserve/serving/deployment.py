@@ -2,8 +2,9 @@
 ``sidserve.serving.deployment:app``).
 
 One replica = one process holding the model and the snapshot index. Concurrent
-requests' items are batched into one model call with ``@serve.batch``; its size and
-wait come from the ``user_config`` and change in place with it.
+requests' items are batched into one model call by the service's ``Batcher``
+(sidserve/serving/batching.py, not ``@serve.batch``: no task hop for a lone request); its size
+and wait come from the ``user_config`` and change in place with it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import logging
 from ray import serve
 
 from sidserve.serving.app import make_app
-from sidserve.serving.core import EncodeJob, TokenizeService, run_encode
+from sidserve.serving.core import TokenizeService
 from sidserve.serving.telemetry import RayTelemetry
-from sidserve.tokenizers.base import Encoding
 
 log = logging.getLogger("sidserve.serving")
 
@@ -44,20 +44,11 @@ class SidServe:
     def __init__(self):
         import sidserve  # noqa: F401 - quiets faiss' loader before any model import
 
-        self.service = TokenizeService(RayTelemetry(), encode=self._encode)
+        self.service = TokenizeService(RayTelemetry())  # batches with its own Batcher (batching.py)
         _set_service(self.service)
 
     async def reconfigure(self, user_config: dict) -> None:
         await self.service.reconfigure(user_config)
-        self._encode_batch.set_max_batch_size(self.service.config.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(self.service.config.batch_wait_timeout_s)
-
-    async def _encode(self, job: EncodeJob) -> Encoding:
-        return await self._encode_batch(job)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # both set by reconfigure (ServiceConfig)
-    async def _encode_batch(self, jobs: list[EncodeJob]) -> list[Encoding]:
-        return await run_encode(jobs, self.service.telemetry, self.service.config.encode_batch_size)
 
     def __del__(self):
         if getattr(self, "service", None) is not None:

@@ -1,7 +1,7 @@
 """``sidserve serve --local``: the same FastAPI app under plain uvicorn, no Ray.
 
-For development and for the latency baseline of ``bench/serve_latency.py``. Requests
-are not batched across callers (each one is its own model call); metrics are served
+For development and for the latency baseline of ``bench/serve_latency.py``. Concurrent
+requests share model calls as in a replica (the service's Batcher); metrics are served
 at ``GET /metrics`` from a prometheus-client registry.
 """
 
@@ -22,7 +22,7 @@ def build_local_app(user_config: dict | None = None) -> FastAPI:
     snapshot are loaded here, so a bad config fails before any port is opened."""
     telemetry = PrometheusTelemetry()
     service = TokenizeService(telemetry)
-    service.config = ServiceConfig.from_dict(user_config).validate()
+    service.set_config(ServiceConfig.from_dict(user_config).validate())
     service.swap(load_state(service.config))
     app = make_app(lambda: service, metrics_route=telemetry.exposition)
 
