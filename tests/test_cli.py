@@ -184,7 +184,7 @@ def test_train_assign_serve_with_the_datas_own_dimensions(kind, ray_session, cat
     config.write_text(SMALL[kind])
     model, snaps = str(tmp_path / "model"), str(tmp_path / "snapshots")
     argv = ["train", "--items", items, "--output", model, "--tokenizer", kind, "--config", config,
-            "--column", "text=title_vec", "--storage-path", tmp_path / "ckpt", "--cpus-per-worker", "0.5"]
+            "--column", "text=title_vec", "--storage-path", tmp_path / "ckpt", "--num-workers", "1"]
     if kind in EPOCHS:
         argv += ["--epochs", EPOCHS[kind]]
     assert run(argv) == 0, capsys.readouterr().err

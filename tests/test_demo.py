@@ -24,8 +24,10 @@ def test_demo_runs_the_whole_story(tmp_path):
         ray.shutdown()
     # the reader a user gets: Ray's default Parquet reader, not the one conftest picks for speed
     env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_USE_DATASOURCE_V2"}
+    # smaller than the README's: 2,000 items, 1 epoch, one Train worker and one encoder actor
+    # (each worker more is a process importing torch: seconds of the suite's 2 CPUs)
     proc = subprocess.run([sys.executable, "jobs/demo.py", "--output", str(tmp_path), "--items", "2000",
-                           "--epochs", "1", "--port", str(free_port())],
+                           "--epochs", "1", "--num-workers", "1", "--port", str(free_port())],
                           cwd=ROOT, capture_output=True, text=True, timeout=560, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     terminal = (proc.stdout + proc.stderr).splitlines()

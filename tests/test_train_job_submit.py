@@ -99,7 +99,7 @@ def test_ray_job_submit_train(tmp_path):
         proc = run([ray_cli, "job", "submit", "--address", dashboard, "--working-dir", ".",
                     "--submission-id", job_id, "--",
                     "python", "jobs/train.py", "--config", str(tmp_path / "tiny.yaml"), "--epochs", "1",
-                    "--demo-items", "1000", "--num-workers", "2", "--cpus-per-worker", "0.5",
+                    "--demo-items", "1000", "--num-workers", "1",
                     "--output", str(output), "--storage-path", str(tmp_path / "ckpt")], env, timeout=540)
         assert "[sidserve] model v" in proc.stdout
         status = run([ray_cli, "job", "status", "--address", dashboard, job_id], env)
