@@ -85,12 +85,57 @@ SLICE = os.path.join(ROOT, "tests", "data", "beauty-slice")  # the vendored Beau
 QUICK_EVAL_TOKENIZERS = ["adc_sid", "rqkmeans", "letter"]
 
 
-def run_evaluate(*args, timeout=900):
+def run_evaluate(*args, timeout=900, process=False):
+    """``python jobs/evaluate.py ARGS`` -> CompletedProcess (returncode, stdout, stderr with the
+    log lines). In this process by default: the same ``job_main("evaluate")`` the script runs,
+    its output captured, argv, cwd, torch's thread count and the global RNGs put back after (a
+    fresh Python importing torch and the evaluation costs seconds of the suite's 2 CPUs, a dozen
+    times in test_evaluate). ``process=True``: the script itself in a subprocess (the exit code
+    through the OS; test_bad_arguments_exit_2_with_a_message keeps one such call)."""
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if process:
+        return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    import io
+    import random
+    import traceback
+
+    import numpy as np
+    import torch
+
+    from sidserve.cli import job_main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    saved = (sys.argv, os.getcwd(), root.level, torch.get_num_threads(), torch.get_rng_state(),
+             np.random.get_state(), random.getstate())
+    sys.argv = [os.path.join(ROOT, "jobs", "evaluate.py"), *map(str, args)]
+    os.chdir(ROOT)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = job_main("evaluate")
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what the script would die of: a traceback and exit code 1
+                traceback.print_exc()
+                rc = 1
+    finally:
+        root.removeHandler(handler)
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        root.setLevel(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
+        np.random.set_state(saved[5])
+        random.setstate(saved[6])
+    return subprocess.CompletedProcess(sys.argv, rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_changed_settings_on_the_same_output_are_refused(quick_run):
 
 
 def test_bad_arguments_exit_2_with_a_message(tmp_path):
-    p = evaluate("--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--quick")
+    p = evaluate("--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--quick", process=True)
     assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
     p = evaluate("--data", SLICE, "--output", str(tmp_path / "o"), "--tokenizers", "adc_sid,nope")
     assert p.returncode == 2 and "unknown tokenizers ['nope']" in p.stderr

@@ -29,9 +29,9 @@ machine's kernels are shown to compute a row the same in each of them; fixed poi
 fallback, and the only arithmetic of the other encoders.
 
 The outcome is bit-identical SIDs and weights for an item whatever batch it is encoded in, on
-a given machine type and torch build (tests/test_invariance.py). Across CPU instruction sets,
+a given machine type and torch build (tests/test_batch_invariance.py, tests/test_invariance.py). Across CPU instruction sets,
 or CPU against GPU, the transcendental functions (SiLU, sigmoid) may differ in their last bit,
-so equality there is not guaranteed by construction. The cost is a float64 GEMM instead of a
+so equality there is not guaranteed by construction. Fixed point costs a float64 GEMM instead of a
 float32 one: measured in bench/encode_invariance.py, recorded in docs/benchmarks.md.
 """
 
