@@ -91,7 +91,7 @@ def test_artifacts_load_in_a_process_that_imported_only_the_loader(baseline, tmp
 def test_encode_is_batch_invariant(baseline, small_catalog):
     """An item's codes do not depend on the other items of its call (tests/test_invariance.py
     for ADC-SID): the whole catalog vs random pieces of sizes 1, 7, 64, 333, ..."""
-    from test_invariance import random_pieces
+    from test_batch_invariance import random_pieces
 
     whole = baseline.encode(small_catalog).sid
     for idx in random_pieces(len(small_catalog), np.random.default_rng(4)):
