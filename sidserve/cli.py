@@ -184,6 +184,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                         "--quick: 0,1)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the stages cached so far (pending ones are listed)")
+    p.add_argument("--withhold-test", action="store_true",
+                   help="show no figures: report.md and the summary say only that they are withheld; results.json "
+                        "keeps them, test included, for a study's one final read (choose on validation first)")
     p.add_argument("--quick", action="store_true", help="subsampled smoke run of every stage")
     p.add_argument("--quick-users", type=int, default=1000, help="users kept by --quick")
     p.add_argument("--tasks", help="comma-separated downstream tasks to train per tokenizer and seed, of "

@@ -3,6 +3,7 @@ report, resuming from the cache, and clear errors."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,16 @@ def test_report_only_reports_a_run_part_way_through(quick_run, tmp_path):
     assert r["stage_seconds_this_invocation"] == {}  # nothing was trained
     assert not os.path.exists(os.path.join(out, "downstream", "letter"))
     assert "Interim report" in open(os.path.join(out, "report.md")).read()
+    # issue 47's study: the same run with --withhold-test shows no figure, results.json keeps them
+    os.remove(os.path.join(out, "results.json"))
+    p = evaluate("--data", SLICE, "--output", out, "--quick", "--tokenizers", ",".join(TOKENIZERS), "--report-only",
+                 "--withhold-test")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "withheld" in p.stdout and not re.search(r"R@10|N@10|GAUC|0\.\d{4}", p.stdout), p.stdout
+    report = open(os.path.join(out, "report.md")).read()
+    assert "withheld" in report and not re.search(r"\d\.\d{4}", report), report
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["tokenizers"]["adc_sid"]["sid_sasrec"]["all"]["recall@10"]["mean"] >= 0  # kept for the final read
 
 
 @pytest.mark.slow

@@ -560,8 +560,13 @@ class Evaluation:
 
 
 def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int = 1,
-                   worker_argv: list[str] | None = None, worker: bool = False) -> dict:
+                   worker_argv: list[str] | None = None, worker: bool = False,
+                   withhold_test: bool = False) -> dict:
     """Run (or resume) the whole evaluation; returns results.json's content ({} in a worker).
+
+    withhold_test: results.json as always (test figures included, for the one final read), but
+    report.md says only that the figures are withheld, and no plots (a study that chooses on
+    validation, issue 47: the people running it do not see test before the choice).
 
     parallel: processes working on the stages together (this one + parallel - 1 started with
     ``python -m sidserve evaluate <worker_argv> --parallel-worker``), each with cpus / parallel
@@ -573,6 +578,7 @@ def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int 
         torch.set_num_threads(threads)
     ev = Evaluation(config)
     ev.report = not worker
+    ev.withhold_test = withhold_test
     if parallel > 1 and not report_only:
         if worker_argv is None:
             raise ValueError("parallel > 1 needs the command line to start the other processes with")
@@ -624,12 +630,15 @@ def run_cli(args, command: str = "") -> int:
                {i + 1 for i, a in enumerate(argv) if a == "--parallel"}
         argv = [a for i, a in enumerate(argv) if i not in drop and not a.startswith("--parallel=")]
         r = run_evaluation(c, report_only=args.report_only, parallel=1 if worker else args.parallel,
-                           worker_argv=argv, worker=worker)
+                           worker_argv=argv, worker=worker, withhold_test=args.withhold_test)
         if worker:
             return
         waiting = f", {len(r['pending'])} pending ({', '.join(r['pending'])})" if r["pending"] else ""
         print(f"[sidserve] evaluation of {len(r['tokenizers'])} tokenizers{waiting} on {r['dataset']['name']} "
               f"(seeds {r['seeds']}): {os.path.join(args.output, 'report.md')}")
+        if args.withhold_test:
+            print(f"  figures withheld (--withhold-test): {os.path.join(args.output, 'results.json')} has them")
+            return
         for v, e in r["sasrec"].items():
             print(f"  ID SASRec ({v}){'':<19} R@10 {e['test']['recall@10']:.4f}  N@10 {e['test']['ndcg@10']:.4f}")
         for e in r["tokenizers"].values():

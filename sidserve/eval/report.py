@@ -203,6 +203,12 @@ def write_report(ev, wall_seconds: float) -> dict:
     }
     with open(ev.path("results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    if getattr(ev, "withhold_test", False):
+        with open(ev.path("report.md"), "w") as f:
+            f.write("# Evaluation report withheld\n\nThis run was made with `--withhold-test`: its figures, "
+                    "test included, are in results.json, kept for the one final read of a study that chooses "
+                    f"on validation (docs/evaluation.md). Stages pending: {', '.join(waiting) or 'none'}.\n")
+        return results
     plots = write_plots(ev, tok, sasrec) if tok else []
     with open(ev.path("report.md"), "w") as f:
         f.write(_markdown(results, plots))
