@@ -80,7 +80,10 @@ def test_ray_job_submit_train(tmp_path):
     if ray.is_initialized():  # free the 2 CPUs of the session cluster for this one
         ray.shutdown()
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # its own cluster runs on the CPU the Ray scope leaves (conftest: SCHED_IDLE beside it), so
+    # its Train worker group gets more than the suite's 30 s to start
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
     ray_cli = os.path.join(bin_dir, "ray")
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
     output = tmp_path / "model"
