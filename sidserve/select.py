@@ -21,7 +21,9 @@ Output:
     tokenizer.yaml        the chosen configuration: `sidserve train --tokenizer T --config` it
     behavior_emb.parquet  the behavioral table learned from the log (no behavior_emb given)
 
-Every stage is cached: a killed run resumes where it stopped with the same command.
+Every stage is cached: a killed run resumes where it stopped with the same command. With
+``parallel`` (``--parallel N [--address ADDR]``) N more evaluation processes run as Ray tasks
+beside this one (sidserve/eval/ray_workers.py), on storage every node mounts.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class SelectConfig:
     behavior: str = "auto"
     quick: bool = False  # the evaluation's small models: a smoke run (tests), not a measurement
     command: str = ""
+    # more evaluation processes beside this one, as Ray tasks (sidserve/eval/ray_workers.py): the
+    # candidates' fits and downstream models train side by side. 0: this process alone, no Ray
+    parallel: int = 0
+    address: str | None = None  # the Ray cluster for them (None: a local Ray on this machine)
+    cpus_per_worker: int = 1  # CPUs (and torch threads) each task asks Ray for
 
     def validate(self) -> "SelectConfig":
         from sidserve.eval.tokenizers import ALL_TOKENIZERS
@@ -86,6 +93,12 @@ class SelectConfig:
             raise ValueError(f"select needs the default and at least one other candidate, got {self.tokenizers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.parallel < 0 or self.cpus_per_worker < 1:
+            raise ValueError(f"parallel must be >= 0 and cpus_per_worker >= 1, got {self.parallel} and "
+                             f"{self.cpus_per_worker}")
+        if self.address and not self.parallel:
+            raise ValueError(f"--address {self.address!r} without --parallel N: say how many evaluation tasks "
+                             "to run on the cluster")
         return self
 
 
@@ -93,8 +106,6 @@ def run_select(c: SelectConfig) -> dict:
     """Prepare, evaluate (cached, resumable), choose, report; returns selection.json's content."""
     from sidserve.eval.config import EvalConfig
     from sidserve.eval.parquet_input import catalog_has_behavior, prepare
-    from sidserve.eval.pipeline import run_evaluation
-
     c.validate()
     if c.behavior == "catalog" and not catalog_has_behavior(c.items, c.columns):
         raise ValueError(f"--behavior catalog: {c.items!r} has no behavior_emb column")
@@ -112,7 +123,7 @@ def run_select(c: SelectConfig) -> dict:
         ec = EvalConfig(data=data, output=out, **kw)
     ec.tasks = ["sid_sasrec", "ranking"]  # what the rule reads
     ec.behavior_source = source
-    results = run_evaluation(ec)
+    results = _evaluate(c, ec)
     if results["pending"]:
         raise ValueError(f"the evaluation did not finish {results['pending']}: rerun the same command to resume")
     decision = choose_for_catalog(figures_from_results(results, list(c.tokenizers)))
@@ -125,6 +136,24 @@ def run_select(c: SelectConfig) -> dict:
     with open(os.path.join(c.output, "report.md"), "w") as f:
         f.write(_markdown(selection))
     return selection
+
+
+def _evaluate(c: SelectConfig, ec) -> dict:
+    """The evaluation, in this process alone or beside ``c.parallel`` Ray tasks."""
+    from sidserve.eval.pipeline import run_evaluation
+
+    if not c.parallel:
+        return run_evaluation(ec)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=c.address, log_to_driver=False) if c.address else ray.init(log_to_driver=False)
+    try:
+        return run_evaluation(ec, ray_workers=(c.parallel, c.cpus_per_worker))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _tokenizer_config(out: str, name: str) -> dict:
@@ -265,7 +294,8 @@ def run_cli(args) -> int:
                          order_column=args.order_column, columns=parse_columns(args.column),
                          sample_users=None if args.sample_users == 0 else args.sample_users,
                          max_unknown_share=args.max_unknown_share, behavior=args.behavior, quick=args.quick,
-                         command=getattr(args, "command_line", ""), **kw)
+                         command=getattr(args, "command_line", ""), parallel=args.parallel, address=args.address,
+                         cpus_per_worker=args.cpus_per_worker, **kw)
         s = run_select(c)
         print(f"[sidserve] select: {s['chosen']} ({s['reason']}); report {os.path.join(args.output, 'report.md')}, "
               f"config {os.path.join(args.output, 'tokenizer.yaml')}")

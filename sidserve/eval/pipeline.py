@@ -550,7 +550,7 @@ class Evaluation:
         for p in self.workers:
             rc = p.wait()
             if rc:
-                log.warning("parallel evaluation process %d ended with exit code %d; its stages were "
+                log.warning("parallel evaluation process %s ended with exit code %d; its stages were "
                             "completed by this one", p.pid, rc)
 
     def environment(self) -> dict:
@@ -561,7 +561,7 @@ class Evaluation:
 
 def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int = 1,
                    worker_argv: list[str] | None = None, worker: bool = False,
-                   withhold_test: bool = False) -> dict:
+                   withhold_test: bool = False, ray_workers: tuple[int, int] | None = None) -> dict:
     """Run (or resume) the whole evaluation; returns results.json's content ({} in a worker).
 
     withhold_test: results.json as always (test figures included, for the one final read), but
@@ -570,7 +570,9 @@ def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int 
 
     parallel: processes working on the stages together (this one + parallel - 1 started with
     ``python -m sidserve evaluate <worker_argv> --parallel-worker``), each with cpus / parallel
-    torch threads. worker: this is one of those extra processes (it writes no report)."""
+    torch threads. worker: this is one of those extra processes (it writes no report).
+    ray_workers: (n, cpus each): the extra processes are n Ray tasks on the cluster Ray is
+    connected to (sidserve/eval/ray_workers.py) instead of local subprocesses."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -588,6 +590,11 @@ def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int 
         cmd = [sys.executable, "-m", "sidserve", "evaluate", *worker_argv, "--parallel-worker"]
         ev.workers = [subprocess.Popen(cmd, env=env) for _ in range(parallel - 1)]
         log.info("started %d more evaluation processes (%d torch threads each)", parallel - 1, threads)
+    if ray_workers and not report_only:
+        from sidserve.eval.ray_workers import start_workers
+
+        marker = os.path.join(config.output, "run_config.json")  # written by Evaluation(config)
+        ev.workers += start_workers(config, ray_workers[0], ray_workers[1], marker)
     try:
         return ev.run(report_only=report_only)
     except BaseException:
