@@ -10,6 +10,9 @@ with the same seeds, and, once both have run, compares their validation figures 
     # then the printed `sidserve select ...` command (hours on 2 CPUs: every stage is cached)
     python bench/select_beauty.py compare --evaluation /work/eval/full --select /work/select-beauty/out
 
+(Validation figures only: `compare` reads no test figure, so it can run while a study that
+chooses on validation, issue 47, is still blind to test.)
+
 The same code path gives the same figures up to floating point, not only within seed noise:
 tests/test_select.py shows it on the Beauty slice (the same SASRec table, the same RQ-Kmeans
 SIDs, the same validation figures); `compare` prints the largest difference per cell.
@@ -57,18 +60,28 @@ def write(data: str, embeddings: str, out: str) -> str:
 
 
 def compare(evaluation: str, select: str) -> list[str]:
-    """Per candidate and cell: the largest |select - evaluate| over seeds, validation figures."""
-    a = json.load(open(os.path.join(evaluation, "results.json")))["tokenizers"]
-    b = json.load(open(os.path.join(select, "evaluation", "results.json")))["tokenizers"]
-    lines = ["| candidate | task/metric/group | evaluate (mean) | select (mean) | max abs diff |", "|---|---|---|---|---|"]
-    for name in sorted(set(a) & set(b)):
+    """Per candidate and cell: the largest |select - evaluate| over the seeds both ran (matched by
+    seed), validation figures. A candidate or seed of the select run that the evaluation lacks is
+    an error, not a silent omission."""
+    ra = json.load(open(os.path.join(evaluation, "results.json")))
+    rb = json.load(open(os.path.join(select, "evaluation", "results.json")))
+    a, b = ra["tokenizers"], rb["tokenizers"]
+    missing = sorted(set(b) - set(a))
+    if missing:
+        raise ValueError(f"{evaluation} has no results for {missing}")
+    extra = sorted(set(rb["seeds"]) - set(ra["seeds"]))
+    if extra:
+        raise ValueError(f"{evaluation} has no seeds {extra} (it has {ra['seeds']})")
+    pos = [ra["seeds"].index(k) for k in rb["seeds"]]
+    lines = [f"seeds {rb['seeds']}",
+             "| candidate | task/metric/group | evaluate | select | max abs diff |", "|---|---|---|---|---|"]
+    for name in sorted(b):
         for task in ("sid_sasrec", "ranking"):
             metric = "ndcg@10" if task == "sid_sasrec" else "gauc"
             for group in ("all", "head", "tail"):
-                x = a[name][task]["valid_groups"][group][metric]["values"]
+                x = [a[name][task]["valid_groups"][group][metric]["values"][i] for i in pos]
                 y = b[name][task]["valid_groups"][group][metric]["values"]
-                n = min(len(x), len(y))
-                diff = max(abs(p - q) for p, q in zip(x[:n], y[:n])) if n else float("nan")
+                diff = max(abs(p - q) for p, q in zip(x, y))
                 lines.append(f"| {name} | {task}/{metric}/{group} | {np.mean(x):.4f} | {np.mean(y):.4f} | {diff:.2e} |")
     return lines
 

@@ -240,11 +240,12 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
                    help="e_b: the catalog's behavior_emb (catalog), a SASRec trained here on the log's training "
                         "part (sasrec), auto: the catalog's when it has one")
     p.add_argument("--quick", action="store_true", help="small downstream models: a smoke run, not a measurement")
-    p.add_argument("--parallel", type=int, default=0, metavar="N",
-                   help="N more evaluation processes as Ray tasks beside this one (candidates train side by side); "
-                        "0: this process alone")
-    p.add_argument("--address", help="the Ray cluster for --parallel's tasks (default: a local Ray); --output must "
-                                     "be on storage every node mounts")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="evaluation processes in all, as in evaluate: this one and N - 1 Ray tasks (candidates train "
+                        "side by side); 1: this process alone, no Ray")
+    p.add_argument("--address", help="the Ray cluster for --parallel's tasks (default: what ray.init() finds: "
+                                     "RAY_ADDRESS, a `ray start` cluster here, else a new local one); sidserve "
+                                     "installed on every node, --output on storage every node mounts")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per --parallel task")
 
 

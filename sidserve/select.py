@@ -22,8 +22,8 @@ Output:
     behavior_emb.parquet  the behavioral table learned from the log (no behavior_emb given)
 
 Every stage is cached: a killed run resumes where it stopped with the same command. With
-``parallel`` (``--parallel N [--address ADDR]``) N more evaluation processes run as Ray tasks
-beside this one (sidserve/eval/ray_workers.py), on storage every node mounts.
+``parallel`` (``--parallel N [--address ADDR]``) N evaluation processes share the stages: this
+one and N - 1 Ray tasks (sidserve/eval/ray_workers.py), on storage every node mounts.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ class SelectConfig:
     behavior: str = "auto"
     quick: bool = False  # the evaluation's small models: a smoke run (tests), not a measurement
     command: str = ""
-    # more evaluation processes beside this one, as Ray tasks (sidserve/eval/ray_workers.py): the
-    # candidates' fits and downstream models train side by side. 0: this process alone, no Ray
-    parallel: int = 0
+    # evaluation processes in all, as in `evaluate --parallel`: this one and parallel - 1 Ray tasks
+    # (sidserve/eval/ray_workers.py), the candidates' fits and downstream models side by side.
+    # 1: this process alone, no Ray
+    parallel: int = 1
     address: str | None = None  # the Ray cluster for them (None: a local Ray on this machine)
     cpus_per_worker: int = 1  # CPUs (and torch threads) each task asks Ray for
 
@@ -93,12 +94,12 @@ class SelectConfig:
             raise ValueError(f"select needs the default and at least one other candidate, got {self.tokenizers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        if self.parallel < 0 or self.cpus_per_worker < 1:
-            raise ValueError(f"parallel must be >= 0 and cpus_per_worker >= 1, got {self.parallel} and "
+        if self.parallel < 1 or self.cpus_per_worker < 1:
+            raise ValueError(f"parallel and cpus_per_worker must be >= 1, got {self.parallel} and "
                              f"{self.cpus_per_worker}")
-        if self.address and not self.parallel:
-            raise ValueError(f"--address {self.address!r} without --parallel N: say how many evaluation tasks "
-                             "to run on the cluster")
+        if self.address and self.parallel < 2:
+            raise ValueError(f"--address {self.address!r} with --parallel {self.parallel}: say how many evaluation "
+                             "processes to run (--parallel N >= 2: this one and N - 1 Ray tasks)")
         return self
 
 
@@ -115,7 +116,8 @@ def run_select(c: SelectConfig) -> dict:
     source = c.behavior
     if source == "auto":
         source = "catalog" if prep["behavior_dim"] else "sasrec"
-    data, out = os.path.join(c.output, "dataset"), os.path.join(c.output, "evaluation")
+    # absolute: Ray tasks (--parallel) run in other working directories
+    data, out = os.path.abspath(os.path.join(c.output, "dataset")), os.path.abspath(os.path.join(c.output, "evaluation"))
     kw = dict(tokenizers=list(c.tokenizers), seeds=list(c.seeds), command=c.command)
     if c.quick:
         ec = EvalConfig.quick_profile(data, out, quick_users=prep["users_kept"], **kw)
@@ -142,15 +144,22 @@ def _evaluate(c: SelectConfig, ec) -> dict:
     """The evaluation, in this process alone or beside ``c.parallel`` Ray tasks."""
     from sidserve.eval.pipeline import run_evaluation
 
-    if not c.parallel:
+    if c.parallel < 2:
         return run_evaluation(ec)
     import ray
+    import torch
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=c.address, log_to_driver=False) if c.address else ray.init(log_to_driver=False)
+    elif c.address:
+        here = ray.get_runtime_context().gcs_address
+        if c.address != "auto" and c.address != here:
+            raise ValueError(f"--address {c.address!r}: this process is already connected to the Ray cluster at "
+                             f"{here!r}; its tasks would go there")
+    torch.set_num_threads(c.cpus_per_worker)  # one of the N processes, the same share as each task
     try:
-        return run_evaluation(ec, ray_workers=(c.parallel, c.cpus_per_worker))
+        return run_evaluation(ec, ray_workers=(c.parallel - 1, c.cpus_per_worker))
     finally:
         if started:
             ray.shutdown()

@@ -253,7 +253,7 @@ def pytest_collection_modifyitems(items):
     # a 70 s test taken last left the other worker idle for it)
     items.sort(key=lambda item: (xdist_scope(item.nodeid) != "ray", item.path.name == "test_demo.py",
                                  item.path.name in SERVE_MODULES, item.path.name == "test_serve.py",
-                                 item.get_closest_marker("slow") is None))
+                                 xdist_scope(item.nodeid) != "ray" and item.get_closest_marker("slow") is None))
 
 
 _NICED = False

@@ -59,21 +59,30 @@ def write_chain_catalog(root, chains=30, per_chain=20, users=1000, dim=32, seed=
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_select_picks_the_candidate_the_catalog_favours_running_on_a_ray_cluster(tmp_path):
+def test_select_picks_the_candidate_the_catalog_favours_running_on_a_ray_cluster(tmp_path, caplog):
+    import ray
+
     catalog, log = write_chain_catalog(tmp_path)
     out = str(tmp_path / "out")
+    if ray.is_initialized():  # this test connects to its own cluster below
+        ray.shutdown()
     cluster = LocalCluster()
     try:
         cluster.start_head(num_cpus=2)
+        # --output relative to the command's directory: the tasks, in Ray's working directories,
+        # still find it
         p = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "select_tokenizer.py"), "--items", catalog,
-                            "--interactions", log, "--output", out, "--quick", "--sample-users", "0",
+                            "--interactions", log, "--output", "out", "--quick", "--sample-users", "0",
                             "--tokenizers", f"{LIBRARY_DEFAULT},opq", "--seeds", "0,1", "--behavior", "catalog",
-                            "--address", cluster.address, "--parallel", "1"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=540,
+                            "--address", cluster.address, "--parallel", "2"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=540,
                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        failed_task_is_reported_and_an_impossible_size_refused(cluster.address, tmp_path, caplog)
     finally:
+        if ray.is_initialized():
+            ray.shutdown()
         cluster.stop()
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     s = json.load(open(os.path.join(out, "selection.json")))
     assert s["chosen"] == "opq" and s["runner_up"] == LIBRARY_DEFAULT, s["reason"]
     cells = s["cells"]["opq"]
@@ -87,13 +96,40 @@ def test_select_picks_the_candidate_the_catalog_favours_running_on_a_ray_cluster
     # it took before this process had done them depends on how fast its worker started)
     assert "started 1 evaluation tasks on the Ray cluster" in p.stderr
     assert "evaluation task ray-task-0 finished" in p.stderr, p.stderr[-3000:]
-    stages = [json.load(open(os.path.join(d, f))) for d, _, fs in os.walk(os.path.join(out, "evaluation", "downstream"))
-              for f in fs if f.endswith(".json")]
-    assert len(stages) == 2 * 2 * 2  # 2 candidates x 2 seeds x 2 tasks, each once
+    stages = {(os.path.basename(d), f) for d, _, fs in os.walk(os.path.join(out, "evaluation", "downstream"))
+              for f in fs if f.endswith(".json")}
+    assert stages == {(n, f"{t}_seed{k}.json") for n in (LIBRARY_DEFAULT, "opq") for t in ("sid_sasrec", "ranking")
+                      for k in (0, 1)}
 
 
-def test_an_evaluation_task_without_the_shared_output_fails_naming_its_node(tmp_path):
-    from sidserve.eval.ray_workers import _work
+def failed_task_is_reported_and_an_impossible_size_refused(address, tmp_path, caplog):
+    """On the same cluster, from this process: a task that fails is logged with its reason when
+    it fails and its handle says so; a task size no node has is refused before anything starts."""
+    import logging
+
+    import ray
+
+    from sidserve.eval.config import EvalConfig
+    from sidserve.eval.ray_workers import start_workers
+
+    ray.init(address=address, log_to_driver=False)
+    config = EvalConfig(data=str(tmp_path / "no-such-dataset"), output=str(tmp_path / "ev"))
+    with pytest.raises(ValueError, match="cpus_per_worker=64: no node of the cluster has that many CPUs"):
+        start_workers(config, 1, 64)
+    with caplog.at_level(logging.INFO, logger="sidserve.eval.ray_workers"):
+        (worker,) = start_workers(config, 1, 1)
+        assert worker.wait() == 1
+    assert "no-such-dataset" in worker.error and "evaluation task ray-task-0 failed" in caplog.text
+
+
+def test_an_evaluation_task_checks_it_sees_this_runs_output(tmp_path):
+    from sidserve.eval.config import EvalConfig
+    from sidserve.eval.ray_workers import _work, start_workers
 
     with pytest.raises(ValueError, match="is not visible on node .*every node of the cluster mounts"):
-        _work(None, str(tmp_path / "missing" / "run_config.json"), 1)
+        _work(None, str(tmp_path / "missing" / "ray_workers.token"), "abc", 1)
+    (tmp_path / "ray_workers.token").write_text("another run's token")
+    with pytest.raises(ValueError, match="belongs to another run on node"):
+        _work(None, str(tmp_path / "ray_workers.token"), "abc", 1)
+    with pytest.raises(ValueError, match="must be absolute paths"):
+        start_workers(EvalConfig(data="data", output="out"), 1, 1)

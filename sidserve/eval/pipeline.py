@@ -43,7 +43,9 @@ locking ``<stage file>.lock`` (flock, sidserve/files.py) until the stage is writ
 kernel drops the lock of a process that dies, so another process takes the stage over. The
 prerequisites (text embeddings, SASRec, tokenizer fits, the stages that decide an ablation's
 seeds) are waited for; a downstream stage held by another process is skipped and waited for
-at the end. The workers of one run share one machine (the locks are local to it).
+at the end. The workers of one run share one machine (the locks are local to it), or, as Ray
+tasks (sidserve/eval/ray_workers.py, ``sidserve select --parallel N --address``), storage that
+every node mounts with working locks.
 A downstream stage saves its training state after every epoch (``<stage>.ckpt.pt``,
 ``sidserve.eval.checkpoint``); whoever takes over a stale lock resumes from it, with the
 same result as an uninterrupted run, and loses at most the epoch that was in progress.
@@ -119,7 +121,7 @@ class Evaluation:
         full = load_dataset(config.data)
         self.data: Dataset = full.subsample(config.quick_users, seed=0) if config.quick else full
         self.report = True  # False in the extra processes of --parallel: the first one reports
-        self.workers: list = []  # those processes (subprocess.Popen), waited for before the report
+        self.workers: list = []  # those processes (Popen or ray_workers.RayWorker), waited for before the report
         self._fit_inputs: dict[str, tuple[dict, dict]] = {}  # e_b table -> (items, dims), read when a fit is due
         self._tables: dict[str, tuple[SIDTable, PrefixTrie]] = {}  # by tokenizer_dir
         self._check_cache()
@@ -590,16 +592,18 @@ def run_evaluation(config: EvalConfig, report_only: bool = False, parallel: int 
         cmd = [sys.executable, "-m", "sidserve", "evaluate", *worker_argv, "--parallel-worker"]
         ev.workers = [subprocess.Popen(cmd, env=env) for _ in range(parallel - 1)]
         log.info("started %d more evaluation processes (%d torch threads each)", parallel - 1, threads)
-    if ray_workers and not report_only:
-        from sidserve.eval.ray_workers import start_workers
-
-        marker = os.path.join(config.output, "run_config.json")  # written by Evaluation(config)
-        ev.workers += start_workers(config, ray_workers[0], ray_workers[1], marker)
     try:
+        if ray_workers and not report_only:
+            from sidserve.eval.ray_workers import start_workers
+
+            ev.workers += start_workers(config, ray_workers[0], ray_workers[1])
         return ev.run(report_only=report_only)
     except BaseException:
         for p in ev.workers:  # do not leave them running on a failed or interrupted run
-            p.terminate()
+            try:
+                p.terminate()
+            except Exception as err:  # (a lost Ray connection): the original error is the one to raise
+                log.warning("could not stop evaluation process %s: %s", p.pid, err)
         raise
 
 
