@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,24 @@ class RayWorker:
         self.ref = ref  # ObjectRef of the task running run_evaluation(worker=True)
         self.pid = f"ray-task-{index}"
         self.error: str | None = None
+        self._lock = threading.Lock()
         ref.future().add_done_callback(self._done)  # a failure is logged when it happens
 
-    def _done(self, fut) -> None:
+    def _done(self, fut) -> None:  # on a Ray thread, when the task ends
         err = fut.exception()
         if err is not None:
-            self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            log.warning("evaluation task %s failed: %s (the other processes run its stages)", self.pid, self.error)
+            self._failed(err)
         else:
             where = fut.result()
             log.info("evaluation task %s finished (host %s, pid %s)", self.pid, where["host"], where["pid"])
+
+    def _failed(self, err: BaseException) -> None:
+        """Record and log a failure once (the callback and wait() may both see it first)."""
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        log.warning("evaluation task %s failed: %s (the other processes run its stages)", self.pid, self.error)
 
     def wait(self, grace_s: float = FINISH_GRACE_S) -> int:
         import ray
@@ -62,7 +71,8 @@ class RayWorker:
         try:
             ray.get(self.ref)
             return 0
-        except Exception:  # logged by _done
+        except Exception as err:
+            self._failed(err)
             return 1
 
     def terminate(self) -> None:
