@@ -74,7 +74,8 @@ class SelectConfig:
     # (sidserve/eval/ray_workers.py), the candidates' fits and downstream models side by side.
     # 1: this process alone, no Ray
     parallel: int = 1
-    address: str | None = None  # the Ray cluster for them (None: a local Ray on this machine)
+    address: str | None = None  # the Ray cluster for them (None: what ray.init() finds: RAY_ADDRESS, a
+    # `ray start` cluster on this machine, else a new local one)
     cpus_per_worker: int = 1  # CPUs (and torch threads) each task asks Ray for
 
     def validate(self) -> "SelectConfig":
@@ -107,6 +108,7 @@ def run_select(c: SelectConfig) -> dict:
     """Prepare, evaluate (cached, resumable), choose, report; returns selection.json's content."""
     from sidserve.eval.config import EvalConfig
     from sidserve.eval.parquet_input import catalog_has_behavior, prepare
+
     c.validate()
     if c.behavior == "catalog" and not catalog_has_behavior(c.items, c.columns):
         raise ValueError(f"--behavior catalog: {c.items!r} has no behavior_emb column")
